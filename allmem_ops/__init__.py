@@ -1,0 +1,12 @@
+"""allmem_ops: kernels for AllMem (sliding-window attention with sinks + a non-linear TTT memory).
+
+Ops live under torch.ops.allmem.*; the functions here are thin, validated wrappers with autograd.
+The pure-PyTorch oracle is allmem_ops.reference.
+"""
+from . import _library
+
+_library.load()
+
+from ._library import build_info  # noqa: E402
+
+__all__ = ["build_info"]

@@ -1,0 +1,101 @@
+// Shape and argument contract of the sliding-window attention ops, shared by every backend.
+// Validation lives here (not in the Python wrappers) so that torch.ops.allmem.* called directly
+// from C++ or another framework rejects bad input with the same messages.
+#pragma once
+#include <cmath>
+#include <optional>
+
+#include "common/checks.h"
+
+namespace allmem::swa {
+
+// Logical problem: N sequences; sequence n occupies rows [seq_start(n), seq_start(n) + seq_len(n))
+// of the token dimension. Dense inputs are N = B sequences of L tokens each.
+struct Problem {
+  bool varlen = false;
+  int64_t batch = 0;        // N sequences
+  int64_t max_len = 0;      // L (dense) or max_seqlen (varlen)
+  int64_t total = 0;        // B * L or T
+  int64_t hq = 0, hkv = 0, head_dim = 0;
+  int64_t window = 0, sinks = 0;
+  double scale = 0.0;
+};
+
+inline void check_window_sinks(int64_t window, int64_t sinks) {
+  ALLMEM_CHECK(window >= 1, "window must be >= 1, got ", window);
+  ALLMEM_CHECK(sinks >= 0, "sinks must be >= 0, got ", sinks);
+}
+
+// softmax_scale <= 0 means "default": 1/sqrt(D) (the Python wrapper passes the resolved value).
+inline double resolve_scale(double softmax_scale, int64_t head_dim) {
+  ALLMEM_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  return softmax_scale > 0 ? softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+// Validates q/k/v (+ cu_seqlens) for swa_fwd / swa_bwd and returns the problem description.
+// validate_cu_seqlens=false skips reading cu_seqlens' values (the CUDA path reads them once).
+inline Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                         int64_t sinks, double softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+                         int64_t max_seqlen, bool validate_cu_seqlens = true) {
+  check_window_sinks(window, sinks);
+  check_floating(q, "q");
+  check_same_dtype(q, "q", k, "k");
+  check_same_dtype(q, "q", v, "v");
+  check_same_device(q, "q", k, "k");
+  check_same_device(q, "q", v, "v");
+  Problem p;
+  p.varlen = cu_seqlens.has_value();
+  p.window = window;
+  p.sinks = sinks;
+  const int64_t tok_dims = p.varlen ? 1 : 2;
+  const char* layout = p.varlen ? "[T, H, D] (varlen)" : "[B, L, H, D]";
+  check_dim(q, tok_dims + 2, "q", layout);
+  check_dim(k, tok_dims + 2, "k", layout);
+  check_dim(v, tok_dims + 2, "v", layout);
+  ALLMEM_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape, got ", shape_str(k), " and ",
+               shape_str(v));
+  for (int64_t d = 0; d < tok_dims; ++d) {
+    ALLMEM_CHECK(q.size(d) == k.size(d), "q and k must agree in the token dimensions, got q ", shape_str(q),
+                 " and k ", shape_str(k));
+  }
+  p.hq = q.size(tok_dims);
+  p.hkv = k.size(tok_dims);
+  p.head_dim = q.size(tok_dims + 1);
+  ALLMEM_CHECK(k.size(tok_dims + 1) == p.head_dim, "k and v head dim must equal q's head dim ", p.head_dim,
+               ", got ", k.size(tok_dims + 1));
+  ALLMEM_CHECK(p.hkv >= 1 && p.hq % p.hkv == 0, "number of q heads (", p.hq,
+               ") must be a multiple of the number of k/v heads (", p.hkv, ")");
+  ALLMEM_CHECK(p.head_dim >= 1, "head dim must be >= 1, got ", p.head_dim);
+  p.scale = resolve_scale(softmax_scale, p.head_dim);
+  if (p.varlen) {
+    const auto& cu = *cu_seqlens;
+    check_same_device(q, "q", cu, "cu_seqlens");
+    p.total = q.size(0);
+    if (validate_cu_seqlens) {
+      p.batch = check_cu_seqlens(cu, p.total, "T (q.size(0))");
+    } else {
+      ALLMEM_CHECK(cu.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu.scalar_type());
+      ALLMEM_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be 1-D [N+1], got shape ", shape_str(cu));
+      p.batch = cu.size(0) - 1;
+    }
+    ALLMEM_CHECK(max_seqlen >= 0, "max_seqlen must be >= 0, got ", max_seqlen);
+    p.max_len = max_seqlen;
+  } else {
+    p.batch = q.size(0);
+    p.max_len = q.size(1);
+    p.total = p.batch * p.max_len;
+  }
+  return p;
+}
+
+// Visibility rule (SPEC.md): key j is visible to query i iff j <= i and (j < S or i - j < W).
+inline bool visible(int64_t i, int64_t j, int64_t window, int64_t sinks) {
+  return j <= i && (j < sinks || i - j < window);
+}
+
+// Slot of absolute position `pos` in the S + W decode cache: sinks first, then a ring of W.
+inline int64_t cache_slot(int64_t pos, int64_t window, int64_t sinks) {
+  return pos < sinks ? pos : sinks + (pos - sinks) % window;
+}
+
+}  // namespace allmem::swa
