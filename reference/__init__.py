@@ -1,1 +1,6 @@
 """Pure-PyTorch reference for allmem_ops: the oracle ops and the AllMem model (float64-capable)."""
+
+from .model_config import AllMemConfig  # noqa: E402
+from .model import AllMemForCausalLM  # noqa: E402
+from .convert import convert_from_hf  # noqa: E402
+from .generate import generate, state_nbytes  # noqa: E402

@@ -1,0 +1,87 @@
+"""Text generation with an AllMem model: one prefill (packed, prompts of any lengths), then
+token-by-token decoding on a constant-size state (SWA S+W cache, conv tail, TTT state)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import AllMemForCausalLM
+from .model_cache import AllMemState
+
+
+@dataclass
+class GenerationOutput:
+    """sequences: one int64 tensor per prompt, the new tokens only ([max_new_tokens]);
+    state: the decoding state after the last step (state.nbytes() is its size)."""
+
+    sequences: list[torch.Tensor]
+    state: AllMemState
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B,V] -> next tokens [B] (greedy when temperature == 0)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: AllMemForCausalLM,
+    prompts: torch.Tensor | list[torch.Tensor] | list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    window: int | None = None,
+    sinks: int | None = None,
+    chunk_size: int | None = None,
+) -> GenerationOutput:
+    """Generate max_new_tokens tokens after each prompt.
+
+    prompts: int64 [B,L] (equal lengths) or a list of 1-D token sequences of any lengths (packed
+    into one varlen prefill). temperature 0 is greedy; otherwise sampling from softmax(logits / T),
+    restricted to the top_k most likely tokens if top_k is given, drawn with `generator`.
+    window / sinks / chunk_size override the model config for this generation.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    device = model.model.embed_tokens.weight.device
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] < 1:
+            raise ValueError(f"a prompt tensor must be [B,L] with L >= 1, got shape {tuple(prompts.shape)}")
+        logits, state = model.prefill(prompts.to(device), window=window, sinks=sinks, chunk_size=chunk_size)
+        last = logits[:, -1]
+    else:
+        seqs = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
+        if not seqs or any(s.numel() == 0 for s in seqs):
+            raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+        lengths = torch.tensor([s.numel() for s in seqs], device=device)
+        cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        logits, state = model.prefill(
+            torch.cat(seqs), cu_seqlens=cu_seqlens, window=window, sinks=sinks, chunk_size=chunk_size
+        )
+        last = logits[cu_seqlens[1:].long() - 1]
+    out = []
+    for step in range(max_new_tokens):
+        token = _pick(last, temperature, top_k, generator)
+        out.append(token)
+        if step + 1 < max_new_tokens:
+            last = model.decode(token[:, None], state)[:, -1]
+    tokens = torch.stack(out, 1)
+    return GenerationOutput(sequences=list(tokens.unbind(0)), state=state)
+
+
+def state_nbytes(state: AllMemState) -> int:
+    """Bytes of a decoding state (all layers and sequences); constant in the number of tokens read."""
+    return state.nbytes()

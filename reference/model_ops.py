@@ -1,0 +1,93 @@
+"""The one switch between the pure-PyTorch oracle ops and the compiled allmem_ops kernels.
+
+Every AllMem layer calls SWA, the TTT memory and the SWA decode cache through these functions, so
+the model code is the same whichever backend runs it. The full-attention teacher is not an AllMem
+op: it always runs torch's scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .model_config import BACKENDS
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _kernels():
+    # Imported lazily and by absolute name: the compiled package is the parent of this
+    # subpackage, and the reference backend must work without loading its kernels.
+    return importlib.import_module("allmem_ops")
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sinks: int,
+    backend: str,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """SWA with sinks (SPEC.md). q [B,L,Hq,D], k/v [B,L,Hkv,D]; varlen: [T,H,D] + cu_seqlens int32 [N+1]."""
+    _check_backend(backend)
+    if backend == "reference":
+        from .swa import swa_naive
+
+        return swa_naive(q, k, v, window, sinks=sinks, cu_seqlens=cu_seqlens)
+    return _kernels().sliding_window_attention(
+        q, k, v, window, sinks=sinks, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+    )
+
+
+def ttt_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    chunk_size: int,
+    backend: str,
+    initial_state=None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    lact_order: bool = False,
+    residual: bool = True,
+):
+    """The chunked TTT memory (SPEC.md): q/k/v [B,L,H,d], eta [B,L,H,3], mu [B,L,H],
+    w_gate/w_up [H,h,d], w_down [H,d,h] -> (o [B,L,H,d], TTTState or None)."""
+    _check_backend(backend)
+    if backend == "reference":
+        from .ttt import ttt_memory_chunked as fn
+    else:
+        fn = _kernels().ttt_memory
+    return fn(
+        q, k, v, eta, mu, w_gate, w_up, w_down, chunk_size,
+        initial_state=initial_state, output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens, lact_order=lact_order, residual=residual,
+    )
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain causal GQA attention (the teacher). Same layouts as sliding_window_attention."""
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+    bounds = cu_seqlens.tolist()
+    pieces = [
+        causal_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(pieces, 0)

@@ -1,0 +1,339 @@
+"""The AllMem model (reference/model*.py, convert.py, generate.py) against real oracles:
+transformers' own Qwen3 / Llama / Qwen2 on tiny random configs, its sliding-window Qwen3/Qwen2,
+the model's own single-pass forward (for prefill + decode), and the compiled-op backend."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import allmem_ops
+from allmem_ops.reference.convert import convert_from_hf
+from allmem_ops.reference.generate import generate
+from allmem_ops.reference.model import AllMemForCausalLM
+from allmem_ops.reference.model_config import AllMemConfig
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+TINY_HF = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+)
+TINY_MEMORY = dict(memory_width=32)
+
+
+def _kernels_missing() -> str | None:
+    missing = [n for n in ("sliding_window_attention", "ttt_memory", "SWAKVCache") if not hasattr(allmem_ops, n)]
+    return f"allmem_ops has no {missing} yet (kernel ops not landed)" if missing else None
+
+
+def _hf_model(kind: str, **overrides):
+    torch.manual_seed(0)
+    classes = {
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[kind]
+    config = config_cls(**{**TINY_HF, **overrides})
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    # Random norms (HF initialises them to 1) so that a missed or misplaced norm shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    return model
+
+
+def _tiny_model(dtype=torch.float64, **overrides) -> AllMemForCausalLM:
+    torch.manual_seed(1)
+    cfg = dict(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=48, window=4, sinks=2, chunk_size=3, memory_width=16,
+    )
+    model = AllMemForCausalLM(AllMemConfig(**{**cfg, **overrides})).to(dtype)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.alpha.normal_()  # so the memory branch shows in the logits
+    return model
+
+
+# -- against transformers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("qwen3", {}),
+        ("qwen3", {"tie_word_embeddings": True, "attention_bias": True}),
+        ("llama", {}),
+        ("llama", {"attention_bias": True, "mlp_bias": True}),
+        ("qwen2", {}),
+    ],
+)
+def test_full_window_alpha0_equals_transformers(kind, overrides):
+    hf = _hf_model(kind, **overrides)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    # W >= L: SWA is full causal attention whatever S is; alpha = 0 hides the memory.
+    model = convert_from_hf(hf, window=24, sinks=3, chunk_size=5, **TINY_MEMORY)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert torch.allclose(model(ids), expected, rtol=0, atol=1e-5)
+        assert torch.allclose(model(ids, mixer="full"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("window", [1, 5, 9])
+def test_sliding_window_alpha0_equals_transformers_sliding(kind, window):
+    """transformers keeps key j for query i iff i - j < sliding_window (masking_utils.
+    sliding_window_overlay: kv_idx > q_idx - sliding_window), which is SPEC.md's SWA with S = 0."""
+    hf_swa = _hf_model(kind, use_sliding_window=True, sliding_window=window, max_window_layers=0)
+    assert hf_swa.config.layer_types == ["sliding_attention"] * TINY_HF["num_hidden_layers"]
+    hf_full = _hf_model(kind)
+    hf_full.load_state_dict(hf_swa.state_dict())
+    model = convert_from_hf(hf_full, window=window, sinks=0, chunk_size=4, **TINY_MEMORY)
+    ids = torch.randint(0, VOCAB, (2, 23))
+    with torch.no_grad():
+        expected = hf_swa(ids).logits
+        assert torch.allclose(model(ids), expected, rtol=0, atol=1e-5)
+        # The window really matters at this length: the full-attention teacher differs.
+        assert not torch.allclose(model(ids, mixer="full"), expected, rtol=0, atol=1e-3)
+
+
+def test_local_folder_conversion_equals_object_conversion(tmp_path):
+    hf = _hf_model("qwen3")
+    hf.save_pretrained(tmp_path)
+    torch.manual_seed(5)
+    from_object = convert_from_hf(hf, window=6, sinks=1, chunk_size=4, **TINY_MEMORY)
+    torch.manual_seed(5)
+    from_folder = convert_from_hf(str(tmp_path), window=6, sinks=1, chunk_size=4, **TINY_MEMORY)
+    for (name, a), (_, b) in zip(from_object.state_dict().items(), from_folder.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# -- conversion contract: frozen parameters, save/load -------------------------------------------
+
+
+def test_conversion_freezes_all_but_memory_and_alpha():
+    model = convert_from_hf(_hf_model("qwen3"), window=8, sinks=2, chunk_size=4, **TINY_MEMORY)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".memory." in n or n.endswith(".alpha") for n in trainable)
+    assert {n for n, _ in model.named_parameters()} - trainable >= {"model.embed_tokens.weight", "lm_head.weight"}
+    layer = model.model.layers[0]
+    assert torch.equal(layer.alpha, torch.zeros_like(layer.alpha))
+    assert layer.memory.w_gate.dtype == torch.float32
+    eta0 = torch.nn.functional.softplus(layer.memory.eta_proj.bias)
+    assert torch.allclose(eta0, torch.full_like(eta0, 1e-3))
+    # Gradients reach exactly the trainable parameters.
+    with torch.no_grad():
+        layer.alpha.fill_(0.5)
+    model(torch.randint(0, VOCAB, (1, 12))).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _tiny_model(torch.float32)
+    model.freeze_pretrained()
+    model.save_pretrained(tmp_path)
+    loaded = AllMemForCausalLM.from_pretrained(str(tmp_path))
+    assert loaded.config == model.config
+    ids = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+# -- prefill + decode == one forward -------------------------------------------------------------
+
+
+def _decode_vs_forward(model, backend, lengths, steps, per_call):
+    torch.manual_seed(2)
+    seqs = [torch.randint(0, 50, (n + steps,)) for n in lengths]
+    with torch.no_grad():
+        expected = [model(s[None], backend=backend)[0] for s in seqs]
+        if len(set(lengths)) == 1:
+            logits, state = model.prefill(torch.stack([s[: lengths[0]] for s in seqs]), backend=backend)
+            got = [[logits[b]] for b in range(len(seqs))]
+        else:
+            cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+            logits, state = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), cu_seqlens=cu, backend=backend)
+            got = [[logits[a:b]] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        size = state.nbytes()
+        for t in range(0, steps, per_call):
+            tokens = torch.stack([s[n + t : n + t + per_call] for s, n in zip(seqs, lengths)])
+            out = model.decode(tokens, state)
+            for b in range(len(seqs)):
+                got[b].append(out[b])
+            assert state.nbytes() == size
+    for b in range(len(seqs)):
+        torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths,per_call", [([5, 9], 1), ([1, 4], 1), ([6, 6], 1), ([5, 7], 2)])
+def test_prefill_then_decode_equals_forward_reference(lengths, per_call):
+    # W = 4, S = 2, C = 3: 14 decode steps wrap the ring several times and cross many chunks.
+    _decode_vs_forward(_tiny_model(), "reference", lengths, steps=14, per_call=per_call)
+
+
+@pytest.mark.skipif(_kernels_missing() is not None, reason=str(_kernels_missing()))
+@pytest.mark.parametrize("lengths", [[5, 9], [6, 6]])
+def test_prefill_then_decode_equals_forward_kernels(lengths):
+    _decode_vs_forward(_tiny_model(), "allmem_ops", lengths, steps=14, per_call=1)
+
+
+def test_state_size_constant_in_context_length():
+    """After 1k and after 16k tokens the state has the same size (16k tokens advanced 1024 per
+    decode call, then single-token steps at both lengths)."""
+    model = _tiny_model(torch.float32, num_hidden_layers=1, window=64, sinks=4, chunk_size=32)
+    torch.manual_seed(3)
+    sizes = {}
+    with torch.no_grad():
+        for total in (1024, 16384):
+            _, state = model.prefill(torch.randint(0, 50, (2, 7)))
+            done = 7
+            while done < total - 1:
+                step = min(1024, total - 1 - done)
+                model.decode(torch.randint(0, 50, (2, step)), state)
+                done += step
+            model.decode(torch.randint(0, 50, (2, 1)), state)
+            assert int(state.lengths[0]) == total
+            sizes[total] = state.nbytes()
+    assert sizes[1024] == sizes[16384]
+    # Far below a full KV cache at 16k: K and V of every layer, every position.
+    kv_cache = 2 * 2 * 16384 * model.config.num_key_value_heads * model.config.head_dim * 4
+    assert sizes[16384] < kv_cache / 10
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+def test_generate_greedy_matches_forward_argmax():
+    model = _tiny_model()
+    prompts = [torch.randint(0, 50, (n,)) for n in (3, 8)]
+    out = generate(model, prompts, max_new_tokens=10)
+    with torch.no_grad():
+        for prompt, new in zip(prompts, out.sequences):
+            seq = prompt
+            for token in new:
+                assert int(model(seq[None])[0, -1].argmax()) == int(token)
+                seq = torch.cat([seq, token[None]])
+    assert out.state.nbytes() > 0
+
+
+def test_generate_sampling_reproducible_and_top1_is_greedy():
+    model = _tiny_model()
+    prompts = torch.randint(0, 50, (2, 6))
+    a = generate(model, prompts, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
+    b = generate(model, prompts, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(a.sequences, b.sequences))
+    greedy = generate(model, prompts, 8)
+    top1 = generate(model, prompts, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(greedy.sequences, top1.sequences))
+
+
+# -- reference ops vs compiled ops ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(_kernels_missing() is not None, reason=str(_kernels_missing()))
+@pytest.mark.parametrize("varlen", [False, True])
+def test_reference_backend_equals_kernel_backend_with_grads(varlen):
+    model = _tiny_model(chunk_size=4, window=5, sinks=1)
+    ids = torch.randint(0, 50, (2, 13))
+    cu = None
+    if varlen:
+        ids, cu = ids.reshape(-1)[:19], torch.tensor([0, 7, 19], dtype=torch.int32)
+    results = {}
+    for backend in ("reference", "allmem_ops"):
+        model.zero_grad()
+        logits = model(ids, cu_seqlens=cu, backend=backend)
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
+        results[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    ref_logits, ref_grads = results["reference"]
+    ker_logits, ker_grads = results["allmem_ops"]
+    torch.testing.assert_close(ker_logits, ref_logits, rtol=0, atol=1e-8)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(ker_grads[name], g, rtol=1e-8, atol=1e-8, msg=name)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def _qwen3_dict(**changes):
+    hf = _hf_model("qwen3").config.to_dict()
+    hf.update(changes)
+    return hf
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "RoPE type 'yarn'"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE"),
+        ({"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": True,
+          "sliding_window": 8}, "sliding-window layers"),
+    ],
+)
+def test_unsupported_config_is_a_clear_error(tmp_path, changes, needle):
+    hf = _hf_model("qwen3")
+    hf.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="Supported: model_type in") as info:
+        convert_from_hf(str(tmp_path), window=8, sinks=0, chunk_size=4)
+    assert needle in str(info.value)
+
+
+def test_unsupported_model_object_is_a_clear_error():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"model_type 'gpt2'.*Supported: model_type in \('qwen3', 'llama', 'qwen2'\)"):
+        convert_from_hf(gpt2, window=8, sinks=0, chunk_size=4)
+
+
+@pytest.mark.parametrize(
+    "source,needle",
+    [("missing_folder", "config.json and \\*.safetensors"), (object(), "transformers model object or a local folder")],
+)
+def test_bad_conversion_source(tmp_path, source, needle):
+    if source == "missing_folder":
+        source = str(tmp_path)
+    with pytest.raises(ValueError, match=needle):
+        convert_from_hf(source, window=8, sinks=0, chunk_size=4)
+
+
+def test_bad_memory_option_and_config():
+    with pytest.raises(ValueError, match="unknown memory options \\['memory_widht'\\]"):
+        convert_from_hf(_hf_model("qwen3"), window=8, sinks=0, chunk_size=4, memory_widht=32)
+    with pytest.raises(ValueError, match="memory_width \\(30\\) must be a multiple of memory_heads \\(4\\)"):
+        AllMemConfig(memory_width=30, memory_heads=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AllMemConfig(backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"mixer": "linear"}, "mixer must be one of"),
+        ({"window": 0}, "need window >= 1"),
+        ({"backend": "triton"}, "backend must be one of"),
+        ({"cu_seqlens": torch.tensor([0, 4, 9], dtype=torch.int64)}, "cu_seqlens must be a 1-D int32"),
+        ({"cu_seqlens": torch.tensor([0, 4, 8], dtype=torch.int32)}, "end at the token count 9"),
+    ],
+)
+def test_bad_forward_arguments(kwargs, needle):
+    model = _tiny_model()
+    ids = torch.randint(0, 50, (9,)) if "cu_seqlens" in kwargs else torch.randint(0, 50, (1, 9))
+    with pytest.raises(ValueError, match=needle):
+        model(ids, **kwargs)
+    with pytest.raises(ValueError, match="int64"):
+        model(ids.float())
