@@ -1,0 +1,372 @@
+// CPU implementation of the sliding-window attention ops (schemas in csrc/registration.cpp,
+// math in SPEC.md "SWA with sinks"): swa_fwd, swa_bwd (hand-written, from lse and
+// delta = rowsum(dout * out)) and swa_decode (S + W slot cache).
+//
+// The tile kernels (swa_cpu_kernel.h) are compiled twice: portable, and AVX2+FMA selected at
+// run time on x86-64, because the portable x86-64 baseline (SSE2, no FMA) runs the score and
+// value GEMMs at a fraction of the core's throughput. ALLMEM_SWA_CPU_ISA=portable forces the
+// portable build (the tests compare both).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "swa/swa_common.h"
+#include "swa/swa_cpu_types.h"
+
+namespace allmem::swa::cpu {
+
+namespace isa_portable {
+#define ALLMEM_SWA_MADD(a, b, c) ((a) * (b) + (c))
+#include "swa/swa_cpu_kernel.h"
+#undef ALLMEM_SWA_MADD
+}  // namespace isa_portable
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ALLMEM_SWA_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#define ALLMEM_SWA_MADD(a, b, c) std::fma((a), (b), (c))
+#include "swa/swa_cpu_kernel.h"
+#undef ALLMEM_SWA_MADD
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#else
+#define ALLMEM_SWA_HAVE_AVX2 0
+#endif
+
+namespace {
+
+template <typename T>
+struct KernelSet {
+  decltype(&isa_portable::fwd_block<T>) fwd;
+  decltype(&isa_portable::bwd_kv_head<T>) bwd;
+};
+
+template <typename T>
+KernelSet<T> kernels() {
+#if ALLMEM_SWA_HAVE_AVX2
+  static const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("ALLMEM_SWA_CPU_ISA");
+  const bool forced_portable = isa != nullptr && std::strcmp(isa, "portable") == 0;
+  if (cpu_has_avx2 && !forced_portable) return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>};
+#endif
+  return {&isa_portable::fwd_block<T>, &isa_portable::bwd_kv_head<T>};
+}
+
+// Where each sequence lives: tokens [start, start + len) of the token dimension, and its rows of
+// lse at lse_base + h * lse_head_stride + i (dense lse [B, Hq, L], varlen lse [Hq, T]).
+struct Sequences {
+  std::vector<int64_t> start, len, lse_base;
+  int64_t lse_head_stride = 0;
+};
+
+Sequences sequences(const Problem& p, const std::optional<at::Tensor>& cu_seqlens) {
+  Sequences s;
+  s.start.resize(p.batch);
+  s.len.resize(p.batch);
+  s.lse_base.resize(p.batch);
+  if (p.varlen) {
+    auto cu = cu_seqlens->to(at::kCPU).contiguous();
+    const int32_t* c = cu.data_ptr<int32_t>();
+    int64_t longest = 0;
+    for (int64_t n = 0; n < p.batch; ++n) {
+      s.start[n] = c[n];
+      s.len[n] = c[n + 1] - c[n];
+      s.lse_base[n] = c[n];
+      longest = std::max(longest, s.len[n]);
+    }
+    ALLMEM_CHECK(p.max_len >= longest, "max_seqlen must be >= the longest sequence in cu_seqlens (", longest,
+                 "), got ", p.max_len);
+    s.lse_head_stride = p.total;
+  } else {
+    for (int64_t n = 0; n < p.batch; ++n) {
+      s.start[n] = n * p.max_len;
+      s.len[n] = p.max_len;
+      s.lse_base[n] = n * p.hq * p.max_len;
+    }
+    s.lse_head_stride = p.max_len;
+  }
+  return s;
+}
+
+std::vector<int64_t> lse_shape(const Problem& p) {
+  if (p.varlen) return {p.hq, p.total};
+  return {p.batch, p.hq, p.max_len};
+}
+
+// float64 stays float64; float32, float16 and bfloat16 compute in float32.
+at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor widened(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())).contiguous(); }
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  ALLMEM_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               int64_t window, int64_t sinks, double softmax_scale,
+                                               const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
+  const Problem p = check_qkv(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen);
+  check_cpu(q, "q");
+  const Sequences seqs = sequences(p, cu_seqlens);
+  const at::Tensor qc = widened(q), kc = widened(k), vc = widened(v);
+  at::Tensor out = at::empty(q.sizes(), qc.options());
+  at::Tensor lse = at::empty(lse_shape(p), q.options().dtype(at::kFloat));
+
+  // Work items: (sequence, query block) x query head.
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (int64_t n = 0; n < p.batch; ++n)
+    for (int64_t i0 = 0; i0 < seqs.len[n]; i0 += kBlockQ) blocks.emplace_back(n, i0);
+  const int64_t n_items = static_cast<int64_t>(blocks.size()) * p.hq;
+  const int64_t D = p.head_dim, group = p.hq / p.hkv;
+
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "swa_fwd_cpu", [&] {
+    using T = scalar_t;
+    const auto fwd = kernels<T>().fwd;
+    const T* qp = qc.const_data_ptr<T>();
+    const T* kp = kc.const_data_ptr<T>();
+    const T* vp = vc.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    float* lp = lse.mutable_data_ptr<float>();
+    const int64_t q_stride = p.hq * D, kv_stride = p.hkv * D;
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch;
+      std::vector<KeyTile> tiles;
+      for (int64_t item = begin; item < end; ++item) {
+        const auto [n, i0] = blocks[item / p.hq];
+        const int64_t h = item % p.hq, hk = h / group;
+        const int64_t nq = std::min(kBlockQ, seqs.len[n] - i0);
+        const int64_t tok = seqs.start[n];
+        const Slice<T> x{qp + tok * q_stride + h * D, kp + tok * kv_stride + hk * D, vp + tok * kv_stride + hk * D,
+                         q_stride, kv_stride};
+        fwd(x, D, i0, nq, window, sinks, static_cast<T>(p.scale), op + (tok + i0) * q_stride + h * D,
+            lp + seqs.lse_base[n] + h * seqs.lse_head_stride + i0, scratch, tiles);
+      }
+    });
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  ALLMEM_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape_str(ref), ", got ",
+               shape_str(t));
+  check_same_dtype(ref, ref_name, t, name);
+  check_same_device(ref, ref_name, t, name);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
+                                                           const at::Tensor& k, const at::Tensor& v,
+                                                           const at::Tensor& out, const at::Tensor& lse,
+                                                           int64_t window, int64_t sinks, double softmax_scale,
+                                                           const std::optional<at::Tensor>& cu_seqlens,
+                                                           int64_t max_seqlen) {
+  const Problem p = check_qkv(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen);
+  check_cpu(q, "q");
+  check_like(dout, "dout", q, "q");
+  check_like(out, "out", q, "q");
+  ALLMEM_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  check_same_device(q, "q", lse, "lse");
+  const auto want_lse = lse_shape(p);
+  ALLMEM_CHECK(lse.sizes() == at::IntArrayRef(want_lse), "lse must have shape ", c10::str(at::IntArrayRef(want_lse)),
+               ", got ", shape_str(lse));
+  const Sequences seqs = sequences(p, cu_seqlens);
+  const at::Tensor qc = widened(q), kc = widened(k), vc = widened(v), oc = widened(out), doc = widened(dout);
+  const at::Tensor lc = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), qc.options());
+  at::Tensor dk = at::empty(k.sizes(), kc.options());
+  at::Tensor dv = at::empty(v.sizes(), vc.options());
+  const int64_t D = p.head_dim, group = p.hq / p.hkv;
+
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "swa_bwd_cpu", [&] {
+    using T = scalar_t;
+    const auto bwd = kernels<T>().bwd;
+    const bool recompute_lse = std::is_same_v<T, double>;
+    const int64_t q_stride = p.hq * D, kv_stride = p.hkv * D;
+    const T* qp = qc.const_data_ptr<T>();
+    const T* kp = kc.const_data_ptr<T>();
+    const T* vp = vc.const_data_ptr<T>();
+    const T* op = oc.const_data_ptr<T>();
+    const T* dop = doc.const_data_ptr<T>();
+    const float* lp = lc.const_data_ptr<float>();
+    T* dqp = dq.mutable_data_ptr<T>();
+    T* dkp = dk.mutable_data_ptr<T>();
+    T* dvp = dv.mutable_data_ptr<T>();
+    // One item per (sequence, kv head): it owns dK/dV of that head, so no two threads touch
+    // the same accumulator, and dQ of the group's query heads.
+    at::parallel_for(0, p.batch * p.hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch, dk_acc, dv_acc;
+      std::vector<KeyTile> tiles;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / p.hkv, hk = item % p.hkv;
+        const int64_t len = seqs.len[n], tok = seqs.start[n], h0 = hk * group;
+        dk_acc.assign(len * D, T(0));
+        dv_acc.assign(len * D, T(0));
+        const int64_t qoff = tok * q_stride + h0 * D, kvoff = tok * kv_stride + hk * D;
+        const BwdSlice<T> x{qp + qoff,  kp + kvoff, vp + kvoff, op + qoff,
+                            dop + qoff, lp + seqs.lse_base[n] + h0 * seqs.lse_head_stride,
+                            dqp + qoff, q_stride,   kv_stride,  seqs.lse_head_stride,
+                            group};
+        bwd(x, len, D, window, sinks, static_cast<T>(p.scale), recompute_lse, dk_acc.data(), dv_acc.data(), scratch,
+            tiles);
+        const T scale = static_cast<T>(p.scale);
+        for (int64_t r = 0; r < len; ++r) {
+          T* dkr = dkp + kvoff + r * kv_stride;
+          T* dvr = dvp + kvoff + r * kv_stride;
+          for (int64_t d = 0; d < D; ++d) {
+            dkr[d] = dk_acc[r * D + d] * scale;
+            dvr[d] = dv_acc[r * D + d];
+          }
+        }
+      }
+    });
+  });
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+// One (batch row, kv head) of swa_decode: the Lnew tokens in order, each written into its slot
+// and then attending over the slots that hold positions visible to it.
+template <typename scalar_t>
+struct DecodeArgs {
+  const scalar_t* q;
+  const scalar_t* k_new;
+  const scalar_t* v_new;
+  scalar_t* k_cache;
+  scalar_t* v_cache;
+  scalar_t* out;
+  int64_t l_new, hq, hkv, D, slots, window, sinks;
+  double scale;
+};
+
+template <typename scalar_t>
+void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_t cached) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t group = a.hq / a.hkv, D = a.D;
+  std::vector<acc_t> scores(a.slots), o(D);
+  for (int64_t t = 0; t < a.l_new; ++t) {
+    const int64_t pos = cached + t;
+    const int64_t slot = cache_slot(pos, a.window, a.sinks);
+    const int64_t src = ((b * a.l_new + t) * a.hkv + hk) * D;
+    const int64_t dst = ((b * a.slots + slot) * a.hkv + hk) * D;
+    std::copy(a.k_new + src, a.k_new + src + D, a.k_cache + dst);
+    std::copy(a.v_new + src, a.v_new + src + D, a.v_cache + dst);
+    // Visible positions: sinks [0, min(S, pos + 1)) and the ring part [max(S, pos - W + 1), pos],
+    // at most S + W distinct slots, all still in the cache.
+    std::vector<int64_t> vis_slots;
+    vis_slots.reserve(a.slots);
+    for (int64_t j = 0; j < std::min(a.sinks, pos + 1); ++j) vis_slots.push_back(j);
+    for (int64_t j = std::max(a.sinks, pos - a.window + 1); j <= pos; ++j)
+      vis_slots.push_back(cache_slot(j, a.window, a.sinks));
+    const int64_t nv = static_cast<int64_t>(vis_slots.size());
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = hk * group + g;
+      const scalar_t* qr = a.q + ((b * a.l_new + t) * a.hq + h) * D;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t c = 0; c < nv; ++c) {
+        const scalar_t* kr = a.k_cache + ((b * a.slots + vis_slots[c]) * a.hkv + hk) * D;
+        acc_t s = 0;
+        for (int64_t d = 0; d < D; ++d) s += static_cast<acc_t>(qr[d]) * static_cast<acc_t>(kr[d]);
+        scores[c] = s * static_cast<acc_t>(a.scale);
+        mx = std::max(mx, scores[c]);
+      }
+      acc_t sum = 0;
+      std::fill(o.begin(), o.end(), acc_t(0));
+      for (int64_t c = 0; c < nv; ++c) {
+        const acc_t w = std::exp(scores[c] - mx);
+        sum += w;
+        const scalar_t* vr = a.v_cache + ((b * a.slots + vis_slots[c]) * a.hkv + hk) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<acc_t>(vr[d]);
+      }
+      scalar_t* orow = a.out + ((b * a.l_new + t) * a.hq + h) * D;
+      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(o[d] / sum);
+    }
+  }
+}
+
+at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
+                          at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
+                          double softmax_scale) {
+  check_window_sinks(window, sinks);
+  check_floating(q, "q");
+  check_cpu(q, "q");
+  check_same_dtype(q, "q", k_new, "k_new");
+  check_same_dtype(q, "q", v_new, "v_new");
+  check_same_dtype(q, "q", k_cache, "k_cache");
+  check_same_dtype(q, "q", v_cache, "v_cache");
+  check_same_device(q, "q", k_new, "k_new");
+  check_same_device(q, "q", v_new, "v_new");
+  check_same_device(q, "q", k_cache, "k_cache");
+  check_same_device(q, "q", v_cache, "v_cache");
+  check_same_device(q, "q", cache_seqlens, "cache_seqlens");
+  check_dim(q, 4, "q", "[B, Lnew, Hq, D]");
+  check_dim(k_new, 4, "k_new", "[B, Lnew, Hkv, D]");
+  const int64_t B = q.size(0), l_new = q.size(1), hq = q.size(2), D = q.size(3);
+  const int64_t hkv = k_new.size(2);
+  ALLMEM_CHECK(k_new.size(0) == B && k_new.size(1) == l_new && k_new.size(3) == D,
+               "k_new must be [B, Lnew, Hkv, D] with B, Lnew, D of q ", shape_str(q), ", got ", shape_str(k_new));
+  ALLMEM_CHECK(v_new.sizes() == k_new.sizes(), "v_new must have the shape of k_new ", shape_str(k_new), ", got ",
+               shape_str(v_new));
+  ALLMEM_CHECK(hkv >= 1 && hq % hkv == 0, "number of q heads (", hq, ") must be a multiple of the number of k/v heads (",
+               hkv, ")");
+  const int64_t slots = sinks + window;
+  const std::vector<int64_t> want_cache{B, slots, hkv, D};
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
+    ALLMEM_CHECK(t.sizes() == at::IntArrayRef(want_cache), name, " must have shape [B, S + W, Hkv, D] = ",
+                 c10::str(at::IntArrayRef(want_cache)), ", got ", shape_str(t));
+    // Written in place through raw pointers, so the layout must be the plain one.
+    ALLMEM_CHECK(t.is_contiguous(), name, " must be contiguous");
+  }
+  ALLMEM_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+               cache_seqlens.scalar_type());
+  ALLMEM_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens must have shape [B] = [", B,
+               "], got ", shape_str(cache_seqlens));
+  const at::Tensor lens = cache_seqlens.contiguous();
+  const int32_t* lp = lens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    ALLMEM_CHECK(lp[b] >= 0, "cache_seqlens must be >= 0, got cache_seqlens[", b, "] = ", lp[b]);
+  const double scale = resolve_scale(softmax_scale, D);
+  const at::Tensor qc = q.contiguous(), kn = k_new.contiguous(), vn = v_new.contiguous();
+  at::Tensor out = at::empty(q.sizes(), qc.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "swa_decode_cpu", [&] {
+    const DecodeArgs<scalar_t> a{qc.const_data_ptr<scalar_t>(),
+                                 kn.const_data_ptr<scalar_t>(),
+                                 vn.const_data_ptr<scalar_t>(),
+                                 k_cache.mutable_data_ptr<scalar_t>(),
+                                 v_cache.mutable_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>(),
+                                 l_new,
+                                 hq,
+                                 hkv,
+                                 D,
+                                 slots,
+                                 window,
+                                 sinks,
+                                 scale};
+    at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) decode_kv_head(a, item / hkv, item % hkv, lp[item / hkv]);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace allmem::swa::cpu
+
+TORCH_LIBRARY_IMPL(allmem, CPU, m) {
+  m.impl("swa_fwd", &allmem::swa::cpu::swa_fwd_cpu);
+  m.impl("swa_bwd", &allmem::swa::cpu::swa_bwd_cpu);
+  m.impl("swa_decode", &allmem::swa::cpu::swa_decode_cpu);
+}

@@ -1,0 +1,263 @@
+// Tile kernels of the CPU sliding-window attention (forward and backward), on raw pointers.
+//
+// Deliberately WITHOUT an include guard: swa_cpu.cpp includes this file once per instruction
+// set, each time inside its own namespace (and, for AVX2, under `#pragma GCC target`), so the
+// same source gives a portable build and a runtime-selected AVX2+FMA build. It must therefore
+// include nothing itself; the includer provides <algorithm>, <bit>, <cmath>, <cstdint>,
+// <limits>, <vector>, swa/swa_cpu_types.h (tiles, argument structs), and defines
+// ALLMEM_SWA_MADD(a, b, c) (= a * b + c, fused where available).
+//
+// T is the compute type (float or double); reduced-precision inputs are widened by the caller.
+// A "slice" is one (sequence, head): row r of q/k/v/out lives at ptr + r * stride, its D values
+// contiguous.
+
+// C[m][n] (+)= sum_k A(m, k) * B[k][n] for m < MB, n < NB, with A(m, k) = A[m * a_rs + k * a_cs].
+// B's rows are contiguous along n, so the n loop vectorizes and C stays in registers.
+template <typename T, int64_t MB, int64_t NB>
+inline void micro_gemm(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb, T* C,
+                       int64_t ldc, bool accumulate) {
+  T c[MB][NB];
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t n = 0; n < NB; ++n) c[m][n] = accumulate ? C[m * ldc + n] : T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    for (int64_t m = 0; m < MB; ++m) {
+      const T a = A[m * a_rs + k * a_cs];
+      for (int64_t n = 0; n < NB; ++n) c[m][n] = ALLMEM_SWA_MADD(a, b[n], c[m][n]);
+    }
+  }
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t n = 0; n < NB; ++n) C[m * ldc + n] = c[m][n];
+}
+
+// Edge version of micro_gemm for the last rows/columns (runtime sizes, same arithmetic).
+template <typename T>
+inline void edge_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
+                      int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    if (!accumulate)
+      for (int64_t n = 0; n < N; ++n) c[n] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[m * a_rs + k * a_cs];
+      const T* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] = ALLMEM_SWA_MADD(a, b[n], c[n]);
+    }
+  }
+}
+
+// C[M][N] (+)= A(M x K) * B[K][N] (see micro_gemm for the operand layout).
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb,
+          T* C, int64_t ldc, bool accumulate) {
+  const int64_t m_main = M - M % kMicroM, n_main = N - N % kMicroN;
+  for (int64_t m = 0; m < m_main; m += kMicroM) {
+    for (int64_t n = 0; n < n_main; n += kMicroN)
+      micro_gemm<T, kMicroM, kMicroN>(K, A + m * a_rs, a_rs, a_cs, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+    if (n_main < N)
+      edge_gemm<T>(kMicroM, N - n_main, K, A + m * a_rs, a_rs, a_cs, B + n_main, ldb, C + m * ldc + n_main, ldc,
+                   accumulate);
+  }
+  if (m_main < M) edge_gemm<T>(M - m_main, N, K, A + m_main * a_rs, a_rs, a_cs, B, ldb, C + m_main * ldc, ldc, accumulate);
+}
+
+// x[i] <- exp(x[i]) for x[i] <= 0 (or -inf -> 0). float: a branch-free Cephes-style polynomial
+// (relative error ~2 ulp) that the compiler vectorizes; std::exp does not vectorize and would
+// dominate the runtime. double: std::exp (the double path exists for exactness, not speed).
+inline void exp_nonpositive(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    const float xc = std::max(xi, -87.0f);
+    const float t = xc * 1.44269504088896341f;
+    // Round to nearest with the 1.5 * 2^23 trick: exact for |t| < 2^22 and vectorizable.
+    const float nf = (t + 12582912.0f) - 12582912.0f;
+    const float r = (xc - nf * 0.693359375f) - nf * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = (p * r) * r + r + 1.0f;
+    const float two_n = std::bit_cast<float>((static_cast<int32_t>(nf) + 127) << 23);
+    x[i] = xi < -87.0f ? 0.0f : y * two_n;
+  }
+}
+inline void exp_nonpositive(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// dst[d][c] = src row (j0 + c), element d, for c < nk: a K or V tile laid out so that the score
+// GEMM reads it with unit stride along keys.
+template <typename T>
+inline void transpose_tile(const T* src, int64_t stride, int64_t j0, int64_t nk, int64_t D, T* dst) {
+  for (int64_t c = 0; c < nk; ++c) {
+    const T* s = src + (j0 + c) * stride;
+    for (int64_t d = 0; d < D; ++d) dst[d * kBlockK + c] = s[d];
+  }
+}
+
+// Scales a score tile and applies the mask (invisible -> -inf). Rows are queries i0 + r.
+template <typename T>
+inline void scale_and_mask(T* s, int64_t nq, const KeyTile& t, int64_t i0, T scale, int64_t window, int64_t sinks) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < nq; ++r) {
+    T* row = s + r * kBlockK;
+    const int64_t i = i0 + r;
+    if (t.full) {
+      for (int64_t c = 0; c < t.nk; ++c) row[c] *= scale;
+    } else {
+      for (int64_t c = 0; c < t.nk; ++c) {
+        const int64_t j = t.j0 + c;
+        const bool vis = j <= i && (j < sinks || i - j < window);
+        row[c] = vis ? row[c] * scale : kNegInf;
+      }
+    }
+  }
+}
+
+// Forward of one query block [i0, i0 + nq) of one (sequence, head): online softmax over the
+// visible key tiles. out rows at out + r * q_stride; lse[r] (natural log) for each row.
+template <typename T>
+void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t window, int64_t sinks, T scale,
+               T* out, float* lse, std::vector<T>& scratch, std::vector<KeyTile>& tiles) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  scratch.resize(kBlockQ * kBlockK + D * kBlockK + kBlockQ * D + 2 * kBlockQ);
+  T* s = scratch.data();
+  T* kt = s + kBlockQ * kBlockK;
+  T* acc = kt + D * kBlockK;
+  T* m = acc + kBlockQ * D;
+  T* l = m + kBlockQ;
+  std::fill(acc, acc + nq * D, T(0));
+  std::fill(m, m + nq, kNegInf);
+  std::fill(l, l + nq, T(0));
+  const T* qb = x.q + i0 * x.q_stride;
+  key_tiles(i0, i0 + nq, window, sinks, tiles);
+  for (const KeyTile& t : tiles) {
+    transpose_tile(x.k, x.kv_stride, t.j0, t.nk, D, kt);
+    gemm<T>(nq, t.nk, D, qb, x.q_stride, 1, kt, kBlockK, s, kBlockK, false);
+    scale_and_mask(s, nq, t, i0, scale, window, sinks);
+    for (int64_t r = 0; r < nq; ++r) {
+      T* row = s + r * kBlockK;
+      T mx = kNegInf;
+      for (int64_t c = 0; c < t.nk; ++c) mx = std::max(mx, row[c]);
+      const T m_new = std::max(m[r], mx);
+      if (m_new == kNegInf) {  // nothing visible yet in this row: contributes nothing
+        std::fill(row, row + t.nk, T(0));
+        continue;
+      }
+      for (int64_t c = 0; c < t.nk; ++c) row[c] -= m_new;
+      exp_nonpositive(row, t.nk);
+      T sum = 0;
+      for (int64_t c = 0; c < t.nk; ++c) sum += row[c];
+      const T alpha = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      if (alpha != T(1)) {
+        T* a = acc + r * D;
+        for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+      }
+    }
+    gemm<T>(nq, D, t.nk, s, kBlockK, 1, x.v + t.j0 * x.kv_stride, x.kv_stride, acc, D, true);
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    // l > 0 always: key i is visible to query i.
+    const T inv = T(1) / l[r];
+    T* o = out + r * x.q_stride;
+    const T* a = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+    lse[r] = static_cast<float>(m[r] + std::log(l[r]));
+  }
+}
+
+// Backward of one (sequence, kv head): every query head of its group and every query block.
+// dK/dV accumulate in dk_acc/dv_acc ([len][D], zeroed by the caller) without races because one
+// task owns the kv head. q/dout/out/dq for head g of the group are at the given base + g * D.
+// recompute_lse: derive each row's log-sum-exp in T from the scores instead of reading the
+// float32 lse (float64 inputs, where a float32 lse would cap the accuracy at ~1e-7).
+
+template <typename T>
+void bwd_kv_head(const BwdSlice<T>& x, int64_t len, int64_t D, int64_t window, int64_t sinks, T scale,
+                 bool recompute_lse, T* dk_acc, T* dv_acc, std::vector<T>& scratch, std::vector<KeyTile>& tiles) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  scratch.resize(2 * kBlockQ * kBlockK + 2 * D * kBlockK + kBlockQ * D + 4 * kBlockQ);
+  T* p = scratch.data();
+  T* dp = p + kBlockQ * kBlockK;
+  T* kt = dp + kBlockQ * kBlockK;
+  T* vt = kt + D * kBlockK;
+  T* dq = vt + D * kBlockK;
+  T* delta = dq + kBlockQ * D;
+  T* lse = delta + kBlockQ;
+  T* m = lse + kBlockQ;  // running max and sum of the lse recomputation
+  T* l = m + kBlockQ;
+  for (int64_t g = 0; g < x.group; ++g) {
+    const T* qh = x.q + g * D;
+    const T* oh = x.out + g * D;
+    const T* doh = x.dout + g * D;
+    T* dqh = x.dq + g * D;
+    const float* lseh = x.lse + g * x.lse_head_stride;
+    for (int64_t i0 = 0; i0 < len; i0 += kBlockQ) {
+      const int64_t nq = std::min(kBlockQ, len - i0);
+      const T* qb = qh + i0 * x.q_stride;
+      const T* dob = doh + i0 * x.q_stride;
+      key_tiles(i0, i0 + nq, window, sinks, tiles);
+      for (int64_t r = 0; r < nq; ++r) {
+        const T* o = oh + (i0 + r) * x.q_stride;
+        const T* dor = dob + r * x.q_stride;
+        T acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += o[d] * dor[d];
+        delta[r] = acc;
+        lse[r] = static_cast<T>(lseh[i0 + r]);
+      }
+      if (recompute_lse) {
+        std::fill(m, m + nq, kNegInf);
+        std::fill(l, l + nq, T(0));
+        for (const KeyTile& t : tiles) {
+          transpose_tile(x.k, x.kv_stride, t.j0, t.nk, D, kt);
+          gemm<T>(nq, t.nk, D, qb, x.q_stride, 1, kt, kBlockK, p, kBlockK, false);
+          scale_and_mask(p, nq, t, i0, scale, window, sinks);
+          for (int64_t r = 0; r < nq; ++r) {
+            T* row = p + r * kBlockK;
+            T mx = kNegInf;
+            for (int64_t c = 0; c < t.nk; ++c) mx = std::max(mx, row[c]);
+            const T m_new = std::max(m[r], mx);
+            if (m_new == kNegInf) continue;
+            T sum = 0;
+            for (int64_t c = 0; c < t.nk; ++c) sum += std::exp(row[c] - m_new);
+            l[r] = (m[r] == kNegInf ? T(0) : l[r] * std::exp(m[r] - m_new)) + sum;
+            m[r] = m_new;
+          }
+        }
+        for (int64_t r = 0; r < nq; ++r) lse[r] = m[r] + std::log(l[r]);
+      }
+      std::fill(dq, dq + nq * D, T(0));
+      for (const KeyTile& t : tiles) {
+        const T* kb = x.k + t.j0 * x.kv_stride;
+        transpose_tile(x.k, x.kv_stride, t.j0, t.nk, D, kt);
+        transpose_tile(x.v, x.kv_stride, t.j0, t.nk, D, vt);
+        gemm<T>(nq, t.nk, D, qb, x.q_stride, 1, kt, kBlockK, p, kBlockK, false);
+        scale_and_mask(p, nq, t, i0, scale, window, sinks);
+        for (int64_t r = 0; r < nq; ++r) {
+          T* row = p + r * kBlockK;
+          for (int64_t c = 0; c < t.nk; ++c) row[c] -= lse[r];  // -inf stays -inf -> P = 0
+          exp_nonpositive(row, t.nk);
+        }
+        gemm<T>(nq, t.nk, D, dob, x.q_stride, 1, vt, kBlockK, dp, kBlockK, false);
+        for (int64_t r = 0; r < nq; ++r) {
+          const T* pr = p + r * kBlockK;
+          T* ds = dp + r * kBlockK;
+          for (int64_t c = 0; c < t.nk; ++c) ds[c] = pr[c] * (ds[c] - delta[r]);
+        }
+        // dV += P^T dO, dK += dS^T Q (scaled at the end), dQ += dS K (scaled on write-out).
+        gemm<T>(t.nk, D, nq, p, 1, kBlockK, dob, x.q_stride, dv_acc + t.j0 * D, D, true);
+        gemm<T>(t.nk, D, nq, dp, 1, kBlockK, qb, x.q_stride, dk_acc + t.j0 * D, D, true);
+        gemm<T>(nq, D, t.nk, dp, kBlockK, 1, kb, x.kv_stride, dq, D, true);
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        T* dst = dqh + (i0 + r) * x.q_stride;
+        const T* src = dq + r * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+      }
+    }
+  }
+}
