@@ -8,5 +8,6 @@ from . import _library
 _library.load()
 
 from ._library import build_info  # noqa: E402
+from .swa import SWAKVCache, sliding_window_attention, sliding_window_attention_decode  # noqa: E402
 
-__all__ = ["build_info"]
+__all__ = ["build_info", "sliding_window_attention", "sliding_window_attention_decode", "SWAKVCache"]
