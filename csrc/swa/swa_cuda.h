@@ -1,0 +1,78 @@
+// Host/device contract between the torch glue (swa_cuda_api.cu) and the SWA CUDA kernels
+// (swa_fwd.cu, swa_bwd_*.cu, swa_decode.cu). Plain structs of pointers and element strides, so the
+// kernel translation units need no torch headers and compile quickly.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace allmem::swa::cuda {
+
+enum class DType { kBFloat16, kFloat16 };
+
+// One [rows, heads, D] tensor with the last dim contiguous. The element (b, t, h, :) lives at
+// ptr + b * batch_stride + t * row_stride + h * head_stride. Varlen tensors use batch_stride = 0
+// and t = cu_seqlens[b] + local index.
+struct TensorRef {
+  void* ptr = nullptr;
+  int64_t batch_stride = 0, row_stride = 0, head_stride = 0;
+};
+
+// Per-row float32 statistics (lse, delta): (b, h, t) at ptr + b * batch_stride + h * head_stride + t.
+struct RowStatRef {
+  float* ptr = nullptr;
+  int64_t batch_stride = 0, head_stride = 0;
+};
+
+// Problem shared by the forward and backward kernels. `seqlen` is L (dense) or the longest
+// sequence (varlen); window and sinks are clamped to seqlen + 1 on the host so they fit int.
+struct AttnShape {
+  const int* cu_seqlens = nullptr;  // device int32 [batch + 1], or nullptr for dense
+  int batch = 0, seqlen = 0, hq = 0, hkv = 0, window = 1, sinks = 0;
+  float scale = 0.f;       // softmax scale applied to q.k
+  float scale_log2 = 0.f;  // scale * log2(e): the kernels use exp2
+};
+
+struct FwdParams {
+  AttnShape shape;
+  TensorRef q, k, v, out;
+  RowStatRef lse;  // natural-log LSE of the scaled scores
+};
+
+struct BwdParams {
+  AttnShape shape;
+  TensorRef q, k, v, out, dout, dq, dk, dv;
+  RowStatRef lse, delta;  // delta: workspace for rowsum(dout * out), same layout as lse
+};
+
+// Decode against the S + W slot cache. The kernels read the cache as it was before the call (and
+// k_new/v_new for the new positions), then a last kernel writes the new tokens into their slots,
+// which gives the same result as writing and attending token by token.
+struct DecodeParams {
+  TensorRef q, k_new, v_new, k_cache, v_cache, out;  // q/out [B, Lnew, Hq, D] etc.
+  const int* cache_seqlens = nullptr;                // device int32 [B], read-only
+  int batch = 0, new_len = 0, hq = 0, hkv = 0, window = 1, sinks = 0;
+  float scale_log2 = 0.f;
+  int num_splits = 1, split_keys = 0;  // key range of each split CTA (a multiple of the chunk tile)
+  float* o_partial = nullptr;          // [B * Lnew * Hq, num_splits, D] float32 workspace
+  float* lse_partial = nullptr;        // [B * Lnew * Hq, num_splits] float32 workspace (log2 domain)
+};
+
+// Launchers (one per kernel family). `head_dim` must be 64 or 128: the torch glue checks.
+void launch_swa_fwd(const FwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+void launch_swa_bwd_preprocess(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+void launch_swa_bwd_dkdv(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+void launch_swa_bwd_dq(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+void launch_swa_decode(const DecodeParams& p, DType dtype, int head_dim, cudaStream_t stream);
+
+// Decode split planning: the tile of keys each split CTA scores at once, and the largest number
+// of keys a split may own (its scores live in shared memory).
+struct DecodeTraits {
+  static constexpr int kThreads = 128;
+  static constexpr int kMaxSplitKeys = 512;
+  static constexpr int kMinSplitKeys = 64;
+};
+// Shared memory a split CTA needs for a GQA group of `group` query heads.
+size_t decode_smem_bytes(int group, int head_dim, int split_keys);
+
+}  // namespace allmem::swa::cuda
