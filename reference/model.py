@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import model_ops
-from .model_cache import AllMemState, LayerState, RefSWAKVCache
+from .model_cache import AllMemState, LayerState
 from .model_config import AllMemConfig
 
 MIXERS = ("allmem", "full")
@@ -146,16 +146,12 @@ class Attention(nn.Module):
             if varlen:
                 out = out[None]
             if call.make_state:
-                cache = _new_swa_cache(call, k, num_seqs=batch if not varlen else call.cu_seqlens.numel() - 1)
+                num_seqs = call.cu_seqlens.numel() - 1 if varlen else batch
+                cache = model_ops.new_swa_cache(
+                    num_seqs, call.window, call.sinks, k.shape[2], self.head_dim, k.dtype, k.device, call.backend
+                )
                 cache.fill_from_prefill(ka, va, call.cu_seqlens)
         return self.o_proj(out.reshape(batch, length, -1)), cache
-
-
-def _new_swa_cache(call: _Call, k: torch.Tensor, num_seqs: int):
-    hkv, d = k.shape[-2], k.shape[-1]
-    if call.backend == "reference":
-        return RefSWAKVCache(num_seqs, call.window, call.sinks, hkv, d, k.dtype, k.device)
-    return model_ops.new_swa_cache(num_seqs, call.window, call.sinks, hkv, d, k.dtype, k.device)
 
 
 class MemoryBranch(nn.Module):

@@ -11,6 +11,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from .model_cache import RefSWAKVCache
 from .model_config import BACKENDS
 
 
@@ -75,6 +76,17 @@ def ttt_memory(
         initial_state=initial_state, output_final_state=output_final_state,
         cu_seqlens=cu_seqlens, lact_order=lact_order, residual=residual,
     )
+
+
+def new_swa_cache(
+    num_seqs: int, window: int, sinks: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, backend: str
+):
+    """An empty S+W decode cache for num_seqs sequences: the pure-PyTorch RefSWAKVCache or the
+    kernels' allmem_ops.SWAKVCache (same fill_from_prefill / update_and_attend / nbytes API)."""
+    _check_backend(backend)
+    if backend == "reference":
+        return RefSWAKVCache(num_seqs, window, sinks, kv_heads, head_dim, dtype, device)
+    return _kernels().SWAKVCache(num_seqs, kv_heads, head_dim, window, sinks, dtype=dtype, device=device)
 
 
 def causal_attention(
