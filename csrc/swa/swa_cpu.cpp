@@ -2,23 +2,21 @@
 // math in SPEC.md "SWA with sinks"): swa_fwd, swa_bwd (hand-written, from lse and
 // delta = rowsum(dout * out)) and swa_decode (S + W slot cache).
 //
-// The tile kernels (swa_cpu_kernel.h) are compiled twice: portable, and AVX2+FMA selected at
-// run time on x86-64, because the portable x86-64 baseline (SSE2, no FMA) runs the score and
-// value GEMMs at a fraction of the core's throughput. ALLMEM_SWA_CPU_ISA=portable forces the
-// portable build (the tests compare both).
+// The tile kernels (swa_cpu_kernel.h) are compiled three times: portable, and (GCC, x86-64)
+// AVX2+FMA and AVX-512, selected at run time by kernels(): the x86-64 baseline (SSE2, no FMA)
+// runs the score and value GEMMs at a fraction of what the core can do.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -27,24 +25,49 @@
 
 namespace allmem::swa::cpu {
 
-namespace isa_portable {
-#define ALLMEM_SWA_MADD(a, b, c) ((a) * (b) + (c))
-#include "swa/swa_cpu_kernel.h"
-#undef ALLMEM_SWA_MADD
-}  // namespace isa_portable
+// GCC: see swa_cpu_kernel.h for why these options, and kernels() for how the build is chosen.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ALLMEM_SWA_GCC 1
+#else
+#define ALLMEM_SWA_GCC 0
+#endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ALLMEM_SWA_HAVE_AVX2 1
+#if ALLMEM_SWA_GCC
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+#endif
+namespace isa_portable {
+#define ALLMEM_SWA_VEC_BYTES 16
+#include "swa/swa_cpu_kernel.h"
+#undef ALLMEM_SWA_VEC_BYTES
+}  // namespace isa_portable
+#if ALLMEM_SWA_GCC
+#pragma GCC pop_options
+#endif
+
+#if ALLMEM_SWA_GCC && defined(__x86_64__)
+#define ALLMEM_SWA_X86_BUILDS 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
 namespace isa_avx2 {
-#define ALLMEM_SWA_MADD(a, b, c) std::fma((a), (b), (c))
+#define ALLMEM_SWA_VEC_BYTES 32
 #include "swa/swa_cpu_kernel.h"
-#undef ALLMEM_SWA_MADD
+#undef ALLMEM_SWA_VEC_BYTES
 }  // namespace isa_avx2
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+namespace isa_avx512 {
+#define ALLMEM_SWA_VEC_BYTES 64
+#include "swa/swa_cpu_kernel.h"
+#undef ALLMEM_SWA_VEC_BYTES
+}  // namespace isa_avx512
+#pragma GCC pop_options
 #else
-#define ALLMEM_SWA_HAVE_AVX2 0
+#define ALLMEM_SWA_X86_BUILDS 0
 #endif
 
 namespace {
@@ -55,13 +78,21 @@ struct KernelSet {
   decltype(&isa_portable::bwd_kv_head<T>) bwd;
 };
 
+// The widest build this CPU runs, capped by ALLMEM_SWA_CPU_ISA=portable|avx2|avx512 (the tests
+// run every build the machine has against the reference).
 template <typename T>
 KernelSet<T> kernels() {
-#if ALLMEM_SWA_HAVE_AVX2
-  static const bool cpu_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("ALLMEM_SWA_CPU_ISA");
-  const bool forced_portable = isa != nullptr && std::strcmp(isa, "portable") == 0;
-  if (cpu_has_avx2 && !forced_portable) return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>};
+#if ALLMEM_SWA_X86_BUILDS
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512dq");
+  const char* env = std::getenv("ALLMEM_SWA_CPU_ISA");
+  const std::string cap = env == nullptr ? "avx512" : env;
+  ALLMEM_CHECK(cap == "portable" || cap == "avx2" || cap == "avx512",
+               "ALLMEM_SWA_CPU_ISA must be portable, avx2 or avx512, got ", cap);
+  if (has_avx512 && cap == "avx512") return {&isa_avx512::fwd_block<T>, &isa_avx512::bwd_kv_head<T>};
+  if (has_avx2 && cap != "portable") return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>};
 #endif
   return {&isa_portable::fwd_block<T>, &isa_portable::bwd_kv_head<T>};
 }

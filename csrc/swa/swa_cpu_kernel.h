@@ -3,31 +3,48 @@
 // Deliberately WITHOUT an include guard: swa_cpu.cpp includes this file once per instruction
 // set, each time inside its own namespace (and, for AVX2, under `#pragma GCC target`), so the
 // same source gives a portable build and a runtime-selected AVX2+FMA build. It must therefore
-// include nothing itself; the includer provides <algorithm>, <bit>, <cmath>, <cstdint>,
-// <limits>, <vector>, swa/swa_cpu_types.h (tiles, argument structs), and defines
-// ALLMEM_SWA_MADD(a, b, c) (= a * b + c, fused where available).
+// include nothing itself; the includer provides <algorithm>, <cmath>, <cstdint>, <limits>,
+// <vector> and swa/swa_cpu_types.h (tiles, argument structs), and defines ALLMEM_SWA_VEC_BYTES,
+// the SIMD register width of the target (16 for SSE2/NEON, 32 for AVX2, 64 for AVX-512).
+// Under GCC the includer compiles it with -fno-trapping-math and -ffp-contract=fast (optimize
+// pragma): with FP exceptions assumed observable, GCC refuses to if-convert the float compares of
+// exp/max below and leaves those loops scalar; contraction turns a * b + c into FMA where the
+// target has it (ISO C++ mode otherwise forbids it). A function compiled with other options is
+// not inlined into these, hence builtins and local helpers instead of std:: calls in hot loops.
 //
 // T is the compute type (float or double); reduced-precision inputs are widened by the caller.
 // A "slice" is one (sequence, head): row r of q/k/v/out lives at ptr + r * stride, its D values
 // contiguous.
 
 // C[m][n] (+)= sum_k A(m, k) * B[k][n] for m < MB, n < NB, with A(m, k) = A[m * a_rs + k * a_cs].
-// B's rows are contiguous along n, so the n loop vectorizes and C stays in registers.
+// Written with GCC/Clang vector types: C's MB x NB block lives in registers and each step is a
+// broadcast of A(m, k) times a row of B. (Left to the auto-vectorizer, GCC vectorizes the k loop
+// instead, with shuffles, at a tenth of the speed.)
 template <typename T, int64_t MB, int64_t NB>
 inline void micro_gemm(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb, T* C,
                        int64_t ldc, bool accumulate) {
-  T c[MB][NB];
+  typedef T V __attribute__((vector_size(ALLMEM_SWA_VEC_BYTES)));
+  constexpr int64_t kLen = ALLMEM_SWA_VEC_BYTES / sizeof(T);
+  constexpr int64_t kVecs = NB / kLen;
+  static_assert(NB % kLen == 0, "micro-kernel width must be whole vectors");
+  V c[MB][kVecs];
   for (int64_t m = 0; m < MB; ++m)
-    for (int64_t n = 0; n < NB; ++n) c[m][n] = accumulate ? C[m * ldc + n] : T(0);
+    for (int64_t j = 0; j < kVecs; ++j) {
+      if (accumulate)
+        __builtin_memcpy(&c[m][j], C + m * ldc + j * kLen, sizeof(V));
+      else
+        c[m][j] = V{};
+    }
   for (int64_t k = 0; k < K; ++k) {
-    const T* b = B + k * ldb;
+    V b[kVecs];
+    for (int64_t j = 0; j < kVecs; ++j) __builtin_memcpy(&b[j], B + k * ldb + j * kLen, sizeof(V));
     for (int64_t m = 0; m < MB; ++m) {
       const T a = A[m * a_rs + k * a_cs];
-      for (int64_t n = 0; n < NB; ++n) c[m][n] = ALLMEM_SWA_MADD(a, b[n], c[m][n]);
+      for (int64_t j = 0; j < kVecs; ++j) c[m][j] += a * b[j];
     }
   }
   for (int64_t m = 0; m < MB; ++m)
-    for (int64_t n = 0; n < NB; ++n) C[m * ldc + n] = c[m][n];
+    for (int64_t j = 0; j < kVecs; ++j) __builtin_memcpy(C + m * ldc + j * kLen, &c[m][j], sizeof(V));
 }
 
 // Edge version of micro_gemm for the last rows/columns (runtime sizes, same arithmetic).
@@ -41,7 +58,7 @@ inline void edge_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs,
     for (int64_t k = 0; k < K; ++k) {
       const T a = A[m * a_rs + k * a_cs];
       const T* b = B + k * ldb;
-      for (int64_t n = 0; n < N; ++n) c[n] = ALLMEM_SWA_MADD(a, b[n], c[n]);
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
     }
   }
 }
@@ -50,12 +67,14 @@ inline void edge_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs,
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B, int64_t ldb,
           T* C, int64_t ldc, bool accumulate) {
-  const int64_t m_main = M - M % kMicroM, n_main = N - N % kMicroN;
-  for (int64_t m = 0; m < m_main; m += kMicroM) {
-    for (int64_t n = 0; n < n_main; n += kMicroN)
-      micro_gemm<T, kMicroM, kMicroN>(K, A + m * a_rs, a_rs, a_cs, B + n, ldb, C + m * ldc + n, ldc, accumulate);
+  constexpr int64_t MB = micro_rows(ALLMEM_SWA_VEC_BYTES);
+  constexpr int64_t NB = kMicroVecsPerRow * ALLMEM_SWA_VEC_BYTES / static_cast<int64_t>(sizeof(T));
+  const int64_t m_main = M - M % MB, n_main = N - N % NB;
+  for (int64_t m = 0; m < m_main; m += MB) {
+    for (int64_t n = 0; n < n_main; n += NB)
+      micro_gemm<T, MB, NB>(K, A + m * a_rs, a_rs, a_cs, B + n, ldb, C + m * ldc + n, ldc, accumulate);
     if (n_main < N)
-      edge_gemm<T>(kMicroM, N - n_main, K, A + m * a_rs, a_rs, a_cs, B + n_main, ldb, C + m * ldc + n_main, ldc,
+      edge_gemm<T>(MB, N - n_main, K, A + m * a_rs, a_rs, a_cs, B + n_main, ldb, C + m * ldc + n_main, ldc,
                    accumulate);
   }
   if (m_main < M) edge_gemm<T>(M - m_main, N, K, A + m_main * a_rs, a_rs, a_cs, B, ldb, C + m_main * ldc, ldc, accumulate);
@@ -67,7 +86,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
 inline void exp_nonpositive(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x[i];
-    const float xc = std::max(xi, -87.0f);
+    const float xc = xi > -87.0f ? xi : -87.0f;
     const float t = xc * 1.44269504088896341f;
     // Round to nearest with the 1.5 * 2^23 trick: exact for |t| < 2^22 and vectorizable.
     const float nf = (t + 12582912.0f) - 12582912.0f;
@@ -79,12 +98,44 @@ inline void exp_nonpositive(float* x, int64_t n) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float y = (p * r) * r + r + 1.0f;
-    const float two_n = std::bit_cast<float>((static_cast<int32_t>(nf) + 127) << 23);
+    const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(nf) + 127) << 23);
     x[i] = xi < -87.0f ? 0.0f : y * two_n;
   }
 }
 inline void exp_nonpositive(double* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+template <typename T>
+inline T max2(T a, T b) {
+  return a > b ? a : b;
+}
+
+// Max and sum of x[0, n), in kLanes independent partials so that they vectorize (a single
+// running scalar is a serial dependency chain).
+constexpr int64_t kLanes = 8;
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  T part[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = max2(part[l], x[c + l]);
+  for (; c < n; ++c) part[0] = max2(part[0], x[c]);
+  T m = part[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = max2(m, part[l]);
+  return m;
+}
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  T part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[c + l];
+  for (; c < n; ++c) part[0] += x[c];
+  T s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += part[l];
+  return s;
 }
 
 // dst[d][c] = src row (j0 + c), element d, for c < nk: a K or V tile laid out so that the score
@@ -139,17 +190,14 @@ void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t win
     scale_and_mask(s, nq, t, i0, scale, window, sinks);
     for (int64_t r = 0; r < nq; ++r) {
       T* row = s + r * kBlockK;
-      T mx = kNegInf;
-      for (int64_t c = 0; c < t.nk; ++c) mx = std::max(mx, row[c]);
-      const T m_new = std::max(m[r], mx);
+      const T m_new = max2(m[r], row_max(row, t.nk));
       if (m_new == kNegInf) {  // nothing visible yet in this row: contributes nothing
         std::fill(row, row + t.nk, T(0));
         continue;
       }
       for (int64_t c = 0; c < t.nk; ++c) row[c] -= m_new;
       exp_nonpositive(row, t.nk);
-      T sum = 0;
-      for (int64_t c = 0; c < t.nk; ++c) sum += row[c];
+      const T sum = row_sum(row, t.nk);
       const T alpha = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new);
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
@@ -218,9 +266,7 @@ void bwd_kv_head(const BwdSlice<T>& x, int64_t len, int64_t D, int64_t window, i
           scale_and_mask(p, nq, t, i0, scale, window, sinks);
           for (int64_t r = 0; r < nq; ++r) {
             T* row = p + r * kBlockK;
-            T mx = kNegInf;
-            for (int64_t c = 0; c < t.nk; ++c) mx = std::max(mx, row[c]);
-            const T m_new = std::max(m[r], mx);
+            const T m_new = max2(m[r], row_max(row, t.nk));
             if (m_new == kNegInf) continue;
             T sum = 0;
             for (int64_t c = 0; c < t.nk; ++c) sum += std::exp(row[c] - m_new);

@@ -11,9 +11,11 @@ namespace allmem::swa::cpu {
 // tile and the output accumulator stay in L2, large enough to amortize the transposes.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
-// Register block of the GEMM micro-kernel: kMicroM rows x kMicroN columns of C in registers.
-constexpr int64_t kMicroM = 4;
-constexpr int64_t kMicroN = 16;
+// Register block of the GEMM micro-kernel: rows x (vectors per row) of C held in registers,
+// sized per SIMD width so that enough independent FMAs are in flight without spilling
+// (16 registers up to AVX2, 32 with AVX-512).
+constexpr int64_t micro_rows(int64_t vec_bytes) { return vec_bytes >= 64 ? 8 : 4; }
+constexpr int64_t kMicroVecsPerRow = 2;
 
 // One contiguous run of keys [j0, j0 + nk) of a sequence, and whether every (query of the
 // block, key of the tile) pair is visible, so that the per-element mask can be skipped.
