@@ -9,5 +9,6 @@ _library.load()
 
 from ._library import build_info  # noqa: E402
 from .swa import SWAKVCache, sliding_window_attention, sliding_window_attention_decode  # noqa: E402
+from .ttt import TTTState, ttt_memory  # noqa: E402
 
-__all__ = ["build_info", "sliding_window_attention", "sliding_window_attention_decode", "SWAKVCache"]
+__all__ = ["build_info", "sliding_window_attention", "sliding_window_attention_decode", "SWAKVCache", "TTTState", "ttt_memory"]

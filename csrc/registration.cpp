@@ -34,5 +34,22 @@ TORCH_LIBRARY(allmem, m) {
 
   // ---- TTT memory (SPEC.md "The memory branch, exactly") ----
   // TTT-SCHEMAS-BEGIN (owned by csrc/ttt)
+  // q/k/v [B, L, H, d] (varlen: [T, H, d] with cu_seqlens int32 [N+1]), eta [.., H, 3], mu [.., H];
+  // w_gate/w_up [H, h, d], w_down [H, d, h]: the params, whose row norms are the normalization
+  // targets. The state is packed, float32 (float64 for float64 inputs): fast [N, H, 6, h*d] =
+  // gate, up, down, then their momenta; pending [N, C, H, 2d+4] = k | v | eta | mu rows of the
+  // incomplete chunk, pending_len int64 [N]. checkpoints [2N + T//C, H, 6, h*d]: (W, M) at every
+  // chunk start, for the backward.
+  m.def(
+      "ttt_memory_fwd(Tensor q, Tensor k, Tensor v, Tensor eta, Tensor mu, Tensor w_gate, Tensor w_up, "
+      "Tensor w_down, Tensor fast, Tensor pending, Tensor pending_len, Tensor? cu_seqlens, int chunk_size, "
+      "bool lact_order, bool residual) -> (Tensor o, Tensor fast_out, Tensor pending_out, Tensor pending_len_out, "
+      "Tensor checkpoints)");
+  m.def(
+      "ttt_memory_bwd(Tensor grad_o, Tensor? grad_fast, Tensor? grad_pending, Tensor q, Tensor k, Tensor v, "
+      "Tensor eta, Tensor mu, Tensor w_gate, Tensor w_up, Tensor w_down, Tensor pending, Tensor pending_len, "
+      "Tensor checkpoints, Tensor? cu_seqlens, int chunk_size, bool lact_order, bool residual) -> (Tensor dq, "
+      "Tensor dk, Tensor dv, Tensor deta, Tensor dmu, Tensor dw_gate, Tensor dw_up, Tensor dw_down, "
+      "Tensor d_fast, Tensor d_pending)");
   // TTT-SCHEMAS-END
 }

@@ -1,0 +1,150 @@
+"""The TTT memory op (SPEC.md "The memory branch, exactly"): fake kernels, autograd, public API.
+
+torch.ops.allmem.ttt_memory_fwd / ttt_memory_bwd take the state packed into three tensors (see
+csrc/registration.cpp); ``ttt_memory`` maps the ``TTTState`` dataclass onto them, so gradients
+reach every state field through ordinary autograd of the packing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference.ttt import TTTState, state_dtype
+
+__all__ = ["TTTState", "ttt_memory"]
+
+_FAST_ROWS = 6  # gate, up, down, then their momenta
+
+
+@torch.library.register_fake("allmem::ttt_memory_fwd")
+def _fwd_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, cu_seqlens, chunk_size,
+              lact_order, residual):
+    T = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
+    N = pending.shape[0]
+    ckpt = fast.new_empty((2 * N + T // chunk_size, *fast.shape[1:]))
+    return (torch.empty_like(q), torch.empty_like(fast), torch.empty_like(pending), torch.empty_like(pending_len),
+            ckpt)
+
+
+@torch.library.register_fake("allmem::ttt_memory_bwd")
+def _bwd_fake(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len,
+              checkpoints, cu_seqlens, chunk_size, lact_order, residual):
+    fast = checkpoints.new_empty((pending.shape[0], *checkpoints.shape[1:]))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(eta),
+            torch.empty_like(mu), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down),
+            fast, torch.empty_like(pending))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, eta, mu, w_gate, w_up, w_down, _fast, pending, pending_len, cu_seqlens, chunk_size, lact, res = inputs
+    ctx.save_for_backward(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, output[4], cu_seqlens)
+    ctx.flags = (chunk_size, lact, res)
+
+
+def _backward(ctx, grad_o, grad_fast, grad_pending, _grad_plen, _grad_ckpt):
+    q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, ckpt, cu_seqlens = ctx.saved_tensors
+    grads = torch.ops.allmem.ttt_memory_bwd(
+        grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, ckpt,
+        cu_seqlens, *ctx.flags,
+    )
+    dq, dk, dv, deta, dmu, dwg, dwu, dwd, dfast, dpend = grads
+    return dq, dk, dv, deta, dmu, dwg, dwu, dwd, dfast, dpend, None, None, None, None, None
+
+
+torch.library.register_autograd("allmem::ttt_memory_fwd", _backward, setup_context=_setup_context)
+
+
+def _check_state(state: TTTState, N: int, C: int, H: int, d: int, h: int, sdt: torch.dtype) -> None:
+    expected = {
+        "w_gate": (N, H, h, d), "w_up": (N, H, h, d), "w_down": (N, H, d, h),
+        "m_gate": (N, H, h, d), "m_up": (N, H, h, d), "m_down": (N, H, d, h),
+        "pending_k": (N, C, H, d), "pending_v": (N, C, H, d), "pending_eta": (N, C, H, 3), "pending_mu": (N, C, H),
+    }
+    for name, shape in expected.items():
+        t = getattr(state, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"initial_state.{name} must have shape {list(shape)} (N={N} sequences, chunk_size={C}, "
+                f"H={H}, d={d}, h={h}), got {list(t.shape)}"
+            )
+        if t.dtype != sdt:
+            raise ValueError(f"initial_state.{name} must be {sdt}, got {t.dtype}")
+    if tuple(state.pending_len.shape) != (N,):
+        raise ValueError(f"initial_state.pending_len must have shape [{N}], got {list(state.pending_len.shape)}")
+
+
+def _pack(state: TTTState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, H = state.w_gate.shape[:2]
+    fast = torch.stack(
+        [getattr(state, n).reshape(N, H, -1) for n in ("w_gate", "w_up", "w_down", "m_gate", "m_up", "m_down")], 2
+    )
+    pending = torch.cat(
+        [state.pending_k, state.pending_v, state.pending_eta, state.pending_mu.unsqueeze(-1)], -1
+    )
+    return fast, pending, state.pending_len.to(torch.long)
+
+
+def _unpack(fast: torch.Tensor, pending: torch.Tensor, pending_len: torch.Tensor, h: int, d: int) -> TTTState:
+    N, H = fast.shape[:2]
+    mats = [fast[:, :, i].reshape(N, H, *((d, h) if i % 3 == 2 else (h, d))) for i in range(_FAST_ROWS)]
+    pk, pv, peta, pmu = pending.split([d, d, 3, 1], -1)
+    return TTTState(*mats, pk, pv, peta, pmu.squeeze(-1), pending_len)
+
+
+def ttt_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    chunk_size: int,
+    initial_state: TTTState | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    lact_order: bool = False,
+    residual: bool = True,
+) -> tuple[torch.Tensor, TTTState | None]:
+    """The chunked TTT memory of SPEC.md, differentiable in every tensor argument.
+
+    q, k, v: [B, L, H, d]; eta: [B, L, H, 3] (rates of gate, up, down); mu: [B, L, H];
+    varlen: [T, H, ...] (or [1, T, H, ...]) with cu_seqlens int32 [N+1], chunks restart at each
+    sequence start. w_gate, w_up: [H, h, d], w_down: [H, d, h], the learned initial fast weights
+    (float32, float64 for float64 inputs); their row norms are the normalization targets.
+    initial_state: a TTTState of N sequences (B dense) to continue from: new tokens first fill each
+    sequence's pending chunk, so a decode step is the same call with L = 1.
+    lact_order: LaCT's order (gradient at the current weights, normalize after the update);
+    residual: f(W; x) includes + x.
+    Returns o [B, L, H, d] (q's dtype) and, if output_final_state, the TTTState after the last token.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    packed_batch = cu_seqlens is not None and q.dim() == 4
+    if packed_batch:
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, q must be [T, H, d] or [1, T, H, d], got {list(q.shape)}")
+        q, k, v, eta, mu = (t.squeeze(0) for t in (q, k, v, eta, mu))
+    if q.dim() < 3:
+        raise ValueError(f"q must be [B, L, H, d] (or [T, H, d] with cu_seqlens), got {list(q.shape)}")
+    H, d = q.shape[-2], q.shape[-1]
+    if w_gate.dim() != 3:
+        raise ValueError(f"w_gate must be [H, h, d], got {list(w_gate.shape)}")
+    h = w_gate.shape[1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    sdt = state_dtype(q.dtype)
+    if initial_state is None:
+        params = torch.stack([w.reshape(H, -1) for w in (w_gate, w_up, w_down)], 1)
+        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1)
+        pending = q.new_zeros((N, chunk_size, H, 2 * d + 4), dtype=sdt)
+        pending_len = torch.zeros(N, dtype=torch.long, device=q.device)
+    else:
+        _check_state(initial_state, N, chunk_size, H, d, h, sdt)
+        fast, pending, pending_len = _pack(initial_state)
+    o, fast_out, pend_out, plen_out, _ = torch.ops.allmem.ttt_memory_fwd(
+        q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, cu_seqlens, chunk_size,
+        lact_order, residual,
+    )
+    if packed_batch:
+        o = o.unsqueeze(0)
+    return o, (_unpack(fast_out, pend_out, plen_out, h, d) if output_final_state else None)

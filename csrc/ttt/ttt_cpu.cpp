@@ -1,0 +1,335 @@
+// CPU kernels of the TTT memory: forward (saves the fast weights and momenta at every chunk
+// start) and the hand-derived backward (walks the chunks in reverse from those checkpoints).
+// Parallel over (sequence, head); the per-chunk math is in ttt_chunk.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "ttt/ttt_chunk.h"
+
+namespace allmem::ttt {
+namespace {
+
+// fast state / checkpoint rows: gate, up, down, then their momenta, each flattened to h*d.
+constexpr int64_t kFastRows = 6;
+constexpr int64_t kMomentumRow = 3;
+
+at::ScalarType state_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Dense [B, L, ...] and varlen [T, ...] inputs both become packed [T, H, ...] tokens; this is
+// where each sequence starts, how long it is, and where its checkpoints go.
+struct Layout {
+  int64_t T = 0, H = 0, d = 0, h = 0, N = 0, C = 0;
+  std::vector<int64_t> start, len, p0, slot;
+  int64_t pend_width() const { return 2 * d + 4; }  // k | v | eta (3) | mu
+  int64_t slots() const { return 2 * N + T / C; }    // >= sum over sequences of (chunks + 1)
+};
+
+void check_state_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, at::ScalarType st,
+                        const at::Tensor& q) {
+  check_same_device(t, name, q, "q");
+  ALLMEM_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", shape_str(t));
+  ALLMEM_CHECK(t.scalar_type() == st, name, " must be ", st, " (the state dtype for ", q.scalar_type(),
+               " inputs), got ", t.scalar_type());
+}
+
+Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                        const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                        const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
+                        const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size) {
+  ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  check_floating(q, "q");
+  const bool varlen = cu_seqlens.has_value();
+  if (varlen) {
+    check_dim(q, 3, "q", "[T, H, d] (varlen, with cu_seqlens)");
+  } else {
+    check_dim(q, 4, "q", "[B, L, H, d]");
+  }
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    ALLMEM_CHECK(t->sizes() == q.sizes(), name, " must have the shape of q ", shape_str(q), ", got ",
+                 shape_str(*t));
+  }
+  auto lead = q.sizes().vec();
+  lead.pop_back();
+  auto eta_shape = lead;
+  eta_shape.push_back(3);
+  ALLMEM_CHECK(eta.sizes() == at::IntArrayRef(eta_shape), "eta must have shape ", at::IntArrayRef(eta_shape),
+               " (q's shape with the last dim 3: gate, up, down rates), got ", shape_str(eta));
+  ALLMEM_CHECK(mu.sizes() == at::IntArrayRef(lead), "mu must have shape ", at::IntArrayRef(lead),
+               " (q's shape without the last dim), got ", shape_str(mu));
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&eta, "eta"}, std::pair{&mu, "mu"}}) {
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+  }
+  Layout lay;
+  lay.C = chunk_size;
+  lay.H = q.size(-2);
+  lay.d = q.size(-1);
+  check_dim(w_gate, 3, "w_gate", "[H, h, d]");
+  lay.h = w_gate.size(1);
+  const auto st = state_dtype(q.scalar_type());
+  check_state_tensor(w_gate, "w_gate", {lay.H, lay.h, lay.d}, st, q);
+  check_state_tensor(w_up, "w_up", {lay.H, lay.h, lay.d}, st, q);
+  check_state_tensor(w_down, "w_down", {lay.H, lay.d, lay.h}, st, q);
+  if (varlen) {
+    check_same_device(*cu_seqlens, "cu_seqlens", q, "q");
+    lay.T = q.size(0);
+    lay.N = check_cu_seqlens(*cu_seqlens, lay.T, "q.size(0)");
+    auto cu = cu_seqlens->to(at::kCPU).contiguous();
+    const int32_t* p = cu.data_ptr<int32_t>();
+    for (int64_t n = 0; n < lay.N; ++n) {
+      lay.start.push_back(p[n]);
+      lay.len.push_back(p[n + 1] - p[n]);
+    }
+  } else {
+    lay.N = q.size(0);
+    lay.T = q.size(0) * q.size(1);
+    for (int64_t n = 0; n < lay.N; ++n) {
+      lay.start.push_back(n * q.size(1));
+      lay.len.push_back(q.size(1));
+    }
+  }
+  check_state_tensor(pending, "pending", {lay.N, lay.C, lay.H, lay.pend_width()}, st, q);
+  check_same_device(pending_len, "pending_len", q, "q");
+  ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
+               "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
+               shape_str(pending_len));
+  auto plen = pending_len.to(at::kCPU).contiguous();
+  const int64_t* pl = plen.data_ptr<int64_t>();
+  int64_t slot = 0;
+  for (int64_t n = 0; n < lay.N; ++n) {
+    ALLMEM_CHECK(pl[n] >= 0 && pl[n] < lay.C, "pending_len[", n, "] must be in [0, chunk_size = ", lay.C, "), got ",
+                 pl[n]);
+    lay.p0.push_back(pl[n]);
+    lay.slot.push_back(slot);
+    slot += (pl[n] + lay.len[n]) / lay.C + 1;
+  }
+  return lay;
+}
+
+// [B, L, H, x] or [T, H, x] -> contiguous [T, H, x] in the accumulation dtype.
+at::Tensor tokens(const at::Tensor& t, const Layout& lay, at::ScalarType acc) {
+  return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)});
+}
+
+Mats mats_of(const at::Tensor& rows6, int64_t first, const Layout& lay) {
+  return {rows6[first].view({lay.h, lay.d}), rows6[first + 1].view({lay.h, lay.d}),
+          rows6[first + 2].view({lay.d, lay.h})};
+}
+
+Mats cloned(const Mats& m) { return {m[0].clone(), m[1].clone(), m[2].clone()}; }
+
+void store(const at::Tensor& rows6, int64_t first, const Mats& m) {
+  for (int64_t i = 0; i < 3; ++i) rows6[first + i].copy_(m[i].reshape(-1));
+}
+
+// Pieces of a chunk buffer [C, 2d+4].
+struct ChunkView {
+  at::Tensor k, v, eta, mu;
+  ChunkView(const at::Tensor& buf, int64_t d)
+      : k(buf.narrow(1, 0, d)), v(buf.narrow(1, d, d)), eta(buf.narrow(1, 2 * d, 3)), mu(buf.select(1, 2 * d + 3)) {}
+};
+
+// One sequence is processed as segments: each fills the current chunk (or ends the sequence).
+struct Segment {
+  int64_t pending_before;  // rows of the chunk already filled when the segment starts
+  int64_t tokens;          // new tokens in it
+  int64_t first_token;     // packed index of its first token
+};
+
+std::vector<Segment> segments(const Layout& lay, int64_t n) {
+  std::vector<Segment> out;
+  int64_t p = lay.p0[n], pos = 0;
+  while (true) {
+    const int64_t seg = std::min(lay.len[n] - pos, lay.C - p);
+    out.push_back({p, seg, lay.start[n] + pos});
+    p += seg;
+    pos += seg;
+    if (p < lay.C) break;
+    p = 0;
+  }
+  return out;  // all but the last complete a chunk
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_targets(const at::Tensor& w_gate, const at::Tensor& w_up,
+                                                            const at::Tensor& w_down) {
+  return {row_norm(w_gate), row_norm(w_up), row_norm(w_down)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memory_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
+    const at::Tensor& pending, const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t chunk_size, bool lact_order, bool residual) {
+  // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
+  // in the worker threads (the guard is thread-local).
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
+                                      chunk_size);
+  const auto acc = state_dtype(q.scalar_type());
+  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
+  const int64_t d = lay.d, C = lay.C;
+  auto qa = tokens(q, lay, acc), ka = tokens(k, lay, acc), va = tokens(v, lay, acc);
+  auto etaa = tokens(eta, lay, acc);
+  auto mua = mu.to(acc).contiguous().view({lay.T, lay.H});
+  auto [tg, tu, td] = norm_targets(w_gate, w_up, w_down);
+  auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
+
+  auto o = at::empty({lay.T, lay.H, d}, qa.options());
+  auto fast_out = at::empty_like(fast_in);
+  auto pend_out = at::empty_like(pend_in);
+  auto ckpt = at::zeros({lay.slots(), lay.H, kFastRows, lay.h * d}, qa.options());
+
+  at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd_here;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t n = job / lay.H, hh = job % lay.H;
+      const Mats targets{tg[hh], tu[hh], td[hh]};
+      auto row = fast_in[n][hh];
+      Mats W = cloned(mats_of(row, 0, lay)), M = cloned(mats_of(row, kMomentumRow, lay));
+      auto buf = pend_in[n].select(1, hh).clone();
+      const ChunkView chunk(buf, d);
+      int64_t slot = lay.slot[n], p = 0;
+      for (const Segment& s : segments(lay, n)) {
+        auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).select(1, hh); };
+        store(ckpt[slot][hh], 0, W);
+        store(ckpt[slot][hh], kMomentumRow, M);
+        ++slot;
+        if (s.tokens > 0) {
+          rows(o).copy_(read_forward(W, rows(qa), residual));
+          auto dst = ChunkView(buf.narrow(0, s.pending_before, s.tokens), d);
+          dst.k.copy_(rows(ka));
+          dst.v.copy_(rows(va));
+          dst.eta.copy_(rows(etaa));
+          dst.mu.copy_(rows(mua));
+        }
+        p = s.pending_before + s.tokens;
+        if (p == C) {
+          chunk_update(W, M, targets, chunk.k, chunk.v, chunk.eta, chunk.mu.mean().item<double>(), lact_order);
+        }
+      }
+      if (p == C) p = 0;
+      buf.narrow(0, p, C - p).zero_();
+      store(fast_out[n][hh], 0, W);
+      store(fast_out[n][hh], kMomentumRow, M);
+      pend_out[n].select(1, hh).copy_(buf);
+    }
+  });
+
+  auto plen_out = at::empty({lay.N}, at::TensorOptions().dtype(at::kLong));
+  for (int64_t n = 0; n < lay.N; ++n) plen_out[n] = (lay.p0[n] + lay.len[n]) % C;
+  return {o.view(q.sizes()).to(q.scalar_type()), fast_out, pend_out, plen_out.to(q.device()), ckpt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
+                   const std::optional<at::Tensor>& grad_pending, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
+                   const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending,
+                   const at::Tensor& pending_len, const at::Tensor& checkpoints,
+                   const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
+  // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
+  // in the worker threads (the guard is thread-local).
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
+                                      chunk_size);
+  const auto acc = state_dtype(q.scalar_type());
+  const int64_t d = lay.d, h = lay.h, C = lay.C;
+  ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
+               shape_str(grad_o));
+  check_same_device(grad_o, "grad_o", q, "q");
+  const std::vector<int64_t> fast_shape{lay.N, lay.H, kFastRows, h * d};
+  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
+  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
+  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, acc, q);
+
+  auto qa = tokens(q, lay, acc), ka = tokens(k, lay, acc), va = tokens(v, lay, acc);
+  auto etaa = tokens(eta, lay, acc), doa = tokens(grad_o, lay, acc);
+  auto mua = mu.to(acc).contiguous().view({lay.T, lay.H});
+  auto [tg, tu, td] = norm_targets(w_gate, w_up, w_down);
+  auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+  auto gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
+  auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
+
+  auto dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
+  auto dmu = at::empty_like(mua);
+  auto d_fast = at::empty(fast_shape, qa.options());
+  auto d_pend = at::zeros_like(pend_in);
+  auto d_targets = at::zeros({lay.N, lay.H, 2 * h + d}, qa.options());  // per job, summed over N below
+
+  at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd_here;
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t n = job / lay.H, hh = job % lay.H;
+      const Mats targets{tg[hh], tu[hh], td[hh]};
+      auto dt_row = d_targets[n][hh];
+      Mats d_tgt{dt_row.narrow(0, 0, h), dt_row.narrow(0, h, h), dt_row.narrow(0, 2 * h, d)};
+      Mats dW = cloned(mats_of(gfast[n][hh], 0, lay)), dM = cloned(mats_of(gfast[n][hh], kMomentumRow, lay));
+      const auto segs = segments(lay, n);
+      auto init_pend = pend_in[n].select(1, hh);
+      auto d_init_pend = d_pend[n].select(1, hh);
+      for (int64_t i = static_cast<int64_t>(segs.size()) - 1; i >= 0; --i) {
+        const Segment& s = segs[i];
+        auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).select(1, hh); };
+        auto ck = ckpt[lay.slot[n] + i][hh];
+        const Mats W = mats_of(ck, 0, lay), M = mats_of(ck, kMomentumRow, lay);
+        at::Tensor dchunk;  // [C, 2d+4]: gradient of each row of the chunk buffer
+        if (i + 1 < static_cast<int64_t>(segs.size())) {
+          auto buf = at::empty({C, lay.pend_width()}, qa.options());
+          if (s.pending_before > 0) buf.narrow(0, 0, s.pending_before).copy_(init_pend.narrow(0, 0, s.pending_before));
+          const ChunkView mine(buf.narrow(0, s.pending_before, s.tokens), d);
+          mine.k.copy_(rows(ka));
+          mine.v.copy_(rows(va));
+          mine.eta.copy_(rows(etaa));
+          mine.mu.copy_(rows(mua));
+          const ChunkView chunk(buf, d);
+          at::Tensor gk, gv, geta;
+          const double gmu = chunk_update_backward(W, M, targets, chunk.k, chunk.v, chunk.eta,
+                                                   chunk.mu.mean().item<double>(), lact_order, dW, dM, d_tgt, gk,
+                                                   gv, geta);
+          dchunk = at::cat({gk, gv, geta, at::full({C, 1}, gmu / static_cast<double>(C), qa.options())}, 1);
+        } else {
+          dchunk = gpend[n].select(1, hh);  // the trailing partial chunk only lands in the final state
+        }
+        if (s.pending_before > 0) d_init_pend.narrow(0, 0, s.pending_before).copy_(dchunk.narrow(0, 0, s.pending_before));
+        if (s.tokens > 0) {
+          const ChunkView g(dchunk.narrow(0, s.pending_before, s.tokens), d);
+          rows(dk).copy_(g.k);
+          rows(dv).copy_(g.v);
+          rows(deta).copy_(g.eta);
+          rows(dmu).copy_(g.mu);
+          rows(dq).copy_(read_backward(W, rows(qa), rows(doa), residual, dW));
+        }
+      }
+      store(d_fast[n][hh], 0, dW);
+      store(d_fast[n][hh], kMomentumRow, dM);
+    }
+  });
+
+  // The targets are the params' row norms: dN[r] * w[r] / ||w[r]|| (0 for a zero row).
+  auto dT = d_targets.sum(0);
+  auto param_grad = [&](const at::Tensor& w, const at::Tensor& target, const at::Tensor& dtarget) {
+    auto safe = at::where(target > 0, target, at::ones_like(target));
+    return w * (dtarget * (target > 0).to(acc) / safe).unsqueeze(-1);
+  };
+  auto dwg = param_grad(w_gate, tg, dT.narrow(1, 0, h));
+  auto dwu = param_grad(w_up, tu, dT.narrow(1, h, h));
+  auto dwd = param_grad(w_down, td, dT.narrow(1, 2 * h, d));
+  const auto in_dt = q.scalar_type();
+  auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
+  return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(allmem, CPU, m) {
+  m.impl("ttt_memory_fwd", &ttt_memory_fwd_cpu);
+  m.impl("ttt_memory_bwd", &ttt_memory_bwd_cpu);
+}
+
+}  // namespace allmem::ttt
