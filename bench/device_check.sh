@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the SWA CUDA kernels (issue 5) on a lent H100/H200 (torch 2.11 cu130,
+# Python 3.12, nvcc 13.0, no network), from the repo root, in about 8 minutes:
+#   build (all cores, sm_90a, ptxas report) -> GPU tests -> compute-sanitizer memcheck + racecheck
+#   on a small case of every kernel -> bench/bench_swa_gpu.py -> a short table, printed last.
+# Logs and JSON go to $OUT (at most 8 files come back): build.log, tests.log, sanitizer.log,
+# bench.log, bench_swa_gpu.json, summary.json.
+#
+# Wheels it installs from .whl/ (the device machine has no network). Fetch them beforehand, from
+# the repo root of a machine with pip:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl nvidia-cutlass==4.2.0.0
+# (only the CUTLASS/CuTe headers are used; setup.py finds them through cutlass_library.)
+#
+# Stages can be chosen with STAGES="build tests sanitize bench" (default: all). Every stage runs
+# under its own time limit; a failing stage is recorded and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+OUT=${OUT:-/tmp/allmem_device_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build tests sanitize bench"}
+PY=${PY:-python3}
+SITE=/tmp/allmem_site
+export PYTHONUNBUFFERED=1
+export ALLMEM_COMMIT=${ALLMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+declare -A STATUS SECONDS_TAKEN
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# run_stage NAME LIMIT_S LOGFILE CMD...: runs CMD with a time limit, output appended to LOGFILE.
+run_stage() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "=== [$name] (limit ${limit}s) $(date -u +%H:%M:%S)"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  SECONDS_TAKEN[$name]=$((SECONDS - t0))
+  if [[ $rc -eq 0 ]]; then STATUS[$name]=ok; elif [[ $rc -eq 124 || $rc -eq 137 ]]; then STATUS[$name]=timeout; else STATUS[$name]="failed(rc=$rc)"; fi
+  echo "=== [$name] ${STATUS[$name]} in ${SECONDS_TAKEN[$name]}s; tail of $(basename "$log"):"
+  tail -n 15 "$log"
+}
+
+{
+  echo "commit $ALLMEM_COMMIT, $(date -u)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  nvcc --version | tail -n 2
+} 2>&1 | tee "$OUT/build.log"
+
+# ---- wheels (CUTLASS headers) ----
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >>"$OUT/build.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "no .whl/ carried: the build needs nvidia-cutlass (see the pip download command above)" | tee -a "$OUT/build.log"
+fi
+
+# ---- build: CUDA for this machine's arch, all cores, ptxas report in build.log ----
+if want build; then
+  rm -rf "$SITE" build
+  run_stage build 300 "$OUT/build.log" env MAX_JOBS=16 ALLMEM_CUDA_ARCHS=90a ALLMEM_PTXAS_VERBOSE=1 \
+    $PY -m pip install -v --no-build-isolation --no-deps --no-index --target "$SITE" .
+fi
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+# Run Python from outside the repo so the source folder allmem_ops/ (no _C) cannot shadow the install.
+cd /tmp
+$PY -c 'import allmem_ops; print("allmem_ops", allmem_ops.__file__, allmem_ops.build_info())' 2>&1 | tee -a "$OUT/build.log"
+
+# ---- GPU tests: the gpu-marked op tests, the GPU-only tests, the static build checks ----
+if want tests; then
+  op_tests=()
+  for f in tests/test_swa.py tests/test_swa_gpu.py; do [[ -f $REPO/$f ]] && op_tests+=("$REPO/$f"); done
+  # The gpu-marked op tests; then the static build checks (not gpu-marked: CI runs them too).
+  run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu "$@"' \
+    "$PY" "${op_tests[@]}"
+  run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py"
+fi
+
+# ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
+if want sanitize; then
+  cat >/tmp/swa_sanitize_cases.py <<'EOF'
+# A small case of every SWA CUDA kernel: forward, backward (preprocess, dK/dV, dQ), dense and
+# varlen, both head dims, GQA, sinks; decode (split, combine, cache write), with a ring wrap.
+import torch
+from allmem_ops import SWAKVCache, sliding_window_attention
+
+torch.manual_seed(0)
+dev, dt = "cuda", torch.bfloat16
+for d in (64, 128):
+    q = torch.randn(1, 150, 4, d, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(1, 150, 2, d, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(1, 150, 2, d, device=dev, dtype=dt, requires_grad=True)
+    sliding_window_attention(q, k, v, 40, 3).backward(torch.randn(1, 150, 4, d, device=dev, dtype=dt))
+    cu = torch.tensor([0, 70, 70, 150], dtype=torch.int32, device=dev)
+    sliding_window_attention(q[0], k[0], v[0], 40, 3, cu_seqlens=cu, max_seqlen=80).sum().backward()
+    cache = SWAKVCache(2, 2, d, 32, 4, dtype=dt, device=dev)
+    for n in (1, 40, 1):
+        cache.update_and_attend(torch.randn(2, n, 4, d, device=dev, dtype=dt),
+                                torch.randn(2, n, 2, d, device=dev, dtype=dt),
+                                torch.randn(2, n, 2, d, device=dev, dtype=dt))
+torch.cuda.synchronize()
+print("sanitizer cases ran")
+EOF
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-$tool" 120 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      $PY /tmp/swa_sanitize_cases.py
+  done
+fi
+
+# ---- benchmark ----
+if want bench; then
+  run_stage bench 240 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
+fi
+
+# ---- summary, table last ----
+{
+  echo "{"
+  echo "  \"commit\": \"$ALLMEM_COMMIT\","
+  echo "  \"date_utc\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
+  echo "  \"gpu\": \"$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)\","
+  echo "  \"stages\": {"
+  first=1
+  for s in "${!STATUS[@]}"; do
+    [[ $first -eq 1 ]] || echo ","
+    printf '    "%s": {"status": "%s", "seconds": %s}' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
+    first=0
+  done
+  echo ""
+  echo "  }"
+  echo "}"
+} >"$OUT/summary.json"
+echo
+$PY - "$OUT/build.log" <<'EOF'
+import re, sys
+# ptxas -v: "Compiling entry function '<mangled>' for 'sm_90a'", then the stack/spill and Used lines.
+name, rows = None, {}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"Compiling entry function '(\w+)' for '(sm_\w+)'", line)
+    if m:
+        name = m.group(1) if "swa" in m.group(1) else None
+        continue
+    if name:
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m:
+            rows.setdefault(name, {})["spill"] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            rows.setdefault(name, {})["regs"] = int(m.group(1))
+print(f"== ptxas: {len(rows)} SWA kernels, max registers {max((r.get('regs', 0) for r in rows.values()), default=0)}, "
+      f"kernels with spills: {sum(1 for r in rows.values() if r.get('spill', 0))}")
+EOF
+grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 3
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
+[[ -f $OUT/bench_swa_gpu.json ]] && $PY "$REPO/bench/bench_swa_gpu.py" --table "$OUT/bench_swa_gpu.json"
+echo "== stages"
+for s in build tests tests-build sanitize-memcheck sanitize-racecheck bench; do
+  [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
+done

@@ -1,0 +1,89 @@
+"""Static checks of the compiled SWA CUDA kernels; no GPU needed (CI runs them after its CUDA build).
+
+When allmem_ops was built with CUDA: the extension carries a cubin for every requested SM target,
+and the matrix kernels' machine code uses the tensor cores (HMMA) without local-memory spills
+(LDL/STL). Skipped for CPU-only builds or without a cuobjdump.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import allmem_ops
+
+MMA_KERNELS = ("swa_fwd_kernel", "swa_bwd_dq_kernel", "swa_bwd_dkdv_kernel")
+# Template instantiations per kernel: {bf16, fp16} x {64, 128}.
+INSTANTIATIONS = 4
+
+pytestmark = pytest.mark.skipif("cuda" not in allmem_ops.build_info(), reason="CPU-only build of allmem_ops")
+
+
+def _cuobjdump() -> str | None:
+    candidates = [shutil.which("cuobjdump")]
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root:
+            candidates.append(os.path.join(root, "bin", "cuobjdump"))
+    spec = importlib.util.find_spec("triton")  # triton ships one
+    if spec is not None and spec.origin is not None:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _library() -> str:
+    spec = importlib.util.find_spec("allmem_ops._C")
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+def _expected_archs() -> list[str]:
+    # The variable setup.py reads; its default is "80;90a".
+    return [a.strip() for a in os.environ.get("ALLMEM_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
+
+
+@functools.cache
+def _sass_by_function(arch: str) -> dict[str, str]:
+    tool = _cuobjdump()
+    text = subprocess.run([tool, "--dump-sass", "-arch", f"sm_{arch}", _library()], capture_output=True, text=True,
+                          check=True).stdout
+    funcs, name, body = {}, None, []
+    for line in text.splitlines():
+        m = re.match(r"\s+Function : (\S+)", line)
+        if m:
+            if name:
+                funcs[name] = "\n".join(body)
+            name, body = m.group(1), []
+        elif name:
+            body.append(line)
+    if name:
+        funcs[name] = "\n".join(body)
+    return funcs
+
+
+needs_cuobjdump = pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump found")
+
+
+@needs_cuobjdump
+def test_cubins_for_every_requested_arch():
+    listing = subprocess.run([_cuobjdump(), "--list-elf", _library()], capture_output=True, text=True,
+                             check=True).stdout
+    for arch in _expected_archs():
+        for kernel_file in ("swa_fwd", "swa_bwd_dq", "swa_bwd_dkdv", "swa_decode"):
+            assert re.search(rf"{kernel_file}\.sm_{arch}\.cubin", listing), f"no sm_{arch} cubin of {kernel_file}.cu"
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", _expected_archs())
+@pytest.mark.parametrize("kernel", MMA_KERNELS)
+def test_mma_kernels_use_tensor_cores_without_spills(kernel, arch):
+    funcs = {n: body for n, body in _sass_by_function(arch).items() if kernel in n}
+    assert len(funcs) == INSTANTIATIONS, f"expected {INSTANTIATIONS} instantiations of {kernel}, got {list(funcs)}"
+    for name, body in funcs.items():
+        assert re.search(r"\bHMMA\.16816\.F32", body), f"{name} (sm_{arch}) has no HMMA.16816.F32"
+        assert re.search(r"\bLDSM\b", body), f"{name} (sm_{arch}) has no ldmatrix (LDSM)"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"{name} (sm_{arch}) spills to local memory"

@@ -1,0 +1,287 @@
+"""GPU-only checks of the SWA CUDA kernels (csrc/swa/*.cu) beyond the shared op tests.
+
+Every check draws fresh random inputs, compares against the float64 reference
+(allmem_ops.reference.swa_naive) on the same bf16/fp16 values, and holds the kernel to a small
+factor of the error torch's own SDPA makes on those inputs. Outputs are allocated by the ops, so
+instead of pre-filling them the caching allocator is poisoned with NaN first; every element must
+then be finite and close to the reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import allmem_ops
+from allmem_ops import SWAKVCache, sliding_window_attention, sliding_window_attention_decode
+from allmem_ops.reference import swa_mask, swa_naive
+
+HAS_CUDA_KERNELS = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and a CUDA build of allmem_ops"),
+]
+
+# The kernel rounds P (and dS) to the input dtype before the second matmul of each pair, as
+# FlashAttention does; SDPA's math path keeps them in float32. That costs up to about 2x the
+# relative error, so 3x leaves room for run-to-run variation without hiding a wrong element
+# (which shows as an error of order 1).
+ERROR_FACTOR = 3.0
+DTYPES = [torch.bfloat16, torch.float16]
+HEAD_DIMS = [64, 128]
+DEV = "cuda"
+
+# (B, L, Hq, Hkv, W, S): GQA, W = 1, W >= L, S > L, lengths off the 64/128 tiles, and windows wide
+# enough for tiles that are fully visible (no mask) and tiles that are skipped.
+DENSE_CASES = [
+    (2, 300, 4, 2, 64, 4),
+    (1, 513, 8, 1, 1000, 0),
+    (1, 200, 4, 4, 1, 3),
+    (3, 257, 6, 2, 100, 130),
+    (1, 64, 2, 2, 16, 200),
+    (2, 700, 4, 2, 200, 70),
+    (1, 1100, 2, 1, 300, 0),
+    (1, 1, 2, 1, 8, 0),
+]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Leaves NaN-filled blocks in the caching allocator so outputs the kernel forgets to write
+    come back as NaN instead of zeros."""
+    blocks = [torch.full((max(nbytes // 4, 1),), float("nan"), device=DEV) for _ in range(4)]
+    del blocks
+
+
+def rand(shape, dtype, gen) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def sdpa_dense(q, k, v, window, sinks, scale):
+    """torch SDPA with the same mask, in the inputs' dtype: the error baseline."""
+    group = q.shape[2] // k.shape[2]
+    mask = swa_mask(q.shape[1], window, sinks, q.device)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(group, 2).transpose(1, 2),
+        v.repeat_interleave(group, 2).transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(1, 2)
+
+
+def make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=False):
+    q = rand((b, length, hq, d), dtype, gen)
+    k = rand((b, length, hkv, d), dtype, gen)
+    v = rand((b, length, hkv, d), dtype, gen)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_forward_vs_float64(case, d, dtype):
+    b, length, hq, hkv, window, sinks = case
+    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype))) % 2**31)
+    q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
+    scale = 1.0 / math.sqrt(d)
+    poison_allocator(q.numel() * q.element_size() * 2)
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, 0.0, None, 0)
+    ref, ref_lse = swa_naive(q.double(), k.double(), v.double(), window, sinks, scale, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b, hq, length)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = rel_err(out, ref)
+    sdpa_err = rel_err(sdpa_dense(q, k, v, window, sinks, scale), ref)
+    assert err <= ERROR_FACTOR * sdpa_err, f"kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
+    # lse comes from exact products of the rounded inputs summed in float32.
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_backward_vs_float64(case, d, dtype):
+    b, length, hq, hkv, window, sinks = case
+    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype), "bwd")) % 2**31)
+    q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=True)
+    dout = rand((b, length, hq, d), dtype, gen)
+    scale = 1.0 / math.sqrt(d)
+    poison_allocator(k.numel() * k.element_size() * 4)
+    grads = torch.autograd.grad(sliding_window_attention(q, k, v, window, sinks), (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(swa_naive(q64, k64, v64, window, sinks, scale), (q64, k64, v64), dout.double())
+    sdpa_grads = torch.autograd.grad(sdpa_dense(q, k, v, window, sinks, scale), (q, k, v), dout)
+    for name, g, r, s in zip(("dq", "dk", "dv"), grads, ref_grads, sdpa_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+        err, sdpa_err = rel_err(g, r), rel_err(s, r)
+        assert err <= ERROR_FACTOR * sdpa_err, f"{name}: kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
+
+
+def test_backward_is_deterministic():
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    q, k, v = make_qkv(2, 600, 8, 2, 128, torch.bfloat16, gen, requires_grad=True)
+    dout = rand(q.shape, torch.bfloat16, gen)
+    runs = [torch.autograd.grad(sliding_window_attention(q, k, v, 150, 20), (q, k, v), dout) for _ in range(3)]
+    for again in runs[1:]:
+        for a, b in zip(runs[0], again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_varlen_forward_backward(d, dtype):
+    lengths = [0, 1, 65, 300, 0, 128, 17]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEV)
+    total, hq, hkv, window, sinks = sum(lengths), 6, 3, 50, 5
+    gen = torch.Generator(device=DEV).manual_seed(11 + d)
+    q = rand((total, hq, d), dtype, gen).requires_grad_()
+    k = rand((total, hkv, d), dtype, gen).requires_grad_()
+    v = rand((total, hkv, d), dtype, gen).requires_grad_()
+    dout = rand(q.shape, dtype, gen)
+    poison_allocator(q.numel() * q.element_size() * 2)
+    out = sliding_window_attention(q, k, v, window, sinks, cu_seqlens=cu, max_seqlen=max(lengths))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = swa_naive(q64, k64, v64, window, sinks, cu_seqlens=cu)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    # The same sequences one by one through the dense path: the varlen path must agree with it.
+    for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert torch.isfinite(x).all(), name
+        assert rel_err(x, r) < 2e-2, f"{name}: {rel_err(x, r):.3e}"
+    start = 0
+    for n in lengths:
+        if n:
+            dense_out = sliding_window_attention(q[None, start : start + n], k[None, start : start + n],
+                                                 v[None, start : start + n], window, sinks)[0]
+            torch.testing.assert_close(out[start : start + n], dense_out, atol=0, rtol=0)
+        start += n
+    _, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, 0.0, cu, max(lengths))
+    assert lse.shape == (hq, total)
+
+
+def test_matches_cpu_kernel():
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = make_qkv(2, 333, 4, 2, 128, torch.bfloat16, gen)
+    out_gpu, lse_gpu = torch.ops.allmem.swa_fwd(q, k, v, 97, 9, 0.0, None, 0)
+    out_cpu, lse_cpu = torch.ops.allmem.swa_fwd(q.cpu(), k.cpu(), v.cpu(), 97, 9, 0.0, None, 0)
+    torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-3, rtol=1e-4)
+
+
+def test_misaligned_and_strided_inputs():
+    """A slice of a fused QKV projection at an odd offset takes the copy path; strided heads
+    are read in place."""
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    d, hq = 64, 4
+    fused = rand((2, 130, 3 * hq * d + 1), torch.bfloat16, gen)
+    q = fused[..., 1 : 1 + hq * d].unflatten(-1, (hq, d))  # 2-byte offset: misaligned
+    k = fused[..., 1 + hq * d : 1 + 2 * hq * d].unflatten(-1, (hq, d))
+    v = fused[..., 1 + 2 * hq * d : 1 + 3 * hq * d].unflatten(-1, (hq, d))
+    out, _ = torch.ops.allmem.swa_fwd(q, k, v, 40, 3, 0.0, None, 0)
+    ref, _ = torch.ops.allmem.swa_fwd(q.contiguous(), k.contiguous(), v.contiguous(), 40, 3, 0.0, None, 0)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_decode_matches_full_sequence(d, dtype):
+    """Prefill lengths differ per sequence; then calls of 1, 7, 60 (> W, so ring slots are written
+    twice in one call), 1 and 3 tokens. Never-written cache slots hold NaN: reading one fails."""
+    batch, hq, hkv, window, sinks = 2, 8, 2, 48, 5
+    prefill = [0, 37]
+    steps = [1, 7, 60, 1, 3]
+    total = max(prefill) + sum(steps)
+    gen = torch.Generator(device=DEV).manual_seed(17 + d)
+    q_all = rand((batch, total, hq, d), dtype, gen)
+    k_all = rand((batch, total, hkv, d), dtype, gen)
+    v_all = rand((batch, total, hkv, d), dtype, gen)
+    cache = SWAKVCache(batch, hkv, d, window, sinks, dtype=dtype, device=DEV)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache.fill_from_prefill(k_all, v_all, lengths=prefill)
+    cpu_cache = SWAKVCache(batch, hkv, d, window, sinks, dtype=dtype, device="cpu")
+    cpu_cache.k.copy_(cache.k.cpu())
+    cpu_cache.v.copy_(cache.v.cpu())
+    cpu_cache.seqlens.copy_(cache.seqlens.cpu())
+    scale = 1.0 / math.sqrt(d)
+    done = 0
+    for n in steps:
+        idx = [torch.arange(p + done, p + done + n) for p in prefill]
+        q = torch.stack([q_all[b, idx[b]] for b in range(batch)])
+        k = torch.stack([k_all[b, idx[b]] for b in range(batch)])
+        v = torch.stack([v_all[b, idx[b]] for b in range(batch)])
+        poison_allocator(q.numel() * q.element_size() * 4)
+        out = cache.update_and_attend(q, k, v)
+        out_cpu = cpu_cache.update_and_attend(q.cpu(), k.cpu(), v.cpu())
+        assert torch.isfinite(out).all()
+        for b in range(batch):
+            end = prefill[b] + done + n
+            ref = swa_naive(q_all[b : b + 1, :end].double(), k_all[b : b + 1, :end].double(),
+                            v_all[b : b + 1, :end].double(), window, sinks, scale)[0, end - n :]
+            sdpa = sdpa_dense(q_all[b : b + 1, :end], k_all[b : b + 1, :end], v_all[b : b + 1, :end], window,
+                              sinks, scale)[0, end - n :]
+            err, sdpa_err = rel_err(out[b], ref), rel_err(sdpa, ref)
+            assert err <= ERROR_FACTOR * sdpa_err, f"step {n}, seq {b}: {err:.3e} vs SDPA {sdpa_err:.3e}"
+        torch.testing.assert_close(out.cpu().float(), out_cpu.float(), atol=2e-2, rtol=2e-2)
+        # The cache update is a copy: bit-identical to the CPU kernel's, NaN slots included.
+        torch.testing.assert_close(cache.k.cpu(), cpu_cache.k, atol=0, rtol=0, equal_nan=True)
+        torch.testing.assert_close(cache.v.cpu(), cpu_cache.v, atol=0, rtol=0, equal_nan=True)
+        done += n
+
+
+def test_decode_long_context_splits():
+    """S + W large enough for many split CTAs, one token per sequence (the serving case)."""
+    batch, hq, hkv, d, window, sinks = 1, 8, 2, 128, 3000, 64
+    length = 5000
+    gen = torch.Generator(device=DEV).manual_seed(23)
+    q_all, k_all, v_all = make_qkv(batch, length + 1, hq, hkv, d, torch.bfloat16, gen)
+    cache = SWAKVCache(batch, hkv, d, window, sinks, dtype=torch.bfloat16, device=DEV)
+    cache.fill_from_prefill(k_all[:, :length], v_all[:, :length])
+    out = cache.update_and_attend(q_all[:, length:], k_all[:, length:], v_all[:, length:])
+    ref = swa_naive(q_all.double(), k_all.double(), v_all.double(), window, sinks)[:, length:]
+    sdpa = sdpa_dense(q_all, k_all, v_all, window, sinks, 1.0 / math.sqrt(d))[:, length:]
+    assert rel_err(out, ref) <= ERROR_FACTOR * rel_err(sdpa, ref)
+
+
+# ---- errors the CUDA path raises for what it does not support ----
+def test_error_float32_on_cuda():
+    q = torch.randn(1, 8, 2, 64, device=DEV)
+    with pytest.raises(RuntimeError, match="bfloat16 or float16.*CPU"):
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+
+
+def test_error_head_dim():
+    q = torch.randn(1, 8, 2, 96, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dim 64 or 128, got 96"):
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+
+
+def test_error_last_dim_not_contiguous():
+    q = torch.randn(1, 8, 64, 2, device=DEV, dtype=torch.bfloat16).transpose(2, 3)
+    with pytest.raises(RuntimeError, match="contiguous last"):
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+
+
+def test_error_max_seqlen_too_small():
+    q = torch.randn(10, 2, 64, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match=r"max_seqlen \(5\) is smaller than the longest sequence"):
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, cu, 5)
+
+
+def test_error_decode_negative_length_and_cache_shape():
+    q = torch.randn(1, 1, 2, 64, device=DEV, dtype=torch.bfloat16)
+    kv = torch.randn(1, 1, 1, 64, device=DEV, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 4 + 8, 1, 64, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
+        sliding_window_attention_decode(q, kv, kv, cache, cache.clone(), torch.tensor([-1], dtype=torch.int32,
+                                                                                      device=DEV), 8, 4)
+    with pytest.raises(RuntimeError, match=r"k_cache must have shape \[B, S \+ W, Hkv, D\]"):
+        sliding_window_attention_decode(q, kv, kv, cache[:, :-1], cache, torch.zeros(1, dtype=torch.int32,
+                                                                                      device=DEV), 8, 4)
