@@ -125,15 +125,18 @@ def bench_matmul(rec: Recorder) -> None:
 
 
 def make_inputs(length: int, layout: str, requires_grad: bool):
-    """q/k/v/dout for B = TOKENS / length sequences; layout 'blhd' (allmem) or 'bhld' (torch)."""
+    """q/k/v/dout for B = TOKENS / length sequences; layout 'blhd' (allmem), 'bhld' (torch) or
+    'bhld_expanded' (k/v repeated to Hq heads, so SDPA takes its flash path without GQA support)."""
     b = TOKENS // length
     gen = torch.Generator(device="cuda").manual_seed(length)
     shapes = {"q": (b, length, HQ, D), "k": (b, length, HKV, D), "v": (b, length, HKV, D), "do": (b, length, HQ, D)}
     out = {}
     for name, shape in shapes.items():
         t = torch.randn(shape, generator=gen, device="cuda", dtype=torch.float32).to(DTYPE)
-        if layout == "bhld":
+        if layout.startswith("bhld"):
             t = t.transpose(1, 2).contiguous()
+        if layout == "bhld_expanded" and name in ("k", "v"):
+            t = t.repeat_interleave(HQ // HKV, dim=1)
         out[name] = t.requires_grad_(requires_grad and name != "do")
     return out
 
@@ -161,7 +164,7 @@ def allmem_fwd(q, k, v):
 
 
 def sdpa_causal_fwd(q, k, v):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def make_flex(length: int):
@@ -242,7 +245,7 @@ def main() -> int:
         rec.stage("decode", lambda: bench_decode(rec))
     for length in LENGTHS:
         if "sdpa" not in skip:
-            rec.stage(f"sdpa L={length}", lambda: run_impl(rec, "sdpa_causal", length, sdpa_causal_fwd, "bhld"))
+            rec.stage(f"sdpa L={length}", lambda: run_impl(rec, "sdpa_causal", length, sdpa_causal_fwd, "bhld_expanded"))
     for length in LENGTHS:
         if "flex" not in skip:
             rec.stage(f"flex L={length}", lambda: run_impl(rec, "flex", length, make_flex(length), "bhld"))
