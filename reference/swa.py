@@ -18,7 +18,7 @@ def swa_mask(length: int, window: int, sinks: int = 0, device: torch.device | st
     return (j <= i) & ((j < sinks) | (i - j < window))
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, scale: float):
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int, scale: float, want_lse: bool):
     b, length, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
@@ -28,7 +28,7 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks
     scores = torch.einsum("blhd,bmhd->bhlm", q, k) * scale
     mask = swa_mask(length, window, sinks, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hq, L]
+    lse = torch.logsumexp(scores, dim=-1) if want_lse else None  # [B, Hq, L]
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhlm,bmhd->blhd", probs, v)
     return out, lse
@@ -63,20 +63,21 @@ def swa_naive(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if cu_seqlens is None:
-        out, lse = _dense(q, k, v, window, sinks, scale)
+        out, lse = _dense(q, k, v, window, sinks, scale, return_lse)
         return (out, lse) if return_lse else out
     bounds = [int(x) for x in cu_seqlens.tolist()]
     outs, lses = [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        o, l = _dense(q[None, start:end], k[None, start:end], v[None, start:end], window, sinks, scale)
+        o, l = _dense(q[None, start:end], k[None, start:end], v[None, start:end], window, sinks, scale, return_lse)
         outs.append(o[0])
-        lses.append(l[0])
+        if return_lse:
+            lses.append(l[0])
     if not outs:  # every sequence empty
         out = q.new_empty(q.shape)
         lse = q.new_empty((q.shape[1], 0))
     else:
         out = torch.cat(outs, dim=0)
-        lse = torch.cat(lses, dim=1)
+        lse = torch.cat(lses, dim=1) if return_lse else None
     return (out, lse) if return_lse else out
