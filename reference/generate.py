@@ -59,7 +59,9 @@ def generate(
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] < 1:
             raise ValueError(f"a prompt tensor must be [B,L] with L >= 1, got shape {tuple(prompts.shape)}")
-        logits, state = model.prefill(prompts.to(device), window=window, sinks=sinks, chunk_size=chunk_size)
+        logits, state = model.prefill(
+            prompts.to(device), window=window, sinks=sinks, chunk_size=chunk_size, last_only=True
+        )
         last = logits[:, -1]
     else:
         seqs = [torch.as_tensor(p, dtype=torch.long, device=device).reshape(-1) for p in prompts]
@@ -69,9 +71,9 @@ def generate(
         cu_seqlens = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
         logits, state = model.prefill(
-            torch.cat(seqs), cu_seqlens=cu_seqlens, window=window, sinks=sinks, chunk_size=chunk_size
+            torch.cat(seqs), cu_seqlens=cu_seqlens, window=window, sinks=sinks, chunk_size=chunk_size, last_only=True
         )
-        last = logits[cu_seqlens[1:].long() - 1]
+        last = logits
     out = []
     for step in range(max_new_tokens):
         token = _pick(last, temperature, top_k, generator)

@@ -312,8 +312,10 @@ class AllMemForCausalLM(nn.Module):
         sinks: int | None = None,
         chunk_size: int | None = None,
         backend: str | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits for every position.
+        """Logits for every position (or, with last_only, for the last token of every sequence:
+        [B,1,vocab], packed [N,vocab]; a long prefill needs no L x vocab logits).
 
         input_ids: int64 [B,L]; or packed sequences [T] / [1,T] with cu_seqlens int32 [N+1]
         (offsets, cu_seqlens[0] = 0, cu_seqlens[-1] = T). mixer: "allmem" or "full" (the
@@ -321,7 +323,7 @@ class AllMemForCausalLM(nn.Module):
         the config for this call only. Returns logits [*input_ids.shape, vocab] in the model dtype.
         """
         call = self._call(input_ids, cu_seqlens, mixer, window, sinks, chunk_size, backend, make_state=False)
-        logits, _ = self._run(input_ids, call, positions=None, states=None)
+        logits, _ = self._run(input_ids, call, positions=None, states=None, last_only=last_only)
         return logits
 
     def prefill(
@@ -332,11 +334,12 @@ class AllMemForCausalLM(nn.Module):
         sinks: int | None = None,
         chunk_size: int | None = None,
         backend: str | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, AllMemState]:
         """AllMem forward that also returns the constant-size decoding state (one entry per sequence:
         B for dense input, N for packed input). Same arguments and logits as forward."""
         call = self._call(input_ids, cu_seqlens, "allmem", window, sinks, chunk_size, backend, make_state=True)
-        logits, states = self._run(input_ids, call, positions=None, states=None)
+        logits, states = self._run(input_ids, call, positions=None, states=None, last_only=last_only)
         if cu_seqlens is None:
             lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
         else:
@@ -424,7 +427,7 @@ class AllMemForCausalLM(nn.Module):
         return _Call(mixer, window, sinks, chunk_size, backend, cu_seqlens, max_seqlen, seq_pos,
                      make_state=make_state, decoding=False)
 
-    def _run(self, input_ids, call: _Call, positions, states):
+    def _run(self, input_ids, call: _Call, positions, states, last_only: bool = False):
         shape = input_ids.shape
         ids = input_ids.reshape(1, -1) if call.cu_seqlens is not None else input_ids
         x = self.model.embed_tokens(ids)
@@ -435,10 +438,12 @@ class AllMemForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x, st = layer(x, cos, sin, call, states[i] if states is not None else None)
             new_states.append(st)
+        if last_only:
+            x = x[:, -1:] if call.cu_seqlens is None else x[0, call.cu_seqlens[1:].long() - 1]
         x = self.model.norm(x)
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head)
-        return logits.reshape(*shape, -1), new_states
+        return (logits if last_only else logits.reshape(*shape, -1)), new_states
 
 
 def is_memory_param(name: str) -> bool:

@@ -196,10 +196,15 @@ def test_prefill_then_decode_equals_forward_kernels(lengths):
     _decode_vs_forward(_tiny_model(), "allmem_ops", lengths, steps=14, per_call=1)
 
 
-def test_state_size_constant_in_context_length():
+@pytest.mark.parametrize(
+    "backend",
+    ["reference", pytest.param("allmem_ops", marks=pytest.mark.skipif(_kernels_missing() is not None,
+                                                                      reason=str(_kernels_missing())))],
+)
+def test_state_size_constant_in_context_length(backend):
     """The state after 1k single-token decode steps and after 16k tokens (advanced 1024 per decode
     call, then one single-token step) has the same size."""
-    model = _tiny_model(torch.float32, num_hidden_layers=1, window=64, sinks=4, chunk_size=32)
+    model = _tiny_model(torch.float32, num_hidden_layers=1, window=64, sinks=4, chunk_size=32, backend=backend)
     torch.manual_seed(3)
     sizes = {}
     with torch.no_grad():
@@ -217,6 +222,20 @@ def test_state_size_constant_in_context_length():
     # Far below a full KV cache at 16k: K and V of every layer, every position.
     kv_cache = 2 * 2 * 16384 * model.config.num_key_value_heads * model.config.head_dim * 4
     assert sizes[16384] < kv_cache / 10
+
+
+def test_last_only_logits_are_the_last_rows():
+    model = _tiny_model()  # float64; the head matmul on fewer rows may round differently
+    ids = torch.randint(0, 50, (2, 9))
+    cu = torch.tensor([0, 3, 10, 18], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, last_only=True), model(ids)[:, -1:], rtol=0, atol=1e-12)
+        packed = ids.reshape(-1)[:18]
+        torch.testing.assert_close(
+            model(packed, cu_seqlens=cu, last_only=True), model(packed, cu_seqlens=cu)[cu[1:].long() - 1], rtol=0, atol=1e-12
+        )
+        logits, _ = model.prefill(packed, cu_seqlens=cu, last_only=True)
+        torch.testing.assert_close(logits, model(packed, cu_seqlens=cu)[cu[1:].long() - 1], rtol=0, atol=1e-12)
 
 
 # -- generation ----------------------------------------------------------------------------------
