@@ -528,7 +528,7 @@ GPU_ERR_FACTOR = 2.0
 class TestCUDA:
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("shape", [(2, 300, 8, 2, 64, 128, 4), (1, 1000, 4, 1, 128, 256, 64),
-                                       (2, 200, 4, 4, 32, 512, 0), (1, 257, 8, 8, 64, 1, 3)],
+                                       (2, 200, 4, 4, 64, 512, 0), (1, 257, 8, 8, 64, 1, 3)],
                              ids=lambda s: "B{}L{}Hq{}Hkv{}D{}W{}S{}".format(*s))
     def test_forward_backward_vs_float64(self, shape, dtype, seed):
         b, length, hq, hkv, d, window, sinks = shape
@@ -550,13 +550,23 @@ class TestCUDA:
             assert torch.isfinite(got).all(), name
             assert maxerr(got, want) <= GPU_ERR_FACTOR * maxerr(base, want) + 1e-6, f"{name} seed {seed}"
 
-    def test_lse_and_float32(self, seed):
-        q, k, v = dense_inputs(2, 300, 4, 2, 64, dtype=torch.float32, device="cuda")
-        ref, ref_lse = swa_naive(q.double(), k.double(), v.double(), 100, 4, return_lse=True)
-        out, lse = fwd(q, k, v, 100, 4)
+    def test_lse(self, seed):
+        q, k, v = dense_inputs(2, 300, 4, 2, 64, dtype=torch.bfloat16, device="cuda")
+        _, ref_lse = swa_naive(q.double(), k.double(), v.double(), 100, 4, return_lse=True)
+        _, lse = fwd(q, k, v, 100, 4)
         assert lse.dtype == torch.float32 and lse.shape == (2, 4, 300)
+        # Scores of bf16 inputs accumulated in float32: lse to float32 accuracy of O(10) values.
         assert maxerr(lse, ref_lse) < 1e-4, f"seed {seed}"
-        assert maxerr(out, ref) < 1e-3, f"seed {seed}"  # TF32-free float32; loose for tensor-core paths
+
+    def test_unsupported_on_cuda_is_rejected(self):
+        """The CUDA kernels take bf16/fp16 and head dims 64/128; anything else is an error that
+        names the limit (the CPU kernel takes it), never a wrong answer."""
+        q, k, v = dense_inputs(1, 8, 2, 1, 64, dtype=torch.float32, device="cuda")
+        with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+            fwd(q, k, v, 4)
+        q, k, v = dense_inputs(1, 8, 2, 1, 32, dtype=torch.bfloat16, device="cuda")
+        with pytest.raises(RuntimeError, match="head dim 64 or 128, got 32"):
+            fwd(q, k, v, 4)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_varlen_vs_float64(self, dtype, seed):
@@ -577,7 +587,7 @@ class TestCUDA:
             assert torch.isfinite(got).all()
             assert maxerr(got, want) <= GPU_ERR_FACTOR * maxerr(base, want) + 1e-6, f"seed {seed}"
 
-    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     def test_decode_matches_prefill(self, dtype, seed):
         b, length, hq, hkv, d, window, sinks, prompt = 2, 200, 8, 2, 64, 32, 4, 50
         q, k, v = dense_inputs(b, length, hq, hkv, d, dtype=dtype, device="cuda")
