@@ -13,6 +13,7 @@
 
 #include "swa/swa_common.h"
 #include "swa/swa_cuda.h"
+#include "swa/swa_traits.cuh"
 
 namespace allmem::swa::cuda {
 namespace {
@@ -20,7 +21,9 @@ namespace {
 constexpr int64_t kAlignElems = 8;         // cp.async and the epilogue move 16-byte chunks
 constexpr int64_t kMaxGridYZ = 65535;      // CUDA limit on gridDim.y and gridDim.z
 constexpr int64_t kMaxSeqlen = INT_MAX / 4;  // band arithmetic runs in int (i + W, j + Bn + W)
-constexpr int kKeyBlockRows = 64;          // BwdDkDvTraits::kBlockN: key blocks along gridDim.y
+// The dK/dV kernel puts key blocks along gridDim.y.
+constexpr int kKeyBlockRows = BwdDkDvTraits<64>::kBlockN;
+static_assert(BwdDkDvTraits<128>::kBlockN == kKeyBlockRows, "one key-block size for both head dims");
 constexpr double kLog2eD = 1.4426950408889634;
 
 DType cuda_dtype(const at::Tensor& t, const char* name) {
