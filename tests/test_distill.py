@@ -327,3 +327,46 @@ def test_two_process_matches_single_process(tmp_path, model_dir, parallel):
     wm = _weights(os.path.join(cfg.out, "final"))
     for name in ws:
         torch.testing.assert_close(wm[name], ws[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_excess_distance_matches_swa_visibility():
+    from allmem_ops.reference.recall import bin_index, excess_distance
+    from allmem_ops.reference.swa import swa_mask
+
+    W, S, L = 5, 2, 40
+    visible = swa_mask(L, W, S)
+    q = torch.arange(L).repeat_interleave(L)
+    a = torch.arange(L).repeat(L)
+    causal = a <= q
+    ex = excess_distance(q[causal], a[causal], W, S)
+    assert torch.equal(ex <= 0, visible[q[causal], a[causal]])
+    assert bin_index(torch.tensor([-3, 0, 1, 32, 33, 64, 65, 200])).tolist() == [0, 0, 1, 1, 2, 2, 3, 4]
+
+
+def test_evaluate_variants_and_alpha_restored(tmp_path, model_dir):
+    from allmem_ops.reference import recall as Rc
+
+    model = AllMemForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.alpha.fill_(0.5)
+    task = RecallTaskConfig(**RECALL)
+    kw = dict(window=6, sinks=1, chunk_size=4, backend="reference", num_batches=2, batch_size=4, seed=5)
+    res = {v: Rc.evaluate(model, task, variant=v, **kw) for v in ("teacher", "swa", "allmem")}
+    for r in res.values():
+        assert sum(b["count"] for b in r["by_bin"].values()) == 2 * 4 * task.num_queries
+        assert 0 <= r["accuracy"] <= 1 and r["tokens_per_s"] > 0
+    assert all(float(layer.alpha.detach().min()) == 0.5 for layer in model.model.layers)
+    with Rc.alpha_zeroed(model):
+        zero = Rc.evaluate(model, task, variant="allmem", **kw)
+    assert zero["by_bin"] == res["swa"]["by_bin"]
+    assert Rc.recovery(0.9, 0.3, 0.78) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="variant must be"):
+        Rc.evaluate(model, task, variant="student", **kw)
+    sizes = Rc.state_bytes(model, 32, window=6, sinks=1, chunk_size=4, backend="reference")
+    assert sizes["teacher_kv_cache"] == 2 * 2 * 32 * 1 * 16 * 4 and sizes["allmem_state"] > 0
