@@ -1,6 +1,21 @@
 // CPU implementation of the sliding-window attention ops (schemas in csrc/registration.cpp,
-// math in SPEC.md "SWA with sinks"): swa_fwd, swa_bwd (hand-written, from lse and
-// delta = rowsum(dout * out)) and swa_decode (S + W slot cache).
+// math in SPEC.md "SWA with sinks"; reference allmem_ops.reference.swa_naive; tests
+// tests/test_swa.py; benchmark bench/bench_swa_cpu.py).
+//
+// swa_fwd: FlashAttention-style. Queries in blocks of kBlockQ rows, keys in tiles of kBlockK,
+//   online softmax; a query block visits only the sink tiles and the band [i0 - W + 1, i1), so
+//   the cost is O(L * (W + S)). Work items (sequence, query block, query head) go to
+//   at::parallel_for.
+// swa_bwd: hand-written from lse and delta = rowsum(dout * out): P is recomputed per tile, then
+//   dV += P^T dO, dS = P * (dO V^T - delta), dK += dS^T Q, dQ += dS K. One work item per
+//   (sequence, kv head) owns dK/dV of that head (the group's query heads accumulate into them
+//   serially: no races, no atomics); parallelism is therefore B * Hkv.
+//   float64: the row lse is recomputed in float64, since the float32 lse of the schema would cap
+//   the gradient accuracy at ~1e-7.
+// swa_decode: per (batch row, kv head), each new token is written to its slot, then attends
+//   over the slots holding visible positions (at most S + W); scalar code, O(S + W) per token.
+// Dtypes: float32 and float64 natively; float16/bfloat16 inputs are widened to float32, computed,
+//   and the results rounded once (lse is float32 always).
 //
 // The tile kernels (swa_cpu_kernel.h) are compiled three times: portable, and (GCC, x86-64)
 // AVX2+FMA and AVX-512, selected at run time by kernels(): the x86-64 baseline (SSE2, no FMA)
