@@ -14,7 +14,9 @@
 # (only the CUTLASS/CuTe headers are used; setup.py finds them through cutlass_library.)
 #
 # Stages can be chosen with STAGES="build tests sanitize bench" (default: all). Every stage runs
-# under its own time limit; a failing stage is recorded and the next one still runs.
+# under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
+# recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
+# the sanitizer cases are small).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -24,18 +26,30 @@ STAGES=${STAGES:-"build tests sanitize bench"}
 PY=${PY:-python3}
 SITE=/tmp/allmem_site
 export PYTHONUNBUFFERED=1
+# H100/H200: sm_90a only (also what tests/test_swa_cuda_build.py then expects to find).
+export ALLMEM_CUDA_ARCHS=${ALLMEM_CUDA_ARCHS:-90a}
 export ALLMEM_COMMIT=${ALLMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 declare -A STATUS SECONDS_TAKEN
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # run_stage NAME LIMIT_S LOGFILE CMD...: runs CMD with a time limit, output appended to LOGFILE.
+# Every limit is also cut to what is left of BUDGET_S, so the summary and the table always print
+# inside the device tool's 600 s per command.
+BUDGET_S=${BUDGET_S:-540}
 run_stage() {
   local name=$1 limit=$2 log=$3
   shift 3
+  local left=$((BUDGET_S - SECONDS - 15))
+  if [[ $left -lt 20 ]]; then
+    STATUS[$name]="skipped(no time)"; SECONDS_TAKEN[$name]=0
+    echo "=== [$name] skipped: ${left}s left of the ${BUDGET_S}s budget"
+    return
+  fi
+  [[ $limit -gt $left ]] && limit=$left
   echo "=== [$name] (limit ${limit}s) $(date -u +%H:%M:%S)"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >>"$log" 2>&1
   local rc=$?
   SECONDS_TAKEN[$name]=$((SECONDS - t0))
   if [[ $rc -eq 0 ]]; then STATUS[$name]=ok; elif [[ $rc -eq 124 || $rc -eq 137 ]]; then STATUS[$name]=timeout; else STATUS[$name]="failed(rc=$rc)"; fi
@@ -61,7 +75,7 @@ fi
 # ---- build: CUDA for this machine's arch, all cores, ptxas report in build.log ----
 if want build; then
   rm -rf "$SITE" build
-  run_stage build 300 "$OUT/build.log" env MAX_JOBS=16 ALLMEM_CUDA_ARCHS=90a ALLMEM_PTXAS_VERBOSE=1 \
+  run_stage build 270 "$OUT/build.log" env MAX_JOBS=16 ALLMEM_PTXAS_VERBOSE=1 \
     $PY -m pip install -v --no-build-isolation --no-deps --no-index --target "$SITE" .
 fi
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -77,6 +91,11 @@ if want tests; then
   run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu "$@"' \
     "$PY" "${op_tests[@]}"
   run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py"
+fi
+
+# ---- benchmark ----
+if want bench; then
+  run_stage bench 200 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
 fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
@@ -105,14 +124,9 @@ torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
   for tool in memcheck racecheck; do
-    run_stage "sanitize-$tool" 120 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
       $PY /tmp/swa_sanitize_cases.py
   done
-fi
-
-# ---- benchmark ----
-if want bench; then
-  run_stage bench 240 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
 fi
 
 # ---- summary, table last ----
@@ -156,6 +170,6 @@ grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 3
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_swa_gpu.json ]] && $PY "$REPO/bench/bench_swa_gpu.py" --table "$OUT/bench_swa_gpu.json"
 echo "== stages"
-for s in build tests tests-build sanitize-memcheck sanitize-racecheck bench; do
+for s in build tests tests-build bench sanitize-memcheck sanitize-racecheck; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(BwdDkDvTraits<D>::kThreads) swa_bwd_dkdv_kerne
   // Only this warp read its rows of sK / sV, so it stages its dK / dV rows there.
   T* sdK = sK + warp_row0 * D;
   T* sdV = sV + warp_row0 * D;
-  __syncwarp();
+  __syncthreads();  // orders every ldmatrix of the main loop before the staging stores
   acc_to_smem<T, D>(sdK, dk, 0, s.scale, lane);
   acc_to_smem<T, D>(sdV, dv, 0, 1.f, lane);
   __syncwarp();

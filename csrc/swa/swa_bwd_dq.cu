@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(BwdDqTraits<D>::kThreads) swa_bwd_dq_kernel(co
 
   // Only this warp read its rows of sQ, so it can stage its dQ rows there.
   T* sOut = sQ + warp_row0 * D;
-  __syncwarp();
+  __syncthreads();  // orders every ldmatrix of the main loop before the staging stores
   acc_to_smem<T, D>(sOut, dq, 0, s.scale, lane);
   __syncwarp();
   store_tile<T, D, kMmaM>(head_ptr<T>(p.dq, b, seq.start, h), p.dq.row_stride, sOut, i0 + warp_row0, seq.len, lane,

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) swa_fwd_kernel(const F
     o[dt][3] *= inv[1];
   }
   T* sO = sQ + warp_row0 * D;
-  __syncwarp();
+  __syncthreads();  // orders every ldmatrix of the main loop before the staging stores
   acc_to_smem<T, D>(sO, o, 0, 1.f, lane);
   __syncwarp();
   store_tile<T, D, kMmaM>(head_ptr<T>(p.out, b, seq.start, h), p.out.row_stride, sO, i0 + warp_row0, seq.len, lane,
