@@ -66,25 +66,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def causal_conv(
     x: torch.Tensor, weight: torch.Tensor, seq_pos: torch.Tensor | None = None, prev: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Causal depthwise conv1d: y[t] = sum_s weight[:, K-1-s] * x[t-s].
 
     x [B,L,C], weight [C,K]; prev [B,K-1,C] the inputs before x (decoding; zeros if absent);
     seq_pos [B,L] the position of each token inside its own sequence (varlen: taps that would reach
-    into the previous sequence are dropped). Returns (y [B,L,C], the padded input [B,K-1+L,C]).
+    into the previous sequence are dropped). Returns y [B,L,C].
     """
-    batch, length, channels = x.shape
-    taps = weight.shape[1]
-    if prev is None:
-        prev = x.new_zeros(batch, taps - 1, channels)
-    padded = torch.cat([prev, x], 1)
-    y = torch.zeros_like(x)
-    for back in range(taps):
-        shifted = padded[:, taps - 1 - back : taps - 1 - back + length]
-        if seq_pos is not None and back > 0:
-            shifted = shifted * (seq_pos >= back)[..., None].to(x.dtype)
-        y = y + shifted * weight[:, taps - 1 - back]
-    return y, padded
+    length, taps = x.shape[1], weight.shape[1]
+    src = x if prev is None else torch.cat([prev, x], 1)
+    offset = src.shape[1] - length
+    y = x * weight[:, taps - 1]
+    # Accumulate each earlier tap in place into the outputs it reaches: no padded copy of x and
+    # no per-tap temporaries, which dominate the prefill peak memory at long context.
+    for back in range(1, taps):
+        lo = max(0, back - offset)
+        if lo >= length:
+            break
+        tap = src[:, offset + lo - back : offset + length - back]
+        if seq_pos is not None:
+            tap = tap * (seq_pos[:, lo:] >= back)[..., None].to(x.dtype)
+        y[:, lo:].addcmul_(tap, weight[:, taps - 1 - back])
+    return y
+
+
+def conv_tail(
+    x: torch.Tensor, keep: int, prev: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The last `keep` conv inputs of every sequence (zeros before its start) -> [N,keep,C]: the
+    decoding state of causal_conv. x [B,L,C] after prev [B,keep,C]; or packed [1,T,C] + cu_seqlens."""
+    batch, _, channels = x.shape
+    if cu_seqlens is None:
+        before = x.new_zeros(batch, keep, channels) if prev is None else prev
+        return torch.cat([before, x[:, max(0, x.shape[1] - keep) :]], 1)[:, -keep:] if keep else before
+    starts = cu_seqlens[:-1].long()[:, None]
+    idx = cu_seqlens[1:].long()[:, None] - keep + torch.arange(keep, device=x.device)
+    valid = (idx >= starts)[..., None].to(x.dtype)
+    return x[0, idx.clamp(min=0)] * valid
 
 
 @dataclass
@@ -205,8 +223,13 @@ class MemoryBranch(nn.Module):
     def forward(self, u: torch.Tensor, call: _Call, state: LayerState | None):
         """u [B,L,hidden] -> (out [B,L,hidden], conv tail [B,K-1,3*width] or None, TTT state or None)."""
         batch, length, _ = u.shape
-        qkv = torch.cat([self.q_proj(u), self.k_proj(u), self.v_proj(u)], -1)
-        qkv, padded = causal_conv(qkv, self.conv_weight, call.seq_pos, state.conv if call.decoding else None)
+        # One matmul for the three projections: one [B,L,3*width] activation instead of four.
+        qkv = F.linear(u, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        prev = state.conv if call.decoding else None
+        tail = None
+        if call.make_state or call.decoding:
+            tail = conv_tail(qkv, self.conv_weight.shape[1] - 1, prev, call.cu_seqlens)
+        qkv = causal_conv(qkv, self.conv_weight, call.seq_pos, prev)
         q, k, v = F.silu(qkv).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
         q = F.normalize(self.q_norm(q), dim=-1)
         k = F.normalize(self.k_norm(k), dim=-1)
@@ -223,23 +246,7 @@ class MemoryBranch(nn.Module):
         o = o.reshape(batch, length, self.width)
         if self.gate_proj is not None:
             o = o * torch.sigmoid(self.gate_proj(u))
-        tail = None
-        if call.make_state or call.decoding:
-            tail = _conv_tail(padded, self.conv_weight.shape[1] - 1, call.cu_seqlens)
         return self.o_proj(o), tail, ttt_state
-
-
-def _conv_tail(padded: torch.Tensor, keep: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """The last `keep` conv inputs of every sequence, zero-filled before its start -> [N,keep,C].
-
-    padded: [B,keep+L,C] from causal_conv (dense) or [1,keep+T,C] (varlen, cu_seqlens [N+1])."""
-    if cu_seqlens is None:
-        return padded[:, padded.shape[1] - keep :].clone()
-    starts = cu_seqlens[:-1].long()[:, None]
-    ends = cu_seqlens[1:].long()[:, None]
-    idx = ends - keep + torch.arange(keep, device=padded.device)  # token index into the packed rows
-    valid = (idx >= starts)[..., None].to(padded.dtype)
-    return padded[0, (idx + keep).clamp(min=0)] * valid
 
 
 class MLP(nn.Module):

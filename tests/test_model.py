@@ -190,6 +190,12 @@ def test_prefill_then_decode_equals_forward_reference(lengths, per_call):
     _decode_vs_forward(_tiny_model(), "reference", lengths, steps=14, per_call=per_call)
 
 
+@pytest.mark.parametrize("conv_size,per_call", [(1, 1), (6, 1), (6, 4)])
+def test_prefill_then_decode_conv_kernel_sizes(conv_size, per_call):
+    # Prompts and decode calls shorter than the conv kernel: the conv tail must carry across.
+    _decode_vs_forward(_tiny_model(conv_size=conv_size), "reference", [2, 5], steps=12, per_call=per_call)
+
+
 @pytest.mark.skipif(_kernels_missing() is not None, reason=str(_kernels_missing()))
 @pytest.mark.parametrize("lengths", [[5, 9], [6, 6]])
 def test_prefill_then_decode_equals_forward_kernels(lengths):
