@@ -97,15 +97,15 @@ struct KernelSet {
 // run every build the machine has against the reference).
 template <typename T>
 KernelSet<T> kernels() {
+  const char* env = std::getenv("ALLMEM_SWA_CPU_ISA");
+  const std::string cap = env == nullptr ? "avx512" : env;
+  ALLMEM_CHECK(cap == "portable" || cap == "avx2" || cap == "avx512",
+               "ALLMEM_SWA_CPU_ISA must be portable, avx2 or avx512, got ", cap);
 #if ALLMEM_SWA_X86_BUILDS
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                                  __builtin_cpu_supports("avx512dq");
-  const char* env = std::getenv("ALLMEM_SWA_CPU_ISA");
-  const std::string cap = env == nullptr ? "avx512" : env;
-  ALLMEM_CHECK(cap == "portable" || cap == "avx2" || cap == "avx512",
-               "ALLMEM_SWA_CPU_ISA must be portable, avx2 or avx512, got ", cap);
   if (has_avx512 && cap == "avx512") return {&isa_avx512::fwd_block<T>, &isa_avx512::bwd_kv_head<T>};
   if (has_avx2 && cap != "portable") return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>};
 #endif
