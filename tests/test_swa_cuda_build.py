@@ -87,3 +87,15 @@ def test_mma_kernels_use_tensor_cores_without_spills(kernel, arch):
         assert re.search(r"\bHMMA\.16816\.F32", body), f"{name} (sm_{arch}) has no HMMA.16816.F32"
         assert re.search(r"\bLDSM\b", body), f"{name} (sm_{arch}) has no ldmatrix (LDSM)"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} (sm_{arch}) spills to local memory"
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", _expected_archs())
+def test_no_kernel_uses_stack_or_local_memory(arch):
+    """Register arrays indexed at run time or register spills show as STACK/LOCAL bytes."""
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", f"sm_{arch}", _library()],
+                           capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"Function (\S*swa_\w*kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert len(found) >= len(MMA_KERNELS) * INSTANTIATIONS, f"SWA kernels not found in:\n{usage[:2000]}"
+    for name, _regs, stack, local in found:
+        assert int(stack) == 0 and int(local) == 0, f"{name} (sm_{arch}): STACK {stack}, LOCAL {local}"
