@@ -123,8 +123,9 @@ for d in (64, 128):
 torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
-    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/swa_sanitize_cases.py
   done
 fi
