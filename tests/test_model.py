@@ -144,6 +144,21 @@ def test_conversion_freezes_all_but_memory_and_alpha():
         assert (p.grad is not None) == (name in trainable), name
 
 
+def test_bf16_conversion_keeps_fast_weights_fp32():
+    hf = _hf_model("qwen3")
+    model = convert_from_hf(hf, window=8, sinks=2, chunk_size=4, dtype=torch.bfloat16, **TINY_MEMORY)
+    for name, p in model.named_parameters():
+        fast = name.split(".")[-1] in ("w_gate", "w_up", "w_down")
+        assert p.dtype == (torch.float32 if fast else torch.bfloat16), name
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        reference = convert_from_hf(hf, window=8, sinks=2, chunk_size=4, **TINY_MEMORY)(ids)
+        got = model(ids)
+    assert got.dtype == torch.bfloat16
+    # bf16 weights and activations through 2 layers, logits of size ~0.5: measured 7e-3.
+    torch.testing.assert_close(got.float(), reference, rtol=0, atol=3e-2)
+
+
 def test_save_load_round_trip(tmp_path):
     model = _tiny_model(torch.float32)
     model.freeze_pretrained()
@@ -188,6 +203,15 @@ def _decode_vs_forward(model, backend, lengths, steps, per_call):
 def test_prefill_then_decode_equals_forward_reference(lengths, per_call):
     # W = 4, S = 2, C = 3: 14 decode steps wrap the ring several times and cross many chunks.
     _decode_vs_forward(_tiny_model(), "reference", lengths, steps=14, per_call=per_call)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"lact_order": True}, {"memory_residual": False, "memory_output_norm": False, "memory_output_gate": False},
+     {"memory_heads": 4, "memory_expand": 2}],
+)
+def test_prefill_then_decode_memory_variants(variant):
+    _decode_vs_forward(_tiny_model(**variant), "reference", [5, 9], steps=8, per_call=1)
 
 
 @pytest.mark.parametrize("conv_size,per_call", [(1, 1), (6, 1), (6, 4)])
