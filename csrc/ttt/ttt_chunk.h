@@ -5,6 +5,7 @@
 // update gradient, momentum.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <array>
 
@@ -16,20 +17,6 @@ constexpr double kNormEps = 1e-5;  // added to the current row norm (SPEC.md)
 // gate [h, d], up [h, d], down [d, h]; norm targets are [h], [h], [d].
 using Mats = std::array<at::Tensor, 3>;
 enum : int { kGate = 0, kUp = 1, kDown = 2 };
-
-// silu and its first two derivatives from the pre-activation a; sigma = sigmoid(a).
-struct Silu {
-  at::Tensor silu, d1, d2;
-};
-inline Silu silu_terms(const at::Tensor& a, bool second) {
-  auto sig = at::sigmoid(a);
-  Silu r;
-  r.silu = a * sig;
-  auto one_minus = 1 - sig;
-  r.d1 = sig * (1 + a * one_minus);
-  if (second) r.d2 = sig * one_minus * (2 + a * (1 - 2 * sig));
-  return r;
-}
 
 inline at::Tensor row_norm(const at::Tensor& w) {
   return at::linalg_vector_norm(w, 2, at::IntArrayRef{-1}, false, std::nullopt);
@@ -54,6 +41,23 @@ inline at::Tensor row_normalize_backward(const at::Tensor& w, const at::Tensor& 
   return g * (target / denom).unsqueeze(-1) + w * coef.unsqueeze(-1);
 }
 
+// The elementwise parts below run as one fused pass over [n, h] (sigmoid itself stays a
+// vectorized ATen op): the chunk-sized intermediates are read and written once instead of once
+// per ATen op. All [n, h] tensors here are fresh contiguous matmul outputs; eta rows may be
+// strided (a view of the chunk buffer).
+template <typename scalar_t>
+struct EtaRows {
+  const scalar_t* p;
+  int64_t stride;
+  scalar_t operator()(int64_t t, int m) const { return p[t * stride + m]; }
+};
+
+template <typename scalar_t>
+EtaRows<scalar_t> eta_rows(const at::Tensor& eta) {
+  TORCH_INTERNAL_ASSERT(eta.dim() == 2 && eta.size(1) == 3 && eta.stride(1) == 1);
+  return {eta.data_ptr<scalar_t>(), eta.stride(0)};
+}
+
 // Read: o = Wd (silu(Wg q) * (Wu q)) [+ q], q [n, d] -> o [n, d].
 inline at::Tensor read_forward(const Mats& W, const at::Tensor& q, bool residual) {
   auto a = at::mm(q, W[kGate].t());
@@ -64,18 +68,31 @@ inline at::Tensor read_forward(const Mats& W, const at::Tensor& q, bool residual
 }
 
 // Backward of read_forward: adds dL/dW to dW, returns dL/dq.
+//   ds = dO Wd, da = ds b silu'(a), db = ds silu(a); dWd += dO^T s, dWg += da^T Q, dWu += db^T Q.
 inline at::Tensor read_backward(const Mats& W, const at::Tensor& q, const at::Tensor& dout, bool residual,
                                 Mats& dW) {
   auto a = at::mm(q, W[kGate].t());
   auto b = at::mm(q, W[kUp].t());
-  auto act = silu_terms(a, false);
+  auto sig = at::sigmoid(a);
   auto ds = at::mm(dout, W[kDown]);  // [n, h]
-  auto da = ds * b * act.d1;
-  auto db = ds * act.silu;
-  dW[kDown].addmm_(dout.t(), act.silu * b);
-  dW[kGate].addmm_(da.t(), q);
-  dW[kUp].addmm_(db.t(), q);
-  auto dq = at::mm(da, W[kGate]).addmm_(db, W[kUp]);
+  const int64_t count = a.numel();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttt_read_backward", [&] {
+    scalar_t* pa = a.data_ptr<scalar_t>();   // a -> s
+    scalar_t* pb = b.data_ptr<scalar_t>();   // b -> db
+    scalar_t* pd = ds.data_ptr<scalar_t>();  // ds -> da
+    const scalar_t* ps = sig.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t x = pa[i], y = pb[i], g = pd[i], sg = ps[i];
+      const scalar_t silu = x * sg, d1 = sg * (1 + x * (1 - sg));
+      pa[i] = silu * y;
+      pb[i] = g * silu;
+      pd[i] = g * y * d1;
+    }
+  });
+  dW[kDown].addmm_(dout.t(), a);
+  dW[kGate].addmm_(ds.t(), q);
+  dW[kUp].addmm_(b.t(), q);
+  auto dq = at::mm(ds, W[kGate]).addmm_(b, W[kUp]);
   if (residual) dq.add_(dout);
   return dq;
 }
@@ -87,11 +104,29 @@ inline Mats update_grad(const Mats& W, const at::Tensor& k, const at::Tensor& v,
   auto a = at::mm(k, W[kGate].t());
   auto b = at::mm(k, W[kUp].t());
   auto e = at::mm(v, W[kDown]);
-  auto act = silu_terms(a, false);
+  auto sig = at::sigmoid(a);
+  const int64_t n = a.size(0), h = a.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttt_update_grad", [&] {
+    scalar_t* pa = a.data_ptr<scalar_t>();  // a -> eta_g e b silu'(a)
+    scalar_t* pb = b.data_ptr<scalar_t>();  // b -> eta_d s
+    scalar_t* pe = e.data_ptr<scalar_t>();  // e -> eta_u e silu(a)
+    const scalar_t* ps = sig.data_ptr<scalar_t>();
+    const auto rate = eta_rows<scalar_t>(eta);
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t eg = rate(t, kGate), eu = rate(t, kUp), ed = rate(t, kDown);
+      for (int64_t j = t * h; j < (t + 1) * h; ++j) {
+        const scalar_t x = pa[j], y = pb[j], z = pe[j], sg = ps[j];
+        const scalar_t silu = x * sg, d1 = sg * (1 + x * (1 - sg));
+        pa[j] = eg * z * y * d1;
+        pb[j] = ed * silu * y;
+        pe[j] = eu * z * silu;
+      }
+    }
+  });
   Mats G;
-  G[kDown] = at::mm(v.t(), act.silu * b * eta.narrow(1, kDown, 1)).neg_();
-  G[kUp] = at::mm((e * act.silu * eta.narrow(1, kUp, 1)).t(), k).neg_();
-  G[kGate] = at::mm((e * b * act.d1 * eta.narrow(1, kGate, 1)).t(), k).neg_();
+  G[kDown] = at::mm(v.t(), b).neg_();
+  G[kUp] = at::mm(e.t(), k).neg_();
+  G[kGate] = at::mm(a.t(), k).neg_();
   return G;
 }
 
@@ -112,25 +147,49 @@ inline Mats update_grad_backward(const Mats& W, const at::Tensor& k, const at::T
   auto a = at::mm(k, W[kGate].t());
   auto b = at::mm(k, W[kUp].t());
   auto e = at::mm(v, W[kDown]);
-  auto act = silu_terms(a, true);
-  auto s = act.silu * b;
-  auto xu = e * act.silu;
-  auto xg = e * b * act.d1;
+  auto sig = at::sigmoid(a);
   auto ps = at::mm(v, Gam[kDown]);
   auto pu = at::mm(k, Gam[kUp].t());
   auto pg = at::mm(k, Gam[kGate].t());
-  auto eg = eta.narrow(1, kGate, 1), eu = eta.narrow(1, kUp, 1), ed = eta.narrow(1, kDown, 1);
-  deta = at::stack({(pg * xg).sum(1), (pu * xu).sum(1), (ps * s).sum(1)}, 1).neg_();
-  auto rd = ps * ed, ru = pu * eu, rg = pg * eg;
-  auto de = (ru * act.silu).add_(rg * b * act.d1).neg_();
-  auto da = (rd * b * act.d1).add_(ru * e * act.d1).add_(rg * e * b * act.d2).neg_();
-  auto db = (rd * act.silu).add_(rg * e * act.d1).neg_();
-  dv = at::mm(de, W[kDown].t()).sub_(at::mm(s * ed, Gam[kDown].t()));
-  dk = at::mm(da, W[kGate]).addmm_(db, W[kUp]).sub_(at::mm(xu * eu, Gam[kUp])).sub_(at::mm(xg * eg, Gam[kGate]));
+  const int64_t n = a.size(0), h = a.size(1);
+  deta = at::empty({n, 3}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ttt_update_grad_backward", [&] {
+    // In place: a -> da, b -> db, e -> de, ps -> eta_d s, pu -> eta_u x_u, pg -> eta_g x_g.
+    scalar_t *pa = a.data_ptr<scalar_t>(), *pb = b.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>();
+    scalar_t *pps = ps.data_ptr<scalar_t>(), *ppu = pu.data_ptr<scalar_t>(), *ppg = pg.data_ptr<scalar_t>();
+    const scalar_t* psig = sig.data_ptr<scalar_t>();
+    scalar_t* pdeta = deta.data_ptr<scalar_t>();
+    const auto rate = eta_rows<scalar_t>(eta);
+    for (int64_t t = 0; t < n; ++t) {
+      const scalar_t eg = rate(t, kGate), eu = rate(t, kUp), ed = rate(t, kDown);
+      scalar_t sum_g = 0, sum_u = 0, sum_d = 0;
+      for (int64_t j = t * h; j < (t + 1) * h; ++j) {
+        const scalar_t x = pa[j], y = pb[j], z = pe[j], sg = psig[j];
+        const scalar_t om = 1 - sg;
+        const scalar_t silu = x * sg, d1 = sg * (1 + x * om), d2 = sg * om * (2 + x * (1 - 2 * sg));
+        const scalar_t s = silu * y, xu = z * silu, xg = z * y * d1;
+        const scalar_t rd = pps[j] * ed, ru = ppu[j] * eu, rg = ppg[j] * eg;
+        sum_g += ppg[j] * xg;
+        sum_u += ppu[j] * xu;
+        sum_d += pps[j] * s;
+        pe[j] = -(ru * silu + rg * y * d1);
+        pa[j] = -(rd * y * d1 + ru * z * d1 + rg * z * y * d2);
+        pb[j] = -(rd * silu + rg * z * d1);
+        pps[j] = s * ed;
+        ppu[j] = xu * eu;
+        ppg[j] = xg * eg;
+      }
+      pdeta[3 * t + kGate] = -sum_g;
+      pdeta[3 * t + kUp] = -sum_u;
+      pdeta[3 * t + kDown] = -sum_d;
+    }
+  });
+  dv = at::mm(e, W[kDown].t()).sub_(at::mm(ps, Gam[kDown].t()));
+  dk = at::mm(a, W[kGate]).addmm_(b, W[kUp]).sub_(at::mm(pu, Gam[kUp])).sub_(at::mm(pg, Gam[kGate]));
   Mats dW;
-  dW[kGate] = at::mm(da.t(), k);
-  dW[kUp] = at::mm(db.t(), k);
-  dW[kDown] = at::mm(v.t(), de);
+  dW[kGate] = at::mm(a.t(), k);
+  dW[kUp] = at::mm(b.t(), k);
+  dW[kDown] = at::mm(v.t(), e);
   return dW;
 }
 
