@@ -153,6 +153,13 @@ std::vector<int64_t> lse_shape(const Problem& p) {
   return {p.batch, p.hq, p.max_len};
 }
 
+// Items per parallel chunk so that a chunk holds at least ~1 MFLOP: tiny problems (decode steps,
+// gradcheck-sized inputs) then run inline instead of paying a thread-pool round trip per call.
+int64_t grain_for(int64_t flops_per_item) {
+  constexpr int64_t kMinFlopsPerChunk = int64_t(1) << 20;
+  return std::max<int64_t>(1, kMinFlopsPerChunk / std::max<int64_t>(1, flops_per_item));
+}
+
 // float64 stays float64; float32, float16 and bfloat16 compute in float32.
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -188,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
     T* op = out.mutable_data_ptr<T>();
     float* lp = lse.mutable_data_ptr<float>();
     const int64_t q_stride = p.hq * D, kv_stride = p.hkv * D;
-    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t keys = std::min(p.max_len, window + sinks + kBlockQ);
+    at::parallel_for(0, n_items, grain_for(4 * kBlockQ * keys * D), [&](int64_t begin, int64_t end) {
       std::vector<T> scratch;
       std::vector<KeyTile> tiles;
       for (int64_t item = begin; item < end; ++item) {
@@ -252,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dou
     T* dvp = dv.mutable_data_ptr<T>();
     // One item per (sequence, kv head): it owns dK/dV of that head, so no two threads touch
     // the same accumulator, and dQ of the group's query heads.
-    at::parallel_for(0, p.batch * p.hkv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t keys = std::min(p.max_len, window + sinks + kBlockQ);
+    at::parallel_for(0, p.batch * p.hkv, grain_for(12 * p.max_len * group * keys * D), [&](int64_t begin, int64_t end) {
       std::vector<T> scratch, dk_acc, dv_acc;
       std::vector<KeyTile> tiles;
       for (int64_t item = begin; item < end; ++item) {
@@ -401,7 +410,7 @@ at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at
                                  window,
                                  sinks,
                                  scale};
-    at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * hkv, grain_for(4 * l_new * (hq / hkv) * slots * D), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) decode_kv_head(a, item / hkv, item % hkv, lp[item / hkv]);
     });
   });
