@@ -20,7 +20,7 @@ from .model_config import AllMemConfig
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama", "qwen2")
 _BASE_FIELDS = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+    "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings",
     "attention_bias", "o_proj_bias", "mlp_bias", "qk_norm",
 }
 MEMORY_OPTIONS = tuple(
@@ -31,7 +31,7 @@ MEMORY_OPTIONS = tuple(
 def _unsupported(what: str) -> ValueError:
     return ValueError(
         f"cannot convert to AllMem: {what}. Supported: model_type in {SUPPORTED_MODEL_TYPES} with "
-        "hidden_act 'silu', default RoPE (no rope_scaling), and full attention in every layer"
+        "hidden_act 'silu', default or 'llama3' RoPE, and full attention in every layer"
     )
 
 
@@ -44,12 +44,26 @@ def config_from_hf(hf: dict, window: int, sinks: int, chunk_size: int, **memory_
         raise _unsupported(f"model_type {model_type!r}")
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported(f"hidden_act {hf.get('hidden_act')!r}")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if scaling or rope_type != "default":
-        raise _unsupported(f"RoPE type {rope_type if rope_type != 'default' else scaling!r}")
+    # Older config.json files keep the scaling apart from rope_theta, under rope_scaling; when
+    # present it decides the RoPE type.
+    scaling = hf.get("rope_scaling") or {}
+    rope = {**(hf.get("rope_parameters") or {}), **scaling}
+    rope_type = scaling.get("rope_type", scaling.get("type")) or rope.get("rope_type", "default")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported(f"partial_rotary_factor {rope['partial_rotary_factor']}")
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = {"rope_type": "llama3"}
+        rope_scaling["original_max_position_embeddings"] = rope.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings")
+        )
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            rope_scaling[key] = rope.get(key)
+        if None in rope_scaling.values():
+            raise _unsupported(f"llama3 RoPE parameters {rope} (incomplete)")
+    elif rope_type != "default":
+        raise _unsupported(f"RoPE type {rope_type!r}")
     layer_types = hf.get("layer_types") or []
     others = sorted(set(layer_types) - {"full_attention"})
     if others or (hf.get("use_sliding_window") and hf.get("sliding_window") is not None and not layer_types):
@@ -70,6 +84,7 @@ def config_from_hf(hf: dict, window: int, sinks: int, chunk_size: int, **memory_
         intermediate_size=hf["intermediate_size"],
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
+        rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         # Qwen2 always biases q/k/v and never o; Llama and Qwen3 bias all four iff attention_bias.
         attention_bias=True if model_type == "qwen2" else bias,

@@ -49,10 +49,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2]; `scaling` None or Llama 3.1's "llama3" dict."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    if scaling is None:
+        return inv_freq
+    # llama3: wavelengths longer than the pretraining context / low_freq_factor are slowed by
+    # `factor`, those shorter than context / high_freq_factor are kept, with a linear ramp between.
+    context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    ramp = ((context * inv_freq / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / scaling["factor"] * (1 - ramp) + inv_freq * ramp
+
+
+def rope_cos_sin(positions: torch.Tensor, cfg: AllMemConfig, dtype: torch.dtype):
     """cos/sin [B,L,1,head_dim] for integer positions [B,L] (rotate-half layout, as in Qwen3/Llama)."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, positions.device, work)
     freqs = positions[..., None].to(work) * inv_freq
     emb = torch.cat([freqs, freqs], -1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -440,7 +453,7 @@ class AllMemForCausalLM(nn.Module):
         x = self.model.embed_tokens(ids)
         if positions is None:
             positions = call.seq_pos if call.seq_pos is not None else torch.arange(ids.shape[1], device=ids.device)[None]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config, x.dtype)
         new_states = []
         for i, layer in enumerate(self.model.layers):
             x, st = layer(x, cos, sin, call, states[i] if states is not None else None)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 
 BACKENDS = ("reference", "allmem_ops")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -15,7 +16,8 @@ class AllMemConfig:
     Base decoder (Qwen3 / Llama / Qwen2 layout): ``vocab_size``, ``hidden_size``,
     ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (GQA),
     ``head_dim``, ``intermediate_size`` (SwiGLU MLP), ``rms_norm_eps``, ``rope_theta``,
-    ``tie_word_embeddings``, ``attention_bias`` (bias on q/k/v: Qwen2, Llama with
+    ``rope_scaling`` (None, or Llama 3.1's {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}), ``tie_word_embeddings``, ``attention_bias`` (bias on q/k/v: Qwen2, Llama with
     attention_bias), ``o_proj_bias`` (Llama with attention_bias), ``mlp_bias`` (Llama),
     ``qk_norm`` (per-head RMSNorm on q and k before RoPE: Qwen3).
 
@@ -36,6 +38,7 @@ class AllMemConfig:
     intermediate_size: int = 512
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     o_proj_bias: bool = False
@@ -75,6 +78,12 @@ class AllMemConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sinks < 0:
             problems.append(f"sinks must be >= 0, got {self.sinks}")
+        if self.rope_scaling is not None:
+            missing = sorted(set(LLAMA3_ROPE_KEYS) - set(self.rope_scaling))
+            if self.rope_scaling.get("rope_type") != "llama3" or missing:
+                problems.append(
+                    f"rope_scaling must be None or a 'llama3' dict with {list(LLAMA3_ROPE_KEYS)}, got {self.rope_scaling}"
+                )
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if problems:

@@ -94,6 +94,35 @@ def test_full_window_alpha0_equals_transformers(kind, overrides):
         assert torch.allclose(model(ids, mixer="full"), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_equals_transformers(tmp_path, where):
+    # A short "pretraining context" so that at head_dim 16 some frequencies are scaled, some
+    # ramped and some kept.
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    hf = _hf_model("llama", rope_parameters={**llama3, "rope_theta": 500000.0})
+    ids = torch.randint(0, VOCAB, (2, 24))
+    if where == "rope_scaling":  # the pre-v5 config.json layout
+        hf.save_pretrained(tmp_path)
+        with open(tmp_path / "config.json") as f:
+            config = json.load(f)
+        config["rope_parameters"] = None
+        config["rope_theta"] = 500000.0
+        config["rope_scaling"] = llama3
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump(config, f)
+        model = convert_from_hf(str(tmp_path), window=24, sinks=0, chunk_size=4, **TINY_MEMORY)
+    else:
+        model = convert_from_hf(hf, window=24, sinks=0, chunk_size=4, **TINY_MEMORY)
+    assert model.config.rope_scaling["factor"] == 8.0
+    plain = _hf_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    with torch.no_grad():
+        expected = hf(ids).logits
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-5)
+        # The scaling changes the logits: the comparison above would catch an ignored rope_scaling.
+        assert not torch.allclose(plain(ids).logits, expected, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 @pytest.mark.parametrize("window", [1, 5, 9])
 def test_sliding_window_alpha0_equals_transformers_sliding(kind, window):
@@ -334,7 +363,10 @@ def _qwen3_dict(**changes):
         ({"model_type": "gpt2"}, "model_type 'gpt2'"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "RoPE type 'yarn'"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE type 'linear'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0}}, "incomplete"),
+        ({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                            "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
         ({"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": True,
           "sliding_window": 8}, "sliding-window layers"),
     ],
