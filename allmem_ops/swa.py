@@ -163,7 +163,7 @@ class SWAKVCache:
         shape = (batch, sinks + window, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # the op's cache_seqlens
 
     @property
     def nbytes(self) -> int:
@@ -203,11 +203,15 @@ class SWAKVCache:
             if lengths is not None:
                 raise ValueError("give cu_seqlens or lengths, not both")
             bounds = [int(x) for x in cu_seqlens.tolist()]
+            if bounds[0] != 0 or bounds[-1] != k.shape[0] or any(e < s for s, e in zip(bounds[:-1], bounds[1:])):
+                raise ValueError(f"cu_seqlens must rise from 0 to T = {k.shape[0]}, got {bounds}")
             starts, lens = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
             rows_k = [k[s : s + n] for s, n in zip(starts, lens)]
             rows_v = [v[s : s + n] for s, n in zip(starts, lens)]
         else:
             lens = [k.shape[1]] * k.shape[0] if lengths is None else [int(x) for x in lengths]
+            if any(not 0 <= n <= k.shape[1] for n in lens):
+                raise ValueError(f"lengths must lie in [0, L = {k.shape[1]}], got {lens}")
             rows_k = [k[b, :n] for b, n in enumerate(lens)]
             rows_v = [v[b, :n] for b, n in enumerate(lens)]
         if len(lens) != batch:

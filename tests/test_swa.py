@@ -368,6 +368,17 @@ def test_fill_from_prefill_uneven_prompts(packed, seed):
         assert maxerr(got[i], want) < F64_TOL, f"sequence {i} seed {seed}"
 
 
+def test_fill_from_prefill_rejects_bad_lengths():
+    cache = SWAKVCache(2, 1, 8, 4, 1, dtype=torch.float64)
+    k = rand(2, 5, 1, 8)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, L = 5\], got \[3, 6\]"):
+        cache.fill_from_prefill(k, k, lengths=[3, 6])
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to T = 10"):
+        cache.fill_from_prefill(k.reshape(10, 1, 8), k.reshape(10, 1, 8), cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="prefill holds 3 sequences, the cache 2"):
+        cache.fill_from_prefill(k.reshape(10, 1, 8), k.reshape(10, 1, 8), cu_seqlens=torch.tensor([0, 4, 9, 10]))
+
+
 def test_decode_op_leaves_cache_seqlens_alone(seed):
     b, hq, hkv, d, window, sinks = 2, 2, 2, 8, 4, 1
     q, kn, vn = dense_inputs(b, 2, hq, hkv, d)
