@@ -13,7 +13,8 @@ from .model_cache import AllMemState
 @dataclass
 class GenerationOutput:
     """sequences: one int64 tensor per prompt, the new tokens only ([max_new_tokens]);
-    state: the decoding state after the last step (state.nbytes() is its size)."""
+    state: the decoding state after the last decode step (it has read the prompts and every new
+    token but the last one; state.nbytes() is its size)."""
 
     sequences: list[torch.Tensor]
     state: AllMemState

@@ -430,7 +430,7 @@ class AllMemForCausalLM(nn.Module):
         backend = cfg.backend if backend is None else backend
         if window < 1 or sinks < 0 or chunk_size < 1:
             raise ValueError(f"need window >= 1, sinks >= 0, chunk_size >= 1; got {window}, {sinks}, {chunk_size}")
-        model_ops._check_backend(backend)
+        model_ops.check_backend(backend)
         _check_ids(input_ids)
         seq_pos = max_seqlen = None
         if cu_seqlens is not None:

@@ -15,7 +15,8 @@ from .model_cache import RefSWAKVCache
 from .model_config import BACKENDS
 
 
-def _check_backend(backend: str) -> None:
+def check_backend(backend: str) -> None:
+    """ValueError unless backend is one of BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -37,7 +38,7 @@ def sliding_window_attention(
     max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """SWA with sinks (SPEC.md). q [B,L,Hq,D], k/v [B,L,Hkv,D]; varlen: [T,H,D] + cu_seqlens int32 [N+1]."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "reference":
         from .swa import swa_naive
 
@@ -66,7 +67,7 @@ def ttt_memory(
 ):
     """The chunked TTT memory (SPEC.md): q/k/v [B,L,H,d], eta [B,L,H,3], mu [B,L,H],
     w_gate/w_up [H,h,d], w_down [H,d,h] -> (o [B,L,H,d], TTTState or None)."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "reference":
         from .ttt import ttt_memory_chunked as fn
     else:
@@ -83,7 +84,7 @@ def new_swa_cache(
 ):
     """An empty S+W decode cache for num_seqs sequences: the pure-PyTorch RefSWAKVCache or the
     kernels' allmem_ops.SWAKVCache (same fill_from_prefill / update_and_attend / nbytes API)."""
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "reference":
         return RefSWAKVCache(num_seqs, window, sinks, kv_heads, head_dim, dtype, device)
     return _kernels().SWAKVCache(num_seqs, kv_heads, head_dim, window, sinks, dtype=dtype, device=device)

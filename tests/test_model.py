@@ -427,3 +427,18 @@ def test_bad_forward_arguments(kwargs, needle):
         model(ids, **kwargs)
     with pytest.raises(ValueError, match="int64"):
         model(ids.float())
+
+
+def test_bad_decode_and_generate_arguments():
+    model = _tiny_model()
+    _, state = model.prefill(torch.randint(0, 50, (2, 5)))
+    with pytest.raises(ValueError, match="B = 2 sequences in the state, got shape \\(3, 1\\)"):
+        model.decode(torch.randint(0, 50, (3, 1)), state)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="non-empty token sequences"):
+        generate(model, [[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        generate(model, [[1, 2]], max_new_tokens=2, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="a prompt tensor must be \\[B,L\\]"):
+        generate(model, torch.tensor([1, 2, 3]), max_new_tokens=2)
