@@ -302,6 +302,8 @@ class DecoderLayer(nn.Module):
 
 
 class AllMemModel(nn.Module):
+    """Embeddings, decoder layers and final norm (the HF `model.` prefix of every weight name)."""
+
     def __init__(self, cfg: AllMemConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
