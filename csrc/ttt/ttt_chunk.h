@@ -218,6 +218,10 @@ inline void chunk_update(Mats& W, Mats& M, const Mats& targets, const at::Tensor
 // Backward of chunk_update. W, M: the values before the update. On entry dW, dM hold the
 // gradients wrt the updated W, M; on exit wrt W, M before it. Adds to dtargets, writes dk, dv,
 // deta of the chunk's tokens and returns dL/dmu_j (each token's mu gets 1/C of it).
+// With M' = mu_j M - G and dM' the total gradient reaching M' (default order: dM + dW, since
+// W' = W_hat + M'; LaCT order: dM + dZ, Z = W + M' the input of the final normalization):
+//   dL/dM = mu_j dM',  dL/dmu_j = <dM', M> (all three matrices),  dL/dG = -dM',
+// then update_grad_backward at the weights G was taken at, and row_normalize_backward.
 inline double chunk_update_backward(const Mats& W, const Mats& M, const Mats& targets, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& eta, double mu_j, bool lact_order,
                                     Mats& dW, Mats& dM, Mats& dtargets, at::Tensor& dk, at::Tensor& dv,
