@@ -12,8 +12,9 @@
 //   serially: no races, no atomics); parallelism is therefore B * Hkv.
 //   float64: the row lse is recomputed in float64, since the float32 lse of the schema would cap
 //   the gradient accuracy at ~1e-7.
-// swa_decode: per (batch row, kv head), each new token is written to its slot, then attends
-//   over the slots holding visible positions (at most S + W); scalar code, O(S + W) per token.
+// swa_decode: per (batch row, kv head), each new token is written to its slot, then the group's
+//   query heads attend over the (at most S + W) slots holding visible positions with the same
+//   tile kernel as the forward: O(S + W) per token.
 // Dtypes: float32 and float64 natively; float16/bfloat16 inputs are widened to float32, computed,
 //   and the results rounded once (lse is float32 always).
 //
@@ -91,6 +92,7 @@ template <typename T>
 struct KernelSet {
   decltype(&isa_portable::fwd_block<T>) fwd;
   decltype(&isa_portable::bwd_kv_head<T>) bwd;
+  decltype(&isa_portable::attend_block<T>) attend;
 };
 
 // The widest build this CPU runs, capped by ALLMEM_SWA_CPU_ISA=portable|avx2|avx512 (the tests
@@ -106,10 +108,10 @@ KernelSet<T> kernels() {
   static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
                                  __builtin_cpu_supports("avx512dq");
-  if (has_avx512 && cap == "avx512") return {&isa_avx512::fwd_block<T>, &isa_avx512::bwd_kv_head<T>};
-  if (has_avx2 && cap != "portable") return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>};
+  if (has_avx512 && cap == "avx512") return {&isa_avx512::fwd_block<T>, &isa_avx512::bwd_kv_head<T>, &isa_avx512::attend_block<T>};
+  if (has_avx2 && cap != "portable") return {&isa_avx2::fwd_block<T>, &isa_avx2::bwd_kv_head<T>, &isa_avx2::attend_block<T>};
 #endif
-  return {&isa_portable::fwd_block<T>, &isa_portable::bwd_kv_head<T>};
+  return {&isa_portable::fwd_block<T>, &isa_portable::bwd_kv_head<T>, &isa_portable::attend_block<T>};
 }
 
 // Where each sequence lives: tokens [start, start + len) of the token dimension, and its rows of
@@ -153,10 +155,11 @@ std::vector<int64_t> lse_shape(const Problem& p) {
   return {p.batch, p.hq, p.max_len};
 }
 
-// Items per parallel chunk so that a chunk holds at least ~1 MFLOP: tiny problems (decode steps,
-// gradcheck-sized inputs) then run inline instead of paying a thread-pool round trip per call.
+// Items per parallel chunk so that a chunk holds at least ~8 MFLOP (~0.1-1 ms): small problems
+// (a decode step, gradcheck-sized inputs) then run inline instead of paying a thread-pool round
+// trip, which costs milliseconds when the cores are oversubscribed.
 int64_t grain_for(int64_t flops_per_item) {
-  constexpr int64_t kMinFlopsPerChunk = int64_t(1) << 20;
+  constexpr int64_t kMinFlopsPerChunk = int64_t(1) << 23;
   return std::max<int64_t>(1, kMinFlopsPerChunk / std::max<int64_t>(1, flops_per_item));
 }
 
@@ -291,8 +294,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dou
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
-// One (batch row, kv head) of swa_decode: the Lnew tokens in order, each written into its slot
-// and then attending over the slots that hold positions visible to it.
 template <typename scalar_t>
 struct DecodeArgs {
   const scalar_t* q;
@@ -305,48 +306,67 @@ struct DecodeArgs {
   double scale;
 };
 
+// One (batch row, kv head) of swa_decode: the Lnew tokens in order, each written into its slot and
+// then attending. Once position pos is written, the slots holding positions visible to it are
+// exactly [0, min(S, pos + 1)) (sinks) and [S, S + min(W, pos + 1 - S)) (every ring slot written
+// so far holds one of the last W positions). Softmax ignores key order, so the group's query
+// heads attend over these two slot ranges as fully visible tiles with the prefill tile kernel.
+// Reduced-precision caches are mirrored in float32 for the item: widened once, then one row per
+// token.
 template <typename scalar_t>
-void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_t cached) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t group = a.hq / a.hkv, D = a.D;
-  std::vector<acc_t> scores(a.slots), o(D);
+void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_t cached,
+                    decltype(&isa_portable::attend_block<at::opmath_type<scalar_t>>) attend) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr bool kWiden = !std::is_same_v<T, scalar_t>;
+  const int64_t group = a.hq / a.hkv, D = a.D, row = a.hkv * D;
+  scalar_t* kc = a.k_cache + (b * a.slots * a.hkv + hk) * D;  // slot j at kc + j * row
+  scalar_t* vc = a.v_cache + (b * a.slots * a.hkv + hk) * D;
+  std::vector<T> kw, vw, qw, ow, scratch;
+  std::vector<KeyTile> tiles;
+  if constexpr (kWiden) {
+    kw.resize(a.slots * D);
+    vw.resize(a.slots * D);
+    qw.resize(group * D);
+    ow.resize(group * D);
+    for (int64_t j = 0; j < a.slots; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        kw[j * D + d] = static_cast<T>(kc[j * row + d]);
+        vw[j * D + d] = static_cast<T>(vc[j * row + d]);
+      }
+  }
+  const T scale = static_cast<T>(a.scale);
   for (int64_t t = 0; t < a.l_new; ++t) {
     const int64_t pos = cached + t;
     const int64_t slot = cache_slot(pos, a.window, a.sinks);
     const int64_t src = ((b * a.l_new + t) * a.hkv + hk) * D;
-    const int64_t dst = ((b * a.slots + slot) * a.hkv + hk) * D;
-    std::copy(a.k_new + src, a.k_new + src + D, a.k_cache + dst);
-    std::copy(a.v_new + src, a.v_new + src + D, a.v_cache + dst);
-    // Visible positions: sinks [0, min(S, pos + 1)) and the ring part [max(S, pos - W + 1), pos],
-    // at most S + W distinct slots, all still in the cache.
-    std::vector<int64_t> vis_slots;
-    vis_slots.reserve(a.slots);
-    for (int64_t j = 0; j < std::min(a.sinks, pos + 1); ++j) vis_slots.push_back(j);
-    for (int64_t j = std::max(a.sinks, pos - a.window + 1); j <= pos; ++j)
-      vis_slots.push_back(cache_slot(j, a.window, a.sinks));
-    const int64_t nv = static_cast<int64_t>(vis_slots.size());
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = hk * group + g;
-      const scalar_t* qr = a.q + ((b * a.l_new + t) * a.hq + h) * D;
-      acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t c = 0; c < nv; ++c) {
-        const scalar_t* kr = a.k_cache + ((b * a.slots + vis_slots[c]) * a.hkv + hk) * D;
-        acc_t s = 0;
-        for (int64_t d = 0; d < D; ++d) s += static_cast<acc_t>(qr[d]) * static_cast<acc_t>(kr[d]);
-        scores[c] = s * static_cast<acc_t>(a.scale);
-        mx = std::max(mx, scores[c]);
+    std::copy(a.k_new + src, a.k_new + src + D, kc + slot * row);
+    std::copy(a.v_new + src, a.v_new + src + D, vc + slot * row);
+    tiles.clear();
+    const int64_t n_sink = std::min(a.sinks, pos + 1);
+    const int64_t n_ring = std::min(a.window, std::max<int64_t>(0, pos + 1 - a.sinks));
+    for (int64_t j0 = 0; j0 < n_sink; j0 += kBlockK) tiles.push_back({j0, std::min(kBlockK, n_sink - j0), true});
+    for (int64_t j0 = 0; j0 < n_ring; j0 += kBlockK)
+      tiles.push_back({a.sinks + j0, std::min(kBlockK, n_ring - j0), true});
+    const int64_t qoff = ((b * a.l_new + t) * a.hq + hk * group) * D;  // the group's rows, stride D
+    Slice<T> x;
+    T* out;
+    if constexpr (kWiden) {
+      for (int64_t d = 0; d < D; ++d) {
+        kw[slot * D + d] = static_cast<T>(a.k_new[src + d]);
+        vw[slot * D + d] = static_cast<T>(a.v_new[src + d]);
       }
-      acc_t sum = 0;
-      std::fill(o.begin(), o.end(), acc_t(0));
-      for (int64_t c = 0; c < nv; ++c) {
-        const acc_t w = std::exp(scores[c] - mx);
-        sum += w;
-        const scalar_t* vr = a.v_cache + ((b * a.slots + vis_slots[c]) * a.hkv + hk) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<acc_t>(vr[d]);
-      }
-      scalar_t* orow = a.out + ((b * a.l_new + t) * a.hq + h) * D;
-      for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(o[d] / sum);
+      for (int64_t e = 0; e < group * D; ++e) qw[e] = static_cast<T>(a.q[qoff + e]);
+      x = {qw.data(), kw.data(), vw.data(), D, D};
+      out = ow.data();
+    } else {
+      x = {a.q + qoff, kc, vc, D, row};
+      out = a.out + qoff;
     }
+    for (int64_t g0 = 0; g0 < group; g0 += kBlockQ)
+      attend(x, D, g0, std::min(kBlockQ, group - g0), tiles, a.window, a.sinks, scale, out + g0 * D, nullptr,
+             scratch);
+    if constexpr (kWiden)
+      for (int64_t e = 0; e < group * D; ++e) a.out[qoff + e] = static_cast<scalar_t>(ow[e]);
   }
 }
 
@@ -410,8 +430,10 @@ at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at
                                  window,
                                  sinks,
                                  scale};
+    const auto attend = kernels<at::opmath_type<scalar_t>>().attend;
     at::parallel_for(0, B * hkv, grain_for(4 * l_new * (hq / hkv) * slots * D), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) decode_kv_head(a, item / hkv, item % hkv, lp[item / hkv]);
+      for (int64_t item = begin; item < end; ++item)
+        decode_kv_head(a, item / hkv, item % hkv, lp[item / hkv], attend);
     });
   });
   return out;

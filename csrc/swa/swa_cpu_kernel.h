@@ -80,6 +80,33 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
   if (m_main < M) edge_gemm<T>(M - m_main, N, K, A + m_main * a_rs, a_rs, a_cs, B, ldb, C + m_main * ldc, ldc, accumulate);
 }
 
+// S[r][c] = q_r . k_(j0 + c) for the few-row case (decode: one token's query heads), where
+// transposing each K tile for the GEMM would cost as much as the products themselves.
+template <typename T>
+void dot_scores(int64_t nq, const T* q, int64_t q_stride, const T* k, int64_t kv_stride, int64_t j0, int64_t nk,
+                int64_t D, T* s) {
+  typedef T V __attribute__((vector_size(ALLMEM_SWA_VEC_BYTES)));
+  constexpr int64_t kLen = ALLMEM_SWA_VEC_BYTES / sizeof(T);
+  for (int64_t c = 0; c < nk; ++c) {
+    const T* kr = k + (j0 + c) * kv_stride;
+    for (int64_t r = 0; r < nq; ++r) {
+      const T* qr = q + r * q_stride;
+      V acc = {};
+      int64_t d = 0;
+      for (; d + kLen <= D; d += kLen) {
+        V a, b;
+        __builtin_memcpy(&a, qr + d, sizeof(V));
+        __builtin_memcpy(&b, kr + d, sizeof(V));
+        acc += a * b;
+      }
+      T sum = 0;
+      for (int64_t l = 0; l < kLen; ++l) sum += acc[l];
+      for (; d < D; ++d) sum += qr[d] * kr[d];
+      s[r * kBlockK + c] = sum;
+    }
+  }
+}
+
 // x[i] <- exp(x[i]) for x[i] <= 0 (or -inf -> 0). float: a branch-free Cephes-style polynomial
 // (relative error ~2 ulp) that the compiler vectorizes; std::exp does not vectorize and would
 // dominate the runtime. double: std::exp (the double path exists for exactness, not speed).
@@ -167,11 +194,12 @@ inline void scale_and_mask(T* s, int64_t nq, const KeyTile& t, int64_t i0, T sca
   }
 }
 
-// Forward of one query block [i0, i0 + nq) of one (sequence, head): online softmax over the
-// visible key tiles. out rows at out + r * q_stride; lse[r] (natural log) for each row.
+// Attention of query rows [i0, i0 + nq) of a slice over the given key tiles, online softmax.
+// Out row r at out + r * q_stride; lse[r] (natural log) unless lse is null. Tiles that are not
+// `full` are masked with the (window, sinks) rule at the rows' positions.
 template <typename T>
-void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t window, int64_t sinks, T scale,
-               T* out, float* lse, std::vector<T>& scratch, std::vector<KeyTile>& tiles) {
+void attend_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, const std::vector<KeyTile>& tiles,
+                  int64_t window, int64_t sinks, T scale, T* out, float* lse, std::vector<T>& scratch) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   scratch.resize(kBlockQ * kBlockK + D * kBlockK + kBlockQ * D + 2 * kBlockQ);
   T* s = scratch.data();
@@ -183,10 +211,14 @@ void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t win
   std::fill(m, m + nq, kNegInf);
   std::fill(l, l + nq, T(0));
   const T* qb = x.q + i0 * x.q_stride;
-  key_tiles(i0, i0 + nq, window, sinks, tiles);
+  const bool few_rows = nq < micro_rows(ALLMEM_SWA_VEC_BYTES);
   for (const KeyTile& t : tiles) {
-    transpose_tile(x.k, x.kv_stride, t.j0, t.nk, D, kt);
-    gemm<T>(nq, t.nk, D, qb, x.q_stride, 1, kt, kBlockK, s, kBlockK, false);
+    if (few_rows) {
+      dot_scores(nq, qb, x.q_stride, x.k, x.kv_stride, t.j0, t.nk, D, s);
+    } else {
+      transpose_tile(x.k, x.kv_stride, t.j0, t.nk, D, kt);
+      gemm<T>(nq, t.nk, D, qb, x.q_stride, 1, kt, kBlockK, s, kBlockK, false);
+    }
     scale_and_mask(s, nq, t, i0, scale, window, sinks);
     for (int64_t r = 0; r < nq; ++r) {
       T* row = s + r * kBlockK;
@@ -214,8 +246,16 @@ void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t win
     T* o = out + r * x.q_stride;
     const T* a = acc + r * D;
     for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
-    lse[r] = static_cast<float>(m[r] + std::log(l[r]));
+    if (lse != nullptr) lse[r] = static_cast<float>(m[r] + std::log(l[r]));
   }
+}
+
+// Forward of one query block [i0, i0 + nq) of one (sequence, head): the visible key tiles only.
+template <typename T>
+void fwd_block(const Slice<T>& x, int64_t D, int64_t i0, int64_t nq, int64_t window, int64_t sinks, T scale,
+               T* out, float* lse, std::vector<T>& scratch, std::vector<KeyTile>& tiles) {
+  key_tiles(i0, i0 + nq, window, sinks, tiles);
+  attend_block(x, D, i0, nq, tiles, window, sinks, scale, out, lse, scratch);
 }
 
 // Backward of one (sequence, kv head): every query head of its group and every query block.
