@@ -210,6 +210,22 @@ def test_varlen_equals_dense_per_sequence(seed):
         assert maxerr(out[s:e], alone) < F64_TOL, f"sequence {n} seed {seed}"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_in_a_key_reaches_exactly_the_queries_that_see_it(isa, seed, monkeypatch):
+    """A NaN is never silently dropped: the rows that attend to a NaN key are NaN, the others are
+    exact (NaN only in k: a NaN in v reaches every row of a matmul-based kernel through 0 * NaN)."""
+    monkeypatch.setenv("ALLMEM_SWA_CPU_ISA", isa)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = dense_inputs(1, 140, 4, 2, 32)
+        k[0, 100, 1] = float("nan")  # position 100, kv head 1 -> query heads 2, 3
+        ref = swa_naive(q, k, v, 6, 2)
+        out, _ = fwd(q.to(dtype), k.to(dtype), v.to(dtype), 6, 2)
+        assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+        assert ref[0, 100:106, 2:].isnan().all() and not ref[0, :100].isnan().any()
+        finite = ~ref.isnan()
+        assert maxerr(out[finite], ref[finite]) < (F64_TOL if dtype == torch.float64 else F32_TOL)
+
+
 def test_max_seqlen_is_computed_or_checked(seed):
     q, k, v, cu = varlen_inputs([5, 9], 2, 2, 16)
     auto = sliding_window_attention(q, k, v, 3, 1, cu_seqlens=cu)

@@ -1,8 +1,8 @@
 // Tile kernels of the CPU sliding-window attention (forward and backward), on raw pointers.
 //
 // Deliberately WITHOUT an include guard: swa_cpu.cpp includes this file once per instruction
-// set, each time inside its own namespace (and, for AVX2, under `#pragma GCC target`), so the
-// same source gives a portable build and a runtime-selected AVX2+FMA build. It must therefore
+// set, each time inside its own namespace (and, for AVX2/AVX-512, under `#pragma GCC target`),
+// so the same source gives a portable build and runtime-selected SIMD builds. It must therefore
 // include nothing itself; the includer provides <algorithm>, <cmath>, <cstdint>, <limits>,
 // <vector> and swa/swa_cpu_types.h (tiles, argument structs), and defines ALLMEM_SWA_VEC_BYTES,
 // the SIMD register width of the target (16 for SSE2/NEON, 32 for AVX2, 64 for AVX-512).
@@ -107,13 +107,13 @@ void dot_scores(int64_t nq, const T* q, int64_t q_stride, const T* k, int64_t kv
   }
 }
 
-// x[i] <- exp(x[i]) for x[i] <= 0 (or -inf -> 0). float: a branch-free Cephes-style polynomial
-// (relative error ~2 ulp) that the compiler vectorizes; std::exp does not vectorize and would
-// dominate the runtime. double: std::exp (the double path exists for exactness, not speed).
+// x[i] <- exp(x[i]) for x[i] <= 0 (or -inf -> 0, NaN -> NaN). float: a branch-free Cephes-style
+// polynomial (relative error ~2 ulp) that the compiler vectorizes; std::exp does not vectorize
+// and would dominate the runtime. double: std::exp (the double path is for exactness, not speed).
 inline void exp_nonpositive(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float xi = x[i];
-    const float xc = xi > -87.0f ? xi : -87.0f;
+    const float xc = xi < -87.0f ? -87.0f : xi;  // this order keeps a NaN a NaN
     const float t = xc * 1.44269504088896341f;
     // Round to nearest with the 1.5 * 2^23 trick: exact for |t| < 2^22 and vectorizable.
     const float nf = (t + 12582912.0f) - 12582912.0f;
