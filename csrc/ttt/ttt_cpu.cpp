@@ -127,11 +127,23 @@ void store(const at::Tensor& rows6, int64_t first, const Mats& m) {
   for (int64_t i = 0; i < 3; ++i) rows6[first + i].copy_(m[i].reshape(-1));
 }
 
-// Pieces of a chunk buffer [C, 2d+4].
+// A chunk's k [n, d], v [n, d], eta [n, 3], mu [n]: either rows of the chunk buffer
+// [n, 2d+4] (k | v | eta | mu) or views of the token tensors.
 struct ChunkView {
   at::Tensor k, v, eta, mu;
-  ChunkView(const at::Tensor& buf, int64_t d)
-      : k(buf.narrow(1, 0, d)), v(buf.narrow(1, d, d)), eta(buf.narrow(1, 2 * d, 3)), mu(buf.select(1, 2 * d + 3)) {}
+  static ChunkView of_buffer(const at::Tensor& buf, int64_t d) {
+    return {buf.narrow(1, 0, d), buf.narrow(1, d, d), buf.narrow(1, 2 * d, 3), buf.select(1, 2 * d + 3)};
+  }
+  ChunkView rows(int64_t from, int64_t count) const {
+    return {k.narrow(0, from, count), v.narrow(0, from, count), eta.narrow(0, from, count),
+            mu.narrow(0, from, count)};
+  }
+  void copy_from(const ChunkView& src) const {
+    k.copy_(src.k);
+    v.copy_(src.v);
+    eta.copy_(src.eta);
+    mu.copy_(src.mu);
+  }
 };
 
 // One sequence is processed as segments: each fills the current chunk (or ends the sequence).
@@ -192,23 +204,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
       auto row = fast_in[n][hh];
       Mats W = cloned(mats_of(row, 0, lay)), M = cloned(mats_of(row, kMomentumRow, lay));
       auto buf = pend_in[n].select(1, hh).clone();
-      const ChunkView chunk(buf, d);
+      const auto buffered = ChunkView::of_buffer(buf, d);
       int64_t slot = lay.slot[n], p = 0;
       for (const Segment& s : segments(lay, n)) {
         auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).select(1, hh); };
+        const ChunkView mine{rows(ka), rows(va), rows(etaa), rows(mua)};
         store(ckpt[slot][hh], 0, W);
         store(ckpt[slot][hh], kMomentumRow, M);
         ++slot;
-        if (s.tokens > 0) {
-          rows(o).copy_(read_forward(W, rows(qa), residual));
-          auto dst = ChunkView(buf.narrow(0, s.pending_before, s.tokens), d);
-          dst.k.copy_(rows(ka));
-          dst.v.copy_(rows(va));
-          dst.eta.copy_(rows(etaa));
-          dst.mu.copy_(rows(mua));
-        }
+        if (s.tokens > 0) rows(o).copy_(read_forward(W, rows(qa), residual));
         p = s.pending_before + s.tokens;
+        // A chunk made only of this call's tokens is used in place; others go through the buffer.
+        const bool direct = s.pending_before == 0 && p == C;
+        if (!direct && s.tokens > 0) buffered.rows(s.pending_before, s.tokens).copy_from(mine);
         if (p == C) {
+          const ChunkView& chunk = direct ? mine : buffered;
           chunk_update(W, M, targets, chunk.k, chunk.v, chunk.eta, chunk.mu.mean().item<double>(), lact_order);
         }
       }
@@ -278,31 +288,29 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
         auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).select(1, hh); };
         auto ck = ckpt[lay.slot[n] + i][hh];
         const Mats W = mats_of(ck, 0, lay), M = mats_of(ck, kMomentumRow, lay);
-        at::Tensor dchunk;  // [C, 2d+4]: gradient of each row of the chunk buffer
+        const ChunkView mine{rows(ka), rows(va), rows(etaa), rows(mua)};
+        ChunkView grad;  // gradient of every row of the chunk
         if (i + 1 < static_cast<int64_t>(segs.size())) {
-          auto buf = at::empty({C, lay.pend_width()}, qa.options());
-          if (s.pending_before > 0) buf.narrow(0, 0, s.pending_before).copy_(init_pend.narrow(0, 0, s.pending_before));
-          const ChunkView mine(buf.narrow(0, s.pending_before, s.tokens), d);
-          mine.k.copy_(rows(ka));
-          mine.v.copy_(rows(va));
-          mine.eta.copy_(rows(etaa));
-          mine.mu.copy_(rows(mua));
-          const ChunkView chunk(buf, d);
-          at::Tensor gk, gv, geta;
+          ChunkView chunk = mine;
+          if (s.pending_before > 0) {
+            auto buf = at::empty({C, lay.pend_width()}, qa.options());
+            buf.narrow(0, 0, s.pending_before).copy_(init_pend.narrow(0, 0, s.pending_before));
+            chunk = ChunkView::of_buffer(buf, d);
+            chunk.rows(s.pending_before, s.tokens).copy_from(mine);
+          }
           const double gmu = chunk_update_backward(W, M, targets, chunk.k, chunk.v, chunk.eta,
-                                                   chunk.mu.mean().item<double>(), lact_order, dW, dM, d_tgt, gk,
-                                                   gv, geta);
-          dchunk = at::cat({gk, gv, geta, at::full({C, 1}, gmu / static_cast<double>(C), qa.options())}, 1);
+                                                   chunk.mu.mean().item<double>(), lact_order, dW, dM, d_tgt,
+                                                   grad.k, grad.v, grad.eta);
+          grad.mu = at::full({C}, gmu / static_cast<double>(C), qa.options());
         } else {
-          dchunk = gpend[n].select(1, hh);  // the trailing partial chunk only lands in the final state
+          grad = ChunkView::of_buffer(gpend[n].select(1, hh), d);  // the partial chunk only lands in the state
         }
-        if (s.pending_before > 0) d_init_pend.narrow(0, 0, s.pending_before).copy_(dchunk.narrow(0, 0, s.pending_before));
+        if (s.pending_before > 0) {
+          ChunkView::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
+        }
         if (s.tokens > 0) {
-          const ChunkView g(dchunk.narrow(0, s.pending_before, s.tokens), d);
-          rows(dk).copy_(g.k);
-          rows(dv).copy_(g.v);
-          rows(deta).copy_(g.eta);
-          rows(dmu).copy_(g.mu);
+          const ChunkView dmine{rows(dk), rows(dv), rows(deta), rows(dmu)};
+          dmine.copy_from(grad.rows(s.pending_before, s.tokens));
           rows(dq).copy_(read_backward(W, rows(qa), rows(doa), residual, dW));
         }
       }
