@@ -146,8 +146,9 @@ def test_chunked_reference_matches_naive(case, lact_order):
 def test_initial_state_helper_equals_no_state():
     ins, _ = make_inputs(2, 7, 2, 4, 3)
     init = TTTState.initial(*ins[5:], num_seqs=2, chunk_size=3)
-    assert init.nbytes == sum(getattr(init, f.name).numel() * getattr(init, f.name).element_size()
-                              for f in dataclasses.fields(TTTState))
+    N, H, d, h, C = 2, 2, 4, 3, 3
+    per_head = 6 * h * d + C * (2 * d + 3 + 1)  # weights + momenta, pending k | v | eta | mu
+    assert init.nbytes == 8 * (N * H * per_head + N)  # float64 values, int64 pending_len
     o1, s1 = allmem_ops.ttt_memory(*ins, 3, output_final_state=True)
     o2, s2 = allmem_ops.ttt_memory(*ins, 3, initial_state=init, output_final_state=True)
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
@@ -172,36 +173,33 @@ def test_low_precision_inputs_use_float32_state():
     torch.testing.assert_close(s.w_gate, s_ref.w_gate, rtol=1e-5, atol=1e-5)
 
 
-def _flat_fn(C, N, H, d, h, cu, lact_order, residual, with_state):
-    """The public op as a function of plain tensors, for gradcheck."""
+def _flat_fn(C, cu, lact_order, residual, pending_len=None):
+    """The public op as a function of plain tensors (inputs, then the float state fields when
+    pending_len is given), returning o and every float field of the final state: for gradcheck."""
     def fn(*tensors):
-        ins = tensors[:8]
-        state = None
-        if with_state:
-            state = TTTState(*tensors[8:], pending_len=plen)
-        o, s = allmem_ops.ttt_memory(*ins, C, initial_state=state, output_final_state=True, cu_seqlens=cu,
+        state = TTTState(*tensors[8:], pending_len=pending_len) if pending_len is not None else None
+        o, s = allmem_ops.ttt_memory(*tensors[:8], C, initial_state=state, output_final_state=True, cu_seqlens=cu,
                                      lact_order=lact_order, residual=residual)
         return (o, *(getattr(s, n) for n in STATE_FLOATS))
 
-    plen = torch.tensor([1, 0, 2][:N], dtype=torch.long)
-    return fn, plen
+    return fn
 
 
 @pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gradcheck(lact_order, residual, varlen):
+    """Every input, the params (also through the norm targets) and every float state field."""
     H, d, h, C = 1, 3, 2, 3
     if varlen:
         ins, cu = make_inputs(None, None, H, d, h, lens=[4, 2, 5])
     else:
         ins, cu = make_inputs(3, 5, H, d, h)
-    N = 3
-    fn, plen = _flat_fn(C, N, H, d, h, cu, lact_order, residual, with_state=True)
-    state = random_state(N, C, H, d, h, plen.tolist())
+    state = random_state(3, C, H, d, h, [1, 0, 2])
     tensors = [t.detach().requires_grad_() for t in ins + [getattr(state, n) for n in STATE_FLOATS]]
+    fn = _flat_fn(C, cu, lact_order, residual, state.pending_len)
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
-    fn0, _ = _flat_fn(C, N, H, d, h, cu, lact_order, residual, with_state=False)
-    assert torch.autograd.gradcheck(fn0, [t.detach().requires_grad_() for t in ins], eps=1e-6, atol=1e-7, rtol=1e-5)
+    fn = _flat_fn(C, cu, lact_order, residual)
+    assert torch.autograd.gradcheck(fn, [t.detach().requires_grad_() for t in ins], eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def _op_args(varlen, requires_grad):
