@@ -25,6 +25,7 @@ at::ScalarType state_dtype(at::ScalarType input) { return input == at::kDouble ?
 struct Layout {
   int64_t T = 0, H = 0, d = 0, h = 0, N = 0, C = 0;
   std::vector<int64_t> start, len, p0, slot;
+  int64_t used_slots = 0;
   int64_t pend_width() const { return 2 * d + 4; }  // k | v | eta (3) | mu
   int64_t slots() const { return 2 * N + T / C; }    // >= sum over sequences of (chunks + 1)
 };
@@ -108,6 +109,7 @@ Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tens
     lay.slot.push_back(slot);
     slot += (pl[n] + lay.len[n]) / lay.C + 1;
   }
+  lay.used_slots = slot;
   return lay;
 }
 
@@ -194,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   auto o = at::empty({lay.T, lay.H, d}, qa.options());
   auto fast_out = at::empty_like(fast_in);
   auto pend_out = at::empty_like(pend_in);
-  auto ckpt = at::zeros({lay.slots(), lay.H, kFastRows, lay.h * d}, qa.options());
+  auto ckpt = at::empty({lay.slots(), lay.H, kFastRows, lay.h * d}, qa.options());
+  ckpt.narrow(0, lay.used_slots, lay.slots() - lay.used_slots).zero_();  // keep the output deterministic
 
   at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_here;
