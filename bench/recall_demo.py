@@ -110,10 +110,10 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher-steps", type=int, default=500)
-    p.add_argument("--distill-steps", type=int, default=300)
-    p.add_argument("--distill-lr", type=float, default=3e-3)
-    p.add_argument("--eta-init", type=float, default=0.1,
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--distill-steps", type=int, default=600)
+    p.add_argument("--distill-lr", type=float, default=1e-2)
+    p.add_argument("--eta-init", type=float, default=1.0,
                    help="initial memory rate (SPEC's 1e-3 is tuned for width-512 memories; see README)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
