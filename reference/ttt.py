@@ -50,10 +50,6 @@ class TTTState:
         """Bytes held by the state; independent of how many tokens were read."""
         return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size() for f in fields(self))
 
-    @property
-    def chunk_size(self) -> int:
-        return self.pending_k.shape[1]
-
     @classmethod
     def initial(
         cls,
