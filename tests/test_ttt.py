@@ -362,8 +362,15 @@ def test_bad_cu_seqlens():
         allmem_ops.ttt_memory(*_good(), 3, cu_seqlens=cu)
 
 
+def _has_cuda_kernel() -> bool:
+    return torch.cuda.is_available() and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"allmem::{op}", "CUDA")
+        for op in ("ttt_memory_fwd", "ttt_memory_bwd")
+    )
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not _has_cuda_kernel(), reason="needs a CUDA device and the CUDA TTT kernels")
 class TestCUDA:
     """The same checks on the device, for the CUDA kernels (compared with the CPU oracle)."""
 
