@@ -90,9 +90,11 @@ def recall_section(num_batches: int) -> None:
         print(f"{name:26s}{accs}{r['accuracy_beyond_window']:10.3f}{state:10d}{r['tokens_per_s']:10.0f}")
     rec = R.recovery(results["teacher"]["accuracy_beyond_window"], results["swa"]["accuracy_beyond_window"],
                      results["allmem"]["accuracy_beyond_window"])
+    cfg = model.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     print(f"AllMem recovers {'n/a' if rec is None else f'{100 * rec:.1f}%'} of the recall that SWA-only loses "
-          f"beyond the window. State bytes: teacher KV cache at {task.seq_len} tokens (grows with length) "
-          f"vs AllMem's constant state.\n")
+          f"beyond the window.\nState bytes per sequence: the teacher's KV cache grows by {kv_per_token} B per "
+          f"token ({kv_per_token * 32768} B at 32k tokens); AllMem's state stays {sizes['allmem_state']} B.\n")
 
 
 def _time(fn, reps: int) -> float:
