@@ -1,7 +1,7 @@
 """allmem_ops: kernels for AllMem (sliding-window attention with sinks + a non-linear TTT memory).
 
 Ops live under torch.ops.allmem.*; the functions here are thin, validated wrappers with autograd.
-The pure-PyTorch oracle is allmem_ops.reference.
+The pure-PyTorch oracle and the AllMem model are allmem_ops.reference.
 """
 from . import _library
 
@@ -11,4 +11,11 @@ from ._library import build_info  # noqa: E402
 from .swa import SWAKVCache, sliding_window_attention, sliding_window_attention_decode  # noqa: E402
 from .ttt import TTTState, ttt_memory  # noqa: E402
 
-__all__ = ["build_info", "sliding_window_attention", "sliding_window_attention_decode", "SWAKVCache", "TTTState", "ttt_memory"]
+__all__ = [
+    "build_info",
+    "sliding_window_attention",
+    "sliding_window_attention_decode",
+    "SWAKVCache",
+    "TTTState",
+    "ttt_memory",
+]

@@ -1,9 +1,20 @@
 """Pure-PyTorch reference for allmem_ops: the oracle ops and the AllMem model (float64-capable)."""
+from .convert import convert_from_hf
+from .generate import generate, state_nbytes
+from .model import AllMemForCausalLM
+from .model_config import AllMemConfig
+from .swa import swa_mask, swa_naive
+from .ttt import TTTState, ttt_memory_chunked, ttt_memory_naive
 
-from .swa import swa_mask, swa_naive  # noqa: E402
-
-from .model_config import AllMemConfig  # noqa: E402
-from .model import AllMemForCausalLM  # noqa: E402
-from .convert import convert_from_hf  # noqa: E402
-from .generate import generate, state_nbytes  # noqa: E402
-from .ttt import TTTState, ttt_memory_chunked, ttt_memory_naive  # noqa: E402
+__all__ = [
+    "AllMemConfig",
+    "AllMemForCausalLM",
+    "TTTState",
+    "convert_from_hf",
+    "generate",
+    "state_nbytes",
+    "swa_mask",
+    "swa_naive",
+    "ttt_memory_chunked",
+    "ttt_memory_naive",
+]
