@@ -4,6 +4,8 @@
 #pragma once
 #include <cmath>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -85,6 +87,82 @@ inline Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Ten
     p.max_len = q.size(1);
     p.total = p.batch * p.max_len;
   }
+  return p;
+}
+
+// Row statistics (lse, delta) layout: [B, Hq, L] dense, [Hq, T] varlen.
+inline std::vector<int64_t> lse_shape(const Problem& p) {
+  if (p.varlen) return {p.hq, p.total};
+  return {p.batch, p.hq, p.max_len};
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  ALLMEM_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape_str(ref), ", got ",
+               shape_str(t));
+  check_same_dtype(ref, ref_name, t, name);
+  check_same_device(ref, ref_name, t, name);
+}
+
+// swa_bwd's arguments beyond q/k/v: dout and out shaped like q, lse float32 of lse_shape(p).
+inline void check_bwd_args(const Problem& p, const at::Tensor& q, const at::Tensor& dout, const at::Tensor& out,
+                           const at::Tensor& lse) {
+  check_like(dout, "dout", q, "q");
+  check_like(out, "out", q, "q");
+  ALLMEM_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  check_same_device(q, "q", lse, "lse");
+  const auto want_lse = lse_shape(p);
+  ALLMEM_CHECK(lse.sizes() == at::IntArrayRef(want_lse), "lse must have shape ", c10::str(at::IntArrayRef(want_lse)),
+               ", got ", shape_str(lse));
+}
+
+struct DecodeProblem {
+  int64_t batch = 0, new_len = 0, hq = 0, hkv = 0, head_dim = 0;
+  int64_t slots = 0;  // S + W
+  double scale = 0.0;
+};
+
+// swa_decode's arguments: dtypes, devices and shapes of q/k_new/v_new, the S + W cache and
+// cache_seqlens. Values of cache_seqlens and backend limits are each backend's to check.
+inline DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
+                                       double softmax_scale) {
+  check_window_sinks(window, sinks);
+  check_floating(q, "q");
+  check_same_dtype(q, "q", k_new, "k_new");
+  check_same_dtype(q, "q", v_new, "v_new");
+  check_same_dtype(q, "q", k_cache, "k_cache");
+  check_same_dtype(q, "q", v_cache, "v_cache");
+  check_same_device(q, "q", k_new, "k_new");
+  check_same_device(q, "q", v_new, "v_new");
+  check_same_device(q, "q", k_cache, "k_cache");
+  check_same_device(q, "q", v_cache, "v_cache");
+  check_same_device(q, "q", cache_seqlens, "cache_seqlens");
+  check_dim(q, 4, "q", "[B, Lnew, Hq, D]");
+  check_dim(k_new, 4, "k_new", "[B, Lnew, Hkv, D]");
+  DecodeProblem p;
+  p.batch = q.size(0);
+  p.new_len = q.size(1);
+  p.hq = q.size(2);
+  p.head_dim = q.size(3);
+  p.hkv = k_new.size(2);
+  ALLMEM_CHECK(k_new.size(0) == p.batch && k_new.size(1) == p.new_len && k_new.size(3) == p.head_dim,
+               "k_new must be [B, Lnew, Hkv, D] with B, Lnew, D of q ", shape_str(q), ", got ", shape_str(k_new));
+  ALLMEM_CHECK(v_new.sizes() == k_new.sizes(), "v_new must have the shape of k_new ", shape_str(k_new), ", got ",
+               shape_str(v_new));
+  ALLMEM_CHECK(p.hkv >= 1 && p.hq % p.hkv == 0, "number of q heads (", p.hq,
+               ") must be a multiple of the number of k/v heads (", p.hkv, ")");
+  p.slots = sinks + window;
+  const std::vector<int64_t> want_cache{p.batch, p.slots, p.hkv, p.head_dim};
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
+    ALLMEM_CHECK(t.sizes() == at::IntArrayRef(want_cache), name, " must have shape [B, S + W, Hkv, D] = ",
+                 c10::str(at::IntArrayRef(want_cache)), ", got ", shape_str(t));
+  }
+  ALLMEM_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+               cache_seqlens.scalar_type());
+  ALLMEM_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == p.batch, "cache_seqlens must have shape [B] = [",
+               p.batch, "], got ", shape_str(cache_seqlens));
+  p.scale = resolve_scale(softmax_scale, p.head_dim);
   return p;
 }
 

@@ -150,11 +150,6 @@ Sequences sequences(const Problem& p, const std::optional<at::Tensor>& cu_seqlen
   return s;
 }
 
-std::vector<int64_t> lse_shape(const Problem& p) {
-  if (p.varlen) return {p.hq, p.total};
-  return {p.batch, p.hq, p.max_len};
-}
-
 // Items per parallel chunk so that a chunk holds at least ~8 MFLOP (~0.1-1 ms): small problems
 // (a decode step, gradcheck-sized inputs) then run inline instead of paying a thread-pool round
 // trip, which costs milliseconds when the cores are oversubscribed.
@@ -217,13 +212,6 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
   return {out.to(q.scalar_type()), lse};
 }
 
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  ALLMEM_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape_str(ref), ", got ",
-               shape_str(t));
-  check_same_dtype(ref, ref_name, t, name);
-  check_same_device(ref, ref_name, t, name);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
                                                            const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& out, const at::Tensor& lse,
@@ -232,13 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dou
                                                            int64_t max_seqlen) {
   const Problem p = check_qkv(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen);
   check_cpu(q, "q");
-  check_like(dout, "dout", q, "q");
-  check_like(out, "out", q, "q");
-  ALLMEM_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  check_same_device(q, "q", lse, "lse");
-  const auto want_lse = lse_shape(p);
-  ALLMEM_CHECK(lse.sizes() == at::IntArrayRef(want_lse), "lse must have shape ", c10::str(at::IntArrayRef(want_lse)),
-               ", got ", shape_str(lse));
+  check_bwd_args(p, q, dout, out, lse);
   const Sequences seqs = sequences(p, cu_seqlens);
   const at::Tensor qc = widened(q), kc = widened(k), vc = widened(v), oc = widened(out), doc = widened(dout);
   const at::Tensor lc = lse.contiguous();
@@ -373,45 +355,18 @@ void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_
 at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
                           at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
                           double softmax_scale) {
-  check_window_sinks(window, sinks);
-  check_floating(q, "q");
+  const DecodeProblem dp = check_decode_args(q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks,
+                                             softmax_scale);
   check_cpu(q, "q");
-  check_same_dtype(q, "q", k_new, "k_new");
-  check_same_dtype(q, "q", v_new, "v_new");
-  check_same_dtype(q, "q", k_cache, "k_cache");
-  check_same_dtype(q, "q", v_cache, "v_cache");
-  check_same_device(q, "q", k_new, "k_new");
-  check_same_device(q, "q", v_new, "v_new");
-  check_same_device(q, "q", k_cache, "k_cache");
-  check_same_device(q, "q", v_cache, "v_cache");
-  check_same_device(q, "q", cache_seqlens, "cache_seqlens");
-  check_dim(q, 4, "q", "[B, Lnew, Hq, D]");
-  check_dim(k_new, 4, "k_new", "[B, Lnew, Hkv, D]");
-  const int64_t B = q.size(0), l_new = q.size(1), hq = q.size(2), D = q.size(3);
-  const int64_t hkv = k_new.size(2);
-  ALLMEM_CHECK(k_new.size(0) == B && k_new.size(1) == l_new && k_new.size(3) == D,
-               "k_new must be [B, Lnew, Hkv, D] with B, Lnew, D of q ", shape_str(q), ", got ", shape_str(k_new));
-  ALLMEM_CHECK(v_new.sizes() == k_new.sizes(), "v_new must have the shape of k_new ", shape_str(k_new), ", got ",
-               shape_str(v_new));
-  ALLMEM_CHECK(hkv >= 1 && hq % hkv == 0, "number of q heads (", hq, ") must be a multiple of the number of k/v heads (",
-               hkv, ")");
-  const int64_t slots = sinks + window;
-  const std::vector<int64_t> want_cache{B, slots, hkv, D};
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
-    ALLMEM_CHECK(t.sizes() == at::IntArrayRef(want_cache), name, " must have shape [B, S + W, Hkv, D] = ",
-                 c10::str(at::IntArrayRef(want_cache)), ", got ", shape_str(t));
-    // Written in place through raw pointers, so the layout must be the plain one.
-    ALLMEM_CHECK(t.is_contiguous(), name, " must be contiguous");
-  }
-  ALLMEM_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
-               cache_seqlens.scalar_type());
-  ALLMEM_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens must have shape [B] = [", B,
-               "], got ", shape_str(cache_seqlens));
+  const int64_t B = dp.batch, l_new = dp.new_len, hq = dp.hq, D = dp.head_dim, hkv = dp.hkv, slots = dp.slots;
+  // Written in place through raw pointers, so the layout must be the plain one.
+  ALLMEM_CHECK(k_cache.is_contiguous(), "k_cache must be contiguous");
+  ALLMEM_CHECK(v_cache.is_contiguous(), "v_cache must be contiguous");
   const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* lp = lens.const_data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     ALLMEM_CHECK(lp[b] >= 0, "cache_seqlens must be >= 0, got cache_seqlens[", b, "] = ", lp[b]);
-  const double scale = resolve_scale(softmax_scale, D);
+  const double scale = dp.scale;
   const at::Tensor qc = q.contiguous(), kn = k_new.contiguous(), vn = v_new.contiguous();
   at::Tensor out = at::empty(q.sizes(), qc.options());
 

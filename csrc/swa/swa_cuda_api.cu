@@ -78,11 +78,6 @@ TensorRef ref_of(const at::Tensor& t, bool varlen) {
   return r;
 }
 
-std::vector<int64_t> lse_shape(const Problem& p) {
-  if (p.varlen) return {p.hq, p.total};
-  return {p.batch, p.hq, p.max_len};
-}
-
 RowStatRef stat_ref(const at::Tensor& contiguous_stat, const Problem& p) {
   RowStatRef r;
   r.ptr = contiguous_stat.data_ptr<float>();
@@ -158,13 +153,6 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_in, const at
   return {out, lse};
 }
 
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  ALLMEM_CHECK(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape_str(ref), ", got ",
-               shape_str(t));
-  check_same_dtype(ref, ref_name, t, name);
-  check_same_device(ref, ref_name, t, name);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
                                                             const at::Tensor& out_in, const at::Tensor& lse_in,
@@ -174,13 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   Problem p = check_qkv(q_in, k_in, v_in, window, sinks, softmax_scale, cu_seqlens, max_seqlen,
                         /*validate_cu_seqlens=*/false);
   const DType dtype = cuda_dtype(q_in, "q");
-  check_like(dout_in, "dout", q_in, "q");
-  check_like(out_in, "out", q_in, "q");
-  ALLMEM_CHECK(lse_in.scalar_type() == at::kFloat, "lse must be float32, got ", lse_in.scalar_type());
-  check_same_device(q_in, "q", lse_in, "lse");
-  const auto want_lse = lse_shape(p);
-  ALLMEM_CHECK(lse_in.sizes() == at::IntArrayRef(want_lse), "lse must have shape ",
-               c10::str(at::IntArrayRef(want_lse)), ", got ", shape_str(lse_in));
+  check_bwd_args(p, q_in, dout_in, out_in, lse_in);
   at::Tensor cu_device;
   const AttnShape shape = attn_shape(q_in, p, cu_seqlens, cu_device);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -194,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   // dout is made contiguous instead of rejected.
   const at::Tensor dout = dout_in.stride(-1) == 1 && is_aligned(dout_in) ? dout_in : dout_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty(want_lse, lse.options());
+  at::Tensor delta = at::empty(lse_shape(p), lse.options());
 
   BwdParams bp;
   bp.shape = shape;
@@ -232,49 +214,23 @@ void plan_decode_splits(DecodeParams& dp, int64_t band_keys, int num_sms) {
 at::Tensor swa_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
                            at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window,
                            int64_t sinks, double softmax_scale) {
-  check_window_sinks(window, sinks);
-  check_floating(q_in, "q");
-  check_same_dtype(q_in, "q", k_new_in, "k_new");
-  check_same_dtype(q_in, "q", v_new_in, "v_new");
-  check_same_dtype(q_in, "q", k_cache, "k_cache");
-  check_same_dtype(q_in, "q", v_cache, "v_cache");
-  check_same_device(q_in, "q", k_new_in, "k_new");
-  check_same_device(q_in, "q", v_new_in, "v_new");
-  check_same_device(q_in, "q", k_cache, "k_cache");
-  check_same_device(q_in, "q", v_cache, "v_cache");
-  check_same_device(q_in, "q", cache_seqlens, "cache_seqlens");
+  const DecodeProblem shape = check_decode_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_seqlens, window,
+                                                sinks, softmax_scale);
   check_on_cuda(q_in, "q");
   const DType dtype = cuda_dtype(q_in, "q");
-  check_dim(q_in, 4, "q", "[B, Lnew, Hq, D]");
-  check_dim(k_new_in, 4, "k_new", "[B, Lnew, Hkv, D]");
-  const int64_t B = q_in.size(0), l_new = q_in.size(1), hq = q_in.size(2), D = q_in.size(3);
-  const int64_t hkv = k_new_in.size(2);
-  ALLMEM_CHECK(k_new_in.size(0) == B && k_new_in.size(1) == l_new && k_new_in.size(3) == D,
-               "k_new must be [B, Lnew, Hkv, D] with B, Lnew, D of q ", shape_str(q_in), ", got ",
-               shape_str(k_new_in));
-  ALLMEM_CHECK(v_new_in.sizes() == k_new_in.sizes(), "v_new must have the shape of k_new ", shape_str(k_new_in),
-               ", got ", shape_str(v_new_in));
-  ALLMEM_CHECK(hkv >= 1 && hq % hkv == 0, "number of q heads (", hq,
-               ") must be a multiple of the number of k/v heads (", hkv, ")");
+  const int64_t B = shape.batch, l_new = shape.new_len, hq = shape.hq, D = shape.head_dim, hkv = shape.hkv;
   check_head_dim(D);
-  const int64_t slots = sinks + window;
+  const int64_t slots = shape.slots;
   ALLMEM_CHECK(slots <= kMaxSeqlen, "the CUDA decode kernel supports S + W up to ", kMaxSeqlen, ", got ", slots);
-  const std::vector<int64_t> want_cache{B, slots, hkv, D};
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
-    ALLMEM_CHECK(t.sizes() == at::IntArrayRef(want_cache), name, " must have shape [B, S + W, Hkv, D] = ",
-                 c10::str(at::IntArrayRef(want_cache)), ", got ", shape_str(t));
     // Written in place, so it cannot be copied into an aligned layout behind the caller's back.
     check_last_dim_contiguous(t, name);
     ALLMEM_CHECK(is_aligned(t), name, " must be 16-byte aligned with strides that are multiples of 8 elements, ",
                  "got strides ", c10::str(t.strides()));
   }
-  ALLMEM_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
-               cache_seqlens.scalar_type());
-  ALLMEM_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens must have shape [B] = [", B,
-               "], got ", shape_str(cache_seqlens));
   ALLMEM_CHECK(B * l_new <= INT_MAX / std::max<int64_t>(hq, 1), "B * Lnew * Hq must fit int32, got ", B * l_new * hq);
   ALLMEM_CHECK(hkv <= kMaxGridYZ, "the CUDA decode kernel supports up to ", kMaxGridYZ, " kv heads, got ", hkv);
-  const double scale = resolve_scale(softmax_scale, D);
+  const double scale = shape.scale;
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
