@@ -12,7 +12,11 @@ Writes bench/results/recall_demo.json and .png, and the checkpoints the main job
 allmem_ops/assets/recall_teacher.{json,safetensors} (Hugging Face config + weights) and
 allmem_ops/assets/recall_allmem.{json,safetensors} (AllMem config + weights).
 
-    python bench/recall_demo.py            # the whole run (~15-25 min on 2 shared cores)
+    python bench/recall_demo.py            # the whole run (~10 min on 2 idle cores, longer when shared)
+
+The memory branch sits at chance-plus-class-prior for the first ~600 distillation steps, then
+learns the association (KL 1.4 at step 600, 0.30 at 1000, 0.007 at 1500): 600 steps gave 22%
+recovery, 1500 steps (the default) 100%.
 """
 from __future__ import annotations
 
@@ -114,7 +118,8 @@ def main(argv=None) -> None:
     p.add_argument("--distill-steps", type=int, default=1500)
     p.add_argument("--distill-lr", type=float, default=1e-2)
     p.add_argument("--eta-init", type=float, default=1.0,
-                   help="initial memory rate (SPEC's 1e-3 is tuned for width-512 memories; see README)")
+                   help="initial memory rate; SPEC's 1e-3 leaves this tiny memory's writes far below its "
+                        "initial fast weights, and the learned rates do not grow that far in a short run")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
