@@ -45,12 +45,14 @@ def _load(folder_files: dict[str, str], loader):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def recall_section(num_batches: int) -> None:
+def recall_section(num_batches: int) -> dict | None:
+    """Evaluate the shipped checkpoints and print the comparison; returns the per-variant results
+    (see reference/recall.evaluate) plus "recovery", or None when the checkpoints are missing."""
     missing = [f for f in FILES if not os.path.isfile(os.path.join(ASSETS, f))]
     if missing:
         print(f"recall demo: shipped checkpoints missing ({', '.join(missing)} under {ASSETS});"
               " run bench/recall_demo.py to make them. Skipping to the op section.\n")
-        return
+        return None
     with open(os.path.join(ASSETS, "recall_task.json")) as f:
         meta = json.load(f)
     task, ev = RecallTaskConfig(**meta["task"]), meta["eval"]
@@ -95,6 +97,7 @@ def recall_section(num_batches: int) -> None:
     print(f"AllMem recovers {'n/a' if rec is None else f'{100 * rec:.1f}%'} of the recall that SWA-only loses "
           f"beyond the window.\nState bytes per sequence: the teacher's KV cache grows by {kv_per_token} B per "
           f"token ({kv_per_token * 32768} B at 32k tokens); AllMem's state stays {sizes['allmem_state']} B.\n")
+    return dict(results, recovery=rec, state_bytes=sizes)
 
 
 def _time(fn, reps: int) -> float:

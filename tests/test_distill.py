@@ -370,3 +370,17 @@ def test_evaluate_variants_and_alpha_restored(tmp_path, model_dir):
         Rc.evaluate(model, task, variant="student", **kw)
     sizes = Rc.state_bytes(model, 32, window=6, sinks=1, chunk_size=4, backend="reference")
     assert sizes["teacher_kv_cache"] == 2 * 2 * 32 * 1 * 16 * 4 and sizes["allmem_state"] > 0
+
+
+def test_shipped_checkpoints_recall(capsys):
+    """The main job's embedded checkpoints still load and still recall beyond the window."""
+    from allmem_ops import demo
+
+    res = demo.recall_section(num_batches=1)
+    if res is None:
+        pytest.skip("shipped checkpoints not built (bench/recall_demo.py)")
+    assert res["teacher"]["accuracy_beyond_window"] > 0.95
+    assert res["swa"]["accuracy_beyond_window"] < 0.3
+    assert res["recovery"] >= 0.8
+    assert res["state_bytes"]["allmem_state"] < res["state_bytes"]["teacher_kv_cache"]
+    assert "AllMem recovers" in capsys.readouterr().out
