@@ -1,0 +1,43 @@
+// Interface between the torch glue (ttt_cuda_api.cu) and the CUDA kernels of the TTT memory
+// (ttt_fwd.cu). Plain structs only: no ATen types cross into the kernel translation units.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace allmem::ttt::cuda {
+
+// Element type of q, k, v, eta, mu and o (the state is always float32 on the GPU path).
+enum class InDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One forward launch. Token tensors are contiguous [T, H, x] (dense [B, L, H, x] viewed as
+// T = B * L tokens); the packed state follows csrc/registration.cpp: fast [N, H, 6, h*d]
+// (gate, up, down, then their momenta), pending [N, C, H, 2d+4] (k | v | eta | mu rows).
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* eta;  // [T, H, 3]
+  const void* mu;   // [T, H]
+  void* o;          // [T, H, d], the input dtype
+  InDType dtype;
+  const float* w_gate;  // [H, h, d]: row norms are the normalization targets
+  const float* w_up;    // [H, h, d]
+  const float* w_down;  // [H, d, h]
+  const float* fast_in;
+  const float* pend_in;
+  float* fast_out;  // also the working state of each (sequence, head) while the kernel runs
+  float* pend_out;  // also the chunk buffer
+  float* ckpt;      // [slots, H, 6, h*d]: (W, M) at every segment start
+  const int64_t* seq;  // [4, N] on the device: token start, length, initial pending length, first slot
+  int64_t n_seqs;
+  int64_t heads;
+  int64_t chunk;
+  bool lact_order;
+  bool residual;
+};
+
+// Launches the forward on `stream`; d, h in {64, 128} (checked by the caller).
+void launch_ttt_fwd(const FwdParams& p, int d, int h, cudaStream_t stream);
+
+}  // namespace allmem::ttt::cuda

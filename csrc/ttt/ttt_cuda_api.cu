@@ -1,0 +1,213 @@
+// Torch glue of the TTT memory CUDA kernels: argument checks (the CPU op's contract, plus the GPU
+// path's limits), output allocation and TORCH_LIBRARY_IMPL(allmem, CUDA). The forward kernel is
+// in ttt_fwd.cu; its outputs (checkpoints included) have the CPU op's layouts and meaning, so the
+// Python wrapper (allmem_ops/ttt.py) is the same for both backends.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "ttt/ttt_cuda.h"
+
+namespace allmem::ttt::cuda {
+namespace {
+
+constexpr int64_t kFastRows = 6;  // gate, up, down, then their momenta
+
+void check_on_cuda(const at::Tensor& t, const char* name) {
+  ALLMEM_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+}
+
+InDType cuda_dtype(const at::Tensor& q) {
+  const auto st = q.scalar_type();
+  ALLMEM_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+               "the CUDA TTT kernel takes bfloat16, float16 or float32 q, k, v, eta, mu, got ", st,
+               ": run float64 on the CPU kernel (move the tensors to the CPU)");
+  return st == at::kBFloat16 ? InDType::kBFloat16 : st == at::kHalf ? InDType::kFloat16 : InDType::kFloat32;
+}
+
+void check_state_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, const at::Tensor& q) {
+  check_same_device(t, name, q, "q");
+  ALLMEM_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", shape_str(t));
+  ALLMEM_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (the state dtype for ", q.scalar_type(),
+               " inputs), got ", t.scalar_type());
+}
+
+// Per sequence: first packed token, length, initial pending length, first checkpoint slot.
+struct Layout {
+  int64_t T = 0, H = 0, d = 0, h = 0, N = 0, C = 0, used_slots = 0;
+  std::vector<int64_t> seq;  // [4, N], row-major
+  int64_t slots() const { return 2 * N + T / C; }
+};
+
+Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                        const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                        const at::Tensor& w_down, const at::Tensor& fast, const at::Tensor& pending,
+                        const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
+                        int64_t chunk_size) {
+  ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  check_floating(q, "q");
+  check_on_cuda(q, "q");
+  const bool varlen = cu_seqlens.has_value();
+  if (varlen) {
+    check_dim(q, 3, "q", "[T, H, d] (varlen, with cu_seqlens)");
+  } else {
+    check_dim(q, 4, "q", "[B, L, H, d]");
+  }
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    ALLMEM_CHECK(t->sizes() == q.sizes(), name, " must have the shape of q ", shape_str(q), ", got ",
+                 shape_str(*t));
+  }
+  auto lead = q.sizes().vec();
+  lead.pop_back();
+  auto eta_shape = lead;
+  eta_shape.push_back(3);
+  ALLMEM_CHECK(eta.sizes() == at::IntArrayRef(eta_shape), "eta must have shape ", at::IntArrayRef(eta_shape),
+               " (q's shape with the last dim 3: gate, up, down rates), got ", shape_str(eta));
+  ALLMEM_CHECK(mu.sizes() == at::IntArrayRef(lead), "mu must have shape ", at::IntArrayRef(lead),
+               " (q's shape without the last dim), got ", shape_str(mu));
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&eta, "eta"}, std::pair{&mu, "mu"}}) {
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+  }
+  cuda_dtype(q);
+  Layout lay;
+  lay.C = chunk_size;
+  lay.H = q.size(-2);
+  lay.d = q.size(-1);
+  check_dim(w_gate, 3, "w_gate", "[H, h, d]");
+  lay.h = w_gate.size(1);
+  ALLMEM_CHECK((lay.d == 64 || lay.d == 128) && (lay.h == 64 || lay.h == 128),
+               "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", lay.d,
+               ", h = ", lay.h, " (the CPU kernel takes any sizes)");
+  check_state_tensor(w_gate, "w_gate", {lay.H, lay.h, lay.d}, q);
+  check_state_tensor(w_up, "w_up", {lay.H, lay.h, lay.d}, q);
+  check_state_tensor(w_down, "w_down", {lay.H, lay.d, lay.h}, q);
+  int64_t len_dense = 0;
+  std::vector<int64_t> start, len;
+  if (varlen) {
+    check_same_device(*cu_seqlens, "cu_seqlens", q, "q");
+    lay.T = q.size(0);
+    lay.N = check_cu_seqlens(*cu_seqlens, lay.T, "q.size(0)");
+    auto cu = cu_seqlens->to(at::kCPU).contiguous();
+    const int32_t* p = cu.data_ptr<int32_t>();
+    for (int64_t n = 0; n < lay.N; ++n) {
+      start.push_back(p[n]);
+      len.push_back(p[n + 1] - p[n]);
+    }
+  } else {
+    lay.N = q.size(0);
+    len_dense = q.size(1);
+    lay.T = lay.N * len_dense;
+    for (int64_t n = 0; n < lay.N; ++n) {
+      start.push_back(n * len_dense);
+      len.push_back(len_dense);
+    }
+  }
+  ALLMEM_CHECK(lay.N * lay.H <= INT_MAX, "the CUDA TTT kernel runs one CTA per (sequence, head): at most ", INT_MAX,
+               " of them, got ", lay.N, " x ", lay.H);
+  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, q);
+  check_state_tensor(pending, "pending", {lay.N, lay.C, lay.H, 2 * lay.d + 4}, q);
+  check_same_device(pending_len, "pending_len", q, "q");
+  ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
+               "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
+               shape_str(pending_len));
+  // One host copy: the segment walk of every sequence starts from its pending length.
+  auto plen = pending_len.to(at::kCPU).contiguous();
+  const int64_t* pl = plen.data_ptr<int64_t>();
+  lay.seq.assign(4 * lay.N, 0);
+  int64_t slot = 0;
+  for (int64_t n = 0; n < lay.N; ++n) {
+    ALLMEM_CHECK(pl[n] >= 0 && pl[n] < lay.C, "pending_len[", n, "] must be in [0, chunk_size = ", lay.C, "), got ",
+                 pl[n]);
+    lay.seq[n] = start[n];
+    lay.seq[lay.N + n] = len[n];
+    lay.seq[2 * lay.N + n] = pl[n];
+    lay.seq[3 * lay.N + n] = slot;
+    slot += (pl[n] + len[n]) / lay.C + 1;
+  }
+  lay.used_slots = slot;
+  return lay;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memory_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
+    const at::Tensor& pending, const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
+    int64_t chunk_size, bool lact_order, bool residual) {
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len,
+                                      cu_seqlens, chunk_size);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const InDType dt = cuda_dtype(q);
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
+  auto wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
+  auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
+
+  auto o = at::empty_like(qc);
+  auto fast_out = at::empty_like(fast_in);
+  auto pend_out = at::empty_like(pend_in);
+  auto ckpt = at::empty({lay.slots(), lay.H, kFastRows, lay.h * lay.d}, fast_in.options());
+  if (lay.slots() > lay.used_slots) {
+    ckpt.narrow(0, lay.used_slots, lay.slots() - lay.used_slots).zero_();  // keep the output deterministic
+  }
+  auto seq = at::tensor(lay.seq, at::TensorOptions().dtype(at::kLong)).to(q.device());
+  std::vector<int64_t> plen_host(lay.N);
+  for (int64_t n = 0; n < lay.N; ++n) plen_host[n] = (lay.seq[2 * lay.N + n] + lay.seq[lay.N + n]) % lay.C;
+  auto plen_out = at::tensor(plen_host, at::TensorOptions().dtype(at::kLong)).to(q.device());
+
+  if (lay.N > 0 && lay.H > 0) {
+    FwdParams p{};
+    p.q = qc.data_ptr();
+    p.k = kc.data_ptr();
+    p.v = vc.data_ptr();
+    p.eta = etac.data_ptr();
+    p.mu = muc.data_ptr();
+    p.o = o.data_ptr();
+    p.dtype = dt;
+    p.w_gate = wg.data_ptr<float>();
+    p.w_up = wu.data_ptr<float>();
+    p.w_down = wd.data_ptr<float>();
+    p.fast_in = fast_in.data_ptr<float>();
+    p.pend_in = pend_in.data_ptr<float>();
+    p.fast_out = fast_out.data_ptr<float>();
+    p.pend_out = pend_out.data_ptr<float>();
+    p.ckpt = ckpt.data_ptr<float>();
+    p.seq = seq.data_ptr<int64_t>();
+    p.n_seqs = lay.N;
+    p.heads = lay.H;
+    p.chunk = lay.C;
+    p.lact_order = lact_order;
+    p.residual = residual;
+    launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());
+  }
+  return {o.view(q.sizes()), fast_out, pend_out, plen_out, ckpt};
+}
+
+// The backward has no CUDA kernel yet. Raising keeps a CUDA autograd graph from silently running
+// anything else; the CPU op takes the same arguments (the checkpoints included) on CPU copies.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+ttt_memory_bwd_cuda(const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool, bool) {
+  ALLMEM_CHECK(false,
+               "the CUDA backward of ttt_memory is not implemented yet; run the backward on CPU tensors "
+               "(the forward runs on CUDA; for gradients, call ttt_memory on CPU copies of the inputs)");
+  return {};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(allmem, CUDA, m) {
+  m.impl("ttt_memory_fwd", &ttt_memory_fwd_cuda);
+  m.impl("ttt_memory_bwd", &ttt_memory_bwd_cuda);
+}
+
+}  // namespace allmem::ttt::cuda
