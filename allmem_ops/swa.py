@@ -64,15 +64,6 @@ torch.library.register_autograd(
 )
 
 
-def _op_scale(softmax_scale: float | None) -> float:
-    """The ops read softmax_scale <= 0 as "default 1/sqrt(D)"; an explicit one must be positive."""
-    if softmax_scale is None:
-        return 0.0
-    if not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be > 0 (or None for 1/sqrt(D)), got {softmax_scale}")
-    return float(softmax_scale)
-
-
 def sliding_window_attention(
     q: Tensor,
     k: Tensor,
@@ -100,12 +91,11 @@ def sliding_window_attention(
     Returns:
         out, q's shape and dtype.
     """
-    scale = _op_scale(softmax_scale)
     if cu_seqlens is None:
         max_seqlen = 0
     elif max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    out, _ = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, scale, cu_seqlens, max_seqlen)
+    out, _ = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen)
     return out
 
 
@@ -137,7 +127,7 @@ def sliding_window_attention_decode(
         of one long sequence would.
     """
     return torch.ops.allmem.swa_decode(
-        q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, _op_scale(softmax_scale)
+        q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, softmax_scale
     )
 
 

@@ -19,7 +19,7 @@ _CHECK = textwrap.dedent(
     print(torch.ops.allmem.build_info())
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 37, 2, 16, dtype=torch.float64) for _ in range(3))
-    out, lse = torch.ops.allmem.swa_fwd(q, k, v, 8, 2, 0.0, None, 0)
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, 8, 2, None, None, 0)
     i = torch.arange(37)[:, None]; j = torch.arange(37)[None, :]
     mask = (j <= i) & ((j < 2) | (i - j < 8))
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4.0

@@ -54,7 +54,7 @@ def maxerr(a, b) -> float:
 
 def fwd(q, k, v, window, sinks=0, scale=None, cu=None):
     max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu is not None else 0
-    return torch.ops.allmem.swa_fwd(q, k, v, window, sinks, 0.0 if scale is None else scale, cu, max_seqlen)
+    return torch.ops.allmem.swa_fwd(q, k, v, window, sinks, scale, cu, max_seqlen)
 
 
 # (B, L, Hq, Hkv, D, W, S): L below/above W, W >= L, S = 0 / S > 0 (also S > W and S >= L),
@@ -243,8 +243,9 @@ def test_explicit_scale_and_noncontiguous_inputs(seed):
     out = sliding_window_attention(q, k, v, window, sinks, softmax_scale=0.3)
     ref = swa_naive(q, k, v, window, sinks, softmax_scale=0.3)
     assert maxerr(out, ref) < F64_TOL, f"seed {seed}"
-    with pytest.raises(ValueError, match="softmax_scale must be > 0"):
-        sliding_window_attention(q, k, v, window, sinks, softmax_scale=0.0)
+    for bad in (0.0, -2.0):
+        with pytest.raises(RuntimeError, match=r"softmax_scale must be finite and > 0 \(or None for 1/sqrt\(D\)\), got"):
+            sliding_window_attention(q, k, v, window, sinks, softmax_scale=bad)
 
 
 def test_gradcheck_dense(seed):
@@ -260,13 +261,13 @@ def test_gradcheck_varlen(seed):
 
 def test_opcheck_fwd_bwd(seed):
     q, k, v = (t.requires_grad_() for t in dense_inputs(2, 10, 4, 2, 8))
-    torch.library.opcheck(torch.ops.allmem.swa_fwd.default, (q, k, v, 4, 2, 0.0, None, 0))
+    torch.library.opcheck(torch.ops.allmem.swa_fwd.default, (q, k, v, 4, 2, None, None, 0))
     qv, kv, vv, cu = varlen_inputs([4, 0, 7], 2, 1, 8)
     qv, kv, vv = (t.requires_grad_() for t in (qv, kv, vv))
     torch.library.opcheck(torch.ops.allmem.swa_fwd.default, (qv, kv, vv, 3, 1, 0.5, cu, 7))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), 4, 2)
     torch.library.opcheck(torch.ops.allmem.swa_bwd.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 4, 2, 0.0, None, 0))
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, 4, 2, None, None, 0))
 
 
 def test_opcheck_decode(seed):
@@ -274,7 +275,7 @@ def test_opcheck_decode(seed):
     q, kn, vn = dense_inputs(b, 3, hq, hkv, d)
     kc, vc = rand(b, sinks + window, hkv, d), rand(b, sinks + window, hkv, d)
     lens = torch.tensor([0, 7], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.allmem.swa_decode.default, (q, kn, vn, kc, vc, lens, window, sinks, 0.0))
+    torch.library.opcheck(torch.ops.allmem.swa_decode.default, (q, kn, vn, kc, vc, lens, window, sinks, None))
 
 
 def test_torch_compile_fullgraph(seed):
@@ -451,7 +452,7 @@ def test_bad_inputs_fwd():
         fwd(q[0], k[0], v[0], 4)
     with pytest.raises(RuntimeError, match="head dim must be >= 1, got 0"):
         fwd(q[..., :0], k[..., :0], v[..., :0], 4)
-    with pytest.raises(RuntimeError, match="softmax_scale must be finite, got nan"):
+    with pytest.raises(RuntimeError, match="softmax_scale must be finite and > 0 .*got nan"):
         fwd(q, k, v, 4, 0, float("nan"))
 
 
@@ -460,13 +461,13 @@ def test_bad_cu_seqlens():
     with pytest.raises(RuntimeError, match="cu_seqlens must be int32, got Long"):
         fwd(q, k, v, 4, cu=cu.long())
     with pytest.raises(RuntimeError, match=r"cu_seqlens must be non-decreasing, got cu_seqlens\[1\] = 5 > cu_seqlens\[2\] = 3"):
-        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, 0.0, torch.tensor([0, 5, 3, 8], dtype=torch.int32), 5)
+        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, None, torch.tensor([0, 5, 3, 8], dtype=torch.int32), 5)
     with pytest.raises(RuntimeError, match=r"cu_seqlens\[-1\] must equal T \(q.size\(0\)\) = 8, got 7"):
-        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, 0.0, torch.tensor([0, 3, 7], dtype=torch.int32), 5)
+        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, None, torch.tensor([0, 3, 7], dtype=torch.int32), 5)
     with pytest.raises(RuntimeError, match=r"cu_seqlens\[0\] must be 0, got 1"):
-        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, 0.0, torch.tensor([1, 3, 8], dtype=torch.int32), 5)
+        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, None, torch.tensor([1, 3, 8], dtype=torch.int32), 5)
     with pytest.raises(RuntimeError, match=r"cu_seqlens must be 1-D \[N\+1\] with N >= 1"):
-        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, 0.0, torch.tensor([0], dtype=torch.int32), 5)
+        torch.ops.allmem.swa_fwd(q, k, v, 4, 0, None, torch.tensor([0], dtype=torch.int32), 5)
     with pytest.raises(RuntimeError, match=r"q must be 3-D \[T, H, D\] \(varlen\)"):
         fwd(q[None], k[None], v[None], 4, cu=cu)
 
@@ -477,7 +478,7 @@ def test_bad_inputs_bwd():
     dout = torch.randn_like(out)
 
     def bwd(dout=dout, out=out, lse=lse):
-        return torch.ops.allmem.swa_bwd(dout, q, k, v, out, lse, 4, 0, 0.0, None, 0)
+        return torch.ops.allmem.swa_bwd(dout, q, k, v, out, lse, 4, 0, None, None, 0)
 
     with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 4, 8\], got \[2, 8, 4\]"):
         bwd(lse=lse.transpose(1, 2))
@@ -492,7 +493,7 @@ def test_bad_inputs_bwd():
     qv, kv, vv, cu = varlen_inputs([3, 5], 2, 1, 8)
     o, l = fwd(qv, kv, vv, 4, cu=cu)
     with pytest.raises(RuntimeError, match=r"lse must have shape \[2, 8\], got \[1, 2, 8\]"):
-        torch.ops.allmem.swa_bwd(o, qv, kv, vv, o, l[None], 4, 0, 0.0, cu, 5)
+        torch.ops.allmem.swa_bwd(o, qv, kv, vv, o, l[None], 4, 0, None, cu, 5)
 
 
 def test_bad_inputs_decode():
@@ -502,7 +503,7 @@ def test_bad_inputs_decode():
     lens = torch.zeros(b, dtype=torch.int32)
 
     def dec(q=q, kn=kn, vn=vn, kc=kc, vc=vc, lens=lens, window=window, sinks=sinks):
-        return torch.ops.allmem.swa_decode(q, kn, vn, kc, vc, lens, window, sinks, 0.0)
+        return torch.ops.allmem.swa_decode(q, kn, vn, kc, vc, lens, window, sinks, None)
 
     with pytest.raises(RuntimeError, match=r"k_cache must have shape \[B, S \+ W, Hkv, D\] = \[2, 5, 2, 8\], got \[2, 4, 2, 8\]"):
         dec(kc=kc[:, :4])

@@ -91,7 +91,7 @@ def test_forward_vs_float64(case, d, dtype):
     q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
     scale = 1.0 / math.sqrt(d)
     poison_allocator(q.numel() * q.element_size() * 2)
-    out, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, 0.0, None, 0)
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, None, None, 0)
     ref, ref_lse = swa_naive(q.double(), k.double(), v.double(), window, sinks, scale, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b, hq, length)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -161,15 +161,15 @@ def test_varlen_forward_backward(d, dtype):
                                                  v[None, start : start + n], window, sinks)[0]
             torch.testing.assert_close(out[start : start + n], dense_out, atol=0, rtol=0)
         start += n
-    _, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, 0.0, cu, max(lengths))
+    _, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, None, cu, max(lengths))
     assert lse.shape == (hq, total)
 
 
 def test_matches_cpu_kernel():
     gen = torch.Generator(device=DEV).manual_seed(3)
     q, k, v = make_qkv(2, 333, 4, 2, 128, torch.bfloat16, gen)
-    out_gpu, lse_gpu = torch.ops.allmem.swa_fwd(q, k, v, 97, 9, 0.0, None, 0)
-    out_cpu, lse_cpu = torch.ops.allmem.swa_fwd(q.cpu(), k.cpu(), v.cpu(), 97, 9, 0.0, None, 0)
+    out_gpu, lse_gpu = torch.ops.allmem.swa_fwd(q, k, v, 97, 9, None, None, 0)
+    out_cpu, lse_cpu = torch.ops.allmem.swa_fwd(q.cpu(), k.cpu(), v.cpu(), 97, 9, None, None, 0)
     torch.testing.assert_close(out_gpu.cpu().float(), out_cpu.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-3, rtol=1e-4)
 
@@ -183,8 +183,8 @@ def test_misaligned_and_strided_inputs():
     q = fused[..., 1 : 1 + hq * d].unflatten(-1, (hq, d))  # 2-byte offset: misaligned
     k = fused[..., 1 + hq * d : 1 + 2 * hq * d].unflatten(-1, (hq, d))
     v = fused[..., 1 + 2 * hq * d : 1 + 3 * hq * d].unflatten(-1, (hq, d))
-    out, _ = torch.ops.allmem.swa_fwd(q, k, v, 40, 3, 0.0, None, 0)
-    ref, _ = torch.ops.allmem.swa_fwd(q.contiguous(), k.contiguous(), v.contiguous(), 40, 3, 0.0, None, 0)
+    out, _ = torch.ops.allmem.swa_fwd(q, k, v, 40, 3, None, None, 0)
+    ref, _ = torch.ops.allmem.swa_fwd(q.contiguous(), k.contiguous(), v.contiguous(), 40, 3, None, None, 0)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
 
 
@@ -253,26 +253,26 @@ def test_decode_long_context_splits():
 def test_error_float32_on_cuda():
     q = torch.randn(1, 8, 2, 64, device=DEV)
     with pytest.raises(RuntimeError, match="bfloat16 or float16.*CPU"):
-        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, None, None, 0)
 
 
 def test_error_head_dim():
     q = torch.randn(1, 8, 2, 96, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="head dim 64 or 128, got 96"):
-        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, None, None, 0)
 
 
 def test_error_last_dim_not_contiguous():
     q = torch.randn(1, 8, 64, 2, device=DEV, dtype=torch.bfloat16).transpose(2, 3)
     with pytest.raises(RuntimeError, match="contiguous last"):
-        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, None, 0)
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, None, None, 0)
 
 
 def test_error_max_seqlen_too_small():
     q = torch.randn(10, 2, 64, device=DEV, dtype=torch.bfloat16)
     cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=DEV)
     with pytest.raises(RuntimeError, match=r"max_seqlen \(5\) is smaller than the longest sequence"):
-        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, 0.0, cu, 5)
+        torch.ops.allmem.swa_fwd(q, q, q, 4, 0, None, cu, 5)
 
 
 def test_error_decode_negative_length_and_cache_shape():

@@ -28,16 +28,18 @@ inline void check_window_sinks(int64_t window, int64_t sinks) {
   ALLMEM_CHECK(sinks >= 0, "sinks must be >= 0, got ", sinks);
 }
 
-// softmax_scale <= 0 means "default": 1/sqrt(D) (the Python wrapper passes the resolved value).
-inline double resolve_scale(double softmax_scale, int64_t head_dim) {
-  ALLMEM_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
-  return softmax_scale > 0 ? softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+// softmax_scale: None means 1/sqrt(D); an explicit value must be finite and > 0.
+inline double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
+  if (!softmax_scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const double s = *softmax_scale;
+  ALLMEM_CHECK(std::isfinite(s) && s > 0, "softmax_scale must be finite and > 0 (or None for 1/sqrt(D)), got ", s);
+  return s;
 }
 
 // Validates q/k/v (+ cu_seqlens) for swa_fwd / swa_bwd and returns the problem description.
 // validate_cu_seqlens=false skips reading cu_seqlens' values (the CUDA path reads them once).
 inline Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
-                         int64_t sinks, double softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+                         int64_t sinks, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
                          int64_t max_seqlen, bool validate_cu_seqlens = true) {
   check_window_sinks(window, sinks);
   check_floating(q, "q");
@@ -126,7 +128,7 @@ struct DecodeProblem {
 inline DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
-                                       double softmax_scale) {
+                                       std::optional<double> softmax_scale) {
   check_window_sinks(window, sinks);
   check_floating(q, "q");
   check_same_dtype(q, "q", k_new, "k_new");

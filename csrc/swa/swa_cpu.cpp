@@ -168,7 +168,7 @@ void check_cpu(const at::Tensor& t, const char* name) {
 }
 
 std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               int64_t window, int64_t sinks, double softmax_scale,
+                                               int64_t window, int64_t sinks, std::optional<double> softmax_scale,
                                                const std::optional<at::Tensor>& cu_seqlens, int64_t max_seqlen) {
   const Problem p = check_qkv(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen);
   check_cpu(q, "q");
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cpu(const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cpu(const at::Tensor& dout, const at::Tensor& q,
                                                            const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& out, const at::Tensor& lse,
-                                                           int64_t window, int64_t sinks, double softmax_scale,
+                                                           int64_t window, int64_t sinks, std::optional<double> softmax_scale,
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            int64_t max_seqlen) {
   const Problem p = check_qkv(q, k, v, window, sinks, softmax_scale, cu_seqlens, max_seqlen);
@@ -354,7 +354,7 @@ void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_
 
 at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
                           at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
-                          double softmax_scale) {
+                          std::optional<double> softmax_scale) {
   const DecodeProblem dp = check_decode_args(q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks,
                                              softmax_scale);
   check_cpu(q, "q");

@@ -129,7 +129,7 @@ AttnShape attn_shape(const at::Tensor& q, Problem& p, const std::optional<at::Te
 
 std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, int64_t window, int64_t sinks,
-                                                double softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+                                                std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
                                                 int64_t max_seqlen) {
   Problem p = check_qkv(q_in, k_in, v_in, window, sinks, softmax_scale, cu_seqlens, max_seqlen,
                         /*validate_cu_seqlens=*/false);
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_in, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& dout_in, const at::Tensor& q_in,
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
                                                             const at::Tensor& out_in, const at::Tensor& lse_in,
-                                                            int64_t window, int64_t sinks, double softmax_scale,
+                                                            int64_t window, int64_t sinks, std::optional<double> softmax_scale,
                                                             const std::optional<at::Tensor>& cu_seqlens,
                                                             int64_t max_seqlen) {
   Problem p = check_qkv(q_in, k_in, v_in, window, sinks, softmax_scale, cu_seqlens, max_seqlen,
@@ -213,7 +213,7 @@ void plan_decode_splits(DecodeParams& dp, int64_t band_keys, int num_sms) {
 
 at::Tensor swa_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
                            at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window,
-                           int64_t sinks, double softmax_scale) {
+                           int64_t sinks, std::optional<double> softmax_scale) {
   const DecodeProblem shape = check_decode_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_seqlens, window,
                                                 sinks, softmax_scale);
   check_on_cuda(q_in, "q");
