@@ -128,9 +128,13 @@ def ttt_memory(
     if q.dim() < 3:
         raise ValueError(f"q must be [B, L, H, d] (or [T, H, d] with cu_seqlens), got {list(q.shape)}")
     H, d = q.shape[-2], q.shape[-1]
-    if w_gate.dim() != 3:
-        raise ValueError(f"w_gate must be [H, h, d], got {list(w_gate.shape)}")
+    if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
+        raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
     h = w_gate.shape[1]
+    # Checked here because the initial state is built from them before the op sees them.
+    for name, w, want in (("w_up", w_up, [H, h, d]), ("w_down", w_down, [H, d, h])):
+        if list(w.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (H, h, d of q and w_gate), got {list(w.shape)}")
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     sdt = state_dtype(q.dtype)
     if initial_state is None:
