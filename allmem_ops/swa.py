@@ -189,6 +189,14 @@ class SWAKVCache:
         each in its slot; sets the lengths to n.
         """
         batch = self.k.shape[0]
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+        if k.dim() != (3 if cu_seqlens is not None else 4) or k.shape[-2:] != self.k.shape[-2:]:
+            layout = "[T, Hkv, D] with cu_seqlens" if cu_seqlens is not None else "[B, L, Hkv, D]"
+            raise ValueError(f"k must be {layout} with (Hkv, D) = {tuple(self.k.shape[-2:])} of the cache, "
+                             f"got {list(k.shape)}")
+        if k.device != self.k.device or v.device != self.k.device:
+            raise ValueError(f"k and v must be on the cache's device {self.k.device}, got {k.device} and {v.device}")
         if cu_seqlens is not None:
             if lengths is not None:
                 raise ValueError("give cu_seqlens or lengths, not both")

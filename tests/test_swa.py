@@ -397,6 +397,12 @@ def test_fill_from_prefill_rejects_bad_lengths():
         cache.fill_from_prefill(k.reshape(10, 1, 8), k.reshape(10, 1, 8), cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="prefill holds 3 sequences, the cache 2"):
         cache.fill_from_prefill(k.reshape(10, 1, 8), k.reshape(10, 1, 8), cu_seqlens=torch.tensor([0, 4, 9, 10]))
+    with pytest.raises(ValueError, match=r"k must be \[B, L, Hkv, D\] with \(Hkv, D\) = \(1, 8\) of the cache"):
+        cache.fill_from_prefill(rand(2, 5, 1, 4), rand(2, 5, 1, 4))
+    with pytest.raises(ValueError, match=r"k must be \[T, Hkv, D\] with cu_seqlens"):
+        cache.fill_from_prefill(k, k, cu_seqlens=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        cache.fill_from_prefill(k, k[:, :4])
 
 
 def test_decode_op_leaves_cache_seqlens_alone(seed):
