@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the SWA CUDA kernels (issue 5) on a lent H100/H200 (torch 2.11 cu130,
-# Python 3.12, nvcc 13.0, no network), from the repo root, in about 8 minutes:
+# One-shot GPU check of the SWA CUDA kernels (issue 5) and the TTT CUDA forward (issue 6) on a
+# lent H100/H200 (torch 2.11 cu130, Python 3.12, nvcc 13.0, no network), from the repo root, in
+# about 8 minutes:
 #   build (all cores, sm_90a, ptxas report) -> GPU tests -> compute-sanitizer memcheck + racecheck
 #   on a small case of every kernel -> bench/bench_swa_gpu.py -> a short table, printed last.
 # Logs and JSON go to $OUT (at most 8 files come back): build.log, tests.log, sanitizer.log,
@@ -91,6 +92,9 @@ if want tests; then
   run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu "$@"' \
     "$PY" "${op_tests[@]}"
   run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py"
+  # The TTT CUDA forward (issue 6): its own stage, so a TTT failure cannot hide the SWA results.
+  [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
+    $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_gpu.py"
 fi
 
 # ---- benchmark ----
@@ -123,10 +127,39 @@ for d in (64, 128):
 torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
+  cat >/tmp/ttt_sanitize_cases.py <<'EOF'
+# A small case of the TTT CUDA forward: varlen with an empty sequence and a pending initial
+# state (buffered and direct chunks, a partial tile), every dtype, three (d, h), both flags.
+import torch
+import allmem_ops
+from allmem_ops.reference.ttt import TTTState
+
+torch.manual_seed(0)
+dev = "cuda"
+for d, h, dt in ((64, 64, torch.bfloat16), (128, 128, torch.float16), (64, 128, torch.float32)):
+    H, C, lens = 2, 40, [70, 0, 33]
+    T = sum(lens)
+    q, k, v = (torch.nn.functional.normalize(torch.randn(T, H, d, device=dev), dim=-1).to(dt) for _ in range(3))
+    eta, mu = (torch.rand(T, H, 3, device=dev) * 0.1).to(dt), torch.rand(T, H, device=dev).to(dt)
+    w = [torch.randn(H, h, d, device=dev) / d**0.5, torch.randn(H, h, d, device=dev) / d**0.5,
+         torch.randn(H, d, h, device=dev) / h**0.5]
+    cu = torch.tensor([0, 70, 70, T], dtype=torch.int32, device=dev)
+    state = TTTState.initial(*w, 3, C, torch.float32)
+    state.pending_len = torch.tensor([0, 7, 39], device=dev)
+    for lact in (False, True):
+        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                     cu_seqlens=cu, lact_order=lact, residual=not lact)
+torch.cuda.synchronize()
+print("ttt sanitizer cases ran")
+EOF
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
     run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/swa_sanitize_cases.py
+  done
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-ttt-$tool" 60 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+      $PY /tmp/ttt_sanitize_cases.py
   done
 fi
 
@@ -155,7 +188,7 @@ name, rows = None, {}
 for line in open(sys.argv[1], errors="replace"):
     m = re.search(r"Compiling entry function '(\w+)' for '(sm_\w+)'", line)
     if m:
-        name = m.group(1) if "swa" in m.group(1) else None
+        name = m.group(1) if ("swa" in m.group(1) or "ttt" in m.group(1)) else None
         continue
     if name:
         m = re.search(r"(\d+) bytes spill stores", line)
@@ -164,13 +197,16 @@ for line in open(sys.argv[1], errors="replace"):
         m = re.search(r"Used (\d+) registers", line)
         if m:
             rows.setdefault(name, {})["regs"] = int(m.group(1))
-print(f"== ptxas: {len(rows)} SWA kernels, max registers {max((r.get('regs', 0) for r in rows.values()), default=0)}, "
-      f"kernels with spills: {sum(1 for r in rows.values() if r.get('spill', 0))}")
+for label in ("swa", "ttt"):
+    sel = [r for k, r in rows.items() if label in k]
+    print(f"== ptxas: {len(sel)} {label.upper()} kernels, max registers {max((r.get('regs', 0) for r in sel), default=0)}, "
+          f"kernels with spills: {sum(1 for r in sel if r.get('spill', 0))}")
 EOF
 grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 3
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_swa_gpu.json ]] && $PY "$REPO/bench/bench_swa_gpu.py" --table "$OUT/bench_swa_gpu.json"
 echo "== stages"
-for s in build tests tests-build bench sanitize-memcheck sanitize-racecheck; do
+for s in build tests tests-build tests-ttt bench sanitize-memcheck sanitize-racecheck sanitize-ttt-memcheck \
+  sanitize-ttt-racecheck; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done
