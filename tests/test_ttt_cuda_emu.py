@@ -1,0 +1,135 @@
+"""The TTT CUDA forward kernel's logic without a GPU: csrc/ttt/ttt_fwd.cu is compiled with g++
+against a small CPU emulation of the CUDA features it uses (tests/ttt_cuda_emu/shim.h: 256
+std::threads per block, barriers for __syncthreads and warp shuffles) and compared with the CPU
+op on the same inputs: output, final state, chunk buffer and checkpoints, every (d, h), varlen
+with an empty sequence, pending initial state, both flags, bf16. Outputs start as NaN, so an
+element the kernel never writes fails. This checks indexing, segment walk and math; the GPU
+memory model, fast-math intrinsics and speed are for tests/test_ttt_gpu.py on a device."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import allmem_ops  # noqa: F401  (registers the CPU op)
+from allmem_ops.ttt import _pack
+
+from test_ttt import make_inputs, random_state
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL = os.path.join(HERE, "..", "csrc", "ttt", "ttt_fwd.cu")
+CXX = shutil.which("g++")
+
+
+def _emulated_source() -> str:
+    """ttt_fwd.cu with its CUDA headers, dynamic shared memory and launch code swapped out."""
+    src = open(KERNEL).read()
+    swaps = [
+        ("#include <c10/cuda/CUDAException.h>\n", '#include "shim.h"\n'),
+        ("#include <cuda_bf16.h>\n", ""),
+        ("#include <cuda_fp16.h>\n", ""),
+        ("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;"),
+    ]
+    for old, new in swaps:
+        assert old in src, f"ttt_fwd.cu changed: {old!r} not found; update tests/test_ttt_cuda_emu.py"
+        src = src.replace(old, new)
+    cut = src.find("template <int D, int Hd>\nvoid launch(")
+    assert cut > 0, "ttt_fwd.cu changed: the launch code was not found; update tests/test_ttt_cuda_emu.py"
+    return src[:cut] + "}  // namespace\n}  // namespace allmem::ttt::cuda\n"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if CXX is None:
+        pytest.skip("needs g++")
+    src = _emulated_source()
+    parts = [src, open(os.path.join(HERE, "ttt_cuda_emu", "shim.h")).read(),
+             open(os.path.join(HERE, "ttt_cuda_emu", "emu.cpp")).read()]
+    key = hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"allmem_ttt_emu_{key}")
+    lib = os.path.join(out, "libemu.so")
+    if not os.path.exists(lib):
+        os.makedirs(os.path.join(out, "inc"), exist_ok=True)
+        with open(os.path.join(out, "inc", "cuda_runtime.h"), "w") as f:
+            f.write("typedef void* cudaStream_t;\n")
+        with open(os.path.join(out, "fwd_emu.inc"), "w") as f:
+            f.write(src)
+        tmp = lib + f".{os.getpid()}"
+        cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-I", out, "-I", os.path.join(out, "inc"),
+               "-I", os.path.join(HERE, "ttt_cuda_emu"), "-I", os.path.join(HERE, "..", "csrc"),
+               os.path.join(HERE, "ttt_cuda_emu", "emu.cpp"), "-o", tmp, "-lpthread"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
+def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res):
+    """The CUDA op's host side (ttt_cuda_api.cu) in Python around the emulated kernel."""
+    H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
+    if cu is not None:
+        T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()
+        start, lens = c[:-1], [c[i + 1] - c[i] for i in range(N)]
+    else:
+        N, L = q.shape[:2]
+        T, start, lens = N * L, [n * L for n in range(N)], [L] * N
+    pl, slots, s = plen.tolist(), [], 0
+    for n in range(N):
+        slots.append(s)
+        s += (pl[n] + lens[n]) // C + 1
+    seq = torch.tensor(start + lens + pl + slots, dtype=torch.long)
+    dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
+    toks = [t.contiguous() for t in (q, k, v, eta, mu)]
+    o = torch.full_like(toks[0], float("nan"))
+    fin, pin = fast.contiguous(), pend.contiguous()
+    fout, pout = torch.full_like(fin, float("nan")), torch.full_like(pin, float("nan"))
+    ck = torch.full((2 * N + T // C, H, 6, h * d), float("nan"))
+    ck[s:] = 0
+    ws = [w.contiguous() for w in (wg, wu, wd)]
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.emu_fwd(*[P(t.data_ptr()) for t in (*toks, o)], ctypes.c_int(dt),
+                *[P(t.data_ptr()) for t in (*ws, fin, pin, fout, pout, ck, seq)], I(N), I(H), I(C),
+                ctypes.c_int(int(lact)), ctypes.c_int(int(res)), ctypes.c_int(d), ctypes.c_int(h))
+    return o, fout, pout, ck
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+# (B, L, H, d, h, C, lens, pending lengths, lact_order, residual, dtype)
+CASES = [
+    (1, 70, 1, 64, 64, 32, None, None, False, True, torch.float32),
+    (2, 50, 2, 64, 128, 16, None, None, True, False, torch.float32),
+    (None, None, 2, 128, 64, 24, [30, 0, 61], [5, 0, 23], False, True, torch.float32),
+    (1, 40, 1, 128, 128, 40, None, [7], False, True, torch.float32),
+    (1, 64, 1, 64, 64, 32, None, None, True, True, torch.float32),
+    (2, 45, 1, 64, 64, 20, None, [3, 19], False, False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_emulated_kernel_matches_cpu_op(emu, case):
+    B, L, H, d, h, C, lens, plens, lact, res, dtype = case
+    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    if plens is None:
+        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
+        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1)
+        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
+    else:
+        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+    want = torch.ops.allmem.ttt_memory_fwd(q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    got = emulated_fwd(emu, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
+        assert not torch.isnan(g).any(), f"{name}: elements left unwritten"
+        # bf16 o: both round the same float32 value; tolerance for float32 summation order.
+        assert rel_err(g, w) < (1e-2 if (name == "o" and dtype != torch.float32) else 1e-5), name
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)  # the buffer holds exact copies
