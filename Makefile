@@ -31,7 +31,7 @@ test: $(VENV)/.built
 	$(VENV)/bin/pytest -q -ra tests
 
 bench: $(VENV)/.built
-	$(PY) bench/run_cpu.py
+	$(PY) bench/bench_swa_cpu.py && $(PY) bench/bench_ttt_cpu.py && $(PY) bench/bench_model.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info

@@ -9,6 +9,9 @@
 
 namespace allmem {
 
+// Accumulation / state dtype: float64 stays float64; float32, float16 and bfloat16 compute in float32.
+inline at::ScalarType accumulate_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
 #define ALLMEM_CHECK(cond, ...) TORCH_CHECK(cond, "allmem: ", __VA_ARGS__)

@@ -158,10 +158,7 @@ int64_t grain_for(int64_t flops_per_item) {
   return std::max<int64_t>(1, kMinFlopsPerChunk / std::max<int64_t>(1, flops_per_item));
 }
 
-// float64 stays float64; float32, float16 and bfloat16 compute in float32.
-at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
-
-at::Tensor widened(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())).contiguous(); }
+at::Tensor widened(const at::Tensor& t) { return t.to(accumulate_dtype(t.scalar_type())).contiguous(); }
 
 void check_cpu(const at::Tensor& t, const char* name) {
   ALLMEM_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());

@@ -18,8 +18,6 @@ namespace {
 constexpr int64_t kFastRows = 6;
 constexpr int64_t kMomentumRow = 3;
 
-at::ScalarType state_dtype(at::ScalarType input) { return input == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Dense [B, L, ...] and varlen [T, ...] inputs both become packed [T, H, ...] tokens; this is
 // where each sequence starts, how long it is, and where its checkpoints go.
 struct Layout {
@@ -72,7 +70,7 @@ Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tens
   lay.d = q.size(-1);
   check_dim(w_gate, 3, "w_gate", "[H, h, d]");
   lay.h = w_gate.size(1);
-  const auto st = state_dtype(q.scalar_type());
+  const auto st = accumulate_dtype(q.scalar_type());
   check_state_tensor(w_gate, "w_gate", {lay.H, lay.h, lay.d}, st, q);
   check_state_tensor(w_up, "w_up", {lay.H, lay.h, lay.d}, st, q);
   check_state_tensor(w_down, "w_down", {lay.H, lay.d, lay.h}, st, q);
@@ -184,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
                                       chunk_size);
-  const auto acc = state_dtype(q.scalar_type());
+  const auto acc = accumulate_dtype(q.scalar_type());
   check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
   const int64_t d = lay.d, C = lay.C;
   auto qa = tokens(q, lay, acc), ka = tokens(k, lay, acc), va = tokens(v, lay, acc);
@@ -251,7 +249,7 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
                                       chunk_size);
-  const auto acc = state_dtype(q.scalar_type());
+  const auto acc = accumulate_dtype(q.scalar_type());
   const int64_t d = lay.d, h = lay.h, C = lay.C;
   ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
                shape_str(grad_o));
