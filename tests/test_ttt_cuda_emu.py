@@ -24,6 +24,7 @@ from test_ttt import make_inputs, random_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL = os.path.join(HERE, "..", "csrc", "ttt", "ttt_fwd.cu")
+UTILS = os.path.join(HERE, "..", "csrc", "ttt", "ttt_kernel_utils.cuh")
 CXX = shutil.which("g++")
 
 
@@ -32,8 +33,6 @@ def _emulated_source() -> str:
     src = open(KERNEL).read()
     swaps = [
         ("#include <c10/cuda/CUDAException.h>\n", '#include "shim.h"\n'),
-        ("#include <cuda_bf16.h>\n", ""),
-        ("#include <cuda_fp16.h>\n", ""),
         ("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;"),
     ]
     for old, new in swaps:
@@ -49,8 +48,8 @@ def emu():
     if CXX is None:
         pytest.skip("needs g++")
     src = _emulated_source()
-    parts = [src, open(os.path.join(HERE, "ttt_cuda_emu", "shim.h")).read(),
-             open(os.path.join(HERE, "ttt_cuda_emu", "emu.cpp")).read()]
+    parts = [src] + [open(p).read() for p in (UTILS, os.path.join(HERE, "ttt_cuda_emu", "shim.h"),
+                                             os.path.join(HERE, "ttt_cuda_emu", "emu.cpp"))]
     key = hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
     out = os.path.join(tempfile.gettempdir(), f"allmem_ttt_emu_{key}")
     lib = os.path.join(out, "libemu.so")
@@ -58,6 +57,8 @@ def emu():
         os.makedirs(os.path.join(out, "inc"), exist_ok=True)
         with open(os.path.join(out, "inc", "cuda_runtime.h"), "w") as f:
             f.write("typedef void* cudaStream_t;\n")
+        for stub in ("cuda_bf16.h", "cuda_fp16.h"):  # shim.h defines what the kernels use
+            open(os.path.join(out, "inc", stub), "w").close()
         with open(os.path.join(out, "fwd_emu.inc"), "w") as f:
             f.write(src)
         tmp = lib + f".{os.getpid()}"
