@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import allmem_ops
 from allmem_ops.reference import swa_mask, swa_naive
+from _roofline import distance_to_floor, matmul_gflops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,6 +114,8 @@ def main() -> None:
         sdpa_out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask).transpose(1, 2)
         err_sdpa = (sdpa_out.double() - ref64).abs().max().item()
 
+    ceiling = matmul_gflops()
+    print(f"measured float32 matmul rate: {ceiling:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     pairs = visible_pairs(L, W, S)
     floor_fwd = 4 * D * pairs * H
     floor_fb = 12 * D * pairs * H
@@ -128,6 +131,8 @@ def main() -> None:
         results[name] = {
             "fwd_s": t_fwd, "fwd_bwd_s": t_fb,
             "fwd_gflops_visible": floor_fwd / t_fwd / 1e9, "fwd_bwd_gflops_visible": floor_fb / t_fb / 1e9,
+            "fwd_vs_floor": distance_to_floor(floor_fwd, t_fwd, ceiling),
+            "fwd_bwd_vs_floor": distance_to_floor(floor_fb, t_fb, ceiling),
         }
         print(f"{name:22s} fwd {t_fwd * 1e3:9.1f} ms ({floor_fwd / t_fwd / 1e9:6.1f} GFLOP/s of visible pairs)   "
               f"fwd+bwd {t_fb * 1e3:9.1f} ms ({floor_fb / t_fb / 1e9:6.1f} GFLOP/s)", flush=True)
@@ -164,6 +169,7 @@ def main() -> None:
         "allmem_ops_build": allmem_ops.build_info(),
         "cpu_isa_cap": os.environ.get("ALLMEM_SWA_CPU_ISA", "avx512 (widest the CPU runs)"),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "matmul_gflops_float32": ceiling,
     }
     print(f"machine: {machine['platform']}, {machine['cpu']}, {machine['cpu_count']} CPUs "
           f"({machine['torch_threads']} torch threads), torch {machine['torch']}, "

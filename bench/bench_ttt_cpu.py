@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import allmem_ops
 from allmem_ops.reference.ttt import ttt_memory_chunked
+from _roofline import distance_to_floor, matmul_gflops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FWD_FLOPS, BWD_FLOPS = 18, 46  # per d*h*C, see the module docstring
@@ -85,6 +86,8 @@ def main() -> None:
     B, L, H, d, h, C = args.batch, args.length, args.heads, args.dim, args.hidden, args.chunk
     ins = make_inputs(B, L, H, d, h)
     load_start = list(os.getloadavg())
+    ceiling = matmul_gflops()
+    print(f"measured float32 matmul rate: {ceiling:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     head_chunks = B * H * (L // C)
     flops = {"forward": FWD_FLOPS * d * h * C * head_chunks,
              "forward+backward": (FWD_FLOPS + BWD_FLOPS) * d * h * C * head_chunks}
@@ -106,6 +109,7 @@ def main() -> None:
             med = statistics.median(times)
             results.setdefault(mode, {})[name] = {
                 "median_s": med, "times_s": times, "gflops": flops[mode] / med / 1e9,
+                "vs_floor": distance_to_floor(flops[mode], med, ceiling),
             }
             print(f"{mode:17s} {name:17s} median {med * 1e3:9.1f} ms  {flops[mode] / med / 1e9:6.2f} GFLOP/s",
                   flush=True)
@@ -119,7 +123,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     # other processes share the box: the load says how contended the timings were
-                    "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg())},
+                    "loadavg_at_start": load_start, "loadavg_at_end": list(os.getloadavg()),
+                    "matmul_gflops_float32": ceiling},
         "torch": torch.__version__,
         "shape": {"B": B, "L": L, "H": H, "d": d, "h": h, "C": C, "dtype": "float32"},
         "runs": args.runs,
