@@ -1,10 +1,11 @@
-"""The TTT CUDA forward kernel's logic without a GPU: csrc/ttt/ttt_fwd.cu is compiled with g++
-against a small CPU emulation of the CUDA features it uses (tests/ttt_cuda_emu/shim.h: 256
+"""The TTT CUDA kernels' logic without a GPU: csrc/ttt/ttt_fwd.cu and ttt_bwd.cu are compiled with
+g++ against a small CPU emulation of the CUDA features they use (tests/ttt_cuda_emu/shim.h: 256
 std::threads per block, barriers for __syncthreads and warp shuffles) and compared with the CPU
-op on the same inputs: output, final state, chunk buffer and checkpoints, every (d, h), varlen
-with an empty sequence, pending initial state, both flags, bf16. Outputs start as NaN, so an
-element the kernel never writes fails. This checks indexing, segment walk and math; the GPU
-memory model, fast-math intrinsics and speed are for tests/test_ttt_gpu.py on a device."""
+op on the same inputs: forward output, final state, chunk buffer and checkpoints; every gradient
+of the backward (from the CPU forward's checkpoints); every (d, h), varlen with an empty
+sequence, pending initial state, both flags, bf16. Outputs start as NaN, so an element a kernel
+never writes fails. This checks indexing, segment walks and math; the GPU memory model,
+fast-math intrinsics and speed are for tests/test_ttt_gpu.py on a device."""
 from __future__ import annotations
 
 import ctypes
@@ -23,23 +24,23 @@ from allmem_ops.ttt import _pack
 from test_ttt import make_inputs, random_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL = os.path.join(HERE, "..", "csrc", "ttt", "ttt_fwd.cu")
+KERNELS = {name: os.path.join(HERE, "..", "csrc", "ttt", f"ttt_{name}.cu") for name in ("fwd", "bwd")}
 UTILS = os.path.join(HERE, "..", "csrc", "ttt", "ttt_kernel_utils.cuh")
 CXX = shutil.which("g++")
 
 
-def _emulated_source() -> str:
-    """ttt_fwd.cu with its CUDA headers, dynamic shared memory and launch code swapped out."""
-    src = open(KERNEL).read()
+def _emulated_source(path: str) -> str:
+    """A kernel file with its CUDA header, dynamic shared memory and launch code swapped out."""
+    src = open(path).read()
     swaps = [
         ("#include <c10/cuda/CUDAException.h>\n", '#include "shim.h"\n'),
         ("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;"),
     ]
     for old, new in swaps:
-        assert old in src, f"ttt_fwd.cu changed: {old!r} not found; update tests/test_ttt_cuda_emu.py"
+        assert old in src, f"{path} changed: {old!r} not found; update tests/test_ttt_cuda_emu.py"
         src = src.replace(old, new)
     cut = src.find("template <int D, int Hd>\nvoid launch(")
-    assert cut > 0, "ttt_fwd.cu changed: the launch code was not found; update tests/test_ttt_cuda_emu.py"
+    assert cut > 0, f"{path} changed: the launch code was not found; update tests/test_ttt_cuda_emu.py"
     return src[:cut] + "}  // namespace\n}  // namespace allmem::ttt::cuda\n"
 
 
@@ -47,8 +48,8 @@ def _emulated_source() -> str:
 def emu():
     if CXX is None:
         pytest.skip("needs g++")
-    src = _emulated_source()
-    parts = [src] + [open(p).read() for p in (UTILS, os.path.join(HERE, "ttt_cuda_emu", "shim.h"),
+    srcs = {name: _emulated_source(path) for name, path in KERNELS.items()}
+    parts = list(srcs.values()) + [open(p).read() for p in (UTILS, os.path.join(HERE, "ttt_cuda_emu", "shim.h"),
                                              os.path.join(HERE, "ttt_cuda_emu", "emu.cpp"))]
     key = hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
     out = os.path.join(tempfile.gettempdir(), f"allmem_ttt_emu_{key}")
@@ -59,8 +60,9 @@ def emu():
             f.write("typedef void* cudaStream_t;\n")
         for stub in ("cuda_bf16.h", "cuda_fp16.h"):  # shim.h defines what the kernels use
             open(os.path.join(out, "inc", stub), "w").close()
-        with open(os.path.join(out, "fwd_emu.inc"), "w") as f:
-            f.write(src)
+        for name, src in srcs.items():
+            with open(os.path.join(out, f"{name}_emu.inc"), "w") as f:
+                f.write(src)
         tmp = lib + f".{os.getpid()}"
         cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-I", out, "-I", os.path.join(out, "inc"),
                "-I", os.path.join(HERE, "ttt_cuda_emu"), "-I", os.path.join(HERE, "..", "csrc"),
@@ -134,3 +136,79 @@ def test_emulated_kernel_matches_cpu_op(emu, case):
         # bf16 o: both round the same float32 value; tolerance for float32 summation order.
         assert rel_err(g, w) < (1e-2 if (name == "o" and dtype != torch.float32) else 1e-5), name
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)  # the buffer holds exact copies
+
+
+class BwdParams(ctypes.Structure):
+    """csrc/ttt/ttt_cuda.h BwdParams, field by field."""
+    _fields_ = (
+        [(n, ctypes.c_void_p) for n in ("grad_o", "q", "k", "v", "eta", "mu")]
+        + [("dtype", ctypes.c_int)]
+        + [(n, ctypes.c_void_p) for n in ("w_gate", "w_up", "w_down", "pend_in", "grad_pend", "ckpt", "d_fast",
+                                          "d_pend", "dq", "dk", "dv", "deta", "dmu", "d_targets", "scratch", "seq")]
+        + [("n_seqs", ctypes.c_int64), ("heads", ctypes.c_int64), ("chunk", ctypes.c_int64),
+           ("lact_order", ctypes.c_bool), ("residual", ctypes.c_bool)]
+    )
+
+
+def emulated_bwd(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
+    """The CUDA backward's host side (ttt_cuda_api.cu) in Python around the emulated kernel."""
+    H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
+    if cu is not None:
+        T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()
+        start, lens = c[:-1], [c[i + 1] - c[i] for i in range(N)]
+    else:
+        N, L = q.shape[:2]
+        T, start, lens = N * L, [n * L for n in range(N)], [L] * N
+    pl, slots, s = plen.tolist(), [], 0
+    for n in range(N):
+        slots.append(s)
+        s += (pl[n] + lens[n]) // C + 1
+    seq = torch.tensor(start + lens + pl + slots, dtype=torch.long)
+    keep = [t.contiguous() for t in (go, q, k, v, eta, mu, wg, wu, wd, pend, gpend, ckpt)]
+    nan = float("nan")
+    d_fast, d_pend = gfast.contiguous().clone(), torch.zeros_like(pend)
+    dq, dk, dv = (torch.full((T, H, d), nan) for _ in range(3))
+    deta, dmu = torch.full((T, H, 3), nan), torch.full((T, H), nan)
+    dtg, scratch = torch.full((N, H, 2 * h + d), nan), torch.full((N, H, 3, h * d), nan)
+    outs = (d_fast, d_pend, dq, dk, dv, deta, dmu, dtg, scratch, seq)
+    dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
+    ptrs = [t.data_ptr() for t in keep]
+    p = BwdParams(*ptrs[:6], dt, *ptrs[6:], *[t.data_ptr() for t in outs], N, H, C, lact, res)
+    lib.emu_bwd(ctypes.byref(p), ctypes.c_int(d), ctypes.c_int(h))
+    dT = dtg.sum(0)
+
+    def param_grad(w, dtarget):
+        target = w.norm(dim=-1)
+        safe = torch.where(target > 0, target, torch.ones_like(target))
+        return w * (dtarget * (target > 0).float() / safe).unsqueeze(-1)
+
+    back = [t.view(like.shape).to(q.dtype) for t, like in ((dq, q), (dk, k), (dv, v), (deta, eta), (dmu, mu))]
+    return back + [param_grad(wg, dT[:, :h]), param_grad(wu, dT[:, h:2 * h]), param_grad(wd, dT[:, 2 * h:]),
+                   d_fast, d_pend]
+
+
+@pytest.mark.parametrize("case", CASES + [(None, None, 2, 128, 64, 24, [30, 0, 61], [5, 0, 23], True, True,
+                                           torch.float32)])
+def test_emulated_backward_matches_cpu_op(emu, case):
+    B, L, H, d, h, C, lens, plens, lact, res, dtype = case
+    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    if plens is None:
+        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
+        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1).contiguous()
+        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
+    else:
+        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(q, k, v, eta, mu, wg, wu, wd, fast, pend, plen,
+                                                                     cu, C, lact, res)
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(o.shape, generator=g).to(o.dtype)
+    gfast, gpend = torch.randn(fast_out.shape, generator=g) * 0.1, torch.randn(pend_out.shape, generator=g)
+    args = (go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res)
+    want = torch.ops.allmem.ttt_memory_bwd(*args)
+    got = emulated_bwd(emu, *args)
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    for name, a, b in zip(names, got, want):
+        assert not torch.isnan(a).any(), f"{name}: elements left unwritten"
+        assert rel_err(a, b) < (1e-2 if (a.dtype == torch.bfloat16) else 1e-5), name

@@ -37,7 +37,42 @@ struct FwdParams {
   bool residual;
 };
 
+// One backward launch (the CPU op's ttt_memory_bwd): walks each (sequence, head) in reverse from
+// the forward's checkpoints. Gradients of the tokens come out float32 [T, H, x]; d_targets
+// [N, H, 2h + d] holds each job's gradient of the row-norm targets (summed over N by the caller).
+struct BwdParams {
+  const void* grad_o;  // [T, H, d]
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* eta;
+  const void* mu;
+  InDType dtype;
+  const float* w_gate;
+  const float* w_up;
+  const float* w_down;
+  const float* pend_in;    // the forward's initial pending [N, C, H, 2d+4]
+  const float* grad_pend;  // [N, C, H, 2d+4]
+  const float* ckpt;       // [slots, H, 6, h*d]
+  float* d_fast;           // [N, H, 6, h*d]: grad_fast on entry, d_fast on exit (the working dW, dM)
+  float* d_pend;           // [N, C, H, 2d+4], zero on entry
+  float* dq;               // [T, H, d]
+  float* dk;
+  float* dv;
+  float* deta;       // [T, H, 3]
+  float* dmu;        // [T, H]
+  float* d_targets;  // [N, H, 2h + d]
+  float* scratch;    // [N, H, 3, h*d]
+  const int64_t* seq;
+  int64_t n_seqs;
+  int64_t heads;
+  int64_t chunk;
+  bool lact_order;
+  bool residual;
+};
+
 // Launches the forward on `stream`; d, h in {64, 128} (checked by the caller).
 void launch_ttt_fwd(const FwdParams& p, int d, int h, cudaStream_t stream);
+void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 
 }  // namespace allmem::ttt::cuda

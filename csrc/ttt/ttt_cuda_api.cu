@@ -1,7 +1,7 @@
 // Torch glue of the TTT memory CUDA kernels: argument checks (the CPU op's contract, plus the GPU
-// path's limits), output allocation and TORCH_LIBRARY_IMPL(allmem, CUDA). The forward kernel is
-// in ttt_fwd.cu; its outputs (checkpoints included) have the CPU op's layouts and meaning, so the
-// Python wrapper (allmem_ops/ttt.py) is the same for both backends.
+// path's limits), output allocation and TORCH_LIBRARY_IMPL(allmem, CUDA). The kernels are in
+// ttt_fwd.cu and ttt_bwd.cu; their inputs and outputs (checkpoints included) have the CPU op's
+// layouts and meaning, so the Python wrapper (allmem_ops/ttt.py) is the same for both backends.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,7 +48,7 @@ struct Layout {
 
 Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
                         const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
-                        const at::Tensor& w_down, const at::Tensor& fast, const at::Tensor& pending,
+                        const at::Tensor& w_down, const at::Tensor* fast, const at::Tensor& pending,
                         const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
                         int64_t chunk_size) {
   ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
@@ -112,7 +112,7 @@ Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   ALLMEM_CHECK(lay.N * lay.H <= INT_MAX, "the CUDA TTT kernel runs one CTA per (sequence, head): at most ", INT_MAX,
                " of them, got ", lay.N, " x ", lay.H);
-  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, q);
+  if (fast != nullptr) check_state_tensor(*fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, q);
   check_state_tensor(pending, "pending", {lay.N, lay.C, lay.H, 2 * lay.d + 4}, q);
   check_same_device(pending_len, "pending_len", q, "q");
   ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
     const at::Tensor& pending, const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
     int64_t chunk_size, bool lact_order, bool residual) {
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len,
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, &fast, pending, pending_len,
                                       cu_seqlens, chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
   const InDType dt = cuda_dtype(q);
@@ -189,18 +189,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   return {o.view(q.sizes()), fast_out, pend_out, plen_out, ckpt};
 }
 
-// The backward has no CUDA kernel yet. Raising keeps a CUDA autograd graph from silently running
-// anything else; the CPU op takes the same arguments (the checkpoints included) on CPU copies.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
-ttt_memory_bwd_cuda(const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const std::optional<at::Tensor>&, int64_t, bool, bool) {
-  ALLMEM_CHECK(false,
-               "the CUDA backward of ttt_memory is not implemented yet; run the backward on CPU tensors "
-               "(the forward runs on CUDA; for gradients, call ttt_memory on CPU copies of the inputs)");
-  return {};
+ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
+                    const std::optional<at::Tensor>& grad_pending, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
+                    const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending,
+                    const at::Tensor& pending_len, const at::Tensor& checkpoints,
+                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, nullptr, pending, pending_len,
+                                      cu_seqlens, chunk_size);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const InDType dt = cuda_dtype(q);
+  const int64_t d = lay.d, h = lay.h;
+  ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
+               shape_str(grad_o));
+  check_same_device(grad_o, "grad_o", q, "q");
+  const std::vector<int64_t> fast_shape{lay.N, lay.H, kFastRows, h * d};
+  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, q);
+  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), q);
+  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, q);
+
+  auto f32 = q.options().dtype(at::kFloat);
+  auto go = grad_o.to(q.scalar_type()).contiguous();
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
+  auto wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
+  auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+  auto d_fast = grad_fast.has_value() ? grad_fast->contiguous().clone() : at::zeros(fast_shape, f32);
+  auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
+  auto d_pend = at::zeros_like(pend_in);
+  auto dq = at::empty({lay.T, lay.H, d}, f32), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  auto deta = at::empty({lay.T, lay.H, 3}, f32), dmu = at::empty({lay.T, lay.H}, f32);
+  auto d_targets = at::zeros({lay.N, lay.H, 2 * h + d}, f32);
+  auto scratch = at::empty({lay.N, lay.H, 3, h * d}, f32);
+  auto seq = at::tensor(lay.seq, at::TensorOptions().dtype(at::kLong)).to(q.device());
+
+  if (lay.N > 0 && lay.H > 0) {
+    BwdParams p{};
+    p.grad_o = go.data_ptr();
+    p.q = qc.data_ptr();
+    p.k = kc.data_ptr();
+    p.v = vc.data_ptr();
+    p.eta = etac.data_ptr();
+    p.mu = muc.data_ptr();
+    p.dtype = dt;
+    p.w_gate = wg.data_ptr<float>();
+    p.w_up = wu.data_ptr<float>();
+    p.w_down = wd.data_ptr<float>();
+    p.pend_in = pend_in.data_ptr<float>();
+    p.grad_pend = gpend.data_ptr<float>();
+    p.ckpt = ckpt.data_ptr<float>();
+    p.d_fast = d_fast.data_ptr<float>();
+    p.d_pend = d_pend.data_ptr<float>();
+    p.dq = dq.data_ptr<float>();
+    p.dk = dk.data_ptr<float>();
+    p.dv = dv.data_ptr<float>();
+    p.deta = deta.data_ptr<float>();
+    p.dmu = dmu.data_ptr<float>();
+    p.d_targets = d_targets.data_ptr<float>();
+    p.scratch = scratch.data_ptr<float>();
+    p.seq = seq.data_ptr<int64_t>();
+    p.n_seqs = lay.N;
+    p.heads = lay.H;
+    p.chunk = lay.C;
+    p.lact_order = lact_order;
+    p.residual = residual;
+    launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());
+  }
+
+  // The targets are the params' row norms: dN[r] * w[r] / ||w[r]|| (0 for a zero row), as on the CPU.
+  auto dT = d_targets.sum(0);
+  auto param_grad = [&](const at::Tensor& w, const at::Tensor& dtarget) {
+    auto target = at::linalg_vector_norm(w, 2, at::IntArrayRef{-1}, false, std::nullopt);
+    auto safe = at::where(target > 0, target, at::ones_like(target));
+    return w * (dtarget * (target > 0).to(at::kFloat) / safe).unsqueeze(-1);
+  };
+  auto dwg = param_grad(wg, dT.narrow(1, 0, h));
+  auto dwu = param_grad(wu, dT.narrow(1, h, h));
+  auto dwd = param_grad(wd, dT.narrow(1, 2 * h, d));
+  const auto in_dt = q.scalar_type();
+  auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
+  return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
 }
 
 }  // namespace

@@ -38,4 +38,29 @@ struct FwdTraits {
   static_assert(kOffX2 % 4 == 0 && kOffA % 4 == 0 && kOffB % 4 == 0 && kOffE % 4 == 0, "float4 rows");
 };
 
+// The backward keeps more [tile, h] intermediates (a, b, e and the three projections of the
+// momentum gradient) and two output tiles, so its tiles are half as tall.
+template <int D, int Hd>
+struct BwdTraits {
+  static_assert((D == 64 || D == 128) && (Hd == 64 || Hd == 128), "d and h must be 64 or 128");
+  static constexpr int kThreads = 256;
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kTile = 16;
+  static constexpr int kLdD = D + 4;
+  static constexpr int kLdH = Hd + 4;
+  static constexpr int64_t kMat = int64_t{D} * Hd;
+  static constexpr int kPendWidth = 2 * D + 4;
+  // X1..X4 [kTile, kLdD]; A, B, E, PS, PU, PG [kTile, kLdH]; eta [kTile, 4]; targets and their
+  // gradient [2h + d] each; reduction scratch [32].
+  static constexpr int kOffX = 0;
+  static constexpr int kOffH = kOffX + 4 * kTile * kLdD;
+  static constexpr int kOffEta = kOffH + 6 * kTile * kLdH;
+  static constexpr int kOffTarget = kOffEta + kTile * 4;
+  static constexpr int kOffDTarget = kOffTarget + 2 * Hd + D;
+  static constexpr int kOffRed = kOffDTarget + 2 * Hd + D;
+  static constexpr int kSmemFloats = kOffRed + 32;
+  static constexpr int kSmemBytes = kSmemFloats * 4;
+  static_assert(kSmemBytes <= 160 * 1024, "must fit the opt-in shared memory of sm_80");
+};
+
 }  // namespace allmem::ttt::cuda

@@ -1,17 +1,17 @@
-// Runs ttt_fwd_kernel on the CPU under shim.h. `fwd_emu.inc` is csrc/ttt/ttt_fwd.cu with its CUDA
-// includes, dynamic shared memory declaration and launch code rewritten by
-// tests/test_ttt_cuda_emu.py (see there).
+// Runs ttt_fwd_kernel and ttt_bwd_kernel on the CPU under shim.h. `fwd_emu.inc`, `bwd_emu.inc` are
+// csrc/ttt/ttt_fwd.cu, ttt_bwd.cu with their CUDA include, dynamic shared memory declaration and
+// launch code rewritten by tests/test_ttt_cuda_emu.py (see there).
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "fwd_emu.inc"
+#include "bwd_emu.inc"
 
 using namespace allmem::ttt::cuda;
 
-template <int D, int Hd>
-void run(const FwdParams& p) {
-  using Tr = FwdTraits<D, Hd>;
+template <typename Tr, typename Params>
+void run(void (*kernel)(Params), const Params& p) {
   std::vector<float4> smem(Tr::kSmemFloats / 4 + 1);
   for (int64_t b = 0; b < p.n_seqs * p.heads; ++b) {
     for (auto& f : smem) f = float4{NAN, NAN, NAN, NAN};  // shared memory starts as garbage
@@ -28,11 +28,24 @@ void run(const FwdParams& p) {
       threads.emplace_back([&, t] {
         threadIdx.x = t;
         blockIdx.x = static_cast<unsigned>(b);
-        ttt_fwd_kernel<D, Hd>(p);
+        kernel(p);
       });
     }
     for (auto& th : threads) th.join();
   }
+}
+
+template <int D_, int Hd_>
+struct Sizes {
+  static constexpr int D = D_, Hd = Hd_;
+};
+
+template <template <int, int> class Traits, typename Params, typename KernelOf>
+void dispatch(const Params& p, int d, int h, KernelOf kernel_of) {
+  if (d == 64 && h == 64) run<Traits<64, 64>>(kernel_of(Sizes<64, 64>{}), p);
+  else if (d == 64 && h == 128) run<Traits<64, 128>>(kernel_of(Sizes<64, 128>{}), p);
+  else if (d == 128 && h == 64) run<Traits<128, 64>>(kernel_of(Sizes<128, 64>{}), p);
+  else run<Traits<128, 128>>(kernel_of(Sizes<128, 128>{}), p);
 }
 
 extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void* eta, const void* mu, void* o, int dt,
@@ -41,8 +54,10 @@ extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void*
                         int64_t C, int lact, int residual, int d, int h) {
   FwdParams p{q,      k,       v,        eta,      mu,   o, InDType(dt), wg, wu, wd, fast_in, pend_in,
               fast_out, pend_out, ckpt, seq, N, H, C, bool(lact), bool(residual)};
-  if (d == 64 && h == 64) run<64, 64>(p);
-  else if (d == 64 && h == 128) run<64, 128>(p);
-  else if (d == 128 && h == 64) run<128, 64>(p);
-  else run<128, 128>(p);
+  dispatch<FwdTraits>(p, d, h, [](auto tr) { return &ttt_fwd_kernel<decltype(tr)::D, decltype(tr)::Hd>; });
+}
+
+// BwdParams is passed by pointer (ctypes builds it field by field).
+extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
+  dispatch<BwdTraits>(*p, d, h, [](auto tr) { return &ttt_bwd_kernel<decltype(tr)::D, decltype(tr)::Hd>; });
 }
