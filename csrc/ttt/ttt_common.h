@@ -1,0 +1,113 @@
+// Argument contract of the TTT memory ops (csrc/registration.cpp), shared by every backend so that
+// torch.ops.allmem.ttt_memory_* reject bad input with the same messages on the CPU and the GPU.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace allmem::ttt {
+
+// fast state / checkpoint rows: gate, up, down, then their momenta, each flattened to h*d.
+constexpr int64_t kFastRows = 6;
+constexpr int64_t kMomentumRow = 3;
+
+// Dense [B, L, ...] and varlen [T, ...] inputs both become packed [T, H, ...] tokens; this is
+// where each sequence starts, how long it is, and where its checkpoints go.
+struct Layout {
+  int64_t T = 0, H = 0, d = 0, h = 0, N = 0, C = 0;
+  std::vector<int64_t> start, len, p0, slot;
+  int64_t used_slots = 0;
+  int64_t pend_width() const { return 2 * d + 4; }  // k | v | eta (3) | mu
+  int64_t slots() const { return 2 * N + T / C; }    // >= sum over sequences of (chunks + 1)
+};
+
+inline void check_state_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, at::ScalarType st,
+                        const at::Tensor& q) {
+  check_same_device(t, name, q, "q");
+  ALLMEM_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", shape_str(t));
+  ALLMEM_CHECK(t.scalar_type() == st, name, " must be ", st, " (the state dtype for ", q.scalar_type(),
+               " inputs), got ", t.scalar_type());
+}
+
+// Validates the inputs common to ttt_memory_fwd and ttt_memory_bwd; `st` is the state dtype the
+// backend keeps (float32, or float64 for float64 inputs on the CPU). Reads cu_seqlens and
+// pending_len on the host (one copy each).
+inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                               const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                               const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
+                               const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, at::ScalarType st) {
+  ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
+  check_floating(q, "q");
+  const bool varlen = cu_seqlens.has_value();
+  if (varlen) {
+    check_dim(q, 3, "q", "[T, H, d] (varlen, with cu_seqlens)");
+  } else {
+    check_dim(q, 4, "q", "[B, L, H, d]");
+  }
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    ALLMEM_CHECK(t->sizes() == q.sizes(), name, " must have the shape of q ", shape_str(q), ", got ",
+                 shape_str(*t));
+  }
+  auto lead = q.sizes().vec();
+  lead.pop_back();
+  auto eta_shape = lead;
+  eta_shape.push_back(3);
+  ALLMEM_CHECK(eta.sizes() == at::IntArrayRef(eta_shape), "eta must have shape ", at::IntArrayRef(eta_shape),
+               " (q's shape with the last dim 3: gate, up, down rates), got ", shape_str(eta));
+  ALLMEM_CHECK(mu.sizes() == at::IntArrayRef(lead), "mu must have shape ", at::IntArrayRef(lead),
+               " (q's shape without the last dim), got ", shape_str(mu));
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&eta, "eta"}, std::pair{&mu, "mu"}}) {
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+  }
+  Layout lay;
+  lay.C = chunk_size;
+  lay.H = q.size(-2);
+  lay.d = q.size(-1);
+  check_dim(w_gate, 3, "w_gate", "[H, h, d]");
+  lay.h = w_gate.size(1);
+  check_state_tensor(w_gate, "w_gate", {lay.H, lay.h, lay.d}, st, q);
+  check_state_tensor(w_up, "w_up", {lay.H, lay.h, lay.d}, st, q);
+  check_state_tensor(w_down, "w_down", {lay.H, lay.d, lay.h}, st, q);
+  if (varlen) {
+    check_same_device(*cu_seqlens, "cu_seqlens", q, "q");
+    lay.T = q.size(0);
+    lay.N = check_cu_seqlens(*cu_seqlens, lay.T, "q.size(0)");
+    auto cu = cu_seqlens->to(at::kCPU).contiguous();
+    const int32_t* p = cu.data_ptr<int32_t>();
+    for (int64_t n = 0; n < lay.N; ++n) {
+      lay.start.push_back(p[n]);
+      lay.len.push_back(p[n + 1] - p[n]);
+    }
+  } else {
+    lay.N = q.size(0);
+    lay.T = q.size(0) * q.size(1);
+    for (int64_t n = 0; n < lay.N; ++n) {
+      lay.start.push_back(n * q.size(1));
+      lay.len.push_back(q.size(1));
+    }
+  }
+  check_state_tensor(pending, "pending", {lay.N, lay.C, lay.H, lay.pend_width()}, st, q);
+  check_same_device(pending_len, "pending_len", q, "q");
+  ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
+               "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
+               shape_str(pending_len));
+  auto plen = pending_len.to(at::kCPU).contiguous();
+  const int64_t* pl = plen.data_ptr<int64_t>();
+  int64_t slot = 0;
+  for (int64_t n = 0; n < lay.N; ++n) {
+    ALLMEM_CHECK(pl[n] >= 0 && pl[n] < lay.C, "pending_len[", n, "] must be in [0, chunk_size = ", lay.C, "), got ",
+                 pl[n]);
+    lay.p0.push_back(pl[n]);
+    lay.slot.push_back(slot);
+    slot += (pl[n] + lay.len[n]) / lay.C + 1;
+  }
+  lay.used_slots = slot;
+  return lay;
+}
+
+}  // namespace allmem::ttt
