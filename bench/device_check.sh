@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the SWA CUDA kernels (issue 5) and the TTT CUDA forward (issue 6) on a
+# One-shot GPU check of the SWA CUDA kernels (issue 5) and the TTT CUDA kernels (issue 6) on a
 # lent H100/H200 (torch 2.11 cu130, Python 3.12, nvcc 13.0, no network), from the repo root, in
 # about 8 minutes:
 #   build (all cores, sm_90a, ptxas report) -> GPU tests -> compute-sanitizer memcheck + racecheck
@@ -92,7 +92,7 @@ if want tests; then
   run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu "$@"' \
     "$PY" "${op_tests[@]}"
   run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py"
-  # The TTT CUDA forward (issue 6): its own stage, so a TTT failure cannot hide the SWA results.
+  # The TTT CUDA kernels (issue 6): their own stage, so a TTT failure cannot hide the SWA results.
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_gpu.py"
 fi
@@ -128,8 +128,8 @@ torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
   cat >/tmp/ttt_sanitize_cases.py <<'EOF'
-# A small case of the TTT CUDA forward: varlen with an empty sequence and a pending initial
-# state (buffered and direct chunks, a partial tile), every dtype, three (d, h), both flags.
+# A small case of the TTT CUDA forward and backward: varlen with an empty sequence and a pending
+# initial state (buffered and direct chunks, a partial tile), every dtype, three (d, h), both flags.
 import torch
 import allmem_ops
 from allmem_ops.reference.ttt import TTTState
@@ -146,9 +146,12 @@ for d, h, dt in ((64, 64, torch.bfloat16), (128, 128, torch.float16), (64, 128, 
     cu = torch.tensor([0, 70, 70, T], dtype=torch.int32, device=dev)
     state = TTTState.initial(*w, 3, C, torch.float32)
     state.pending_len = torch.tensor([0, 7, 39], device=dev)
+    q.requires_grad_()
+    state.w_gate.requires_grad_()
     for lact in (False, True):
         o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
+        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
 torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
 EOF

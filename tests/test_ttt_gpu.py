@@ -1,8 +1,9 @@
-"""The CUDA forward of the TTT memory (csrc/ttt/ttt_fwd.cu) against the CPU kernel in float64 on
-the same inputs: output, final state and checkpoints, dense and varlen, with a pending initial
-state, both variant flags, d, h in {64, 128}; decode == prefill; bf16/fp16 error no larger than a
-small factor of what the chunked PyTorch reference gets in bf16 on the same GPU; determinism; one
-test per kind of input the GPU path rejects. Skipped without a CUDA device and the CUDA kernels."""
+"""The CUDA kernels of the TTT memory (csrc/ttt/ttt_fwd.cu, ttt_bwd.cu) against the CPU kernel in
+float64 on the same inputs: output, final state, checkpoints and every gradient, dense and
+varlen, with a pending initial state, both variant flags, d, h in {64, 128}; decode == prefill;
+bf16/fp16 error (forward and gradients) no larger than a small factor of what the chunked
+PyTorch reference gets on the same GPU; determinism; one test per kind of input the GPU path
+rejects. Skipped without a CUDA device and the CUDA kernels."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import allmem_ops
 from allmem_ops.reference.ttt import TTTState, ttt_memory_chunked
 from allmem_ops.ttt import _pack
 
-from test_ttt import STATE_FLOATS, make_inputs, random_state
+from test_ttt import STATE_FLOATS, make_inputs, random_state, run
 
 
 def _has_cuda_fwd() -> bool:
@@ -175,6 +176,66 @@ def test_long_sequence_finite_and_matches_cpu():
     assert rel_err(fast_part, wfast) < 1e-4
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}L{c[1]}H{c[2]}d{c[3]}h{c[4]}C{c[5]}")
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_backward_float32_matches_cpu_float64(case, lact_order, residual):
+    """ttt_memory_bwd on CUDA (float32) vs the CPU kernel (float64), each from its own forward's
+    checkpoints, with random cotangents on o, the final fast state and the pending buffer."""
+    B, L, H, d, h, C, lens, plens = case
+    cpu, dev = raw_inputs(B, L, H, d, h, C, torch.float32, lens, plens)
+    (o, fast, pend, _, ckpt), (wo, wfast, wpend, _, wckpt) = both(cpu, dev, C, lact_order, residual)
+    g = torch.Generator().manual_seed(11)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (wo, wfast, wpend)]
+    cot[1] = cot[1] * 0.1
+    want = torch.ops.allmem.ttt_memory_bwd(*cot, *cpu[:8], cpu[9], cpu[10], wckpt, cpu[11], C, lact_order,
+                                           residual)
+    dcot = [t.to("cuda", torch.float32) for t in cot]
+    got = torch.ops.allmem.ttt_memory_bwd(*dcot, *dev[:8], dev[9], dev[10], ckpt, dev[11], C, lact_order, residual)
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    for name, a, b in zip(names, got, want):
+        assert a.device.type == "cuda" and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 1e-4, name
+
+
+def test_autograd_through_ttt_memory():
+    """allmem_ops.ttt_memory on CUDA float32: output, final state and the gradient of every input
+    and state field vs the same call on the CPU in float64."""
+    B, L, H, d, h, C = 2, 90, 2, 64, 64, 32
+    ins, _ = make_inputs(B, L, H, d, h)
+    ins[3] = ins[3] * 0.2
+    state = random_state(B, C, H, d, h, [3, 30])
+    rounded = [t.float().double() for t in ins]
+    state = dataclasses.replace(state, **{n: getattr(state, n).float().double() for n in STATE_FLOATS})
+    dev_state = dataclasses.replace(state, **{n: getattr(state, n).to("cuda", torch.float32) for n in STATE_FLOATS},
+                                    pending_len=state.pending_len.cuda())
+    want = run(allmem_ops.ttt_memory, rounded, C, state)
+    got = run(allmem_ops.ttt_memory, [t.to("cuda", torch.float32) for t in rounded], C, dev_state)
+    assert rel_err(got[0], want[0]) < 1e-5
+    for name in STATE_FLOATS:
+        assert rel_err(getattr(got[1], name), getattr(want[1], name)) < 1e-5, name
+    for i, (a, b) in enumerate(zip(got[2], want[2])):
+        assert rel_err(a, b) < 1e-4, f"gradient {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_within_chunked_reference(dtype):
+    """Gradients of bf16/fp16 inputs vs float64: no larger than 2x the chunked reference's on the
+    same inputs on the GPU."""
+    B, L, H, d, C = 1, 256, 2, 64, 64
+    ins, _ = make_inputs(B, L, H, d, d)
+    ins[3] = ins[3] * 0.2
+    low = [t.to("cuda", dtype) if i < 5 else t.to("cuda", torch.float32) for i, t in enumerate(ins)]
+    exact = [t.double().cpu() for t in low]
+    want = run(allmem_ops.ttt_memory, exact, C)
+    got = run(allmem_ops.ttt_memory, low, C)
+    ref = run(ttt_memory_chunked, low, C)
+    for i, (a, r, w) in enumerate(zip(got[2][:8], ref[2][:8], want[2][:8])):
+        e_kernel, e_ref = rel_err(a, w), rel_err(r, w)
+        print(f"{dtype} grad {i}: kernel {e_kernel:.2e}, chunked reference {e_ref:.2e}")
+        assert e_kernel <= 2 * e_ref + 1e-6, f"gradient {i}"
+
+
 # ---- inputs the GPU path rejects ----
 
 def _good(d=64, h=64, dtype=torch.bfloat16):
@@ -219,9 +280,10 @@ def test_rejects_bad_pending_len():
         torch.ops.allmem.ttt_memory_fwd(*dev, 8, False, True)
 
 
-def test_backward_not_implemented_says_so():
+def test_rejects_bad_grad_o():
     dev = _good(dtype=torch.float32)
-    q = dev[0].clone().requires_grad_()
-    o, _ = allmem_ops.ttt_memory(q, *dev[1:8], 8)
-    with pytest.raises(RuntimeError, match=r"CUDA backward of ttt_memory is not implemented yet"):
-        o.sum().backward()
+    o, fast, pend, plen, ckpt = torch.ops.allmem.ttt_memory_fwd(*dev, 8, False, True)
+    with pytest.raises(RuntimeError, match=r"grad_o must have the shape of q"):
+        torch.ops.allmem.ttt_memory_bwd(o[:, :-1], None, None, *dev[:8], dev[9], dev[10], ckpt, None, 8, False, True)
+    with pytest.raises(RuntimeError, match=r"checkpoints must have shape"):
+        torch.ops.allmem.ttt_memory_bwd(o, None, None, *dev[:8], dev[9], dev[10], ckpt[1:], None, 8, False, True)
