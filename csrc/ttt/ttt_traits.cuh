@@ -1,11 +1,12 @@
 // Tile sizes and shared-memory layouts of the TTT CUDA kernels (ttt_fwd.cu, ttt_bwd.cu).
 //
 // First version (correct before fast): one CTA of 256 threads per (sequence, head) walks its
-// chunks in order (the backward in reverse) with SIMT float32 FMA. The fast weights and momenta of the head live in its
-// slot of fast_out in global memory (L2-resident: 6 * h * d * 4 bytes = 96 KB for d = h = 64,
-// 384 KB for 128, which would not fit in shared memory next to the tiles); shared memory holds
-// the token tiles and the [tile, h] intermediates. Tensor-core (mma.sync, bf16 operands, fp32
-// accumulation) tiles and a split of each chunk's tokens over a cluster are the next step.
+// chunks in order (the backward in reverse) with SIMT float32 FMA. The fast weights and momenta
+// of the head live in its slot of fast_out (backward: d_fast) in global memory (L2-resident:
+// 6 * h * d * 4 bytes = 96 KB for d = h = 64, 384 KB for 128, which would not fit in shared memory
+// next to the tiles); shared memory holds the token tiles and the [tile, h] intermediates.
+// Tensor-core (mma.sync, bf16 operands, fp32 accumulation) tiles and a split of each chunk's
+// tokens over a cluster are the next step.
 #pragma once
 #include <cstdint>
 
