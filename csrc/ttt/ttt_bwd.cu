@@ -293,7 +293,8 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream) {
   if (d == 64 && h == 128) return launch<64, 128>(p, stream);
   if (d == 128 && h == 64) return launch<128, 64>(p, stream);
   if (d == 128 && h == 128) return launch<128, 128>(p, stream);
-  TORCH_CHECK(false, "allmem: launch_ttt_bwd: unsupported d = ", d, ", h = ", h, " (the caller checks d, h in {64, 128})");
+  TORCH_CHECK(false, "allmem: launch_ttt_bwd: unsupported d = ", d, ", h = ", h,
+              " (the caller checks d, h in {64, 128})");
 }
 
 }  // namespace allmem::ttt::cuda
