@@ -262,7 +262,7 @@ def test_rejects_unsupported_sizes(d, h):
 def test_rejects_float_state_of_wrong_dtype():
     dev = _good()
     dev[8] = dev[8].double()  # fast
-    with pytest.raises(RuntimeError, match=r"fast must be float32"):
+    with pytest.raises(RuntimeError, match=r"fast must be Float \(the state dtype for BFloat16 inputs\), got Double"):
         torch.ops.allmem.ttt_memory_fwd(*dev, 8, False, True)
 
 

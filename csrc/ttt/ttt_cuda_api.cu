@@ -13,12 +13,11 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "ttt/ttt_common.h"
 #include "ttt/ttt_cuda.h"
 
 namespace allmem::ttt::cuda {
 namespace {
-
-constexpr int64_t kFastRows = 6;  // gate, up, down, then their momenta
 
 void check_on_cuda(const at::Tensor& t, const char* name) {
   ALLMEM_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
@@ -32,108 +31,31 @@ InDType cuda_dtype(const at::Tensor& q) {
   return st == at::kBFloat16 ? InDType::kBFloat16 : st == at::kHalf ? InDType::kFloat16 : InDType::kFloat32;
 }
 
-void check_state_tensor(const at::Tensor& t, const char* name, at::IntArrayRef expected, const at::Tensor& q) {
-  check_same_device(t, name, q, "q");
-  ALLMEM_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", shape_str(t));
-  ALLMEM_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (the state dtype for ", q.scalar_type(),
-               " inputs), got ", t.scalar_type());
-}
-
-// Per sequence: first packed token, length, initial pending length, first checkpoint slot.
-struct Layout {
-  int64_t T = 0, H = 0, d = 0, h = 0, N = 0, C = 0, used_slots = 0;
-  std::vector<int64_t> seq;  // [4, N], row-major
-  int64_t slots() const { return 2 * N + T / C; }
-};
-
-Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
-                        const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
-                        const at::Tensor& w_down, const at::Tensor* fast, const at::Tensor& pending,
-                        const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
-                        int64_t chunk_size) {
-  ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
-  check_floating(q, "q");
+// The shared contract (ttt_common.h) with the GPU path's limits: the dtype first, so float64
+// input is told to use the CPU kernel rather than that its float64 state should be float32.
+Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                  const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                  const at::Tensor& pending, const at::Tensor& pending_len,
+                  const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size) {
   check_on_cuda(q, "q");
-  const bool varlen = cu_seqlens.has_value();
-  if (varlen) {
-    check_dim(q, 3, "q", "[T, H, d] (varlen, with cu_seqlens)");
-  } else {
-    check_dim(q, 4, "q", "[B, L, H, d]");
-  }
-  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    ALLMEM_CHECK(t->sizes() == q.sizes(), name, " must have the shape of q ", shape_str(q), ", got ",
-                 shape_str(*t));
-  }
-  auto lead = q.sizes().vec();
-  lead.pop_back();
-  auto eta_shape = lead;
-  eta_shape.push_back(3);
-  ALLMEM_CHECK(eta.sizes() == at::IntArrayRef(eta_shape), "eta must have shape ", at::IntArrayRef(eta_shape),
-               " (q's shape with the last dim 3: gate, up, down rates), got ", shape_str(eta));
-  ALLMEM_CHECK(mu.sizes() == at::IntArrayRef(lead), "mu must have shape ", at::IntArrayRef(lead),
-               " (q's shape without the last dim), got ", shape_str(mu));
-  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&eta, "eta"}, std::pair{&mu, "mu"}}) {
-    check_same_dtype(*t, name, q, "q");
-    check_same_device(*t, name, q, "q");
-  }
+  check_floating(q, "q");
   cuda_dtype(q);
-  Layout lay;
-  lay.C = chunk_size;
-  lay.H = q.size(-2);
-  lay.d = q.size(-1);
-  check_dim(w_gate, 3, "w_gate", "[H, h, d]");
-  lay.h = w_gate.size(1);
+  Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
+                                chunk_size, at::kFloat);
   ALLMEM_CHECK((lay.d == 64 || lay.d == 128) && (lay.h == 64 || lay.h == 128),
                "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", lay.d,
                ", h = ", lay.h, " (the CPU kernel takes any sizes)");
-  check_state_tensor(w_gate, "w_gate", {lay.H, lay.h, lay.d}, q);
-  check_state_tensor(w_up, "w_up", {lay.H, lay.h, lay.d}, q);
-  check_state_tensor(w_down, "w_down", {lay.H, lay.d, lay.h}, q);
-  int64_t len_dense = 0;
-  std::vector<int64_t> start, len;
-  if (varlen) {
-    check_same_device(*cu_seqlens, "cu_seqlens", q, "q");
-    lay.T = q.size(0);
-    lay.N = check_cu_seqlens(*cu_seqlens, lay.T, "q.size(0)");
-    auto cu = cu_seqlens->to(at::kCPU).contiguous();
-    const int32_t* p = cu.data_ptr<int32_t>();
-    for (int64_t n = 0; n < lay.N; ++n) {
-      start.push_back(p[n]);
-      len.push_back(p[n + 1] - p[n]);
-    }
-  } else {
-    lay.N = q.size(0);
-    len_dense = q.size(1);
-    lay.T = lay.N * len_dense;
-    for (int64_t n = 0; n < lay.N; ++n) {
-      start.push_back(n * len_dense);
-      len.push_back(len_dense);
-    }
-  }
   ALLMEM_CHECK(lay.N * lay.H <= INT_MAX, "the CUDA TTT kernel runs one CTA per (sequence, head): at most ", INT_MAX,
                " of them, got ", lay.N, " x ", lay.H);
-  if (fast != nullptr) check_state_tensor(*fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, q);
-  check_state_tensor(pending, "pending", {lay.N, lay.C, lay.H, 2 * lay.d + 4}, q);
-  check_same_device(pending_len, "pending_len", q, "q");
-  ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
-               "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
-               shape_str(pending_len));
-  // One host copy: the segment walk of every sequence starts from its pending length.
-  auto plen = pending_len.to(at::kCPU).contiguous();
-  const int64_t* pl = plen.data_ptr<int64_t>();
-  lay.seq.assign(4 * lay.N, 0);
-  int64_t slot = 0;
-  for (int64_t n = 0; n < lay.N; ++n) {
-    ALLMEM_CHECK(pl[n] >= 0 && pl[n] < lay.C, "pending_len[", n, "] must be in [0, chunk_size = ", lay.C, "), got ",
-                 pl[n]);
-    lay.seq[n] = start[n];
-    lay.seq[lay.N + n] = len[n];
-    lay.seq[2 * lay.N + n] = pl[n];
-    lay.seq[3 * lay.N + n] = slot;
-    slot += (pl[n] + len[n]) / lay.C + 1;
-  }
-  lay.used_slots = slot;
   return lay;
+}
+
+// Per sequence, on the device: first packed token, length, initial pending length, first slot.
+at::Tensor seq_table(const Layout& lay, const at::Device& device) {
+  std::vector<int64_t> seq;
+  seq.reserve(4 * lay.N);
+  for (const auto* col : {&lay.start, &lay.len, &lay.p0, &lay.slot}) seq.insert(seq.end(), col->begin(), col->end());
+  return at::tensor(seq, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memory_fwd_cuda(
@@ -141,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
     const at::Tensor& pending, const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
     int64_t chunk_size, bool lact_order, bool residual) {
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, &fast, pending, pending_len,
-                                      cu_seqlens, chunk_size);
+  const Layout lay = check_cuda(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size);
+  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, at::kFloat, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const InDType dt = cuda_dtype(q);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
@@ -156,9 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   if (lay.slots() > lay.used_slots) {
     ckpt.narrow(0, lay.used_slots, lay.slots() - lay.used_slots).zero_();  // keep the output deterministic
   }
-  auto seq = at::tensor(lay.seq, at::TensorOptions().dtype(at::kLong)).to(q.device());
+  auto seq = seq_table(lay, q.device());
   std::vector<int64_t> plen_host(lay.N);
-  for (int64_t n = 0; n < lay.N; ++n) plen_host[n] = (lay.seq[2 * lay.N + n] + lay.seq[lay.N + n]) % lay.C;
+  for (int64_t n = 0; n < lay.N; ++n) plen_host[n] = (lay.p0[n] + lay.len[n]) % lay.C;
   auto plen_out = at::tensor(plen_host, at::TensorOptions().dtype(at::kLong)).to(q.device());
 
   if (lay.N > 0 && lay.H > 0) {
@@ -197,8 +119,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
                     const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending,
                     const at::Tensor& pending_len, const at::Tensor& checkpoints,
                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, nullptr, pending, pending_len,
-                                      cu_seqlens, chunk_size);
+  const Layout lay = check_cuda(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
   const InDType dt = cuda_dtype(q);
   const int64_t d = lay.d, h = lay.h;
@@ -206,9 +127,9 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
                shape_str(grad_o));
   check_same_device(grad_o, "grad_o", q, "q");
   const std::vector<int64_t> fast_shape{lay.N, lay.H, kFastRows, h * d};
-  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, q);
-  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), q);
-  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, q);
+  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, at::kFloat, q);
+  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), at::kFloat, q);
+  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, at::kFloat, q);
 
   auto f32 = q.options().dtype(at::kFloat);
   auto go = grad_o.to(q.scalar_type()).contiguous();
@@ -222,7 +143,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
   auto deta = at::empty({lay.T, lay.H, 3}, f32), dmu = at::empty({lay.T, lay.H}, f32);
   auto d_targets = at::zeros({lay.N, lay.H, 2 * h + d}, f32);
   auto scratch = at::empty({lay.N, lay.H, 3, h * d}, f32);
-  auto seq = at::tensor(lay.seq, at::TensorOptions().dtype(at::kLong)).to(q.device());
+  auto seq = seq_table(lay, q.device());
 
   if (lay.N > 0 && lay.H > 0) {
     BwdParams p{};
