@@ -56,11 +56,15 @@ def _cuda_include_dirs() -> list[str]:
 
 
 def _extension():
-    cpu_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # *_cuda.cpp: host-side glue of the CUDA kernels (argument checks, allocation, launches),
+    # compiled by the host compiler, not nvcc, and only in CUDA builds.
+    all_cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cpu_sources = [f for f in all_cpp if not f.endswith("_cuda.cpp")]
+    cuda_host_sources = [f for f in all_cpp if f.endswith("_cuda.cpp")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+        cuda_sources = cuda_host_sources + sorted(glob.glob("csrc/**/*.cu", recursive=True))
         archs = os.environ.get("ALLMEM_CUDA_ARCHS", DEFAULT_ARCHS)
         nvcc_flags = [
             "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",

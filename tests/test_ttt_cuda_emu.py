@@ -74,7 +74,7 @@ def emu():
 
 
 def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res):
-    """The CUDA op's host side (ttt_cuda_api.cu) in Python around the emulated kernel."""
+    """The CUDA op's host side (ttt_api_cuda.cpp) in Python around the emulated kernel."""
     H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
     if cu is not None:
         T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()
@@ -151,7 +151,7 @@ class BwdParams(ctypes.Structure):
 
 
 def emulated_bwd(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
-    """The CUDA backward's host side (ttt_cuda_api.cu) in Python around the emulated kernel."""
+    """The CUDA backward's host side (ttt_api_cuda.cpp) in Python around the emulated kernel."""
     H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
     if cu is not None:
         T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()

@@ -5,6 +5,9 @@
 #include "swa/swa_traits.cuh"
 
 namespace allmem::swa::cuda {
+
+static_assert(BwdDkDvTraits<64>::kBlockN == kBwdKeyBlockRows && BwdDkDvTraits<128>::kBlockN == kBwdKeyBlockRows,
+              "the host sizes the dK/dV grid with kBwdKeyBlockRows (swa_cuda.h)");
 namespace {
 
 template <typename T, int D>

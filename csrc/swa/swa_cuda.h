@@ -1,4 +1,4 @@
-// Host/device contract between the torch glue (swa_cuda_api.cu) and the SWA CUDA kernels
+// Host/device contract between the torch glue (swa_api_cuda.cpp) and the SWA CUDA kernels
 // (swa_fwd.cu, swa_bwd_*.cu, swa_decode.cu). Plain structs of pointers and element strides, so the
 // kernel translation units need no torch headers and compile quickly.
 #pragma once
@@ -57,6 +57,10 @@ struct DecodeParams {
   float* o_partial = nullptr;          // [B * Lnew * Hq, num_splits, D] float32 workspace
   float* lse_partial = nullptr;        // [B * Lnew * Hq, num_splits] float32 workspace (log2 domain)
 };
+
+// Keys per dK/dV CTA (BwdDkDvTraits<D>::kBlockN, asserted in swa_bwd_dkdv.cu): the host sizes the
+// backward grid with it.
+constexpr int kBwdKeyBlockRows = 64;
 
 // Launchers (one per kernel family). `head_dim` must be 64 or 128: the torch glue checks.
 void launch_swa_fwd(const FwdParams& p, DType dtype, int head_dim, cudaStream_t stream);

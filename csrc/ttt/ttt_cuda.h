@@ -1,4 +1,4 @@
-// Interface between the torch glue (ttt_cuda_api.cu) and the CUDA kernels of the TTT memory
+// Interface between the torch glue (ttt_api_cuda.cpp) and the CUDA kernels of the TTT memory
 // (ttt_fwd.cu). Plain structs only: no ATen types cross into the kernel translation units.
 #pragma once
 #include <cuda_runtime.h>

@@ -13,7 +13,6 @@
 
 #include "swa/swa_common.h"
 #include "swa/swa_cuda.h"
-#include "swa/swa_traits.cuh"
 
 namespace allmem::swa::cuda {
 namespace {
@@ -22,8 +21,7 @@ constexpr int64_t kAlignElems = 8;         // cp.async and the epilogue move 16-
 constexpr int64_t kMaxGridYZ = 65535;      // CUDA limit on gridDim.y and gridDim.z
 constexpr int64_t kMaxSeqlen = INT_MAX / 4;  // band arithmetic runs in int (i + W, j + Bn + W)
 // The dK/dV kernel puts key blocks along gridDim.y.
-constexpr int kKeyBlockRows = BwdDkDvTraits<64>::kBlockN;
-static_assert(BwdDkDvTraits<128>::kBlockN == kKeyBlockRows, "one key-block size for both head dims");
+constexpr int kKeyBlockRows = kBwdKeyBlockRows;
 constexpr double kLog2eD = 1.4426950408889634;
 
 DType cuda_dtype(const at::Tensor& t, const char* name) {
