@@ -4,17 +4,60 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace allmem {
 
 // Accumulation / state dtype: float64 stays float64; float32, float16 and bfloat16 compute in float32.
 inline at::ScalarType accumulate_dtype(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+// Error messages format numbers themselves (std::to_string, snprintf) instead of through iostreams:
+// on the H200 machine's torch 2.11 toolchain, any extension that streamed an integer into a
+// TORCH_CHECK message crashed the process (bench/results/gpu_2026-11-26_h200/README.md). Other
+// values (dtypes, devices, strings) still go through c10::str, which was seen to work there.
+namespace detail {
 
-#define ALLMEM_CHECK(cond, ...) TORCH_CHECK(cond, "allmem: ", __VA_ARGS__)
+inline std::string int_list(c10::ArrayRef<int64_t> xs) {
+  std::string s = "[";
+  for (size_t i = 0; i < xs.size(); ++i) s += (i ? ", " : "") + std::to_string(xs[i]);
+  return s + "]";
+}
+
+template <typename T>
+std::string piece(const T& x) {
+  if constexpr (std::is_convertible_v<const T&, const char*> || std::is_same_v<T, std::string>) {
+    return std::string(x);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return x ? "1" : "0";
+  } else if constexpr (std::is_integral_v<T>) {
+    return std::to_string(x);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(x));
+    return buf;
+  } else if constexpr (std::is_convertible_v<const T&, c10::ArrayRef<int64_t>>) {
+    return int_list(x);
+  } else {
+    return c10::str(x);
+  }
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  ((s += piece(args)), ...);
+  return s;
+}
+
+}  // namespace detail
+
+inline std::string shape_str(c10::ArrayRef<int64_t> sizes) { return detail::int_list(sizes); }
+inline std::string shape_str(const at::Tensor& t) { return detail::int_list(t.sizes()); }
+
+#define ALLMEM_CHECK(cond, ...) TORCH_CHECK(cond, ::allmem::detail::message("allmem: ", __VA_ARGS__))
 
 inline void check_floating(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();

@@ -42,7 +42,7 @@ void check_head_dim(int64_t d) {
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   ALLMEM_CHECK(t.stride(-1) == 1, name, " must have a contiguous last (head) dimension (stride 1), got strides ",
-               c10::str(t.strides()), ": call .contiguous() first");
+               shape_str(t.strides()), ": call .contiguous() first");
 }
 
 // 16-byte aligned base and strides (in elements) that are multiples of 8, for every dim that has
@@ -224,7 +224,7 @@ at::Tensor swa_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, c
     // Written in place, so it cannot be copied into an aligned layout behind the caller's back.
     check_last_dim_contiguous(t, name);
     ALLMEM_CHECK(is_aligned(t), name, " must be 16-byte aligned with strides that are multiples of 8 elements, ",
-                 "got strides ", c10::str(t.strides()));
+                 "got strides ", shape_str(t.strides()));
   }
   ALLMEM_CHECK(B * l_new <= INT_MAX / std::max<int64_t>(hq, 1), "B * Lnew * Hq must fit int32, got ", B * l_new * hq);
   ALLMEM_CHECK(hkv <= kMaxGridYZ, "the CUDA decode kernel supports up to ", kMaxGridYZ, " kv heads, got ", hkv);

@@ -113,7 +113,7 @@ inline void check_bwd_args(const Problem& p, const at::Tensor& q, const at::Tens
   ALLMEM_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   check_same_device(q, "q", lse, "lse");
   const auto want_lse = lse_shape(p);
-  ALLMEM_CHECK(lse.sizes() == at::IntArrayRef(want_lse), "lse must have shape ", c10::str(at::IntArrayRef(want_lse)),
+  ALLMEM_CHECK(lse.sizes() == at::IntArrayRef(want_lse), "lse must have shape ", shape_str(want_lse),
                ", got ", shape_str(lse));
 }
 
@@ -158,7 +158,7 @@ inline DecodeProblem check_decode_args(const at::Tensor& q, const at::Tensor& k_
   const std::vector<int64_t> want_cache{p.batch, p.slots, p.hkv, p.head_dim};
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
     ALLMEM_CHECK(t.sizes() == at::IntArrayRef(want_cache), name, " must have shape [B, S + W, Hkv, D] = ",
-                 c10::str(at::IntArrayRef(want_cache)), ", got ", shape_str(t));
+                 shape_str(want_cache), ", got ", shape_str(t));
   }
   ALLMEM_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
                cache_seqlens.scalar_type());
