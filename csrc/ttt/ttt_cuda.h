@@ -75,4 +75,9 @@ struct BwdParams {
 void launch_ttt_fwd(const FwdParams& p, int d, int h, cudaStream_t stream);
 void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 
+// The tensor-core forward (ttt_fwd_tc.cuh): d = h = 64, bf16/fp16 inputs, sm_90+ (clusters).
+// Same inputs, outputs and checkpoints as launch_ttt_fwd.
+bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major);
+void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
+
 }  // namespace allmem::ttt::cuda

@@ -1,0 +1,504 @@
+// Tensor-core forward of the TTT memory for d = h = 64 (AllMem's default head), sm_90: one thread
+// block cluster of kP CTAs per (sequence, head) splits every chunk's tokens, so the B * H
+// sequential chains use kP SMs each instead of one.
+//
+// Same walk, outputs and checkpoints as the SIMT forward (ttt_fwd.cu) and the CPU op: the
+// sequence is cut into segments that each fill the current chunk; at every segment start (W, M)
+// goes to the checkpoints, the segment's tokens are read with W, and a completed chunk runs the
+// update (row normalization, closed-form gradient with per-token rates, chunk momentum).
+//
+// Work split, per chunk:
+//   * Token tiles (kTile = 64 tokens) are dealt round-robin: chunk tile i belongs to CTA i % kP,
+//     for the read, the chunk-buffer rows and the update alike (so the rows a CTA writes to the
+//     chunk buffer are the rows it reads back: no global-memory traffic between CTAs).
+//   * Each CTA holds the three weights in shared memory as 16-bit tensor-core operands, twice:
+//     as they are (the read uses them) and row-normalized (the gradient is taken there; the same
+//     copy in LaCT order). Per tile, each of 4 warps owns 16 tokens: a = K Wg^T, b = K Wu^T,
+//     e = V Wd with mma.sync (float accumulation), the per-token factors in registers, then the
+//     warps own 16 rows of each weight gradient and accumulate X^T K / V^T S over the tile's
+//     tokens. Partial gradients stay in registers across the CTA's tiles.
+//   * Reduction: every CTA stores its float32 partial gradients in shared memory; after a cluster
+//     barrier CTA r sums rows [r * kOwn, (r + 1) * kOwn) of each matrix over the kP CTAs in rank
+//     order through distributed shared memory (deterministic: fixed order, no atomics), applies
+//     momentum and normalization to those rows in float32 (it owns them: the float32 state is
+//     split by rows across the cluster, so row norms are local), and writes the new 16-bit rows
+//     into every CTA of the cluster. A second cluster barrier ends the chunk.
+// Precision: the state, every accumulation and reduction are float32; the operands of the
+// matmuls are the input dtype (bf16 or fp16), as are the per-token factors fed to the gradient
+// products. Layout and fragment conventions: ttt_tc_ops.cuh.
+#pragma once
+#include <cstdint>
+
+#include "ttt/ttt_cuda.h"
+#include "ttt/ttt_tc_ops.cuh"
+
+namespace allmem::ttt::cuda::tc {
+
+struct FwdTcTraits {
+  static constexpr int kD = 64;  // d = h = 64
+  static constexpr int kP = 8;   // CTAs per cluster (the portable maximum)
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTile = 64;          // tokens per tile: 16 per warp
+  static constexpr int kLd = kD + 8;        // 16-bit row stride: 144-byte rows keep ldmatrix conflict-free
+  static constexpr int kLdG = kD + 4;       // float row stride of the partial gradients
+  static constexpr int kOwn = kD / kP;      // rows of each matrix owned by one CTA
+  static constexpr int kMat = kD * kD;      // elements of one fast-weight matrix
+  static constexpr int kPendWidth = 2 * kD + 4;
+  static constexpr int kTileElems = kTile * kLd;  // one 16-bit [64, 64] tile (weights too: 64 rows)
+  // Shared memory, bytes.
+  static constexpr int kOffWr = 0;                              // [3][64][kLd] weights as they are
+  static constexpr int kOffWn = kOffWr + 3 * kTileElems * 2;    // [3][64][kLd] normalized weights
+  static constexpr int kOffK = kOffWn + 3 * kTileElems * 2;     // [64][kLd] k (read: q)
+  static constexpr int kOffV = kOffK + kTileElems * 2;          // [64][kLd] v
+  static constexpr int kOffX = kOffV + kTileElems * 2;          // [3][64][kLd] Xg, Xu, Sd factors
+  static constexpr int kOffG = kOffX + 3 * kTileElems * 2;      // [3][64][kLdG] float partial -G
+  static constexpr int kOffEta = kOffG + 3 * kD * kLdG * 4;     // [64][4] eta_g, eta_u, eta_d, mu
+  static constexpr int kOffOwnW = kOffEta + kTile * 4 * 4;      // [3][kOwn][64] float W rows owned
+  static constexpr int kOffOwnM = kOffOwnW + 3 * kOwn * kD * 4; // [3][kOwn][64] float M rows owned
+  static constexpr int kOffTarget = kOffOwnM + 3 * kOwn * kD * 4;  // [3][kOwn] row-norm targets
+  static constexpr int kOffScale = kOffTarget + 3 * kOwn * 4;      // [3][kOwn] normalization scales
+  static constexpr int kOffRed = kOffScale + 3 * kOwn * 4;         // [4] mu partial sum
+  static constexpr int kSmemBytes = kOffRed + 16;
+  static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
+  static_assert(kOffWn % 16 == 0 && kOffK % 16 == 0 && kOffX % 16 == 0 && kOffG % 16 == 0 &&
+                    kOffEta % 16 == 0 && kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0,
+                "16-byte aligned regions");
+  static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
+};
+
+constexpr float kTcNormEps = 1e-5f;  // SPEC.md: added to the current row norm
+
+__device__ __forceinline__ float tc_sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
+
+// A fragments of the 16 rows [row0, row0 + 16) x 64 columns of a 16-bit tile, one per k-step.
+template <typename T>
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[4][4], const T* tile, int row0, int lane) {
+  constexpr int kLd = FwdTcTraits::kLd;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) ldsm_x4(a[kk], tile + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+}
+
+// acc[j] += A x W[n0 + 8j : n0 + 8j + 8, :]^T for j = 0, 1: W is a 16-bit [N, 64] row-major tile
+// (so W^T is the B operand in "col" form), A the 16 x 64 fragments of load_a_rows.
+template <typename T>
+__device__ __forceinline__ void mma_step_wt(float (&acc)[2][4], const uint32_t (&a)[4], const T* w, int n0, int kk,
+                                            int lane) {
+  constexpr int kLd = FwdTcTraits::kLd;
+  uint32_t b[4];
+  ldsm_x4(b, w + (n0 + lane % 8 + (lane / 16) * 8) * kLd + kk * 16 + ((lane / 8) % 2) * 8);
+  mma<T>(acc[0], a, b[0], b[1]);
+  mma<T>(acc[1], a, b[2], b[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_a_wt(float (&acc)[2][4], const uint32_t (&a)[4][4], const T* w, int n0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) mma_step_wt(acc, a[kk], w, n0, kk, lane);
+}
+
+// acc[j] += A x W[:, n0 + 8j : n0 + 8j + 8] over k-step kk: W is a 16-bit [64, N] row-major tile.
+template <typename T>
+__device__ __forceinline__ void mma_step_w(float (&acc)[2][4], const uint32_t (&a)[4], const T* w, int n0, int kk,
+                                           int lane) {
+  constexpr int kLd = FwdTcTraits::kLd;
+  uint32_t b[4];
+  ldsm_x4_t(b, w + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + n0 + (lane / 16) * 8);
+  mma<T>(acc[0], a, b[0], b[1]);
+  mma<T>(acc[1], a, b[2], b[3]);
+}
+
+// acc[16 rows m0.., 64 cols] += Y[:, m0 : m0 + 16]^T X over the 64 token rows of the 16-bit
+// tiles Y [64, 64] and X [64, 64] (both token-major): the weight-gradient products.
+template <typename T>
+__device__ __forceinline__ void mma_yt_x(float (&acc)[8][4], const T* y, int m0, const T* x, int lane) {
+  constexpr int kLd = FwdTcTraits::kLd;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    const int q = lane / 8, i = lane % 8;
+    ldsm_x4_t(a, y + (kk * 16 + i + (q / 2) * 8) * kLd + m0 + (q % 2) * 8);
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+      uint32_t b[4];
+      ldsm_x4_t(b, x + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + nb * 16 + (lane / 16) * 8);
+      mma<T>(acc[2 * nb], a, b[0], b[1]);
+      mma<T>(acc[2 * nb + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float x, float y) {
+  *reinterpret_cast<uint32_t*>(p) = pack2<T>(x, y);
+}
+
+template <typename T>
+__device__ __forceinline__ T load_tok(const void* p, int64_t i) {
+  return static_cast<const T*>(p)[i];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+#else
+  using Tr = FwdTcTraits;
+  constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
+  constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
+  constexpr int64_t HD = Tr::kMat;
+  unsigned char* smem_tc = dynamic_smem();
+  T* sWr = reinterpret_cast<T*>(smem_tc + Tr::kOffWr);
+  T* sWn = reinterpret_cast<T*>(smem_tc + Tr::kOffWn);
+  T* sK = reinterpret_cast<T*>(smem_tc + Tr::kOffK);
+  T* sV = reinterpret_cast<T*>(smem_tc + Tr::kOffV);
+  T* sX = reinterpret_cast<T*>(smem_tc + Tr::kOffX);
+  float* sG = reinterpret_cast<float*>(smem_tc + Tr::kOffG);
+  float* sEta = reinterpret_cast<float*>(smem_tc + Tr::kOffEta);
+  float* sOwnW = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnW);
+  float* sOwnM = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnM);
+  float* sTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffTarget);
+  float* sScale = reinterpret_cast<float*>(smem_tc + Tr::kOffScale);
+  float* sRed = reinterpret_cast<float*>(smem_tc + Tr::kOffRed);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int rank = cluster_rank();
+  const int64_t job = blockIdx.x / kP;
+  const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
+  const int64_t n = job / H, hh = job % H;
+  const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
+  int64_t slot = p.seq[3 * N + n];
+  const int own0 = rank * kOwn;  // first owned row of each matrix
+  const int64_t n_tiles = (C + kTile - 1) / kTile;
+  const int64_t pstride = H * PW;
+  float* pend = p.pend_out + (n * C * H + hh) * PW;  // this head's chunk buffer: row t at pend + t * pstride
+  const float* pend0 = p.pend_in + (n * C * H + hh) * PW;
+  auto tok = [&](int64_t token) { return token * H + hh; };
+  // Element (m, i, c) of the owned rows <-> offset of the full [h, d] / [d, h] matrix m.
+  auto full_off = [&](int m, int i, int c) { return int64_t{m} * HD + int64_t{own0 + i} * kD + c; };
+
+  // Owned rows of the state and their row-norm targets.
+  {
+    const float* src = p.fast_in + (n * H + hh) * 6 * HD;
+    for (int e = tid; e < 3 * kOwn * kD; e += kT) {
+      const int m = e / (kOwn * kD), i = (e / kD) % kOwn, c = e % kD;
+      sOwnW[e] = src[full_off(m, i, c)];
+      sOwnM[e] = src[3 * HD + full_off(m, i, c)];
+    }
+    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
+      const float* param = r < kOwn ? p.w_gate : r < 2 * kOwn ? p.w_up : p.w_down;
+      const float* row = param + hh * HD + int64_t{own0 + r % kOwn} * kD;
+      float ss = 0.f;
+      for (int c = lane; c < kD; c += 32) ss += row[c] * row[c];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) sTarget[r] = sqrtf(ss);
+    }
+  }
+  __syncthreads();
+
+  // sScale[r] = target / (||owned row r|| + eps) of the owned float rows `w` (one warp per row).
+  auto owned_scales = [&](const float* w) {
+    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
+      float ss = 0.f;
+      for (int c = lane; c < kD; c += 32) ss += w[r * kD + c] * w[r * kD + c];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) sScale[r] = sTarget[r] / (sqrtf(ss) + kTcNormEps);
+    }
+  };
+
+  // Writes the owned rows of W (as they are, and normalized unless LaCT order) as 16-bit operands
+  // into every CTA of the cluster. Non-LaCT: also leaves the scales of W in sScale for the update.
+  auto publish = [&]() {
+    if (!p.lact_order) {
+      owned_scales(sOwnW);
+      __syncthreads();
+    }
+    for (int e = tid; e < 3 * kOwn * (kD / 4); e += kT) {
+      const int r = e / (kD / 4), c = (e % (kD / 4)) * 4, m = r / kOwn, i = r % kOwn;
+      const float* w = sOwnW + r * kD + c;
+      const float s = p.lact_order ? 1.f : sScale[r];
+      uint2 raw, nrm;
+      raw.x = pack2<T>(w[0], w[1]);
+      raw.y = pack2<T>(w[2], w[3]);
+      nrm.x = pack2<T>(w[0] * s, w[1] * s);
+      nrm.y = pack2<T>(w[2] * s, w[3] * s);
+      const int off = m * kTE + (own0 + i) * kLd + c;
+      for (int peer = 0; peer < kP; ++peer) {
+        *reinterpret_cast<uint2*>(cluster_peer(sWr + off, peer)) = raw;
+        *reinterpret_cast<uint2*>(cluster_peer(sWn + off, peer)) = nrm;
+      }
+    }
+  };
+
+  // Chunk-buffer rows [lo, hi) that fall in this CTA's tiles, as (first, last) pieces.
+  auto for_my_rows = [&](int64_t lo, int64_t hi, auto&& body) {
+    for (int64_t i = rank; i < n_tiles; i += kP) {
+      const int64_t a = i * kTile > lo ? i * kTile : lo;
+      const int64_t b = (i + 1) * kTile < hi ? (i + 1) * kTile : hi;
+      if (a < b) body(a, b);
+    }
+  };
+
+  // Rows of the initial chunk buffer this call keeps.
+  for_my_rows(0, p0, [&](int64_t a, int64_t b) {
+    for (int64_t e = tid; e < (b - a) * PW; e += kT) {
+      const int64_t t = a + e / PW, c = e % PW;
+      pend[t * pstride + c] = pend0[t * pstride + c];
+    }
+  });
+  publish();
+  cluster_sync();
+
+  // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
+  auto read_tile = [&](int64_t first, int64_t t0, int nt) {
+    for (int e = tid; e < kTile * (kD / 8); e += kT) {
+      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + tok(first + t0 + t) * kD + c);
+      *reinterpret_cast<uint4*>(sK + t * kLd + c) = x;
+    }
+    __syncthreads();
+    const int row0 = warp * 16;
+    uint32_t aq[4][4];
+    load_a_rows(aq, sK, row0, lane);
+    uint32_t sf[4][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
+#pragma unroll
+    for (int hb = 0; hb < 4; ++hb) {
+      float ga[2][4] = {}, gb[2][4] = {};
+      mma_a_wt(ga, aq, sWr, hb * 16, lane);
+      mma_a_wt(gb, aq, sWr + kTE, hb * 16, lane);
+      float s[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = ga[j][e] * tc_sigmoid(ga[j][e]) * gb[j][e];
+      sf[hb][0] = pack2<T>(s[0][0], s[0][1]);
+      sf[hb][1] = pack2<T>(s[0][2], s[0][3]);
+      sf[hb][2] = pack2<T>(s[1][0], s[1][1]);
+      sf[hb][3] = pack2<T>(s[1][2], s[1][3]);
+    }
+    const int g = lane / 4, c2 = 2 * (lane % 4);
+#pragma unroll
+    for (int db = 0; db < 4; ++db) {
+      float o[2][4] = {};
+      mma_a_wt(o, sf, sWr + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+          if (t >= nt) continue;
+          float o0 = o[j][2 * half], o1 = o[j][2 * half + 1];
+          if (p.residual) {
+            o0 += to_float(sK[t * kLd + c]);
+            o1 += to_float(sK[t * kLd + c + 1]);
+          }
+          store_pair(static_cast<T*>(p.o) + tok(first + t0 + t) * kD + c, o0, o1);
+        }
+      }
+    }
+    __syncthreads();  // sK is reused
+  };
+
+  // The update of one complete chunk: rows come from this call's tokens (direct) or the buffer.
+  auto chunk_update = [&](bool direct, int64_t first) {
+    float acc_g[8][4] = {}, acc_u[8][4] = {}, acc_d[8][4] = {};
+    float mu_part = 0.f;  // thread 0: this CTA's tokens, in order
+    const int row0 = warp * 16, g = lane / 4, c2 = 2 * (lane % 4);
+    for (int64_t ti = rank; ti < n_tiles; ti += kP) {
+      const int64_t t0 = ti * kTile;
+      const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+      // Rows past the chunk end are zero (rates included), so they add nothing.
+      if (direct) {
+        for (int e = tid; e < kTile * (kD / 8); e += kT) {
+          const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+          uint4 xk = make_uint4(0u, 0u, 0u, 0u), xv = xk;
+          if (t < nt) {
+            const int64_t off = tok(first + t0 + t) * kD + c;
+            xk = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
+            xv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
+          }
+          *reinterpret_cast<uint4*>(sK + t * kLd + c) = xk;
+          *reinterpret_cast<uint4*>(sV + t * kLd + c) = xv;
+        }
+        for (int e = tid; e < kTile * 4; e += kT) {
+          const int t = e / 4, m = e % 4;
+          float r = 0.f;
+          if (t < nt) {
+            const int64_t row = tok(first + t0 + t);
+            r = m < 3 ? to_float(load_tok<T>(p.eta, row * 3 + m)) : to_float(load_tok<T>(p.mu, row));
+          }
+          sEta[e] = r;
+        }
+      } else {
+        for (int e = tid; e < kTile * (kD / 4); e += kT) {
+          const int t = e / (kD / 4), c = (e % (kD / 4)) * 4;
+          float4 xk = make_float4(0.f, 0.f, 0.f, 0.f), xv = xk;
+          if (t < nt) {
+            const float* r = pend + (t0 + t) * pstride;
+            xk = *reinterpret_cast<const float4*>(r + c);
+            xv = *reinterpret_cast<const float4*>(r + kD + c);
+          }
+          store_pair(sK + t * kLd + c, xk.x, xk.y);
+          store_pair(sK + t * kLd + c + 2, xk.z, xk.w);
+          store_pair(sV + t * kLd + c, xv.x, xv.y);
+          store_pair(sV + t * kLd + c + 2, xv.z, xv.w);
+        }
+        for (int e = tid; e < kTile * 4; e += kT) {
+          const int t = e / 4, m = e % 4;
+          // Buffered rates and momenta are rounded like this call's (the CPU op and the SIMT
+          // kernel keep them float32: same values, since they came from 16-bit inputs).
+          sEta[e] = t < nt ? pend[(t0 + t) * pstride + 2 * kD + m] : 0.f;
+        }
+      }
+      __syncthreads();
+      if (tid == 0) {
+        for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];
+      }
+      // Per-token factors of the (negated) gradient: Xg = eta_g e b silu'(a), Xu = eta_u e
+      // silu(a), Sd = eta_d silu(a) b, with a = K Wg^T, b = K Wu^T, e = V Wd at the normalized W.
+      {
+#pragma unroll 1
+        for (int hb = 0; hb < 4; ++hb) {
+          // A fragments are reloaded per k-step (ldmatrix is cheap; the 96 gradient
+          // accumulators already hold most of the registers).
+          float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
+#pragma unroll 2
+          for (int kk = 0; kk < 4; ++kk) {
+            uint32_t ak[4], av[4];
+            ldsm_x4(ak, sK + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+            ldsm_x4(av, sV + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+            mma_step_wt(ga, ak, sWn, hb * 16, kk, lane);
+            mma_step_wt(gb, ak, sWn + kTE, hb * 16, kk, lane);
+            mma_step_w(ge, av, sWn + 2 * kTE, hb * 16, kk, lane);
+          }
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int t = row0 + g + 8 * half, c = hb * 16 + j * 8 + c2;
+              const float eg = sEta[t * 4 + 0], eu = sEta[t * 4 + 1], ed = sEta[t * 4 + 2];
+              float xg[2], xu[2], sd[2];
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                const float x = ga[j][2 * half + q], y = gb[j][2 * half + q], z = ge[j][2 * half + q];
+                const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
+                xg[q] = eg * z * y * d1;
+                xu[q] = eu * z * silu;
+                sd[q] = ed * silu * y;
+              }
+              store_pair(sX + t * kLd + c, xg[0], xg[1]);
+              store_pair(sX + kTE + t * kLd + c, xu[0], xu[1]);
+              store_pair(sX + 2 * kTE + t * kLd + c, sd[0], sd[1]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+      // -G partials: warp w owns rows [16w, 16w + 16) of each matrix.
+      mma_yt_x(acc_g, sX, row0, sK, lane);            // -Gg = Xg^T K
+      mma_yt_x(acc_u, sX + kTE, row0, sK, lane);      // -Gu = Xu^T K
+      mma_yt_x(acc_d, sV, row0, sX + 2 * kTE, lane);  // -Gd = V^T Sd
+      __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
+    }
+    // Partials to shared memory for the cluster reduction.
+    auto stash = [&](const float(&acc)[8][4], int m) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float* dst = sG + m * kD * kLdG + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+          dst[0] = acc[j][2 * half];
+          dst[1] = acc[j][2 * half + 1];
+        }
+      }
+    };
+    stash(acc_g, 0);
+    stash(acc_u, 1);
+    stash(acc_d, 2);
+    if (tid == 0) sRed[0] = mu_part;
+    cluster_sync();
+    // Owned rows: M = mu_j M - G, W = W_hat + M (W_hat = normalize(W) unless LaCT order), summing
+    // the kP partials in rank order.
+    float mu_sum = 0.f;
+    for (int peer = 0; peer < kP; ++peer) mu_sum += *cluster_peer(sRed, peer);
+    const float mu_j = mu_sum / static_cast<float>(C);
+    for (int e = tid; e < 3 * kOwn * kD; e += kT) {
+      const int r = e / kD, m = r / kOwn, i = r % kOwn, c = e % kD;
+      const int goff = m * kD * kLdG + (own0 + i) * kLdG + c;
+      float neg_g = 0.f;
+      for (int peer = 0; peer < kP; ++peer) neg_g += *cluster_peer(sG + goff, peer);
+      const float w_hat = p.lact_order ? sOwnW[e] : sOwnW[e] * sScale[r];
+      const float mom = mu_j * sOwnM[e] + neg_g;
+      sOwnM[e] = mom;
+      sOwnW[e] = w_hat + mom;
+    }
+    __syncthreads();
+    if (p.lact_order) {
+      owned_scales(sOwnW);
+      __syncthreads();
+      for (int e = tid; e < 3 * kOwn * kD; e += kT) sOwnW[e] *= sScale[e / kD];
+      __syncthreads();
+    }
+    publish();
+    cluster_sync();
+  };
+
+  auto write_state = [&](float* dst) {
+    for (int e = tid; e < 3 * kOwn * kD; e += kT) {
+      const int m = e / (kOwn * kD), i = (e / kD) % kOwn, c = e % kD;
+      dst[full_off(m, i, c)] = sOwnW[e];
+      dst[3 * HD + full_off(m, i, c)] = sOwnM[e];
+    }
+  };
+
+  int64_t fill = p0, pos = 0;
+  while (true) {
+    const int64_t pb = fill;
+    const int64_t seg = (len - pos < C - fill) ? len - pos : C - fill;
+    const int64_t first = start + pos;
+    write_state(p.ckpt + (slot * H + hh) * 6 * HD);
+    ++slot;
+    for (int64_t ti = rank; ti * kTile < seg; ti += kP) {
+      const int64_t t0 = ti * kTile;
+      read_tile(first, t0, static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile));
+    }
+    fill = pb + seg;
+    const bool direct = pb == 0 && fill == C;
+    if (!direct && seg > 0) {
+      for_my_rows(pb, fill, [&](int64_t a, int64_t b) {
+        for (int64_t e = tid; e < (b - a) * PW; e += kT) {
+          const int64_t t = a + e / PW;
+          const int c = static_cast<int>(e % PW);
+          const int64_t row = tok(first + t - pb);
+          float x;
+          if (c < kD) {
+            x = to_float(load_tok<T>(p.k, row * kD + c));
+          } else if (c < 2 * kD) {
+            x = to_float(load_tok<T>(p.v, row * kD + c - kD));
+          } else if (c < 2 * kD + 3) {
+            x = to_float(load_tok<T>(p.eta, row * 3 + c - 2 * kD));
+          } else {
+            x = to_float(load_tok<T>(p.mu, row));
+          }
+          pend[t * pstride + c] = x;
+        }
+      });
+    }
+    __syncthreads();  // this CTA's buffer rows are written before it reads them back
+    if (fill == C) chunk_update(direct, first);
+    pos += seg;
+    if (fill < C) break;
+    fill = 0;
+  }
+  // Rows past the partial chunk are zero in the returned buffer (as on the CPU).
+  for_my_rows(fill, C, [&](int64_t a, int64_t b) {
+    for (int64_t e = tid; e < (b - a) * PW; e += kT) pend[(a + e / PW) * pstride + e % PW] = 0.f;
+  });
+  write_state(p.fast_out + (n * H + hh) * 6 * HD);
+#endif
+}
+
+}  // namespace allmem::ttt::cuda::tc

@@ -1,0 +1,125 @@
+// The few warp- and cluster-level primitives of the tensor-core TTT forward (ttt_fwd_tc.cuh),
+// behind small functions so the kernel's logic can also run on the CPU: tests/ttt_cuda_emu/ has a
+// header of the same path that implements them with std::threads and barriers (that copy must keep
+// these signatures and the PTX fragment layouts described here).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16/.f16 operands, g = lane / 4, c = lane % 4):
+//   A (16 x 16, row-major view): a0 = A[g][2c, 2c+1], a1 = A[g+8][2c, 2c+1], a2 = A[g][2c+8, 2c+9],
+//     a3 = A[g+8][2c+8, 2c+9], two 16-bit values per register, the lower column in the low half.
+//   B (16 x 8): b0 = B[2c, 2c+1][g], b1 = B[2c+8, 2c+9][g].
+//   C/D (16 x 8, float): d0, d1 = D[g][2c, 2c+1], d2, d3 = D[g+8][2c, 2c+1].
+// ldmatrix .x4: lanes 8q..8q+7 give the row addresses of 8 x 8 matrix q (16 bytes per row); lane l
+// receives register q = M_q[l / 4][2(l % 4), 2(l % 4) + 1], or with .trans M_q[2(l % 4)][l / 4] and
+// M_q[2(l % 4) + 1][l / 4].
+#pragma once
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace allmem::ttt::cuda::tc {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+// Two floats as one register of two 16-bit values, x in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  const T lo = from_float<T>(x), hi = from_float<T>(y);
+  return static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(lo)) |
+         (static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(hi)) << 16);
+}
+
+// The kernel's dynamic shared memory (16-byte aligned).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char tc_dynamic_smem[];
+  return tc_dynamic_smem;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(row)));
+}
+
+// d += A B for one m16n8k16 tile, float accumulation.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Thread block cluster (sm_90): rank of this CTA, a full barrier with release/acquire semantics
+// at cluster scope (orders shared, distributed shared and global memory for the whole cluster),
+// and the address of the same shared-memory object in another CTA of the cluster.
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+
+template <typename X>
+__device__ __forceinline__ X* cluster_peer(X* p, int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
+#else
+  (void)rank;
+  return p;
+#endif
+}
+
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+
+}  // namespace allmem::ttt::cuda::tc

@@ -1,0 +1,116 @@
+"""The tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh: mma.sync tiles, one 8-CTA cluster per
+(sequence, head), distributed-shared-memory reduction) without a GPU: the kernel header is
+compiled with g++ against tests/ttt_cuda_emu/tc/ttt/ttt_tc_ops.cuh, a CPU stand-in for the warp
+and cluster primitives that follows the PTX fragment layouts, and run on std::threads (a cluster
+of 8 x 128 threads). Compared with the CPU op in float64 on the same 16-bit inputs: output, final
+state, chunk buffer, checkpoints; outputs start as NaN, shared memory as NaN bytes, so anything
+left unwritten or read before it is written fails.
+
+The kernel's matmul operands are 16-bit (the weights and the per-token gradient factors are
+rounded to the input dtype, as a bf16 autocast PyTorch implementation rounds them), so its error
+against float64 is of the order of the dtype's unit roundoff u (bf16 2^-8, fp16 2^-11): the bounds
+below are small multiples of u, far below what a wrong fragment layout, a missed tile or a wrong
+reduction gives (errors of order 1)."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import allmem_ops  # noqa: F401  (registers the CPU op)
+from allmem_ops.ttt import _pack
+
+from test_ttt import make_inputs, random_state
+from test_ttt_cuda_emu import emulated_fwd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMU = os.path.join(HERE, "ttt_cuda_emu")
+CSRC = os.path.join(HERE, "..", "csrc")
+SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_cuda.h")] + [
+    os.path.join(EMU, f) for f in ("emu_tc.cpp", "shim_tc.h", os.path.join("tc", "ttt", "ttt_tc_ops.cuh"))
+]
+CXX = shutil.which("g++")
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(scope="module")
+def emu_tc():
+    if CXX is None:
+        pytest.skip("needs g++")
+    key = hashlib.sha1("".join(open(p).read() for p in SOURCES).encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"allmem_ttt_tc_emu_{key}")
+    lib = os.path.join(out, "libemu_tc.so")
+    if not os.path.exists(lib):
+        os.makedirs(os.path.join(out, "inc"), exist_ok=True)
+        with open(os.path.join(out, "inc", "cuda_runtime.h"), "w") as f:
+            f.write("typedef void* cudaStream_t;\n")
+        tmp = lib + f".{os.getpid()}"
+        cmd = [CXX, "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing",
+               "-I", os.path.join(EMU, "tc"), "-I", EMU, "-I", os.path.join(out, "inc"), "-I", CSRC,
+               os.path.join(EMU, "emu_tc.cpp"), "-o", tmp, "-lpthread"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+# (B, L, H, C, lens, pending lengths, lact_order, residual, dtype): d = h = 64 (the kernel's size).
+CASES = [
+    # one tile per chunk, several chunks, a partial trailing chunk
+    (1, 150, 1, 64, None, None, False, True, torch.bfloat16),
+    # chunks of 9 tiles: CTA 0 owns two, the last tile is partial (C not a multiple of 64 or 16)
+    (1, 1100, 1, 550, None, None, False, True, torch.bfloat16),
+    # varlen with an empty sequence, pending state completed by this call, both heads
+    (None, None, 2, 40, [70, 0, 23], [13, 0, 39], False, True, torch.bfloat16),
+    # LaCT order, no residual, fp16, two sequences with different pending lengths
+    (2, 90, 1, 48, None, [5, 47], True, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_kernel_matches_float64_op(emu_tc, case):
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    d = h = 64
+    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2  # rates up to 0.1, as in tests/test_ttt_gpu.py
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    if plens is None:
+        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
+        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1).contiguous()
+        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
+    else:
+        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+        # the buffered rows came from 16-bit inputs in a real run: round them the same way
+        pend = pend.to(dtype).float()
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+    got = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    errs = {}
+    for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
+        assert not torch.isnan(g).any(), f"{name}: elements left unwritten (or NaN read from shared memory)"
+        errs[name] = rel_err(g, w)
+    # The parts a kernel error would hide in: the memory's own contribution (o without the exact
+    # residual q) and the change of the state (the updates, small next to the weights).
+    errs["o_memory"] = rel_err(got[0].double() - (q.double() if res else 0), want[0] - (q.double() if res else 0))
+    # what rounding the exact o to the output dtype alone costs on that measure
+    errs["o_memory_rounding"] = rel_err(want[0].to(dtype).double() - (q.double() if res else 0),
+                                        want[0] - (q.double() if res else 0))
+    errs["update"] = rel_err(got[1].double() - fast.double(), want[1] - fast.double())
+    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
+    torch.testing.assert_close(got[2], want[2].float(), rtol=0, atol=0)  # the buffer holds exact copies
+    assert errs["o"] < 2 * u, errs
+    assert errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
+    assert errs["fast"] < u and errs["checkpoints"] < u, errs
+    assert errs["update"] < 2 * u, errs
