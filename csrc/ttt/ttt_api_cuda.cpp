@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -48,6 +50,17 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   ALLMEM_CHECK(lay.N * lay.H <= INT_MAX, "the CUDA TTT kernel runs one CTA per (sequence, head): at most ", INT_MAX,
                " of them, got ", lay.N, " x ", lay.H);
   return lay;
+}
+
+// The tensor-core forward (ttt_fwd_tc.cuh) is opt-in until it has passed its tests on a GPU:
+// ALLMEM_TTT_TC=1 selects it, read at every call, where it applies (d = h = 64, bf16/fp16, sm_90+);
+// anything else runs the SIMT kernel. Both write the same outputs and checkpoints.
+bool use_tc_forward(const Layout& lay, InDType dt) {
+  const char* env = std::getenv("ALLMEM_TTT_TC");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  const int major = at::cuda::getCurrentDeviceProperties()->major;
+  return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
+         lay.N * lay.H <= INT_MAX / 8;
 }
 
 // Per sequence, on the device: first packed token, length, initial pending length, first slot.
@@ -106,7 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());
+    if (use_tc_forward(lay, dt)) {
+      launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
+    } else {
+      launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());
+    }
   }
   return {o.view(q.sizes()), fast_out, pend_out, plen_out, ckpt};
 }

@@ -1,0 +1,42 @@
+"""Static checks of the compiled tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh); no GPU needed
+(CI runs them after its CUDA build). Its sm_90a machine code (both dtypes) uses the tensor cores
+(HMMA.16816 with ldmatrix) and cluster barriers, without local-memory spills or stack.
+Skipped for CPU-only builds, builds without the 90a target, or without a cuobjdump."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+import allmem_ops
+
+from test_swa_cuda_build import _cuobjdump, _expected_archs, _library, _sass_by_function
+
+pytestmark = [
+    pytest.mark.skipif("cuda" not in allmem_ops.build_info(), reason="CPU-only build of allmem_ops"),
+    pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump found"),
+    pytest.mark.skipif("90a" not in _expected_archs(), reason="built without the 90a target"),
+]
+
+
+def test_tc_forward_uses_tensor_cores_and_cluster_memory():
+    funcs = {n: body for n, body in _sass_by_function("90a").items() if "ttt_fwd_tc_kernel" in n}
+    assert len(funcs) == 2, f"expected the bf16 and fp16 instantiations, got {list(funcs)}"
+    for name, body in funcs.items():
+        # 4 warps x per tile: read 96, update 192 mma.sync; the loops are partly unrolled.
+        assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 64, f"{name}: too few HMMA.16816.F32"
+        assert re.search(r"\bLDSM\.16\.MT88\.4\b", body) and re.search(r"\bLDSM\.16\.M88\.4\b", body), name
+        # cluster barriers (the reduction over the CTAs of a cluster)
+        assert re.search(r"\bUCGABAR_ARV\b", body) and re.search(r"\bUCGABAR_WAIT\b", body), f"{name}: no cluster barrier"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
+
+
+def test_tc_forward_has_no_stack_or_local_memory():
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
+                           capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"Function (\S*ttt_fwd_tc_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                       usage)
+    assert len(found) == 2, usage[:2000]
+    for name, _regs, stack, local in found:
+        assert stack == "0" and local == "0", f"{name}: STACK {stack} LOCAL {local}"

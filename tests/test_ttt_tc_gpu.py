@@ -1,0 +1,185 @@
+"""The tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh; opt-in with ALLMEM_TTT_TC=1 until it has
+passed here) on a real GPU: d = h = 64, bf16/fp16, sm_90+. Against the CPU op in float64 on the
+same 16-bit inputs with the bounds of tests/test_ttt_tc_emu.py (small multiples of the dtype's
+unit roundoff; the matmul operands are 16-bit), against the chunked PyTorch reference under bf16
+autocast (LaCT's way of running it), against the SIMT CUDA kernel, bitwise determinism, decode ==
+prefill (bitwise: the same tiles see the same operands), 128k tokens, and gradients (the SIMT
+backward from the tensor-core forward's checkpoints). Skipped without an sm_90 device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import allmem_ops
+from allmem_ops.reference.ttt import ttt_memory_chunked
+from allmem_ops.ttt import _pack
+
+from test_ttt import STATE_FLOATS, make_inputs, run
+from test_ttt_gpu import raw_inputs, rel_err
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _sm90() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+            and torch._C._dispatch_has_kernel_for_dispatch_key("allmem::ttt_memory_fwd", "CUDA"))
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 device and the CUDA kernels")]
+
+
+@pytest.fixture
+def tc(monkeypatch):
+    monkeypatch.setenv("ALLMEM_TTT_TC", "1")
+
+
+def tc_inputs(*args, **kw):
+    """raw_inputs with the buffered k, v rows of a pending state rounded to the input dtype, as a
+    real run leaves them (the tensor-core kernel feeds them to the 16-bit matmuls)."""
+    cpu, dev = raw_inputs(*args, **kw)
+    dtype = dev[0].dtype
+    cpu[9] = cpu[9].to(dtype).double()
+    dev[9] = dev[9].to(dtype).float()
+    return cpu, dev
+
+
+def fwd(dev, C, lact=False, res=True):
+    out = torch.ops.allmem.ttt_memory_fwd(*dev, C, lact, res)
+    torch.cuda.synchronize()
+    return out
+
+
+# (B, L, H, C, lens, plens, lact_order, residual, dtype)
+CASES = [
+    (1, 150, 1, 64, None, None, False, True, torch.bfloat16),
+    (2, 4500, 8, 2048, None, None, False, True, torch.bfloat16),  # 32 tiles per chunk: 4 per CTA
+    (1, 1100, 2, 550, None, None, False, True, torch.bfloat16),   # partial last tile, C % 16 != 0
+    (None, None, 2, 40, [70, 0, 23, 300], [13, 0, 39, 1], False, True, torch.bfloat16),
+    (2, 900, 3, 256, None, [5, 255], True, False, torch.float16),
+    (1, 700, 2, 128, None, None, True, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_matches_float64(tc, case):
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens, plens)
+    o, fast, pend, plen, ckpt = fwd(dev, C, lact, res)
+    wo, wfast, wpend, wplen, wckpt = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    q = cpu[0] if res else 0
+    errs = {
+        "o": rel_err(o, wo), "fast": rel_err(fast, wfast), "checkpoints": rel_err(ckpt, wckpt),
+        "o_memory": rel_err(o.cpu().double() - q, wo - q),
+        "o_memory_rounding": rel_err(wo.to(dtype).double() - q, wo - q),
+        "update": rel_err(fast.cpu().double() - cpu[8], wfast - cpu[8]),
+    }
+    print(case, {k: f"{v:.2e}" for k, v in errs.items()})
+    assert torch.isfinite(o).all() and torch.isfinite(fast).all() and torch.isfinite(ckpt).all()
+    torch.testing.assert_close(pend.cpu().double(), wpend, rtol=0, atol=0)
+    assert torch.equal(plen.cpu(), wplen)
+    assert errs["o"] < 2 * u and errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
+    assert errs["fast"] < u and errs["checkpoints"] < u and errs["update"] < 2 * u, errs
+
+
+def test_tc_path_is_taken_and_close_to_simt(monkeypatch):
+    """Same call with and without ALLMEM_TTT_TC: different kernels (the states differ in the last
+    bits: 16-bit vs float32 operands), same buffer, outputs within the bounds above."""
+    cpu, dev = tc_inputs(2, 3000, 4, 64, 64, 1024, torch.bfloat16, plens=[100, 0])
+    simt = fwd(dev, 1024)
+    monkeypatch.setenv("ALLMEM_TTT_TC", "1")
+    tcr = fwd(dev, 1024)
+    assert not torch.equal(tcr[1], simt[1]), "ALLMEM_TTT_TC=1 did not change the kernel"
+    assert torch.equal(tcr[2], simt[2]) and torch.equal(tcr[3], simt[3])
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    assert rel_err(tcr[0], simt[0]) < 2 * u and rel_err(tcr[1], simt[1]) < u and rel_err(tcr[4], simt[4]) < u
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tc_error_within_autocast_reference(tc, dtype):
+    """Error vs float64 no larger than 2x that of the chunked PyTorch reference run under
+    autocast (16-bit matmuls with float32 state, LaCT's setting) on the same inputs."""
+    B, L, H, C = 2, 2048, 4, 256
+    cpu, dev = raw_inputs(B, L, H, 64, 64, C, dtype)
+    o, fast, *_ = fwd(dev, C)
+    wo, wfast, *_ = torch.ops.allmem.ttt_memory_fwd(*cpu, C, False, True)
+    with torch.autocast("cuda", dtype=dtype):
+        ref_o, ref_state = ttt_memory_chunked(*dev[:8], C, output_final_state=True)
+    ref_fast = _pack(ref_state)[0]
+    eo, er = rel_err(o, wo), rel_err(ref_o, wo)
+    fo, fr = rel_err(fast, wfast), rel_err(ref_fast, wfast)
+    print(f"{dtype}: o kernel {eo:.2e} autocast reference {er:.2e}; state kernel {fo:.2e} reference {fr:.2e}")
+    assert eo <= 2 * er and fo <= 2 * fr
+
+
+def test_tc_deterministic(tc):
+    _, dev = raw_inputs(None, None, 3, 64, 64, 512, torch.bfloat16, lens=[2000, 37, 1100], plens=[4, 0, 511])
+    a, b = fwd(dev, 512), fwd(dev, 512)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_tc_decode_equals_prefill(tc):
+    """Prefill, then decode steps of 1, 2 and 61 tokens, equal to one prefill bitwise: every chunk
+    update sees the same 16-bit operands in the same tiles whether its rows come from the call
+    or the chunk buffer."""
+    H, C = 2, 64
+    steps = [1, 1, 2, 61, 1, 64, 3]
+    L0 = 100
+    total = L0 + sum(steps)
+    ins, _ = make_inputs(2, total, H, 64, 64, dtype=torch.bfloat16, device="cuda")
+    ins[3] = ins[3] * 0.2
+    toks, w = ins[:5], ins[5:]
+    o_all, s_all = allmem_ops.ttt_memory(*toks, *w, C, output_final_state=True)
+    o_pre, state = allmem_ops.ttt_memory(*(t[:, :L0] for t in toks), *w, C, output_final_state=True)
+    assert torch.equal(o_pre, o_all[:, :L0])
+    pos = L0
+    for n in steps:
+        o_step, state = allmem_ops.ttt_memory(*(t[:, pos:pos + n] for t in toks), *w, C, initial_state=state,
+                                              output_final_state=True)
+        assert torch.equal(o_step, o_all[:, pos:pos + n]), f"step at {pos}"
+        pos += n
+    for name in STATE_FLOATS:
+        assert torch.equal(getattr(state, name), getattr(s_all, name)), name
+
+
+@pytest.mark.slow
+def test_tc_long_sequence(tc):
+    """128k tokens, C = 2048, H = 8 (AllMem's default head): finite, causal prefix bitwise equal,
+    and the first 16k close to the SIMT float32 kernel."""
+    L, H, C = 131072, 8, 2048
+    _, dev = raw_inputs(1, L, H, 64, 64, C, torch.bfloat16, seed=7)
+    o, fast, *_ = fwd(dev, C)
+    assert torch.isfinite(o).all() and torch.isfinite(fast).all()
+    Ls = 16384
+    part = [t[:, :Ls] for t in dev[:5]] + dev[5:]
+    o_part, fast_part, *_ = fwd(part, C)
+    assert torch.equal(o_part, o[:, :Ls])
+    import os
+    os.environ.pop("ALLMEM_TTT_TC")
+    try:
+        so, sfast, *_ = fwd(part, C)
+    finally:
+        os.environ["ALLMEM_TTT_TC"] = "1"
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    assert rel_err(o_part, so) < 2 * u and rel_err(fast_part, sfast) < u
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tc_gradients_within_autocast_reference(tc, dtype):
+    """Autograd through allmem_ops.ttt_memory with the tensor-core forward (the SIMT backward
+    recomputes from its checkpoints): every input gradient's error vs float64 no larger than 2x
+    the autocast chunked reference's."""
+    B, L, H, C = 1, 512, 2, 128
+    ins, _ = make_inputs(B, L, H, 64, 64)
+    ins[3] = ins[3] * 0.2
+    low = [t.to("cuda", dtype) if i < 5 else t.to("cuda", torch.float32) for i, t in enumerate(ins)]
+    exact = [t.double().cpu() for t in low]
+    want = run(allmem_ops.ttt_memory, exact, C)
+    got = run(allmem_ops.ttt_memory, low, C)
+    with torch.autocast("cuda", dtype=dtype):
+        ref = run(ttt_memory_chunked, low, C)
+    for i, (a, r, w) in enumerate(zip(got[2][:8], ref[2][:8], want[2][:8])):
+        e_kernel, e_ref = rel_err(a, w), rel_err(r, w)
+        print(f"{dtype} grad {i}: kernel {e_kernel:.2e}, autocast reference {e_ref:.2e}")
+        assert e_kernel <= 2 * e_ref + 1e-6, f"gradient {i}"
