@@ -183,3 +183,23 @@ def test_tc_gradients_within_autocast_reference(tc, dtype):
         e_kernel, e_ref = rel_err(a, w), rel_err(r, w)
         print(f"{dtype} grad {i}: kernel {e_kernel:.2e}, autocast reference {e_ref:.2e}")
         assert e_kernel <= 2 * e_ref + 1e-6, f"gradient {i}"
+
+
+def test_tc_misaligned_views_take_the_simt_kernel(monkeypatch):
+    """q, k, v that start off a 16-byte boundary (contiguous views into a flat buffer) are not
+    read with 16-byte vectors: the call takes the SIMT kernel and gives its result bitwise."""
+    _, dev = tc_inputs(1, 300, 2, 64, 64, 64, torch.bfloat16)
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    moved = [shifted(t) for t in dev[:3]] + dev[3:]
+    assert moved[0].is_contiguous() and moved[0].data_ptr() % 16 != 0
+    simt = fwd(dev, 64)
+    monkeypatch.setenv("ALLMEM_TTT_TC", "1")
+    got = fwd(moved, 64)
+    for x, y in zip(got, simt):
+        assert torch.equal(x, y)

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -55,12 +56,15 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // The tensor-core forward (ttt_fwd_tc.cuh) is opt-in until it has passed its tests on a GPU:
 // ALLMEM_TTT_TC=1 selects it, read at every call, where it applies (d = h = 64, bf16/fp16, sm_90+);
 // anything else runs the SIMT kernel. Both write the same outputs and checkpoints.
-bool use_tc_forward(const Layout& lay, InDType dt) {
+// Its q, k, v rows are read as 16-byte vectors: views that start off a 16-byte boundary take the
+// SIMT kernel.
+bool use_tc_forward(const Layout& lay, InDType dt, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
   if (env == nullptr || std::strcmp(env, "1") != 0) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
-         lay.N * lay.H <= INT_MAX / 8;
+         lay.N * lay.H <= INT_MAX / 8 && aligned(q) && aligned(k) && aligned(v);
 }
 
 // Per sequence, on the device: first packed token, length, initial pending length, first slot.
@@ -119,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    if (use_tc_forward(lay, dt)) {
+    if (use_tc_forward(lay, dt, qc, kc, vc)) {
       launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
     } else {
       launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());

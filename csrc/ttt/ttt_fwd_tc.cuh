@@ -248,6 +248,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       pend[t * pstride + c] = pend0[t * pstride + c];
     }
   });
+  cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
   publish();
   cluster_sync();
 
