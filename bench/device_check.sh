@@ -3,9 +3,10 @@
 # lent H100/H200 (torch 2.11 cu130, Python 3.12, nvcc 13.0, no network), from the repo root, in
 # about 8 minutes:
 #   build (all cores, sm_90a, ptxas report) -> GPU tests -> compute-sanitizer memcheck + racecheck
-#   on a small case of every kernel -> bench/bench_swa_gpu.py -> a short table, printed last.
+#   on a small case of every kernel -> bench/bench_swa_gpu.py -> bench/bench_ttt_gpu.py -> a short
+#   table, printed last.
 # Logs and JSON go to $OUT (at most 8 files come back): build.log, tests.log, sanitizer.log,
-# bench.log, bench_swa_gpu.json, summary.json.
+# bench.log (both benchmarks), bench_swa_gpu.json, bench_ttt_gpu.json, summary.json.
 #
 # Wheels it installs from .whl/ (the device machine has no network). Fetch them beforehand, from
 # the repo root of a machine with pip:
@@ -13,11 +14,21 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl nvidia-cutlass==4.2.0.0
 # (only the CUTLASS/CuTe headers are used; setup.py finds them through cutlass_library.)
+# and, for the TTT benchmark's flash-linear-attention contender, into .whl/fla/ (pure Python;
+# fla-core holds fla.ops, its import needs einops and packaging; the flash-linear-attention wheel
+# itself only adds layers/models that need transformers, so it is not used):
+#   python3 -m pip download --no-deps -d .whl/fla fla-core==0.6.0 einops packaging
+# They go to their own folder, on the path of the TTT benchmark only (after the system's
+# packages); without them, or if FLA fails to import or run, only the FLA rows are skipped.
 #
-# Stages can be chosen with STAGES="build tests sanitize bench" (default: all). Every stage runs
+# Stages can be chosen with STAGES="build tests sanitize bench" (default: all; "bench" runs both
+# benchmarks, "bench-ttt" the TTT one alone). Every stage runs
 # under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
 # recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
 # the sanitizer cases are small).
+# With everything in it (SWA sm90 forward, TTT tensor-core forward, both benchmarks) the stages
+# no longer fit one 540 s budget: on a 15-minute lease, run it twice on the warm machine (the
+# build is kept between calls):  STAGES="build tests sanitize" first, then STAGES="bench".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -72,6 +83,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   echo "no .whl/ carried: the build needs nvidia-cutlass (see the pip download command above)" | tee -a "$OUT/build.log"
 fi
+FLA_SITE=/tmp/fla_site
+if ls .whl/fla/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FLA_SITE" .whl/fla/*.whl \
+    >>"$OUT/build.log" 2>&1 || echo "FLA wheels did not install: the TTT benchmark skips FLA" | tee -a "$OUT/build.log"
+else
+  echo "no .whl/fla/ carried: the TTT benchmark skips FLA (see the pip download command above)" | tee -a "$OUT/build.log"
+fi
 
 # ---- build: CUDA for this machine's arch, all cores, ptxas report in build.log ----
 if want build; then
@@ -91,15 +109,27 @@ if want tests; then
   # The gpu-marked op tests; then the static build checks (not gpu-marked: CI runs them too).
   run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu "$@"' \
     "$PY" "${op_tests[@]}"
-  run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py"
+  run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py" \
+    "$REPO/tests/test_ttt_cuda_build.py"
   # The TTT CUDA kernels (issue 6): their own stage, so a TTT failure cannot hide the SWA results.
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_gpu.py"
+  # The tensor-core TTT forward (opt-in ALLMEM_TTT_TC=1 until this stage has passed on a GPU).
+  [[ -f $REPO/tests/test_ttt_tc_gpu.py ]] && run_stage tests-ttt-tc 90 "$OUT/tests.log" \
+    $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_tc_gpu.py"
 fi
 
-# ---- benchmark ----
+# ---- benchmarks ----
 if want bench; then
   run_stage bench 200 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
+fi
+# The TTT memory (issue 6): ours vs the chunked PyTorch reference (eager, compiled) and FLA. Its own
+# stage budget (--budget-s: later stages are skipped and recorded) sits inside the stage limit.
+if want bench || want bench-ttt; then
+  ttt_budget=$((BUDGET_S - SECONDS - 40))
+  [[ $ttt_budget -gt 135 ]] && ttt_budget=135
+  run_stage bench-ttt 150 "$OUT/bench.log" env PYTHONPATH="$PYTHONPATH:$FLA_SITE" \
+    $PY "$REPO/bench/bench_ttt_gpu.py" --out "$OUT/bench_ttt_gpu.json" --budget-s "$ttt_budget"
 fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
@@ -164,6 +194,11 @@ EOF
     run_stage "sanitize-ttt-$tool" 60 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/ttt_sanitize_cases.py
   done
+  # The tensor-core TTT forward on the same cases (its bf16/fp16 d = h = 64 ones; the rest falls back).
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-ttt-tc-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
+      --error-exitcode 3 $PY /tmp/ttt_sanitize_cases.py
+  done
 fi
 
 # ---- summary, table last ----
@@ -208,8 +243,10 @@ EOF
 grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -n 3
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_swa_gpu.json ]] && $PY "$REPO/bench/bench_swa_gpu.py" --table "$OUT/bench_swa_gpu.json"
+# (brief: one line per case; the full TTT table is in bench.log and the JSON)
+[[ -f $OUT/bench_ttt_gpu.json ]] && $PY "$REPO/bench/bench_ttt_gpu.py" --table "$OUT/bench_ttt_gpu.json" --brief
 echo "== stages"
-for s in build tests tests-build tests-ttt bench sanitize-memcheck sanitize-racecheck sanitize-ttt-memcheck \
-  sanitize-ttt-racecheck; do
+for s in build tests tests-build tests-ttt tests-ttt-tc bench bench-ttt sanitize-memcheck sanitize-racecheck \
+  sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

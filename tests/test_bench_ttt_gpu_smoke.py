@@ -1,0 +1,46 @@
+"""bench/bench_ttt_gpu.py --smoke: the GPU benchmark's code path (inputs, every contender, the
+correctness spot check, floors, targets, JSON, table) on the CPU with tiny sizes, so the script
+cannot break unnoticed between the rare GPU runs. Runs in the normal suite (about 10 s)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_ttt_gpu.py")
+
+
+def test_bench_ttt_gpu_smoke(tmp_path):
+    out = tmp_path / "bench_ttt_smoke.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the smoke run is CPU-only by design
+    run = subprocess.run([sys.executable, BENCH, "--smoke", "--out", str(out)], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == [], data["errors"]
+    assert data["matmul_tflops"] > 0 and data["hbm_gbps"] > 0
+    assert data["commit"] and data["date_utc"] and data["machine"]["cpu_count"]
+    # The spot check ran for every head size and the kernel matched the float64 reference.
+    assert len(data["correctness"]) == len(data["config"]["heads"])
+    for row in data["correctness"]:
+        assert row["ok"], row
+    # The compiled contender's loop computes what the reference does.
+    assert len(data["ref_comp_check"]) == len(data["config"]["heads"])
+    assert all(row["ref_comp_vs_ref_eager"] < 1e-5 for row in data["ref_comp_check"]), data["ref_comp_check"]
+    cfg = data["config"]
+    cases = len(cfg["heads"]) * len(cfg["batches"]) * len(cfg["lengths"]) * 2
+    for impl in ("allmem", "ref_comp", "ref_eager"):
+        rows = [r for r in data["results"] if r["impl"] == impl]
+        assert len(rows) == cases and all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows), rows
+    # FLA is never timed on the CPU: recorded as skipped, with the reason.
+    fla = [r for r in data["results"] if r["impl"] == "fla_gdn"]
+    assert len(fla) == cases and all("skipped" in r for r in fla)
+    # The tensor-core forward needs sm_90: recorded as skipped in the smoke run.
+    tc = [r for r in data["results"] if r["impl"] == "allmem_tc"]
+    assert len(tc) == cases and all("skipped" in r for r in tc)
+    names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
+    assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ("allmem", "allmem_tc") for n in names]
+    assert all(t["value"] is not None for t in data["targets"] if t["target"].startswith("allmem "))
+    table = subprocess.run([sys.executable, BENCH, "--table", str(out)], capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and "TTT memory benchmark" in table.stdout and "target" in table.stdout
