@@ -1,7 +1,8 @@
 """GPU benchmark of the SWA CUDA kernels (issue 5), all on one GPU in one run, same inputs.
 
 bf16, D=128, Hq=32, Hkv=8, B*L = 64k tokens with L in {4k, 16k, 64k}, W=4096, S=128:
-  * forward, and forward+backward, of allmem's kernel, FlexAttention (torch.compile'd, same
+  * forward, and forward+backward, of allmem's kernel (portable mma.sync; and on sm_90 the Hopper
+    forward, ALLMEM_SWA_SM90=require, as "allmem_sm90"), FlexAttention (torch.compile'd, same
     window+sink mask as a block mask) and SDPA full causal attention (what runs without a window);
   * one decode step at 128k context: allmem's S+W slot cache vs SDPA over a full 128k KV cache;
   * the measured bf16 dense matmul rate (8192^3) as the roofline.
@@ -163,6 +164,20 @@ def allmem_fwd(q, k, v):
     return allmem_ops.sliding_window_attention(q, k, v, WINDOW, SINKS)
 
 
+def allmem_sm90_fwd(q, k, v):
+    """The Hopper forward (swa_fwd_sm90.cu; opt-in until it has passed on a GPU): "require" makes
+    the op raise instead of silently running the portable kernel. The backward is the portable one."""
+    old = os.environ.get("ALLMEM_SWA_SM90")
+    os.environ["ALLMEM_SWA_SM90"] = "require"
+    try:
+        return allmem_fwd(q, k, v)
+    finally:
+        if old is None:
+            del os.environ["ALLMEM_SWA_SM90"]
+        else:
+            os.environ["ALLMEM_SWA_SM90"] = old
+
+
 def sdpa_causal_fwd(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
@@ -214,8 +229,9 @@ def print_table(data: dict) -> None:
         sdpa = by.get(("sdpa_causal", r["L"], r["pass_"])) or by.get(("sdpa_full_cache", r["L"], r["pass_"]))
         tf = f"{r['tflops']:.0f}" if r.get("tflops") else "-"
         pct = f"{r['pct_matmul']:.0f}" if r.get("pct_matmul") else "-"
-        vf = f"{flex['ms'] / r['ms']:.2f}x" if flex and r["impl"] == "allmem" else ""
-        vs = f"{sdpa['ms'] / r['ms']:.2f}x" if sdpa and r["impl"] == "allmem" else ""
+        ours = r["impl"] in ("allmem", "allmem_sm90")
+        vf = f"{flex['ms'] / r['ms']:.2f}x" if flex and ours else ""
+        vs = f"{sdpa['ms'] / r['ms']:.2f}x" if sdpa and ours else ""
         print(f"{r['pass_']:8} {r['L']:>6} {r['impl']:16} {r['ms']:9.3f} {tf:>8} {pct:>5} {vf:>8} {vs:>8}")
     for e in data["errors"]:
         print(f"ERROR {e[:300]}")
@@ -226,7 +242,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="", help="JSON results path")
     ap.add_argument("--table", default="", help="only print the table of an existing JSON")
-    ap.add_argument("--skip", default="", help="comma list of stages to skip: allmem,sdpa,flex,decode")
+    ap.add_argument("--skip", default="", help="comma list of stages to skip: allmem,allmem_sm90,sdpa,flex,decode")
     args = ap.parse_args()
     if args.table:
         with open(args.table) as f:
@@ -241,6 +257,9 @@ def main() -> int:
     for length in LENGTHS:
         if "allmem" not in skip:
             rec.stage(f"allmem L={length}", lambda: run_impl(rec, "allmem", length, allmem_fwd, "blhd"))
+        if "allmem_sm90" not in skip and torch.cuda.get_device_capability()[0] == 9:
+            rec.stage(f"allmem_sm90 L={length}",
+                      lambda: run_impl(rec, "allmem_sm90", length, allmem_sm90_fwd, "blhd"))
     if "decode" not in skip:
         rec.stage("decode", lambda: bench_decode(rec))
     for length in LENGTHS:

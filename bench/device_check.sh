@@ -190,6 +190,11 @@ EOF
     run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/swa_sanitize_cases.py
   done
+  # The same cases with the Hopper forward (swa_fwd_sm90.cu; "require": an error, not a fallback).
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-sm90-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require "$SANITIZER" \
+      --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
+  done
   for tool in memcheck racecheck; do
     run_stage "sanitize-ttt-$tool" 60 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/ttt_sanitize_cases.py
@@ -247,6 +252,6 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_ttt_gpu.json ]] && $PY "$REPO/bench/bench_ttt_gpu.py" --table "$OUT/bench_ttt_gpu.json" --brief
 echo "== stages"
 for s in build tests tests-build tests-ttt tests-ttt-tc bench bench-ttt sanitize-memcheck sanitize-racecheck \
-  sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck; do
+  sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

@@ -73,7 +73,7 @@ def test_cubins_for_every_requested_arch():
     listing = subprocess.run([_cuobjdump(), "--list-elf", _library()], capture_output=True, text=True,
                              check=True).stdout
     for arch in _expected_archs():
-        for kernel_file in ("swa_fwd", "swa_bwd_dq", "swa_bwd_dkdv", "swa_decode"):
+        for kernel_file in ("swa_fwd", "swa_fwd_sm90", "swa_bwd_dq", "swa_bwd_dkdv", "swa_decode"):
             assert re.search(rf"{kernel_file}\.sm_{arch}\.cubin", listing), f"no sm_{arch} cubin of {kernel_file}.cu"
 
 
@@ -87,6 +87,26 @@ def test_mma_kernels_use_tensor_cores_without_spills(kernel, arch):
         assert re.search(r"\bHMMA\.16816\.F32", body), f"{name} (sm_{arch}) has no HMMA.16816.F32"
         assert re.search(r"\bLDSM\b", body), f"{name} (sm_{arch}) has no ldmatrix (LDSM)"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} (sm_{arch}) spills to local memory"
+
+
+@needs_cuobjdump
+@pytest.mark.skipif("90a" not in _expected_archs(), reason="built without the 90a target")
+def test_sm90_forward_uses_wgmma_and_tma():
+    """The Hopper forward (swa_fwd_sm90.cu): warpgroup MMAs (HGMMA), 64x128 for S = Q K^T and 64xD
+    for O += P V, per instantiation at least 2 * D/16 + 2 * 8 of them (tile 0, loop, last P V);
+    TMA loads (UTMALDG), mbarrier waits (SYNCS), register reallocation (USETMAXREG), no spills."""
+    funcs = {n: body for n, body in _sass_by_function("90a").items() if "swa_fwd_sm90_kernel" in n}
+    assert len(funcs) == INSTANTIATIONS, f"expected {INSTANTIATIONS} instantiations, got {list(funcs)}"
+    for name, body in funcs.items():
+        d = 128 if "Li128E" in name else 64
+        qk = re.findall(r"\bHGMMA\.64x128x16\.F32", body)
+        pv = re.findall(rf"\bHGMMA\.64x{d}x16\.F32", body)
+        assert len(re.findall(r"\bHGMMA\.", body)) >= 2 * d // 16 + 16, f"{name}: too few HGMMA"
+        assert qk and pv, f"{name}: missing HGMMA.64x128x16 (Q K^T) or HGMMA.64x{d}x16 (P V)"
+        assert re.search(r"\bUTMALDG\b", body), f"{name} has no TMA load (UTMALDG)"
+        assert re.search(r"\bSYNCS\.", body), f"{name} has no mbarrier operation (SYNCS)"
+        assert re.search(r"\bUSETMAXREG\b", body), f"{name} has no setmaxnreg (USETMAXREG)"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
 
 
 @needs_cuobjdump

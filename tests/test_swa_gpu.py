@@ -4,11 +4,14 @@ Every check draws fresh random inputs, compares against the float64 reference
 (allmem_ops.reference.swa_naive) on the same bf16/fp16 values, and holds the kernel to a small
 factor of the error torch's own SDPA makes on those inputs. Outputs are allocated by the ops, so
 instead of pre-filling them the caching allocator is poisoned with NaN first; every element must
-then be finite and close to the reference.
+then be finite and close to the reference. Forward tests that take the `fwd_path` fixture run
+once per forward kernel: the portable one and, on sm_90 devices, the Hopper one (swa_fwd_sm90.cu,
+selected with ALLMEM_SWA_SM90).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -44,6 +47,26 @@ DENSE_CASES = [
     (1, 1100, 2, 1, 300, 0),
     (1, 1, 2, 1, 8, 0),
 ]
+
+
+# The Hopper forward (csrc/swa/swa_fwd_sm90.cu) only exists in builds with the 90a target.
+SM90A_BUILT = "90a" in [a.strip() for a in os.environ.get("ALLMEM_CUDA_ARCHS", "80;90a").split(";")]
+
+
+@pytest.fixture(params=["portable", "sm90"])
+def fwd_path(request, monkeypatch):
+    """Runs a test once per forward kernel. The C++ dispatch reads ALLMEM_SWA_SM90 at every call;
+    "require" makes the op raise instead of falling back to the portable kernel, so a Hopper run
+    cannot pass on the portable kernel by accident."""
+    if request.param == "sm90":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper forward needs an sm_90 device")
+        if not SM90A_BUILT:
+            pytest.skip("allmem_ops built without the 90a target (ALLMEM_CUDA_ARCHS)")
+        monkeypatch.setenv("ALLMEM_SWA_SM90", "require")
+    else:
+        monkeypatch.setenv("ALLMEM_SWA_SM90", "0")
+    return request.param
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -85,7 +108,7 @@ def make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("case", DENSE_CASES)
-def test_forward_vs_float64(case, d, dtype):
+def test_forward_vs_float64(fwd_path, case, d, dtype):
     b, length, hq, hkv, window, sinks = case
     gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype))) % 2**31)
     q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
@@ -123,6 +146,42 @@ def test_backward_vs_float64(case, d, dtype):
         assert err <= ERROR_FACTOR * sdpa_err, f"{name}: kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
 
 
+# Many key blocks per query block (the K/V ring wraps several times), sink blocks beyond the first
+# tile (S > 128), GQA groups of 4, and a length off every tile size.
+LONG_CASES = [(1, 2100, 8, 2, 700, 200), (2, 1500, 4, 1, 1500, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("case", LONG_CASES)
+def test_forward_long_band(fwd_path, case, d, dtype):
+    b, length, hq, hkv, window, sinks = case
+    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype), "long")) % 2**31)
+    q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
+    scale = 1.0 / math.sqrt(d)
+    poison_allocator(q.numel() * q.element_size() * 2)
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, window, sinks, None, None, 0)
+    ref, ref_lse = swa_naive(q.double(), k.double(), v.double(), window, sinks, scale, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = rel_err(out, ref)
+    sdpa_err = rel_err(sdpa_dense(q, k, v, window, sinks, scale), ref)
+    assert err <= ERROR_FACTOR * sdpa_err, f"kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_sm90_env_var_on_any_device(monkeypatch):
+    """ALLMEM_SWA_SM90=1 is a request, not a requirement: any device (Hopper or not, with or
+    without the 90a build) gets the portable kernel's answer within rounding."""
+    gen = torch.Generator(device=DEV).manual_seed(29)
+    q, k, v = make_qkv(1, 150, 4, 2, 64, torch.bfloat16, gen)
+    monkeypatch.setenv("ALLMEM_SWA_SM90", "0")
+    ref, ref_lse = torch.ops.allmem.swa_fwd(q, k, v, 50, 3, None, None, 0)
+    monkeypatch.setenv("ALLMEM_SWA_SM90", "1")
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, 50, 3, None, None, 0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 def test_backward_is_deterministic():
     gen = torch.Generator(device=DEV).manual_seed(7)
     q, k, v = make_qkv(2, 600, 8, 2, 128, torch.bfloat16, gen, requires_grad=True)
@@ -135,7 +194,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_varlen_forward_backward(d, dtype):
+def test_varlen_forward_backward(fwd_path, d, dtype):
     lengths = [0, 1, 65, 300, 0, 128, 17]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEV)
     total, hq, hkv, window, sinks = sum(lengths), 6, 3, 50, 5
@@ -165,7 +224,7 @@ def test_varlen_forward_backward(d, dtype):
     assert lse.shape == (hq, total)
 
 
-def test_matches_cpu_kernel():
+def test_matches_cpu_kernel(fwd_path):
     gen = torch.Generator(device=DEV).manual_seed(3)
     q, k, v = make_qkv(2, 333, 4, 2, 128, torch.bfloat16, gen)
     out_gpu, lse_gpu = torch.ops.allmem.swa_fwd(q, k, v, 97, 9, None, None, 0)
@@ -174,7 +233,7 @@ def test_matches_cpu_kernel():
     torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-3, rtol=1e-4)
 
 
-def test_misaligned_and_strided_inputs():
+def test_misaligned_and_strided_inputs(fwd_path):
     """A slice of a fused QKV projection at an odd offset takes the copy path; strided heads
     are read in place."""
     gen = torch.Generator(device=DEV).manual_seed(5)

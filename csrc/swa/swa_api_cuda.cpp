@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "swa/swa_common.h"
@@ -23,6 +25,17 @@ constexpr int64_t kMaxSeqlen = INT_MAX / 4;  // band arithmetic runs in int (i +
 // The dK/dV kernel puts key blocks along gridDim.y.
 constexpr int kKeyBlockRows = kBwdKeyBlockRows;
 constexpr double kLog2eD = 1.4426950408889634;
+
+// ALLMEM_SWA_SM90 selects the forward kernel on sm_90 devices: unset/"0" the portable kernel
+// (default until the Hopper path has passed on a GPU), "1" the Hopper kernel (swa_fwd_sm90.cu) when
+// it can run this problem, else the portable one, "require" the Hopper kernel or an error (tests).
+// Read at every call (one getenv), so a process can switch it at run time.
+enum class Sm90Mode { kOff, kOn, kRequire };
+Sm90Mode sm90_mode() {
+  const char* v = std::getenv("ALLMEM_SWA_SM90");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
+  return std::strcmp(v, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOn;
+}
 
 DType cuda_dtype(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
@@ -147,7 +160,19 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_in, const at
   fp.v = ref_of(v, p.varlen);
   fp.out = ref_of(out, p.varlen);
   fp.lse = stat_ref(lse, p);
-  launch_swa_fwd(fp, dtype, static_cast<int>(p.head_dim), at::cuda::getCurrentCUDAStream());
+  const int d = static_cast<int>(p.head_dim);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Sm90Mode mode = sm90_mode();
+  if (mode != Sm90Mode::kOff) {
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    const bool hopper = props->major == 9 && props->minor == 0;
+    const bool ran = hopper && launch_swa_fwd_sm90(fp, p.varlen ? q.size(0) : 0, dtype, d, stream);
+    ALLMEM_CHECK(ran || mode != Sm90Mode::kRequire,
+                 "ALLMEM_SWA_SM90=require: the Hopper SWA forward cannot run here (needs an sm_90 device, a build ",
+                 "with the 90a target, and q/k/v strides that are multiples of 16 bytes)");
+    if (ran) return {out, lse};
+  }
+  launch_swa_fwd(fp, dtype, d, stream);
   return {out, lse};
 }
 

@@ -64,6 +64,12 @@ constexpr int kBwdKeyBlockRows = 64;
 
 // Launchers (one per kernel family). `head_dim` must be 64 or 128: the torch glue checks.
 void launch_swa_fwd(const FwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
+// Hopper forward (swa_fwd_sm90.cu: wgmma + TMA, warp-specialized). Returns false, launching
+// nothing, when it cannot run this problem here: the loaded cubin has no sm_90a code, a TMA
+// descriptor does not encode (strides not multiples of 16 bytes, ...), or head_dim is not 64/128;
+// the caller then runs launch_swa_fwd. `total_rows` is T for varlen input (rows of q/k/v), else
+// unused. Selection (device, env var) is the caller's.
+bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream);
 void launch_swa_bwd_preprocess(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 void launch_swa_bwd_dkdv(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 void launch_swa_bwd_dq(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
