@@ -102,6 +102,16 @@ def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lac
     return o, fout, pout, ck
 
 
+def packed_state(N, C, H, d, h, wg, wu, wd, plens):
+    """The op's packed (fast, pending, pending_len) float32 state: the initial one (plens None) or
+    a random one with the given pending lengths."""
+    if plens is None:
+        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
+        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1).contiguous()
+        return fast, torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
+    return _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+
+
 def rel_err(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
 
@@ -123,12 +133,7 @@ def test_emulated_kernel_matches_cpu_op(emu, case):
     ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
     q, k, v, eta, mu, wg, wu, wd = ins
     N = B if lens is None else len(lens)
-    if plens is None:
-        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
-        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1)
-        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
-    else:
-        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
     want = torch.ops.allmem.ttt_memory_fwd(q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
     got = emulated_fwd(emu, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
     for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
@@ -194,12 +199,7 @@ def test_emulated_backward_matches_cpu_op(emu, case):
     ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
     q, k, v, eta, mu, wg, wu, wd = ins
     N = B if lens is None else len(lens)
-    if plens is None:
-        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
-        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1).contiguous()
-        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
-    else:
-        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
+    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
     o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(q, k, v, eta, mu, wg, wu, wd, fast, pend, plen,
                                                                      cu, C, lact, res)
     g = torch.Generator().manual_seed(3)

@@ -24,10 +24,8 @@ import pytest
 import torch
 
 import allmem_ops  # noqa: F401  (registers the CPU op)
-from allmem_ops.ttt import _pack
-
-from test_ttt import make_inputs, random_state
-from test_ttt_cuda_emu import emulated_fwd
+from test_ttt import make_inputs
+from test_ttt_cuda_emu import emulated_fwd, packed_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU = os.path.join(HERE, "ttt_cuda_emu")
@@ -85,14 +83,8 @@ def test_tc_kernel_matches_float64_op(emu_tc, case):
     ins[3] = ins[3] * 0.2  # rates up to 0.1, as in tests/test_ttt_gpu.py
     q, k, v, eta, mu, wg, wu, wd = ins
     N = B if lens is None else len(lens)
-    if plens is None:
-        params = torch.stack([w.reshape(H, -1) for w in (wg, wu, wd)], 1)
-        fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1).contiguous()
-        pend, plen = torch.zeros(N, C, H, 2 * d + 4), torch.zeros(N, dtype=torch.long)
-    else:
-        fast, pend, plen = _pack(random_state(N, C, H, d, h, plens, dtype=torch.float32))
-        # the buffered rows came from 16-bit inputs in a real run: round them the same way
-        pend = pend.to(dtype).float()
+    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()  # buffered rows came from 16-bit inputs in a real run
     want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
                                            cu, C, lact, res)
     got = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
