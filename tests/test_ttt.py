@@ -231,11 +231,9 @@ def test_opcheck(varlen, lact_order):
     torch.library.opcheck(torch.ops.allmem.ttt_memory_bwd.default, bwd_args)
 
 
-def _decode_check(fn, dtype, tol, device="cpu"):
+def _decode_check(fn, dtype, tol, device="cpu", H=2, d=4, h=3, C=4, pre=(5, 7, 2), steps=(1, 1, 3, 1, 1, 2)):
     """Varlen prefill of uneven lengths (different pending lengths), then dense decode steps of 1
     and of 3 tokens == one varlen prefill of the whole sequences."""
-    H, d, h, C = 2, 4, 3, 4
-    pre, steps = [5, 7, 2], [1, 1, 3, 1, 1, 2]
     total = [p + sum(steps) for p in pre]
     ins, cu_all = make_inputs(None, None, H, d, h, dtype=dtype, lens=total, device=device)
     q, k, v, eta, mu = ins[:5]

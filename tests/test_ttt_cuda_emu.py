@@ -73,9 +73,9 @@ def emu():
     return ctypes.CDLL(lib)
 
 
-def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res):
-    """The CUDA op's host side (ttt_api_cuda.cpp) in Python around the emulated kernel."""
-    H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
+def seq_table(q, plen, cu, C):
+    """ttt_api_cuda.cpp's per-sequence table [start | length | pending length | first slot] and
+    (T tokens, N sequences, slots used)."""
     if cu is not None:
         T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()
         start, lens = c[:-1], [c[i + 1] - c[i] for i in range(N)]
@@ -86,7 +86,13 @@ def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lac
     for n in range(N):
         slots.append(s)
         s += (pl[n] + lens[n]) // C + 1
-    seq = torch.tensor(start + lens + pl + slots, dtype=torch.long)
+    return T, N, s, torch.tensor(start + lens + pl + slots, dtype=torch.long)
+
+
+def emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res):
+    """The CUDA op's host side (ttt_api_cuda.cpp) in Python around the emulated kernel."""
+    H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
+    T, N, s, seq = seq_table(q, plen, cu, C)
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[q.dtype]
     toks = [t.contiguous() for t in (q, k, v, eta, mu)]
     o = torch.full_like(toks[0], float("nan"))
@@ -158,17 +164,7 @@ class BwdParams(ctypes.Structure):
 def emulated_bwd(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
     """The CUDA backward's host side (ttt_api_cuda.cpp) in Python around the emulated kernel."""
     H, d, h = q.shape[-2], q.shape[-1], wg.shape[1]
-    if cu is not None:
-        T, N, c = q.shape[0], cu.numel() - 1, cu.tolist()
-        start, lens = c[:-1], [c[i + 1] - c[i] for i in range(N)]
-    else:
-        N, L = q.shape[:2]
-        T, start, lens = N * L, [n * L for n in range(N)], [L] * N
-    pl, slots, s = plen.tolist(), [], 0
-    for n in range(N):
-        slots.append(s)
-        s += (pl[n] + lens[n]) // C + 1
-    seq = torch.tensor(start + lens + pl + slots, dtype=torch.long)
+    T, N, s, seq = seq_table(q, plen, cu, C)
     keep = [t.contiguous() for t in (go, q, k, v, eta, mu, wg, wu, wd, pend, gpend, ckpt)]
     nan = float("nan")
     d_fast, d_pend = gfast.contiguous().clone(), torch.zeros_like(pend)

@@ -15,7 +15,7 @@ import allmem_ops
 from allmem_ops.reference.ttt import TTTState, ttt_memory_chunked
 from allmem_ops.ttt import _pack
 
-from test_ttt import STATE_FLOATS, make_inputs, random_state, run
+from test_ttt import STATE_FLOATS, _decode_check, make_inputs, random_state, run
 
 
 def _has_cuda_fwd() -> bool:
@@ -92,30 +92,8 @@ def test_float32_matches_cpu_float64(case, lact_order, residual):
 
 def test_decode_equals_prefill():
     """Varlen prefill, then dense decode steps of 1 and 3 tokens == one prefill of the whole."""
-    H, d, h, C = 2, 64, 64, 16
-    pre, steps = [21, 35, 3], [1, 1, 3, 14, 1, 2]
-    total = [p + sum(steps) for p in pre]
-    ins, cu_all = make_inputs(None, None, H, d, h, dtype=torch.float32, lens=total, device="cuda")
-    q, k, v, eta, mu = ins[:5]
-    w = ins[5:]
-    o_all, s_all = allmem_ops.ttt_memory(*ins, C, output_final_state=True, cu_seqlens=cu_all)
-    starts = cu_all[:-1].long().tolist()
-    idx = torch.cat([torch.arange(s, s + p) for s, p in zip(starts, pre)]).cuda()
-    cu_pre = torch.tensor([0] + torch.tensor(pre).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    o_pre, state = allmem_ops.ttt_memory(*(t[idx] for t in (q, k, v, eta, mu)), *w, C, output_final_state=True,
-                                         cu_seqlens=cu_pre)
-    tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(o_pre, o_all[idx], **tol)
-    done = 0
-    for n in steps:
-        rows = torch.stack([torch.arange(s + p + done, s + p + done + n) for s, p in zip(starts, pre)]).cuda()
-        o_step, state = allmem_ops.ttt_memory(*(t[rows] for t in (q, k, v, eta, mu)), *w, C, initial_state=state,
-                                              output_final_state=True)
-        torch.testing.assert_close(o_step, o_all[rows], **tol)
-        done += n
-    for name in STATE_FLOATS:
-        torch.testing.assert_close(getattr(state, name), getattr(s_all, name), **tol)
-    assert torch.equal(state.pending_len, s_all.pending_len)
+    _decode_check(allmem_ops.ttt_memory, torch.float32, dict(rtol=1e-5, atol=1e-5), device="cuda", H=2, d=64, h=64,
+                  C=16, pre=(21, 35, 3), steps=(1, 1, 3, 14, 1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
