@@ -22,7 +22,8 @@
 # packages); without them, or if FLA fails to import or run, only the FLA rows are skipped.
 #
 # Stages can be chosen with STAGES="build tests sanitize bench" (default: all; "bench" runs both
-# benchmarks, "bench-ttt" the TTT one alone). Every stage runs
+# benchmarks, "bench-ttt" the TTT one alone); single stages are left out by name with
+# SKIP="sanitize-ttt-racecheck ...". Every stage runs
 # under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
 # recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
 # the sanitizer cases are small).
@@ -52,6 +53,11 @@ BUDGET_S=${BUDGET_S:-540}
 run_stage() {
   local name=$1 limit=$2 log=$3
   shift 3
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+    STATUS[$name]="skipped(SKIP)"; SECONDS_TAKEN[$name]=0
+    echo "=== [$name] skipped (SKIP)"
+    return
+  fi
   local left=$((BUDGET_S - SECONDS - 15))
   if [[ $left -lt 20 ]]; then
     STATUS[$name]="skipped(no time)"; SECONDS_TAKEN[$name]=0
