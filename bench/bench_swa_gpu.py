@@ -158,24 +158,30 @@ def run_impl(rec: Recorder, impl: str, length: int, fwd: Callable, layout: str) 
     rec.add(impl=impl, L=length, pass_="fwd+bwd", ms=ms, tflops=3.5 * flops_fwd / (ms * 1e-3) / 1e12)
 
 
-def allmem_fwd(q, k, v):
+def _swa(q, k, v, mode):
+    """The op with ALLMEM_SWA_SM90=mode (read by the C++ dispatch at every call)."""
     import allmem_ops
 
-    return allmem_ops.sliding_window_attention(q, k, v, WINDOW, SINKS)
-
-
-def allmem_sm90_fwd(q, k, v):
-    """The Hopper forward (swa_fwd_sm90.cu; opt-in until it has passed on a GPU): "require" makes
-    the op raise instead of silently running the portable kernel. The backward is the portable one."""
     old = os.environ.get("ALLMEM_SWA_SM90")
-    os.environ["ALLMEM_SWA_SM90"] = "require"
+    os.environ["ALLMEM_SWA_SM90"] = mode
     try:
-        return allmem_fwd(q, k, v)
+        return allmem_ops.sliding_window_attention(q, k, v, WINDOW, SINKS)
     finally:
         if old is None:
             del os.environ["ALLMEM_SWA_SM90"]
         else:
             os.environ["ALLMEM_SWA_SM90"] = old
+
+
+def allmem_fwd(q, k, v):
+    """The portable forward (mma.sync, cp.async; sm_80 and sm_90)."""
+    return _swa(q, k, v, "0")
+
+
+def allmem_sm90_fwd(q, k, v):
+    """The Hopper forward (swa_fwd_sm90.cu; the default on sm_90): "require" makes the op raise
+    instead of silently running the portable kernel. The backward is the portable one."""
+    return _swa(q, k, v, "require")
 
 
 def sdpa_causal_fwd(q, k, v):

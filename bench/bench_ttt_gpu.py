@@ -4,9 +4,9 @@ Cases: C=2048, L in {8k, 32k, 128k}, B in {1, 8}, with H=8, d=h=64 (AllMem's def
 d=h=128; bf16 inputs, float32 state; default variant (residual, normalize before the update).
 Forward (under no_grad) and forward+backward (gradients of q, k, v, eta, mu and the three initial
 weights; FLA: of q, k, v, g, beta) of:
-  * allmem     - allmem_ops.ttt_memory (the CUDA kernels: SIMT forward and backward);
-  * allmem_tc  - the same with ALLMEM_TTT_TC=1: the tensor-core cluster forward (d = h = 64 only;
-                 the backward is the SIMT one);
+  * allmem     - allmem_ops.ttt_memory with ALLMEM_TTT_TC=0: the SIMT CUDA kernels;
+  * allmem_tc  - the same with ALLMEM_TTT_TC=1 (the default on sm_90): the tensor-core cluster
+                 kernels where they apply (d = h = 64), else the SIMT ones;
   * ref_comp   - the chunked PyTorch reference (allmem_ops.reference.ttt), torch.compile'd the way
                  LaCT does it: the per-chunk read + update (reference.ttt.swiglu / chunk_update) as
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
@@ -45,6 +45,7 @@ Each stage is isolated: a failure is recorded in the JSON and the run goes on; s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -259,16 +260,25 @@ def allmem_impl(q, k, v, eta, mu, wg, wu, wd, C):
     return allmem_ops.ttt_memory(q, k, v, eta, mu, wg, wu, wd, C)[0]
 
 
-def allmem_tc_impl(q, k, v, eta, mu, wg, wu, wd, C):
-    old = os.environ.get("ALLMEM_TTT_TC")
-    os.environ["ALLMEM_TTT_TC"] = "1"  # read by the C++ dispatch at every call
+allmem_tc_impl = allmem_impl  # the same op; run_case sets ALLMEM_TTT_TC around the whole timing
+
+# ALLMEM_TTT_TC is read by the C++ dispatch at every call (forward and backward), so it is set
+# around everything a case times: "0" the SIMT kernels, "1" the tensor-core ones where they apply.
+IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0"}, "allmem_tc": {"ALLMEM_TTT_TC": "1"}}
+
+
+@contextlib.contextmanager
+def impl_env(impl: str):
+    saved = {k: os.environ.get(k) for k in IMPL_ENV.get(impl, {})}
+    os.environ.update(IMPL_ENV.get(impl, {}))
     try:
-        return allmem_impl(q, k, v, eta, mu, wg, wu, wd, C)
+        yield
     finally:
-        if old is None:
-            del os.environ["ALLMEM_TTT_TC"]
-        else:
-            os.environ["ALLMEM_TTT_TC"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def eager_impl(q, k, v, eta, mu, wg, wu, wd, C):
@@ -386,7 +396,8 @@ def run_case(rec: Recorder, impl: str, fn, B, L, H, d, C, pass_: str, memory_not
             out = call(*leaves)
             return torch.autograd.grad(out, leaves, do)
         reps = 3
-    ms, n, first_s = time_ms(run, dev, warmup=2, reps=reps)
+    with impl_env(impl):
+        ms, n, first_s = time_ms(run, dev, warmup=2, reps=reps)
     rec.add(**base, ms=ms, reps=n, first_call_s=round(first_s, 3), **({"note": memory_note} if memory_note else {}))
 
 

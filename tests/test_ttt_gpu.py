@@ -30,6 +30,13 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _simt_kernels(monkeypatch):
+    """This file checks the SIMT kernels: ALLMEM_TTT_TC=0 keeps d = h = 64 bf16/fp16 cases off the
+    tensor-core path (the default on sm_90; tests/test_ttt_tc_gpu.py checks that one)."""
+    monkeypatch.setenv("ALLMEM_TTT_TC", "0")
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.detach().double().cpu(), want.detach().double().cpu()
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()

@@ -1,5 +1,6 @@
-"""The tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh; opt-in with ALLMEM_TTT_TC=1 until it has
-passed here) on a real GPU: d = h = 64, bf16/fp16, sm_90+. Against the CPU op in float64 on the
+"""The tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh; the default on sm_90 since it passed
+here, ALLMEM_TTT_TC=0 selects the SIMT kernel instead) on a real GPU: d = h = 64, bf16/fp16,
+sm_90+. Against the CPU op in float64 on the
 same 16-bit inputs with the bounds of tests/test_ttt_tc_emu.py (small multiples of the dtype's
 unit roundoff; the matmul operands are 16-bit), against the chunked PyTorch reference under bf16
 autocast (LaCT's way of running it), against the SIMT CUDA kernel, bitwise determinism, decode ==
@@ -86,6 +87,7 @@ def test_tc_path_is_taken_and_close_to_simt(monkeypatch):
     """Same call with and without ALLMEM_TTT_TC: different kernels (the states differ in the last
     bits: 16-bit vs float32 operands), same buffer, outputs within the bounds above."""
     cpu, dev = tc_inputs(2, 3000, 4, 64, 64, 1024, torch.bfloat16, plens=[100, 0])
+    monkeypatch.setenv("ALLMEM_TTT_TC", "0")
     simt = fwd(dev, 1024)
     monkeypatch.setenv("ALLMEM_TTT_TC", "1")
     tcr = fwd(dev, 1024)
@@ -156,7 +158,7 @@ def test_tc_long_sequence(tc):
     o_part, fast_part, *_ = fwd(part, C)
     assert torch.equal(o_part, o[:, :Ls])
     import os
-    os.environ.pop("ALLMEM_TTT_TC")
+    os.environ["ALLMEM_TTT_TC"] = "0"
     try:
         so, sfast, *_ = fwd(part, C)
     finally:
@@ -198,6 +200,7 @@ def test_tc_misaligned_views_take_the_simt_kernel(monkeypatch):
 
     moved = [shifted(t) for t in dev[:3]] + dev[3:]
     assert moved[0].is_contiguous() and moved[0].data_ptr() % 16 != 0
+    monkeypatch.setenv("ALLMEM_TTT_TC", "0")
     simt = fwd(dev, 64)
     monkeypatch.setenv("ALLMEM_TTT_TC", "1")
     got = fwd(moved, 64)

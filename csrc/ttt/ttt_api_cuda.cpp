@@ -53,14 +53,15 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return lay;
 }
 
-// The tensor-core forward (ttt_fwd_tc.cuh) is opt-in until it has passed its tests on a GPU:
-// ALLMEM_TTT_TC=1 selects it, read at every call, where it applies (d = h = 64, bf16/fp16, sm_90+);
-// anything else runs the SIMT kernel. Both write the same outputs and checkpoints.
+// The tensor-core forward (ttt_fwd_tc.cuh) is the default where it applies (d = h = 64, bf16/fp16,
+// sm_90+) since it passed its GPU tests (bench/results/gpu_2026-11-26b_h200); ALLMEM_TTT_TC=0,
+// read at every call, selects the SIMT kernel; anything else runs the SIMT kernel. Both write the
+// same outputs and checkpoints.
 // Its q, k, v rows are read as 16-byte vectors: views that start off a 16-byte boundary take the
 // SIMT kernel.
 bool use_tc_forward(const Layout& lay, InDType dt, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
