@@ -605,6 +605,7 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list: allmem,ref_comp,ref_eager,fla_gdn,correctness,fwd+bwd")
     ap.add_argument("--budget-s", type=float, default=None, help="stages after this many seconds are skipped "
                     "(default 140, smoke 50)")
+    ap.add_argument("--d", default="", help="comma list of head sizes to run (default: all of HEAD_CONFIGS)")
     args = ap.parse_args()
     if args.table:
         with open(args.table) as f:
@@ -619,6 +620,9 @@ def main() -> int:
             print("no CUDA device (use --smoke for the CPU smoke run)", file=sys.stderr)
             return 1
         dev, C, lengths, batches, heads, target_case = "cuda", CHUNK, LENGTHS, BATCHES, HEAD_CONFIGS, TARGET_CASE
+    if args.d:
+        wanted = {int(x) for x in args.d.split(",")}
+        heads = [(d, H) for d, H in heads if d in wanted]
     budget = args.budget_s if args.budget_s is not None else (50.0 if args.smoke else 140.0)
     skip = set(filter(None, args.skip.split(",")))
     config = {"C": C, "lengths": list(lengths), "batches": list(batches),

@@ -22,7 +22,8 @@
 # packages); without them, or if FLA fails to import or run, only the FLA rows are skipped.
 #
 # Stages can be chosen with STAGES="build tests sanitize bench" (default: all; "bench" runs both
-# benchmarks, "bench-ttt" the TTT one alone); single stages are left out by name with
+# benchmarks, "bench-ttt" the TTT one alone, with BENCH_TTT_ARGS added to its command line;
+# "tests-tc" and "sanitize-tc" the tensor-core TTT kernels' tests and sanitizer cases alone); single stages are left out by name with
 # SKIP="sanitize-ttt-racecheck ...". Every stage runs
 # under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
 # recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
@@ -134,6 +135,12 @@ if want tests; then
     "$PY" "$NOT_ERR" "${err_tests[@]}"
 fi
 
+# The tensor-core TTT kernels alone (a short rerun): their GPU tests and the static build checks.
+if want tests-tc; then
+  run_stage tests-tc 120 "$OUT/tests.log" $PY -m pytest -q -ra -s -p no:cacheprovider \
+    "$REPO/tests/test_ttt_tc_gpu.py" "$REPO/tests/test_ttt_cuda_build.py"
+fi
+
 # ---- benchmarks ----
 if want bench; then
   run_stage bench 200 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
@@ -144,7 +151,7 @@ if want bench || want bench-ttt; then
   ttt_budget=$((BUDGET_S - SECONDS - 40))
   [[ $ttt_budget -gt 135 ]] && ttt_budget=135
   run_stage bench-ttt 150 "$OUT/bench.log" env PYTHONPATH="$PYTHONPATH:$FLA_SITE" \
-    $PY "$REPO/bench/bench_ttt_gpu.py" --out "$OUT/bench_ttt_gpu.json" --budget-s "$ttt_budget"
+    $PY "$REPO/bench/bench_ttt_gpu.py" --out "$OUT/bench_ttt_gpu.json" --budget-s "$ttt_budget" ${BENCH_TTT_ARGS:-}
 fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
@@ -202,7 +209,7 @@ print("ttt sanitizer cases ran")
 EOF
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
-    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/swa_sanitize_cases.py
   done
   # The same cases with the Hopper forward (swa_fwd_sm90.cu; "require": an error, not a fallback).
@@ -211,13 +218,44 @@ EOF
       --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
   for tool in memcheck racecheck; do
-    run_stage "sanitize-ttt-$tool" 60 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+    run_stage "sanitize-ttt-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=0 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
       $PY /tmp/ttt_sanitize_cases.py
   done
-  # The tensor-core TTT forward on the same cases (its bf16/fp16 d = h = 64 ones; the rest falls back).
-  for tool in memcheck racecheck; do
+fi
+# The tensor-core TTT kernels (forward and backward, d = h = 64) on their own small cases.
+if want sanitize || want sanitize-tc; then
+  cat >/tmp/ttt_tc_sanitize_cases.py <<'EOF'
+# bf16 and fp16, varlen with an empty sequence and a pending initial state (buffered and direct
+# chunks, a partial tile), both variant flags: forward and backward on the tensor-core kernels.
+import torch
+import allmem_ops
+from allmem_ops.reference.ttt import TTTState
+
+torch.manual_seed(0)
+dev = "cuda"
+for dt in (torch.bfloat16, torch.float16):
+    H, C, lens, d = 2, 40, [70, 0, 33], 64
+    T = sum(lens)
+    q, k, v = (torch.nn.functional.normalize(torch.randn(T, H, d, device=dev), dim=-1).to(dt) for _ in range(3))
+    eta, mu = (torch.rand(T, H, 3, device=dev) * 0.1).to(dt), torch.rand(T, H, device=dev).to(dt)
+    w = [torch.randn(H, d, d, device=dev) / 8 for _ in range(3)]
+    cu = torch.tensor([0, 70, 70, T], dtype=torch.int32, device=dev)
+    state = TTTState.initial(*w, 3, C, torch.float32)
+    state.pending_len = torch.tensor([0, 7, 39], device=dev)
+    q.requires_grad_()
+    k.requires_grad_()
+    state.w_gate.requires_grad_()
+    for lact in (False, True):
+        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                     cu_seqlens=cu, lact_order=lact, residual=not lact)
+        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+torch.cuda.synchronize()
+print("ttt tensor-core sanitizer cases ran")
+EOF
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck synccheck; do
     run_stage "sanitize-ttt-tc-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
-      --error-exitcode 3 $PY /tmp/ttt_sanitize_cases.py
+      --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
   done
 fi
 
@@ -267,6 +305,7 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_ttt_gpu.json ]] && $PY "$REPO/bench/bench_ttt_gpu.py" --table "$OUT/bench_ttt_gpu.json" --brief
 echo "== stages"
 for s in build tests tests-build tests-ttt tests-ttt-tc tests-errors bench bench-ttt sanitize-memcheck sanitize-racecheck \
-  sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck; do
+  sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck \
+  sanitize-ttt-tc-synccheck tests-tc; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

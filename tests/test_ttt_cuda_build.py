@@ -1,5 +1,5 @@
-"""Static checks of the compiled tensor-core TTT forward (csrc/ttt/ttt_fwd_tc.cuh); no GPU needed
-(CI runs them after its CUDA build). Its sm_90a machine code (both dtypes) uses the tensor cores
+"""Static checks of the compiled tensor-core TTT kernels (csrc/ttt/ttt_fwd_tc.cuh, ttt_bwd_tc.cuh); no
+GPU needed (CI runs them after its CUDA build). Their sm_90a machine code (both dtypes) uses the tensor cores
 (HMMA.16816 with ldmatrix) and cluster barriers, without local-memory spills or stack.
 Skipped for CPU-only builds, builds without the 90a target, or without a cuobjdump."""
 from __future__ import annotations
@@ -20,8 +20,9 @@ pytestmark = [
 ]
 
 
-def test_tc_forward_uses_tensor_cores_and_cluster_memory():
-    funcs = {n: body for n, body in _sass_by_function("90a").items() if "ttt_fwd_tc_kernel" in n}
+@pytest.mark.parametrize("kernel", ["ttt_fwd_tc_kernel", "ttt_bwd_tc_kernel"])
+def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
+    funcs = {n: body for n, body in _sass_by_function("90a").items() if kernel in n}
     assert len(funcs) == 2, f"expected the bf16 and fp16 instantiations, got {list(funcs)}"
     for name, body in funcs.items():
         # 4 warps x per tile: read 96, update 192 mma.sync; the loops are partly unrolled.
@@ -32,10 +33,11 @@ def test_tc_forward_uses_tensor_cores_and_cluster_memory():
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
 
 
-def test_tc_forward_has_no_stack_or_local_memory():
+@pytest.mark.parametrize("kernel", ["ttt_fwd_tc_kernel", "ttt_bwd_tc_kernel"])
+def test_tc_kernels_have_no_stack_or_local_memory(kernel):
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
                            capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"Function (\S*ttt_fwd_tc_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+    found = re.findall(r"Function (\S*" + kernel + r"\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
                        usage)
     assert len(found) == 2, usage[:2000]
     for name, _regs, stack, local in found:

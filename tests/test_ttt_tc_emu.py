@@ -25,12 +25,12 @@ import torch
 
 import allmem_ops  # noqa: F401  (registers the CPU op)
 from test_ttt import make_inputs
-from test_ttt_cuda_emu import emulated_fwd, packed_state
+from test_ttt_cuda_emu import emulated_fwd, packed_state, seq_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU = os.path.join(HERE, "ttt_cuda_emu")
 CSRC = os.path.join(HERE, "..", "csrc")
-SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_cuda.h")] + [
+SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_bwd_tc.cuh", "ttt_cuda.h")] + [
     os.path.join(EMU, f) for f in ("emu_tc.cpp", "shim_tc.h", os.path.join("tc", "ttt", "ttt_tc_ops.cuh"))
 ]
 CXX = shutil.which("g++")
@@ -106,3 +106,67 @@ def test_tc_kernel_matches_float64_op(emu_tc, case):
     assert errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
     assert errs["fast"] < u and errs["checkpoints"] < u, errs
     assert errs["update"] < 2 * u, errs
+
+
+def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
+    """tests/test_ttt_cuda_emu.py emulated_bwd with the token gradients kept float32 (the kernel's
+    outputs, before the op rounds them to the input dtype), so the bounds below see the kernel's own
+    error."""
+    import test_ttt_cuda_emu as base
+
+    saved = torch.Tensor.to
+
+    def keep_float(t, *a, **kw):  # emulated_bwd's final `.to(q.dtype)` on the token gradients
+        if a and a[0] in (torch.bfloat16, torch.float16) and t.dtype == torch.float32:
+            return t
+        return saved(t, *a, **kw)
+
+    torch.Tensor.to = keep_float
+    try:
+        return base.emulated_bwd(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact,
+                                 res)
+    finally:
+        torch.Tensor.to = saved
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_backward_matches_float64_op(emu_tc, case):
+    """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the float64 forward's checkpoints,
+    against the float64 CPU backward: every gradient, the gradient state and the pending rows."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    d = h = 64
+    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()
+    dbl = [t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)]
+    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*dbl, plen, cu, C, lact, res)
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(o.shape, generator=g).to(dtype)
+    gfast, gpend = torch.randn(fast_out.shape, generator=g) * 0.1, torch.randn(pend_out.shape, generator=g)
+    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *dbl[:8], dbl[9], plen,
+                                           ckpt, cu, C, lact, res)
+    got = _emulated_bwd_f32(emu_tc, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt.float(), cu, C,
+                            lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    errs = {}
+    for name, a, b in zip(names, got, want):
+        assert not torch.isnan(a).any(), f"{name}: elements left unwritten (or NaN read from shared memory)"
+        errs[name] = rel_err(a, b)
+    # dq without its exact residual part (grad_o itself), where a kernel error would hide.
+    if res:
+        errs["dq_memory"] = rel_err(got[0].double() - go.double(), want[0] - go.double())
+    # dk, dv, deta, dmu of the tokens in completed chunks alone (the others are copies of grad_pending).
+    _, _, _, seq = seq_table(q, plen, cu, C)
+    n_seq = seq.numel() // 4
+    start, lens_, p0 = seq[:n_seq].tolist(), seq[n_seq:2 * n_seq].tolist(), seq[2 * n_seq:3 * n_seq].tolist()
+    rows = torch.cat([torch.arange(s0, s0 + max(0, (p + n_) // C * C - p)) for s0, n_, p in zip(start, lens_, p0)])
+    for i, name in ((1, "dk"), (2, "dv"), (3, "deta"), (4, "dmu")):
+        a, b = got[i].reshape(-1, *got[i].shape[-2 if i < 4 else -1:]), want[i].reshape(-1, *want[i].shape[-2 if i < 4 else -1:])
+        errs[name + "_chunks"] = rel_err(a[rows], b[rows])
+    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
+    for name, e in errs.items():
+        assert e < 4 * u, (name, errs)

@@ -206,3 +206,50 @@ def test_tc_misaligned_views_take_the_simt_kernel(monkeypatch):
     got = fwd(moved, 64)
     for x, y in zip(got, simt):
         assert torch.equal(x, y)
+
+
+def _bwd(dev, outs, grads, C, lact, res):
+    go, gfast, gpend = grads
+    q, k, v, eta, mu, wg, wu, wd, _fast, pend, plen, cu = dev
+    out = torch.ops.allmem.ttt_memory_bwd(go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, outs[4], cu, C,
+                                          lact, res)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_backward_matches_float64(tc, case):
+    """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the GPU forward's checkpoints vs the
+    float64 CPU backward from its own: every gradient within 4 u (tests/test_ttt_tc_emu.py measured
+    about 1 u before the outputs are rounded to the input dtype); bitwise deterministic; a
+    different kernel from the SIMT backward (ALLMEM_TTT_TC=0), within the same bound of it."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
+    outs = fwd(dev, C, lact, res)
+    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(outs[0].shape, generator=g).to(dtype)
+    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
+    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
+                                           cpu_outs[4], cpu[11], C, lact, res)
+    grads = [go.cuda(), gfast.cuda(), gpend.cuda()]
+    got = _bwd(dev, outs, grads, C, lact, res)
+    again = _bwd(dev, outs, grads, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    errs = {}
+    for name, a, b, a2 in zip(names, got, want, again):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, a2), f"{name}: not deterministic"
+        errs[name] = rel_err(a.cpu(), b)
+    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
+    assert all(e < 4 * u for e in errs.values()), errs
+    import os
+    os.environ["ALLMEM_TTT_TC"] = "0"
+    try:
+        simt = _bwd(dev, outs, grads, C, lact, res)
+    finally:
+        os.environ["ALLMEM_TTT_TC"] = "1"
+    assert any(not torch.equal(a, s) for a, s in zip(got, simt)), "ALLMEM_TTT_TC did not change the backward kernel"
+    for name, a, s in zip(names, got, simt):
+        assert rel_err(a, s) < 4 * u, name

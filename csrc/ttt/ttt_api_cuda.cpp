@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 #include <vector>
 
@@ -59,13 +60,20 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // same outputs and checkpoints.
 // Its q, k, v rows are read as 16-byte vectors: views that start off a 16-byte boundary take the
 // SIMT kernel.
-bool use_tc_forward(const Layout& lay, InDType dt, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// The tensor-core backward (ttt_bwd_tc.cuh) follows the same switch and conditions (its q, k, v
+// and grad_o rows are 16-byte vectors too); it runs from either forward's checkpoints.
+bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
-         lay.N * lay.H <= INT_MAX / 8 && aligned(q) && aligned(k) && aligned(v);
+  if (!ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) ||
+      lay.N * lay.H > INT_MAX / 8) {
+    return false;
+  }
+  for (const at::Tensor* t : rows) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
 }
 
 // Per sequence, on the device: first packed token, length, initial pending length, first slot.
@@ -124,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    if (use_tc_forward(lay, dt, qc, kc, vc)) {
+    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc})) {
       launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
     } else {
       launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());
@@ -197,7 +205,11 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());
+    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go})) {
+      launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream());
+    } else {
+      launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());
+    }
   }
 
   // The targets are the params' row norms: dN[r] * w[r] / ||w[r]|| (0 for a zero row), as on the CPU.

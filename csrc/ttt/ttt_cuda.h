@@ -79,5 +79,8 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
 bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major);
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
+// The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
+// launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
+void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace allmem::ttt::cuda

@@ -1,16 +1,17 @@
-// Runs csrc/ttt/ttt_fwd_tc.cuh's kernel on the CPU (tests/test_ttt_tc_emu.py): one cluster of kP
-// CTAs x 128 std::threads per (sequence, head), shared memory starting as NaN bytes.
+// Runs the kernels of csrc/ttt/ttt_fwd_tc.cuh and ttt_bwd_tc.cuh on the CPU
+// (tests/test_ttt_tc_emu.py): one cluster of kP CTAs x 128 std::threads per (sequence, head),
+// shared memory starting as NaN bytes.
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "ttt/ttt_bwd_tc.cuh"
 #include "ttt/ttt_fwd_tc.cuh"
 
 using namespace allmem::ttt::cuda;
 
-template <typename T>
-void run_tc(const FwdParams& p) {
-  using Tr = tc::FwdTcTraits;
+template <typename Tr, typename Params, typename Kernel>
+void run_clusters(const Params& p, Kernel kernel) {
   constexpr int kP = Tr::kP;
   std::vector<std::vector<unsigned char>> smem(kP, std::vector<unsigned char>(Tr::kSmemBytes));
   for (int64_t job = 0; job < p.n_seqs * p.heads; ++job) {
@@ -38,7 +39,7 @@ void run_tc(const FwdParams& p) {
           emu::g_ctx.cta = r;
           emu::g_ctx.cluster_bar = &cluster_bar;
           emu::g_ctx.smem = cl->smem;
-          tc::ttt_fwd_tc_kernel<T>(p);
+          kernel(p);
         });
       }
     }
@@ -54,6 +55,13 @@ extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void*
   if (d != 64 || h != 64 || (dt != 1 && dt != 2)) return;  // the test only asks for what the kernel takes
   FwdParams p{q,        k,        v,    eta, mu, o, InDType(dt), wg, wu, wd, fast_in, pend_in,
               fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
-  if (dt == 1) run_tc<__nv_bfloat16>(p);
-  else run_tc<__half>(p);
+  if (dt == 1) run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__nv_bfloat16>);
+  else run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__half>);
+}
+
+// Same signature as emu.cpp's emu_bwd (tests/test_ttt_cuda_emu.py emulated_bwd drives both).
+extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
+  if (d != 64 || h != 64) return;
+  if (p->dtype == InDType::kBFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__nv_bfloat16>);
+  else if (p->dtype == InDType::kFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__half>);
 }

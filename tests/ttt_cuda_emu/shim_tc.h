@@ -1,4 +1,4 @@
-// The CUDA basics csrc/ttt/ttt_fwd_tc.cuh uses, on the CPU (see tc/ttt/ttt_tc_ops.cuh).
+// The CUDA basics csrc/ttt/ttt_fwd_tc.cuh and ttt_bwd_tc.cuh use, on the CPU (see tc/ttt/ttt_tc_ops.cuh).
 #pragma once
 #include <barrier>
 #include <cmath>
@@ -60,6 +60,7 @@ template <> inline __half from_float<__half>(float f) { _Float16 x = (_Float16)f
 }  // namespace emu
 
 inline void __syncthreads() { emu::g_ctx.cl->cta_bar[emu::g_ctx.cta]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline float __shfl_xor_sync(unsigned, float x, int off) {
   auto& w = emu::warp_ex();
   w.f[emu::lane()] = x;

@@ -25,13 +25,14 @@ inline uint32_t pack2(float x, float y) {
 
 inline unsigned char* dynamic_smem() { return emu::ctx().smem[emu::ctx().cta]; }
 
-inline void ldsm(uint32_t (&r)[4], const void* row, bool trans) {
+template <int kN>
+inline void ldsm(uint32_t (&r)[kN], const void* row, bool trans) {
   auto& w = emu::warp_ex();
   const int lane = emu::lane();
   w.ptr[lane] = row;
   emu::warp_sync();
   const int g = lane / 4, c = lane % 4;
-  for (int q = 0; q < 4; ++q) {
+  for (int q = 0; q < kN; ++q) {
     uint16_t lo, hi;
     if (!trans) {
       const uint16_t* rowp = static_cast<const uint16_t*>(w.ptr[8 * q + g]);
@@ -47,6 +48,13 @@ inline void ldsm(uint32_t (&r)[4], const void* row, bool trans) {
 }
 inline void ldsm_x4(uint32_t (&r)[4], const void* row) { ldsm(r, row, false); }
 inline void ldsm_x4_t(uint32_t (&r)[4], const void* row) { ldsm(r, row, true); }
+// .x2: only lanes 0..15 give addresses; the others' are garbage here, as they may be on the GPU.
+inline void ldsm_x2(uint32_t (&r)[2], const void* row) {
+  ldsm(r, emu::lane() < 16 ? row : reinterpret_cast<const void*>(uintptr_t{8}), false);
+}
+inline void ldsm_x2_t(uint32_t (&r)[2], const void* row) {
+  ldsm(r, emu::lane() < 16 ? row : reinterpret_cast<const void*>(uintptr_t{8}), true);
+}
 
 template <typename T>
 inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -1,0 +1,40 @@
+// Launch code of the tensor-core TTT backward (the kernel and its design: ttt_bwd_tc.cuh). Built
+// for every CUDA arch; the kernel body exists only for sm_90+ (thread block clusters), so the
+// dispatcher (ttt_api_cuda.cpp) takes this path only on such devices.
+#include <c10/cuda/CUDAException.h>
+
+#include "ttt/ttt_bwd_tc.cuh"
+#include "ttt/ttt_cuda.h"
+
+namespace allmem::ttt::cuda {
+namespace {
+
+template <typename T>
+void launch_tc(const BwdParams& p, cudaStream_t stream) {
+  using Tr = tc::BwdTcTraits;
+  auto kernel = tc::ttt_bwd_tc_kernel<T>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.n_seqs * p.heads * Tr::kP));
+  cfg.blockDim = dim3(Tr::kThreads);
+  cfg.dynamicSmemBytes = Tr::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = Tr::kP;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+}  // namespace
+
+void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream) {
+  if (p.dtype == InDType::kBFloat16) return launch_tc<__nv_bfloat16>(p, stream);
+  if (p.dtype == InDType::kFloat16) return launch_tc<__half>(p, stream);
+  TORCH_CHECK(false, "allmem: launch_ttt_bwd_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+}  // namespace allmem::ttt::cuda

@@ -1,0 +1,591 @@
+// Tensor-core backward of the TTT memory for d = h = 64, sm_90: the step-for-step backward of
+// ttt_bwd.cu (the hand-derived backward of the CPU op, ttt_chunk.h) on the cluster layout of the
+// tensor-core forward (ttt_fwd_tc.cuh): one cluster of kP CTAs per (sequence, head) walks the
+// segments in reverse from the forward's checkpoints.
+//
+// Per segment i (reverse), two phases, each a pass over the segment's token tiles (tile i of a
+// chunk belongs to CTA i % kP) followed by a cluster reduction of the weight-gradient partials:
+//   * update phase (a completed chunk): the float32 gradient state (dW, dM) is split by rows over
+//     the cluster, as the forward splits (W, M); each CTA prepares its rows (normalization of W or
+//     the LaCT-order row-normalization backward, dM += dW) and publishes the weights the gradient
+//     was taken at (Wx) and P = dM as 16-bit operands into every CTA. Per tile each warp owns 16
+//     tokens: six products (a, b, e at Wx; V Pd, K Pu^T, K Pg^T) by mma.sync, the elementwise
+//     second-order terms in registers (rate gradients are row sums: quad shuffles), six 16-bit
+//     factor tiles to shared memory, then dk (4 products) and dv (2) from the warp's own rows and
+//     the three dW partials (da^T K, db^T K, V^T de) accumulated in float32 shared memory.
+//   * read phase: the raw W of the checkpoint is published; per tile a, b at q, g = dO Wd; dq
+//     (2 products + residual); partials dO^T s, da^T q, db^T q.
+//   After each phase's cluster barrier CTA r sums rows [8r, 8r + 8) of the partials over the kP
+//   CTAs in rank order through distributed shared memory (deterministic, no atomics) and adds
+//   them to the rows of dW it owns; row-local steps (normalization backward, dM *= mu) follow.
+// Precision: as the forward. The state, accumulations and reductions are float32; the matmul
+// operands (k, v, q, dO, Wx, W, P and the per-token factors) are the input dtype, as a bf16
+// autocast PyTorch backward rounds them.
+#pragma once
+#include <cstdint>
+
+#include "ttt/ttt_cuda.h"
+#include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_tc_ops.cuh"
+
+namespace allmem::ttt::cuda::tc {
+
+struct BwdTcTraits {
+  static constexpr int kD = 64;
+  static constexpr int kP = 8;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTile = 64;
+  static constexpr int kLd = FwdTcTraits::kLd;
+  static constexpr int kLdG = kD + 4;
+  static constexpr int kOwn = kD / kP;
+  static constexpr int kMat = kD * kD;
+  static constexpr int kPendWidth = 2 * kD + 4;
+  static constexpr int kTileElems = kTile * kLd;
+  static constexpr int kOwnElems = 3 * kOwn * kD;  // owned rows of the three matrices
+  // Shared memory, bytes.
+  static constexpr int kOffW = 0;                                // [6][64][kLd] Wx (or W) | P
+  static constexpr int kOffA = kOffW + 6 * kTileElems * 2;       // [64][kLd] k or q
+  static constexpr int kOffB = kOffA + kTileElems * 2;           // [64][kLd] v or dO
+  static constexpr int kOffF = kOffB + kTileElems * 2;           // [6][64][kLd] per-token factors
+  static constexpr int kOffG = kOffF + 6 * kTileElems * 2;       // [3][64][kLdG] float dW partials
+  static constexpr int kOffEta = kOffG + 3 * kD * kLdG * 4;      // [64][4] eta_g, eta_u, eta_d
+  static constexpr int kOffOwnW = kOffEta + kTile * 4 * 4;       // owned float rows: W (checkpoint)
+  static constexpr int kOffOwnM = kOffOwnW + kOwnElems * 4;      //   M (checkpoint)
+  static constexpr int kOffOwnX = kOffOwnM + kOwnElems * 4;      //   Wx (or Z = W + M_next)
+  static constexpr int kOffOwnDW = kOffOwnX + kOwnElems * 4;     //   dW
+  static constexpr int kOffOwnDM = kOffOwnDW + kOwnElems * 4;    //   dM
+  static constexpr int kOffTarget = kOffOwnDM + kOwnElems * 4;   // [24] row-norm targets
+  static constexpr int kOffDTarget = kOffTarget + 3 * kOwn * 4;  // [24] their gradients
+  static constexpr int kOffRed = kOffDTarget + 3 * kOwn * 4;     // [8] partial sums
+  static constexpr int kSmemBytes = kOffRed + 8 * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
+  static_assert(kOffA % 16 == 0 && kOffF % 16 == 0 && kOffG % 16 == 0 && kOffEta % 16 == 0 &&
+                    kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0,
+                "16-byte aligned regions");
+};
+
+// acc += A x W[n0 : n0 + 8, :]^T over k-step kk (one n8 block of mma_step_wt).
+template <typename T>
+__device__ __forceinline__ void mma_n8_wt(float (&acc)[4], const uint32_t (&a)[4], const T* w, int n0, int kk,
+                                          int lane) {
+  constexpr int kLd = BwdTcTraits::kLd;
+  uint32_t b[2];
+  ldsm_x2(b, w + (n0 + lane % 8) * kLd + kk * 16 + ((lane / 8) % 2) * 8);
+  mma<T>(acc, a, b[0], b[1]);
+}
+
+// acc += A x W[:, n0 : n0 + 8] over k-step kk (one n8 block of mma_step_w).
+template <typename T>
+__device__ __forceinline__ void mma_n8_w(float (&acc)[4], const uint32_t (&a)[4], const T* w, int n0, int kk,
+                                         int lane) {
+  constexpr int kLd = BwdTcTraits::kLd;
+  uint32_t b[2];
+  ldsm_x2_t(b, w + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + n0);
+  mma<T>(acc, a, b[0], b[1]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+#else
+  using Tr = BwdTcTraits;
+  constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
+  constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
+  constexpr int kOE = Tr::kOwnElems;
+  constexpr int64_t HD = Tr::kMat;
+  unsigned char* smem_tc = dynamic_smem();
+  T* sW = reinterpret_cast<T*>(smem_tc + Tr::kOffW);
+  T* sA = reinterpret_cast<T*>(smem_tc + Tr::kOffA);
+  T* sB = reinterpret_cast<T*>(smem_tc + Tr::kOffB);
+  T* sF = reinterpret_cast<T*>(smem_tc + Tr::kOffF);
+  float* sG = reinterpret_cast<float*>(smem_tc + Tr::kOffG);
+  float* sEta = reinterpret_cast<float*>(smem_tc + Tr::kOffEta);
+  float* oW = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnW);
+  float* oM = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnM);
+  float* oX = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnX);
+  float* oDW = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnDW);
+  float* oDM = reinterpret_cast<float*>(smem_tc + Tr::kOffOwnDM);
+  float* sTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffTarget);
+  float* sDTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffDTarget);
+  float* sRed = reinterpret_cast<float*>(smem_tc + Tr::kOffRed);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int rank = cluster_rank();
+  const int64_t job = blockIdx.x / kP;
+  const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
+  const int64_t n = job / H, hh = job % H;
+  const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n], slot0 = p.seq[3 * N + n];
+  const int64_t n_segs = (p0 + len) / C + 1;
+  const int own0 = rank * kOwn;
+  const int64_t pstride = H * PW;
+  const float* pend = p.pend_in + (n * C * H + hh) * PW;  // row t at pend + t * pstride
+  const float* gpend = p.grad_pend + (n * C * H + hh) * PW;
+  float* dpend = p.d_pend + (n * C * H + hh) * PW;
+  auto tok = [&](int64_t token) { return token * H + hh; };
+  // Owned element e = (m, i, c) <-> offset in the full [64, 64] matrix m.
+  auto full_off = [&](int e) {
+    const int m = e / (kOwn * kD), i = (e / kD) % kOwn, c = e % kD;
+    return int64_t{m} * HD + int64_t{own0 + i} * kD + c;
+  };
+  const int row0 = warp * 16, g = lane / 4, c2 = 2 * (lane % 4);
+
+  // Owned rows of the incoming gradient state, the row-norm targets (the params' row norms).
+  {
+    const float* src = p.d_fast + (n * H + hh) * 6 * HD;
+    for (int e = tid; e < kOE; e += kT) {
+      oDW[e] = src[full_off(e)];
+      oDM[e] = src[3 * HD + full_off(e)];
+    }
+    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
+      const float* param = r < kOwn ? p.w_gate : r < 2 * kOwn ? p.w_up : p.w_down;
+      const float* row = param + hh * HD + int64_t{own0 + r % kOwn} * kD;
+      float ss = 0.f;
+      for (int c = lane; c < kD; c += 32) ss += row[c] * row[c];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) {
+        sTarget[r] = sqrtf(ss);
+        sDTarget[r] = 0.f;
+      }
+    }
+  }
+  cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
+
+  // Fixed-order CTA sum of one value per thread; thread 0 stores it to sRed[slot].
+  auto cta_sum_to = [&](float x, int slot) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    if (lane == 0) sRed[4 + warp] = x;
+    __syncthreads();
+    if (tid == 0) sRed[slot] = sRed[4] + sRed[5] + sRed[6] + sRed[7];
+    __syncthreads();
+  };
+
+  // In place on the owned rows of g: the gradient wrt w of w * target / (||w|| + eps) from the
+  // gradient g wrt its output; adds to the target gradients (ttt_bwd.cu row_normalize_backward).
+  auto own_row_normalize_backward = [&](const float* w, float* gr) {
+    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
+      float ss = 0.f, gw = 0.f;
+      for (int c = lane; c < kD; c += 32) {
+        ss += w[r * kD + c] * w[r * kD + c];
+        gw += gr[r * kD + c] * w[r * kD + c];
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        gw += __shfl_xor_sync(0xffffffffu, gw, off);
+      }
+      const float rho = sqrtf(ss), denom = rho + kTcNormEps;
+      if (lane == 0) sDTarget[r] += gw / denom;
+      const float rho_safe = rho > 0.f ? rho : 1.f;
+      const float coef = -sTarget[r] * gw / (denom * denom * rho_safe), scale = sTarget[r] / denom;
+      for (int c = lane; c < kD; c += 32) gr[r * kD + c] = gr[r * kD + c] * scale + w[r * kD + c] * coef;
+    }
+  };
+
+  // Writes the owned float rows `src` as 16-bit rows of slots [slot, slot + 3) in every CTA.
+  auto publish = [&](const float* src, int slot) {
+    for (int e = tid; e < 3 * kOwn * (kD / 4); e += kT) {
+      const int r = e / (kD / 4), c = (e % (kD / 4)) * 4, m = r / kOwn, i = r % kOwn;
+      const float* w = src + r * kD + c;
+      uint2 x;
+      x.x = pack2<T>(w[0], w[1]);
+      x.y = pack2<T>(w[2], w[3]);
+      const int off = (slot + m) * kTE + (own0 + i) * kLd + c;
+      for (int peer = 0; peer < kP; ++peer) *reinterpret_cast<uint2*>(cluster_peer(sW + off, peer)) = x;
+    }
+  };
+
+  // Owned rows of dW += the sum over the cluster of the partials (rank order). After a cluster
+  // barrier; the partials are not rewritten before the next one.
+  auto reduce_partials = [&]() {
+    for (int e = tid; e < kOE; e += kT) {
+      const int r = e / kD, m = r / kOwn, i = r % kOwn, c = e % kD;
+      const int goff = m * kD * kLdG + (own0 + i) * kLdG + c;
+      float s = 0.f;
+      for (int peer = 0; peer < kP; ++peer) s += *cluster_peer(sG + goff, peer);
+      oDW[e] += s;
+    }
+    __syncthreads();
+  };
+
+  auto zero_partials = [&]() {
+    for (int e = tid; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
+  };
+
+  // sG[m] rows [row0, row0 + 16) += Y^T X over the tile (the warp's rows of a weight gradient).
+  auto add_partial = [&](int m, const T* y, const T* x) {
+    float acc[8][4];
+    float* base = sG + m * kD * kLdG;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+        acc[j][2 * half] = s[0];
+        acc[j][2 * half + 1] = s[1];
+      }
+    mma_yt_x(acc, y, row0, x, lane);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+        s[0] = acc[j][2 * half];
+        s[1] = acc[j][2 * half + 1];
+      }
+  };
+
+  // Loads rows [t0, t0 + nt) of 16-bit token tensors x1, x2 into sA, sB (zero rows past nt).
+  auto load_tokens = [&](const void* x1, const void* x2, int64_t first, int64_t t0, int nt) {
+    for (int e = tid; e < kTile * (kD / 8); e += kT) {
+      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;
+      if (t < nt) {
+        const int64_t off = tok(first + t0 + t) * kD + c;
+        a = *reinterpret_cast<const uint4*>(static_cast<const T*>(x1) + off);
+        b = *reinterpret_cast<const uint4*>(static_cast<const T*>(x2) + off);
+      }
+      *reinterpret_cast<uint4*>(sA + t * kLd + c) = a;
+      *reinterpret_cast<uint4*>(sB + t * kLd + c) = b;
+    }
+  };
+
+  for (int64_t i = n_segs - 1; i >= 0; --i) {
+    const int64_t pb = i == 0 ? p0 : 0;
+    const int64_t pos = i == 0 ? 0 : C - p0 + (i - 1) * C;
+    const int64_t seg = (len - pos < C - pb) ? len - pos : C - pb;
+    const int64_t first = start + pos;
+    const float* ck = p.ckpt + ((slot0 + i) * H + hh) * 6 * HD;  // (W, M) at the segment start
+    for (int e = tid; e < kOE; e += kT) {
+      oW[e] = ck[full_off(e)];
+      oM[e] = ck[3 * HD + full_off(e)];
+    }
+    __syncthreads();
+
+    if (i + 1 < n_segs) {  // a completed chunk: backward of its update
+      const float* Mn = p.ckpt + ((slot0 + i + 1) * H + hh) * 6 * HD + 3 * HD;  // M after the update
+      const int64_t n_tiles = (C + kTile - 1) / kTile;
+      // Chunk row t: the initial pending row t (t < pb) or token first + t - pb.
+      auto chunk_row = [&](int64_t t) { return tok(first + t - pb); };
+      // This CTA's share of the chunk's mu sum.
+      float part = 0.f;
+      for (int64_t ti = rank; ti < n_tiles; ti += kP) {
+        for (int64_t t = ti * kTile + tid; t < (ti + 1) * kTile && t < C; t += kT) {
+          part += t < pb ? pend[t * pstride + 2 * kD + 3] : to_float(load_tok<T>(p.mu, chunk_row(t)));
+        }
+      }
+      cta_sum_to(part, 0);
+      if (!p.lact_order) {  // Wx = normalize(W); dM_new = dM + dW
+        for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
+          float ss = 0.f;
+          for (int c = lane; c < kD; c += 32) ss += oW[r * kD + c] * oW[r * kD + c];
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+          const float scale = sTarget[r] / (sqrtf(ss) + kTcNormEps);
+          for (int c = lane; c < kD; c += 32) oX[r * kD + c] = oW[r * kD + c] * scale;
+        }
+        for (int e = tid; e < kOE; e += kT) oDM[e] += oDW[e];
+      } else {  // Z = W + M_next was normalized: dW <- dZ; dM_new = dM + dZ; Wx = W
+        for (int e = tid; e < kOE; e += kT) oX[e] = oW[e] + Mn[full_off(e)];
+        __syncthreads();
+        own_row_normalize_backward(oX, oDW);
+        __syncthreads();
+        for (int e = tid; e < kOE; e += kT) {
+          oDM[e] += oDW[e];
+          oX[e] = oW[e];
+        }
+      }
+      __syncthreads();
+      float dot = 0.f;
+      for (int e = tid; e < kOE; e += kT) dot += oDM[e] * oM[e];
+      cta_sum_to(dot, 1);
+      publish(oX, 0);
+      publish(oDM, 3);
+      cluster_sync();
+      float mu_sum = 0.f, dot_sum = 0.f;
+      for (int peer = 0; peer < kP; ++peer) {
+        mu_sum += cluster_peer(sRed, peer)[0];
+        dot_sum += cluster_peer(sRed, peer)[1];
+      }
+      const float mu_j = mu_sum / static_cast<float>(C), dmu_row = dot_sum / static_cast<float>(C);
+      zero_partials();
+      __syncthreads();
+
+      const T* Wg = sW;
+      const T* Wu = sW + kTE;
+      const T* Wd = sW + 2 * kTE;
+      const T* Pg = sW + 3 * kTE;
+      const T* Pu = sW + 4 * kTE;
+      const T* Pd = sW + 5 * kTE;
+      for (int64_t ti = rank; ti < n_tiles; ti += kP) {
+        const int64_t t0 = ti * kTile;
+        const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+        for (int e = tid; e < kTile * (kD / 8); e += kT) {
+          const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+          const int64_t ct = t0 + t;
+          if (t < nt && ct >= pb) {
+            const int64_t off = chunk_row(ct) * kD + c;
+            *reinterpret_cast<uint4*>(sA + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
+            *reinterpret_cast<uint4*>(sB + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
+          } else {
+            const float* r = pend + ct * pstride;
+#pragma unroll
+            for (int q = 0; q < 8; q += 2) {
+              const bool in = t < nt;
+              store_pair(sA + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
+              store_pair(sB + t * kLd + c + q, in ? r[kD + c + q] : 0.f, in ? r[kD + c + q + 1] : 0.f);
+            }
+          }
+        }
+        for (int e = tid; e < kTile * 4; e += kT) {
+          const int t = e / 4, m = e % 4;
+          const int64_t ct = t0 + t;
+          float r = 0.f;
+          if (t < nt && m < 3) r = ct < pb ? pend[ct * pstride + 2 * kD + m] : to_float(load_tok<T>(p.eta, chunk_row(ct) * 3 + m));
+          sEta[e] = r;
+        }
+        __syncthreads();
+        // Per-token terms (ttt_bwd.cu, update_grad_backward), warp w: tokens [16w, 16w + 16).
+        float sum_g[2] = {0.f, 0.f}, sum_u[2] = {0.f, 0.f}, sum_d[2] = {0.f, 0.f};
+        // Eight hidden units at a time (n8 blocks): the six products' accumulators fit the
+        // registers next to the rest.
+#pragma unroll 1
+        for (int cb = 0; cb < 8; ++cb) {
+          float ga[4] = {}, gb[4] = {}, ge[4] = {}, gs[4] = {}, gu[4] = {}, gg[4] = {};
+#pragma unroll 1
+          for (int kk = 0; kk < 4; ++kk) {
+            uint32_t ak[4], av[4];
+            ldsm_x4(ak, sA + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+            ldsm_x4(av, sB + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+            mma_n8_wt(ga, ak, Wg, cb * 8, kk, lane);  // a = K Wg^T
+            mma_n8_wt(gb, ak, Wu, cb * 8, kk, lane);  // b = K Wu^T
+            mma_n8_w(ge, av, Wd, cb * 8, kk, lane);   // e = V Wd
+            mma_n8_w(gs, av, Pd, cb * 8, kk, lane);   // -ps = V Pd
+            mma_n8_wt(gu, ak, Pu, cb * 8, kk, lane);  // -pu = K Pu^T
+            mma_n8_wt(gg, ak, Pg, cb * 8, kk, lane);  // -pg = K Pg^T
+          }
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int t = row0 + g + 8 * half, c = cb * 8 + c2;
+            const float eg = sEta[t * 4 + 0], eu = sEta[t * 4 + 1], ed = sEta[t * 4 + 2];
+            float f[6][2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int k = 2 * half + q;
+              const float x = ga[k], y = gb[k], z = ge[k];
+              const float sg = tc_sigmoid(x), om = 1.f - sg;
+              const float silu = x * sg, d1 = sg * (1.f + x * om), d2 = sg * om * (2.f + x * (1.f - 2.f * sg));
+              const float s = silu * y, xu = z * silu, xg = z * y * d1;
+              const float ps = -gs[k], pu = -gu[k], pg = -gg[k];
+              const float rd = ps * ed, ru = pu * eu, rg = pg * eg;
+              sum_g[half] += pg * xg;
+              sum_u[half] += pu * xu;
+              sum_d[half] += ps * s;
+              f[0][q] = -(rd * y * d1 + ru * z * d1 + rg * z * y * d2);  // da
+              f[1][q] = -(rd * silu + rg * z * d1);                      // db
+              f[2][q] = -(ru * silu + rg * y * d1);                      // de
+              f[3][q] = s * ed;                                          // eta_d s
+              f[4][q] = xu * eu;                                         // eta_u x_u
+              f[5][q] = xg * eg;                                         // eta_g x_g
+            }
+#pragma unroll
+            for (int m = 0; m < 6; ++m) store_pair(sF + m * kTE + t * kLd + c, f[m][0], f[m][1]);
+          }
+        }
+        // Rate gradients (row sums over the quad's lanes), the momentum gradient.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int off = 1; off < 4; off <<= 1) {
+            sum_g[half] += __shfl_xor_sync(0xffffffffu, sum_g[half], off);
+            sum_u[half] += __shfl_xor_sync(0xffffffffu, sum_u[half], off);
+            sum_d[half] += __shfl_xor_sync(0xffffffffu, sum_d[half], off);
+          }
+          const int t = row0 + g + 8 * half;
+          const int64_t ct = t0 + t;
+          if (lane % 4 == 0 && t < nt) {
+            float* dst = ct < pb ? dpend + ct * pstride + 2 * kD : p.deta + chunk_row(ct) * 3;
+            dst[0] = -sum_g[half];
+            dst[1] = -sum_u[half];
+            dst[2] = -sum_d[half];
+            if (ct < pb) dst[3] = dmu_row;
+            else p.dmu[chunk_row(ct)] = dmu_row;
+          }
+        }
+        __syncwarp();  // the warp's factor rows are in shared memory
+        // dk = da Wg + db Wu + (eta_u x_u) Pu + (eta_g x_g) Pg; dv = de Wd^T + (eta_d s) Pd^T.
+#pragma unroll 1
+        for (int db = 0; db < 4; ++db) {
+          float ak[2][4] = {}, av[2][4] = {};
+#pragma unroll 1
+          for (int kk = 0; kk < 4; ++kk) {
+            uint32_t a[4];
+            const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
+            ldsm_x4(a, sF + aoff);
+            mma_step_w(ak, a, Wg, db * 16, kk, lane);
+            ldsm_x4(a, sF + kTE + aoff);
+            mma_step_w(ak, a, Wu, db * 16, kk, lane);
+            ldsm_x4(a, sF + 4 * kTE + aoff);
+            mma_step_w(ak, a, Pu, db * 16, kk, lane);
+            ldsm_x4(a, sF + 5 * kTE + aoff);
+            mma_step_w(ak, a, Pg, db * 16, kk, lane);
+            ldsm_x4(a, sF + 2 * kTE + aoff);
+            mma_step_wt(av, a, Wd, db * 16, kk, lane);
+            ldsm_x4(a, sF + 3 * kTE + aoff);
+            mma_step_wt(av, a, Pd, db * 16, kk, lane);
+          }
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+              const int64_t ct = t0 + t;
+              if (t >= nt) continue;
+              float* dk = ct < pb ? dpend + ct * pstride + c : p.dk + chunk_row(ct) * kD + c;
+              float* dv = ct < pb ? dpend + ct * pstride + kD + c : p.dv + chunk_row(ct) * kD + c;
+              dk[0] = ak[j][2 * half];
+              dk[1] = ak[j][2 * half + 1];
+              dv[0] = av[j][2 * half];
+              dv[1] = av[j][2 * half + 1];
+            }
+          }
+        }
+        __syncthreads();  // every warp's factor rows are in shared memory
+        add_partial(0, sF, sA);            // dWg += da^T K
+        add_partial(1, sF + kTE, sA);      // dWu += db^T K
+        add_partial(2, sB, sF + 2 * kTE);  // dWd += V^T de
+        __syncthreads();  // sA, sB, sF, sEta are reused
+      }
+      cluster_sync();
+      reduce_partials();
+      if (!p.lact_order) own_row_normalize_backward(oW, oDW);
+      __syncthreads();
+      for (int e = tid; e < kOE; e += kT) oDM[e] *= mu_j;
+    } else {  // the trailing partial chunk only lands in the state: its gradient is grad_pending's
+      for (int64_t ti = rank; ti * kTile < pb + seg; ti += kP) {
+        const int64_t a = ti * kTile, b = (ti + 1) * kTile < pb + seg ? (ti + 1) * kTile : pb + seg;
+        for (int64_t e = tid; e < (b - a) * PW; e += kT) {
+          const int64_t t = a + e / PW;
+          const int c = static_cast<int>(e % PW);
+          const float x = gpend[t * pstride + c];
+          if (t < pb) {
+            dpend[t * pstride + c] = x;
+            continue;
+          }
+          const int64_t row = tok(first + t - pb);
+          if (c < kD) {
+            p.dk[row * kD + c] = x;
+          } else if (c < 2 * kD) {
+            p.dv[row * kD + c - kD] = x;
+          } else if (c < 2 * kD + 3) {
+            p.deta[row * 3 + c - 2 * kD] = x;
+          } else {
+            p.dmu[row] = x;
+          }
+        }
+      }
+    }
+
+    // Read backward: g = dO Wd, da = g b silu'(a), db = g silu(a), s = silu(a) b;
+    // dWd += dO^T s, dWg += da^T Q, dWu += db^T Q, dq = da Wg + db Wu [+ dO].
+    __syncthreads();
+    publish(oW, 0);
+    cluster_sync();
+    zero_partials();
+    __syncthreads();
+    for (int64_t ti = rank; ti * kTile < seg; ti += kP) {
+      const int64_t t0 = ti * kTile;
+      const int nt = static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile);
+      load_tokens(p.q, p.grad_o, first, t0, nt);
+      __syncthreads();
+#pragma unroll 1
+      for (int hb = 0; hb < 4; ++hb) {
+        float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
+#pragma unroll 1
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t aq[4], ao[4];
+          ldsm_x4(aq, sA + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+          ldsm_x4(ao, sB + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+          mma_step_wt(ga, aq, sW, hb * 16, kk, lane);
+          mma_step_wt(gb, aq, sW + kTE, hb * 16, kk, lane);
+          mma_step_w(ge, ao, sW + 2 * kTE, hb * 16, kk, lane);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int t = row0 + g + 8 * half, c = hb * 16 + j * 8 + c2;
+            float f[3][2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int k = 2 * half + q;
+              const float x = ga[j][k], y = gb[j][k], gr = ge[j][k];
+              const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
+              f[0][q] = gr * y * d1;  // da
+              f[1][q] = gr * silu;    // db
+              f[2][q] = silu * y;     // s
+            }
+#pragma unroll
+            for (int m = 0; m < 3; ++m) store_pair(sF + m * kTE + t * kLd + c, f[m][0], f[m][1]);
+          }
+        }
+      }
+      __syncwarp();
+#pragma unroll 1
+      for (int db = 0; db < 4; ++db) {
+        float aq[2][4] = {};
+#pragma unroll 1
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t a[4];
+          const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
+          ldsm_x4(a, sF + aoff);
+          mma_step_w(aq, a, sW, db * 16, kk, lane);
+          ldsm_x4(a, sF + kTE + aoff);
+          mma_step_w(aq, a, sW + kTE, db * 16, kk, lane);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+            if (t >= nt) continue;
+            float d0 = aq[j][2 * half], d1 = aq[j][2 * half + 1];
+            if (p.residual) {
+              d0 += to_float(sB[t * kLd + c]);
+              d1 += to_float(sB[t * kLd + c + 1]);
+            }
+            float* dq = p.dq + tok(first + t0 + t) * kD + c;
+            dq[0] = d0;
+            dq[1] = d1;
+          }
+        }
+      }
+      __syncthreads();
+      add_partial(0, sF, sA);            // dWg += da^T Q
+      add_partial(1, sF + kTE, sA);      // dWu += db^T Q
+      add_partial(2, sB, sF + 2 * kTE);  // dWd += dO^T s
+      __syncthreads();
+    }
+    cluster_sync();
+    reduce_partials();
+  }
+
+  {
+    float* dst = p.d_fast + (n * H + hh) * 6 * HD;
+    for (int e = tid; e < kOE; e += kT) {
+      dst[full_off(e)] = oDW[e];
+      dst[3 * HD + full_off(e)] = oDM[e];
+    }
+    for (int r = tid; r < 3 * kOwn; r += kT) {
+      p.d_targets[(n * H + hh) * (3 * kD) + (r / kOwn) * kD + own0 + r % kOwn] = sDTarget[r];
+    }
+  }
+  // No CTA may exit while a peer can still read its shared memory (the last reduction).
+  cluster_sync();
+#endif
+}
+
+}  // namespace allmem::ttt::cuda::tc
