@@ -26,16 +26,17 @@ constexpr int64_t kMaxSeqlen = INT_MAX / 4;  // band arithmetic runs in int (i +
 constexpr int kKeyBlockRows = kBwdKeyBlockRows;
 constexpr double kLog2eD = 1.4426950408889634;
 
-// ALLMEM_SWA_SM90 selects the forward kernel on sm_90 devices: unset/"1" (default since it passed
-// its GPU tests, bench/results/gpu_2026-11-26b_h200) the Hopper kernel (swa_fwd_sm90.cu) when it can
-// run this problem, else the portable one; "0" always the portable kernel; "require" the Hopper
-// kernel or an error (tests).
+// ALLMEM_SWA_SM90 selects the forward kernel on sm_90 devices: "1" the Hopper kernel
+// (swa_fwd_sm90.cu) when it can run this problem, else the portable one; unset/"0" the portable
+// kernel; "require" the Hopper kernel or an error (tests). Opt-in: it passed its GPU tests
+// (bench/results/gpu_2026-11-26b_h200), but one run of tests/test_swa.py under it failed once
+// (fp16, random seed not captured) and did not reproduce in 8 reruns: off by default until that
+// is understood.
 // Read at every call (one getenv), so a process can switch it at run time.
 enum class Sm90Mode { kOff, kOn, kRequire };
 Sm90Mode sm90_mode() {
   const char* v = std::getenv("ALLMEM_SWA_SM90");
-  if (v == nullptr || v[0] == '\0') return Sm90Mode::kOn;
-  if (std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
   return std::strcmp(v, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOn;
 }
 
