@@ -32,9 +32,11 @@ Floor (per token and head, d = head size, h = hidden width of the fast-weight ML
   FLOPs are lower), only as a scale.
 Targets (issue 6), at B=1, L=128k, H=8, d=h=64: forward >= 5x ref_comp and <= 3x the floor;
 forward+backward >= 3x ref_comp (the table's target column shows the speedup ones at every case).
-A correctness spot check runs first: allmem (bf16) against the float64 reference on the same
-values, next to what the reference gets in bf16, forward and every gradient; and ref_comp's loop
-against ttt_memory_chunked.
+A correctness spot check runs first: allmem (bf16, default kernels) against the float64 reference
+on the same values, next to what the reference gets with bf16 inputs in float32 arithmetic
+(ref_bf16) and under bf16 autocast (ref_autocast, LaCT's setting), forward and every gradient: ok
+when every error is within 2x ref_autocast's (ok_vs_float32_ref: within 4x ref_bf16's + 1e-3);
+and ref_comp's loop against ttt_memory_chunked.
 
 Each stage is isolated: a failure is recorded in the JSON and the run goes on; stages past
 --budget-s are recorded as skipped. Results are written after every stage to --out, a table last.
@@ -438,17 +440,24 @@ def correctness(rec: Recorder, d: int, H: int, C: int, L: int, B: int = 2) -> No
         return [o, *grads]
 
     want = outs(eager_impl, [t.double() for t in ins], do.double())
-    ours = outs(allmem_impl, ins, do)
-    ref = outs(eager_impl, ins, do)
+    ours = outs(allmem_impl, ins, do)  # the default kernels (tensor-core ones where they apply)
+    ref = outs(eager_impl, ins, do)  # bf16 inputs, float32 arithmetic
+    with torch.autocast(dev, dtype=DTYPE):  # bf16 matmul operands: how LaCT runs it
+        ref_ac = outs(eager_impl, ins, do)
     row = {"d": d, "H": H, "B": B, "L": L, "C": C}
-    worst = 0.0
-    for name, a, r, w in zip(names, ours, ref, want):
-        ea, er = rel_err(a, w), rel_err(r, w)
-        row[name] = {"allmem": ea, "ref_bf16": er}
-        worst = max(worst, ea / (4 * er + 1e-3))
+    worst = worst_f32 = 0.0
+    for name, a, r, ra, w in zip(names, ours, ref, ref_ac, want):
+        ea, er, era = rel_err(a, w), rel_err(r, w), rel_err(ra, w)
+        row[name] = {"allmem": ea, "ref_bf16": er, "ref_autocast": era}
+        worst = max(worst, ea / (2 * era + 1e-6))
+        worst_f32 = max(worst_f32, ea / (4 * er + 1e-3))
+    # ok: every error within 2x the autocast reference's (the bound of tests/test_ttt_tc_gpu.py);
+    # ok_vs_float32_ref: within 4x + 1e-3 of the float32-arithmetic reference's, which only
+    # kernels with float32 matmul operands (the SIMT ones, ALLMEM_TTT_TC=0) can meet.
     row["ok"] = worst <= 1.0
-    print(f"[bench]   correctness d={d}: ok={row['ok']} o allmem {row['o']['allmem']:.2e} "
-          f"ref_bf16 {row['o']['ref_bf16']:.2e}", flush=True)
+    row["ok_vs_float32_ref"] = worst_f32 <= 1.0
+    print(f"[bench]   correctness d={d}: ok={row['ok']} (vs the float32 reference: {row['ok_vs_float32_ref']}) "
+          f"o allmem {row['o']['allmem']:.2e} ref_bf16 {row['o']['ref_bf16']:.2e}", flush=True)
     rec.data["correctness"].append(row)
 
 
@@ -510,11 +519,15 @@ def print_table(data: dict, brief: bool = False) -> None:
     fla = data.get("fla") or {}
     print(f"FLA: {' '.join(str(fla[k]) for k in ('version', 'error', 'note') if k in fla) or 'not tried'}")
     for c in data.get("correctness", []):
-        errs = " ".join(f"{k} {c[k]['allmem']:.1e}/{c[k]['ref_bf16']:.1e}" for k in
+        ac = all("ref_autocast" in c[k] for k in ("o",) if k in c)
+        errs = " ".join(f"{k} {c[k]['allmem']:.1e}/{c[k]['ref_bf16']:.1e}"
+                        + (f"/{c[k]['ref_autocast']:.1e}" if ac else "") for k in
                         (("o", "dq", "dk", "dv") if brief else
                          ("o", "dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down")) if k in c)
+        what = "allmem/ref_bf16/ref_autocast" if ac else "allmem/ref_bf16"
+        f32 = f", vs ref_bf16 {'OK' if c['ok_vs_float32_ref'] else 'over'}" if "ok_vs_float32_ref" in c else ""
         print(f"correctness d={c['d']} H={c['H']} B={c['B']} L={c['L']} C={c['C']} "
-              f"(rel. error vs float64, allmem/ref_bf16): {'OK' if c['ok'] else 'BAD'}: {errs}")
+              f"(rel. error vs float64, {what}): {'OK' if c['ok'] else 'BAD'}{f32}: {errs}")
     for c in data.get("ref_comp_check", []):
         print(f"ref_comp vs ref_eager d={c['d']} B={c['B']} L={c['L']}: rel. error {c['ref_comp_vs_ref_eager']:.1e}")
     rows = data["results"]
