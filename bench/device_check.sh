@@ -271,6 +271,11 @@ EOF
     run_stage "sanitize-ttt-tc-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
       --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
   done
+  # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel read, ttt_read_tc.cuh).
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-ttt-split-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
+      "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
+  done
 fi
 
 # ---- summary, table last ----
@@ -321,6 +326,6 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 echo "== stages"
 for s in build tests tests-build tests-ttt tests-ttt-tc tests-errors bench bench-ttt sanitize-memcheck sanitize-racecheck \
   sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck \
-  sanitize-ttt-tc-synccheck tests-tc sweep; do
+  sanitize-ttt-tc-synccheck sanitize-ttt-split-memcheck sanitize-ttt-split-racecheck tests-tc sweep; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

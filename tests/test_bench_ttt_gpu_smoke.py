@@ -36,11 +36,13 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     # FLA is never timed on the CPU: recorded as skipped, with the reason.
     fla = [r for r in data["results"] if r["impl"] == "fla_gdn"]
     assert len(fla) == cases and all("skipped" in r for r in fla)
-    # The tensor-core forward needs sm_90: recorded as skipped in the smoke run.
-    tc = [r for r in data["results"] if r["impl"] == "allmem_tc"]
-    assert len(tc) == cases and all("skipped" in r for r in tc)
+    # The tensor-core kernels need sm_90: recorded as skipped in the smoke run.
+    for impl in ("allmem_tc", "allmem_tc_split"):
+        tc = [r for r in data["results"] if r["impl"] == impl]
+        assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
-    assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ("allmem", "allmem_tc") for n in names]
+    assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ("allmem", "allmem_tc", "allmem_tc_split")
+                                                      for n in names]
     assert all(t["value"] is not None for t in data["targets"] if t["target"].startswith("allmem "))
     table = subprocess.run([sys.executable, BENCH, "--table", str(out)], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "TTT memory benchmark" in table.stdout and "target" in table.stdout

@@ -253,3 +253,17 @@ def test_tc_backward_matches_float64(tc, case):
     assert any(not torch.equal(a, s) for a, s in zip(got, simt)), "ALLMEM_TTT_TC did not change the backward kernel"
     for name, a, s in zip(names, got, simt):
         assert rel_err(a, s) < 4 * u, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_split_forward_is_bitwise_the_fused_one(tc, monkeypatch, case):
+    """ALLMEM_TTT_TC_SPLIT=1 (csrc/ttt/ttt_read_tc.cuh): the cluster kernel runs only the updates,
+    then one CTA per (segment, head) reads from the checkpoints. Every output bit for bit the fused
+    kernel's (tests/test_ttt_tc_emu.py checks the same on the CPU emulation)."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    _, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
+    fused = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    split = fwd(dev, C, lact, res)
+    for a, b in zip(split, fused):
+        assert torch.equal(a, b)

@@ -76,6 +76,32 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
   return true;
 }
 
+// Split mode of the tensor-core forward (ttt_read_tc.cuh): opt-in ALLMEM_TTT_TC_SPLIT=1 until it
+// has passed on a GPU.
+bool use_split_read() {
+  const char* env = std::getenv("ALLMEM_TTT_TC_SPLIT");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// The read work of split mode, on the device: (first token, length, checkpoint slot) of every
+// non-empty segment, in the kernels' walk order (each segment fills the current chunk).
+at::Tensor read_work(const Layout& lay, const at::Device& device) {
+  std::vector<int64_t> work;
+  for (int64_t n = 0; n < lay.N; ++n) {
+    int64_t fill = lay.p0[n], pos = 0, slot = lay.slot[n];
+    while (true) {
+      const int64_t seg = std::min(lay.len[n] - pos, lay.C - fill);
+      if (seg > 0) work.insert(work.end(), {lay.start[n] + pos, seg, slot});
+      ++slot;
+      fill += seg;
+      pos += seg;
+      if (fill < lay.C) break;
+      fill = 0;
+    }
+  }
+  return at::tensor(work, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
 // Per sequence, on the device: first packed token, length, initial pending length, first slot.
 at::Tensor seq_table(const Layout& lay, const at::Device& device) {
   std::vector<int64_t> seq;
@@ -133,7 +159,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.lact_order = lact_order;
     p.residual = residual;
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc})) {
+      p.skip_read = use_split_read();
       launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
+      if (p.skip_read) {
+        auto work = read_work(lay, q.device());
+        ReadParams r{};
+        r.q = qc.data_ptr();
+        r.o = o.data_ptr();
+        r.dtype = dt;
+        r.ckpt = ckpt.data_ptr<float>();
+        r.work = work.data_ptr<int64_t>();
+        r.n_work = work.numel() / 3;
+        r.heads = lay.H;
+        r.residual = residual;
+        launch_ttt_read_tc(r, at::cuda::getCurrentCUDAStream());
+      }
     } else {
       launch_ttt_fwd(p, static_cast<int>(lay.d), static_cast<int>(lay.h), at::cuda::getCurrentCUDAStream());
     }

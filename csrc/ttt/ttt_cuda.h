@@ -35,6 +35,21 @@ struct FwdParams {
   int64_t chunk;
   bool lact_order;
   bool residual;
+  bool skip_read;  // tensor-core forward only: o is left to launch_ttt_read_tc (split mode)
+};
+
+// The chunk-parallel read of the split tensor-core forward: work item i is the token range
+// [work[3i], work[3i] + work[3i+1]) of one segment, read with the weights of checkpoint slot
+// work[3i+2] (for every head).
+struct ReadParams {
+  const void* q;  // [T, H, d]
+  void* o;
+  InDType dtype;
+  const float* ckpt;   // [slots, H, 6, h*d]
+  const int64_t* work;  // [n_work, 3] on the device
+  int64_t n_work;
+  int64_t heads;
+  bool residual;
 };
 
 // One backward launch (the CPU op's ttt_memory_bwd): walks each (sequence, head) in reverse from
@@ -79,6 +94,10 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
 bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major);
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
+// Split mode (opt-in ALLMEM_TTT_TC_SPLIT=1): the cluster forward with p.skip_read runs only the
+// sequential updates and writes the checkpoints; then every segment's read runs in parallel from
+// them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.
+void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);

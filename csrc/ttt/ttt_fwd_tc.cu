@@ -1,10 +1,12 @@
-// Launch code of the tensor-core TTT forward (the kernel and its design: ttt_fwd_tc.cuh). Built
+// Launch code of the tensor-core TTT forward (the kernel and its design: ttt_fwd_tc.cuh) and of
+// the chunk-parallel read of its split mode (ttt_read_tc.cuh). Built
 // for every CUDA arch; the kernel body exists only for sm_90+ (thread block clusters), so the
 // dispatcher (ttt_api_cuda.cpp) takes this path only on such devices.
 #include <c10/cuda/CUDAException.h>
 
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_read_tc.cuh"
 
 namespace allmem::ttt::cuda {
 namespace {
@@ -29,7 +31,24 @@ void launch_tc(const FwdParams& p, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
+template <typename T>
+void launch_read(const ReadParams& p, cudaStream_t stream) {
+  using Tr = tc::ReadTcTraits;
+  auto kernel = tc::ttt_read_tc_kernel<T>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>(p.n_work), static_cast<unsigned>(p.heads));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
+  if (p.n_work == 0 || p.heads == 0) return;
+  if (p.dtype == InDType::kBFloat16) return launch_read<__nv_bfloat16>(p, stream);
+  if (p.dtype == InDType::kFloat16) return launch_read<__half>(p, stream);
+  TORCH_CHECK(false, "allmem: launch_ttt_read_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
 
 bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major) {
   return d == tc::FwdTcTraits::kD && h == tc::FwdTcTraits::kD && device_major >= 9 &&

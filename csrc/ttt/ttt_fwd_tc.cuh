@@ -138,6 +138,65 @@ __device__ __forceinline__ T load_tok(const void* p, int64_t i) {
   return static_cast<const T*>(p)[i];
 }
 
+// Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * 64): o = Wd (silu(Wg q)
+// * (Wu q)) [+ q] with the 16-bit weights sW ([3][64][kLd]: gate, up, down) of the CTA's shared
+// memory; sQ is a [64][kLd] staging tile. Every thread of the CTA (4 warps) calls it.
+template <typename T>
+__device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool residual, int64_t H, int64_t hh,
+                                             int64_t first, int nt, T* sQ, const T* sW) {
+  constexpr int kD = FwdTcTraits::kD, kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
+  constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  auto tok = [&](int64_t token) { return token * H + hh; };
+  for (int e = tid; e < kTile * (kD / 8); e += kT) {
+    const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+    uint4 x = make_uint4(0u, 0u, 0u, 0u);
+    if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + tok(first + t) * kD + c);
+    *reinterpret_cast<uint4*>(sQ + t * kLd + c) = x;
+  }
+  __syncthreads();
+  const int row0 = warp * 16;
+  uint32_t aq[4][4];
+  load_a_rows(aq, sQ, row0, lane);
+  uint32_t sf[4][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
+#pragma unroll
+  for (int hb = 0; hb < 4; ++hb) {
+    float ga[2][4] = {}, gb[2][4] = {};
+    mma_a_wt(ga, aq, sW, hb * 16, lane);
+    mma_a_wt(gb, aq, sW + kTE, hb * 16, lane);
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = ga[j][e] * tc_sigmoid(ga[j][e]) * gb[j][e];
+    sf[hb][0] = pack2<T>(s[0][0], s[0][1]);
+    sf[hb][1] = pack2<T>(s[0][2], s[0][3]);
+    sf[hb][2] = pack2<T>(s[1][0], s[1][1]);
+    sf[hb][3] = pack2<T>(s[1][2], s[1][3]);
+  }
+  const int g = lane / 4, c2 = 2 * (lane % 4);
+#pragma unroll
+  for (int db = 0; db < 4; ++db) {
+    float o[2][4] = {};
+    mma_a_wt(o, sf, sW + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+        if (t >= nt) continue;
+        float o0 = o[j][2 * half], o1 = o[j][2 * half + 1];
+        if (residual) {
+          o0 += to_float(sQ[t * kLd + c]);
+          o1 += to_float(sQ[t * kLd + c + 1]);
+        }
+        store_pair(static_cast<T*>(out) + tok(first + t) * kD + c, o0, o1);
+      }
+    }
+  }
+  __syncthreads();  // sQ is reused
+}
+
 template <typename T>
 __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -254,53 +313,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
 
   // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
   auto read_tile = [&](int64_t first, int64_t t0, int nt) {
-    for (int e = tid; e < kTile * (kD / 8); e += kT) {
-      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + tok(first + t0 + t) * kD + c);
-      *reinterpret_cast<uint4*>(sK + t * kLd + c) = x;
-    }
-    __syncthreads();
-    const int row0 = warp * 16;
-    uint32_t aq[4][4];
-    load_a_rows(aq, sK, row0, lane);
-    uint32_t sf[4][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
-#pragma unroll
-    for (int hb = 0; hb < 4; ++hb) {
-      float ga[2][4] = {}, gb[2][4] = {};
-      mma_a_wt(ga, aq, sWr, hb * 16, lane);
-      mma_a_wt(gb, aq, sWr + kTE, hb * 16, lane);
-      float s[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = ga[j][e] * tc_sigmoid(ga[j][e]) * gb[j][e];
-      sf[hb][0] = pack2<T>(s[0][0], s[0][1]);
-      sf[hb][1] = pack2<T>(s[0][2], s[0][3]);
-      sf[hb][2] = pack2<T>(s[1][0], s[1][1]);
-      sf[hb][3] = pack2<T>(s[1][2], s[1][3]);
-    }
-    const int g = lane / 4, c2 = 2 * (lane % 4);
-#pragma unroll
-    for (int db = 0; db < 4; ++db) {
-      float o[2][4] = {};
-      mma_a_wt(o, sf, sWr + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
-          if (t >= nt) continue;
-          float o0 = o[j][2 * half], o1 = o[j][2 * half + 1];
-          if (p.residual) {
-            o0 += to_float(sK[t * kLd + c]);
-            o1 += to_float(sK[t * kLd + c + 1]);
-          }
-          store_pair(static_cast<T*>(p.o) + tok(first + t0 + t) * kD + c, o0, o1);
-        }
-      }
-    }
-    __syncthreads();  // sK is reused
+    read_tile_tc<T>(p.q, p.o, p.residual, H, hh, first + t0, nt, sK, sWr);
   };
 
   // The update of one complete chunk: rows come from this call's tokens (direct) or the buffer.
@@ -462,7 +475,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     const int64_t first = start + pos;
     write_state(p.ckpt + (slot * H + hh) * 6 * HD);
     ++slot;
-    for (int64_t ti = rank; ti * kTile < seg; ti += kP) {
+    for (int64_t ti = rank; !p.skip_read && ti * kTile < seg; ti += kP) {
       const int64_t t0 = ti * kTile;
       read_tile(first, t0, static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile));
     }

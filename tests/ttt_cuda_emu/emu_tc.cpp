@@ -1,50 +1,94 @@
 // Runs the kernels of csrc/ttt/ttt_fwd_tc.cuh and ttt_bwd_tc.cuh on the CPU
 // (tests/test_ttt_tc_emu.py): one cluster of kP CTAs x 128 std::threads per (sequence, head),
 // shared memory starting as NaN bytes.
+#include <algorithm>
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "ttt/ttt_bwd_tc.cuh"
 #include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_read_tc.cuh"
 
 using namespace allmem::ttt::cuda;
 
-template <typename Tr, typename Params, typename Kernel>
-void run_clusters(const Params& p, Kernel kernel) {
-  constexpr int kP = Tr::kP;
-  std::vector<std::vector<unsigned char>> smem(kP, std::vector<unsigned char>(Tr::kSmemBytes));
-  for (int64_t job = 0; job < p.n_seqs * p.heads; ++job) {
+// Runs n_jobs clusters of kP CTAs x kThreads one after another; set_block(job, rank) sets
+// blockIdx for the CTA of that rank, body() is the kernel call.
+template <typename SetBlock, typename Body>
+void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, SetBlock set_block, Body body) {
+  std::vector<std::vector<unsigned char>> smem(kP, std::vector<unsigned char>(smem_bytes));
+  for (int64_t job = 0; job < n_jobs; ++job) {
     auto cl = std::make_unique<emu::Cluster>();
-    std::barrier<> cluster_bar(kP * Tr::kThreads);
+    std::barrier<> cluster_bar(kP * kThreads);
     std::vector<std::unique_ptr<std::barrier<>>> bars;
     cl->cluster_bar = &cluster_bar;
     for (int r = 0; r < kP; ++r) {
       std::memset(smem[r].data(), 0xff, smem[r].size());  // garbage: NaN floats, NaN 16-bit values
       cl->smem[r] = smem[r].data();
-      bars.emplace_back(new std::barrier<>(Tr::kThreads));
+      bars.emplace_back(new std::barrier<>(kThreads));
       cl->cta_bar[r] = bars.back().get();
-      for (int w = 0; w < Tr::kWarps; ++w) {
+      for (int w = 0; w < kWarps; ++w) {
         bars.emplace_back(new std::barrier<>(32));
         cl->warp_bar[r * emu::kWarpsPerCta + w] = bars.back().get();
       }
     }
     std::vector<std::thread> threads;
     for (int r = 0; r < kP; ++r) {
-      for (int t = 0; t < Tr::kThreads; ++t) {
+      for (int t = 0; t < kThreads; ++t) {
         threads.emplace_back([&, r, t] {
           threadIdx.x = t;
-          blockIdx.x = static_cast<unsigned>(job * kP + r);
+          set_block(job, r);
           emu::g_ctx.cl = cl.get();
           emu::g_ctx.cta = r;
           emu::g_ctx.cluster_bar = &cluster_bar;
           emu::g_ctx.smem = cl->smem;
-          kernel(p);
+          body();
         });
       }
     }
     for (auto& th : threads) th.join();
   }
+}
+
+// One cluster of kP CTAs per (sequence, head), as launch_tc launches them.
+template <typename Tr, typename Params, typename Kernel>
+void run_clusters(const Params& p, Kernel kernel) {
+  run_jobs(
+      Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, p.n_seqs * p.heads,
+      [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); }, [&] { kernel(p); });
+}
+
+// The split forward: the cluster kernel without the reads, then the read kernel on a grid of
+// (segment, head) CTAs, with the work list ttt_api_cuda.cpp read_work builds.
+template <typename T>
+void run_split(FwdParams p) {
+  p.skip_read = true;
+  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+  const int64_t N = p.n_seqs, C = p.chunk;
+  std::vector<int64_t> work;
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t fill = p.seq[2 * N + n], pos = 0, slot = p.seq[3 * N + n];
+    const int64_t start = p.seq[n], len = p.seq[N + n];
+    while (true) {
+      const int64_t seg = std::min(len - pos, C - fill);
+      if (seg > 0) work.insert(work.end(), {start + pos, seg, slot});
+      ++slot;
+      fill += seg;
+      pos += seg;
+      if (fill < C) break;
+      fill = 0;
+    }
+  }
+  ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual};
+  const int64_t n_work = r.n_work, H = p.heads;
+  using Tr = tc::ReadTcTraits;
+  run_jobs(
+      1, Tr::kThreads, tc::FwdTcTraits::kWarps, Tr::kSmemBytes, n_work * H,
+      [n_work](int64_t job, int) {
+        blockIdx.x = static_cast<unsigned>(job % n_work);
+        blockIdx.y = static_cast<unsigned>(job / n_work);
+      },
+      [&] { tc::ttt_read_tc_kernel<T>(r); });
 }
 
 // Same signature as emu.cpp's emu_fwd (tests/test_ttt_cuda_emu.py emulated_fwd drives both).
@@ -57,6 +101,18 @@ extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void*
               fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
   if (dt == 1) run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__nv_bfloat16>);
   else run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__half>);
+}
+
+// The same with the split forward (ALLMEM_TTT_TC_SPLIT=1 on a GPU).
+extern "C" void emu_fwd_split(const void* q, const void* k, const void* v, const void* eta, const void* mu, void* o,
+                              int dt, const float* wg, const float* wu, const float* wd, const float* fast_in,
+                              const float* pend_in, float* fast_out, float* pend_out, float* ckpt, const int64_t* seq,
+                              int64_t N, int64_t H, int64_t C, int lact, int residual, int d, int h) {
+  if (d != 64 || h != 64 || (dt != 1 && dt != 2)) return;
+  FwdParams p{q,        k,        v,    eta, mu, o, InDType(dt), wg, wu, wd, fast_in, pend_in,
+              fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
+  if (dt == 1) run_split<__nv_bfloat16>(p);
+  else run_split<__half>(p);
 }
 
 // Same signature as emu.cpp's emu_bwd (tests/test_ttt_cuda_emu.py emulated_bwd drives both).

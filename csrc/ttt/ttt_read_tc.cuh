@@ -1,0 +1,50 @@
+// The chunk-parallel read of the split tensor-core forward (d = h = 64, bf16/fp16): once the
+// cluster forward (ttt_fwd_tc.cuh with skip_read) has written the state at every segment start,
+// the reads of all segments are independent. One CTA of 4 warps per (segment, head) converts the
+// segment's weights from the float32 checkpoint to 16-bit operands (the same rounding as the fused
+// kernel's) and reads the segment's tokens 64 at a time with the fused kernel's read_tile_tc, so
+// o is bitwise the fused kernel's. Not a cluster kernel: any sm_80+ device could run it.
+#pragma once
+#include <cstdint>
+
+#include "ttt/ttt_cuda.h"
+#include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_tc_ops.cuh"
+
+namespace allmem::ttt::cuda::tc {
+
+struct ReadTcTraits {
+  static constexpr int kThreads = FwdTcTraits::kThreads;
+  static constexpr int kTileElems = FwdTcTraits::kTileElems;
+  static constexpr int kOffW = 0;                       // [3][64][kLd] gate, up, down
+  static constexpr int kOffQ = 3 * kTileElems * 2;      // [64][kLd] q tile
+  static constexpr int kSmemBytes = kOffQ + kTileElems * 2;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(ReadTcTraits::kThreads) ttt_read_tc_kernel(const ReadParams p) {
+  constexpr int kD = FwdTcTraits::kD, kT = ReadTcTraits::kThreads, kTile = FwdTcTraits::kTile;
+  constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
+  constexpr int64_t HD = FwdTcTraits::kMat;
+  unsigned char* smem = dynamic_smem();
+  T* sW = reinterpret_cast<T*>(smem + ReadTcTraits::kOffW);
+  T* sQ = reinterpret_cast<T*>(smem + ReadTcTraits::kOffQ);
+  const int64_t item = blockIdx.x, hh = blockIdx.y, H = p.heads;
+  const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
+  const float* w = p.ckpt + (slot * H + hh) * 6 * HD;  // gate, up, down (then the momenta)
+  for (int e = threadIdx.x; e < 3 * kD * (kD / 4); e += kT) {
+    const int m = e / (kD * (kD / 4)), r = (e / (kD / 4)) % kD, c = (e % (kD / 4)) * 4;
+    const float4 x = *reinterpret_cast<const float4*>(w + m * HD + r * kD + c);
+    uint2 v;
+    v.x = pack2<T>(x.x, x.y);
+    v.y = pack2<T>(x.z, x.w);
+    *reinterpret_cast<uint2*>(sW + m * kTE + r * kLd + c) = v;
+  }
+  __syncthreads();
+  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+    read_tile_tc<T>(p.q, p.o, p.residual, H, hh, first + t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile),
+                    sQ, sW);
+  }
+}
+
+}  // namespace allmem::ttt::cuda::tc
