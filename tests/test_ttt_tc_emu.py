@@ -30,7 +30,8 @@ from test_ttt_cuda_emu import emulated_fwd, packed_state, seq_table
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU = os.path.join(HERE, "ttt_cuda_emu")
 CSRC = os.path.join(HERE, "..", "csrc")
-SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_bwd_tc.cuh", "ttt_read_tc.cuh", "ttt_cuda.h")] + [
+SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_bwd_tc.cuh", "ttt_read_tc.cuh",
+                                                  "ttt_cuda.h")] + [
     os.path.join(EMU, f) for f in ("emu_tc.cpp", "shim_tc.h", os.path.join("tc", "ttt", "ttt_tc_ops.cuh"))
 ]
 CXX = shutil.which("g++")
@@ -75,16 +76,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tc_kernel_matches_float64_op(emu_tc, case):
+def case_inputs(case):
+    """A CASES row as the op's inputs (d = h = 64; rates up to 0.1, as in tests/test_ttt_gpu.py;
+    buffered rows rounded to the input dtype, as a real run leaves them) and (C, lact, res, dtype)."""
     B, L, H, C, lens, plens, lact, res, dtype = case
     d = h = 64
     ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2  # rates up to 0.1, as in tests/test_ttt_gpu.py
-    q, k, v, eta, mu, wg, wu, wd = ins
+    ins[3] = ins[3] * 0.2
     N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()  # buffered rows came from 16-bit inputs in a real run
+    fast, pend, plen = packed_state(N, C, H, d, h, *ins[5:], plens)
+    return [*ins, fast, pend.to(dtype).float(), plen, cu], (C, lact, res, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_kernel_matches_float64_op(emu_tc, case):
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
                                            cu, C, lact, res)
     got = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
@@ -133,14 +139,7 @@ def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend,
 def test_tc_backward_matches_float64_op(emu_tc, case):
     """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the float64 forward's checkpoints,
     against the float64 CPU backward: every gradient, the gradient state and the pending rows."""
-    B, L, H, C, lens, plens, lact, res, dtype = case
-    d = h = 64
-    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2
-    q, k, v, eta, mu, wg, wu, wd = ins
-    N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     dbl = [t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)]
     o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*dbl, plen, cu, C, lact, res)
     g = torch.Generator().manual_seed(3)
@@ -177,14 +176,7 @@ def test_tc_split_forward_is_bitwise_the_fused_one(emu_tc, case):
     """Split mode (csrc/ttt/ttt_read_tc.cuh, ALLMEM_TTT_TC_SPLIT=1): the cluster kernel without
     its reads, then every segment read in parallel from the checkpoints. Same outputs, bit for bit
     (the same 16-bit weights, the same tile code); every o element written."""
-    B, L, H, C, lens, plens, lact, res, dtype = case
-    d = h = 64
-    ins, cu = make_inputs(B, L, H, d, h, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2
-    q, k, v, eta, mu, wg, wu, wd = ins
-    N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, h, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     fused = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
 
     class Split:  # emulated_fwd calls lib.emu_fwd

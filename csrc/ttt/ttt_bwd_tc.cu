@@ -5,6 +5,7 @@
 
 #include "ttt/ttt_bwd_tc.cuh"
 #include "ttt/ttt_cuda.h"
+#include "ttt/ttt_tc_launch.h"
 
 namespace allmem::ttt::cuda {
 namespace {
@@ -12,21 +13,8 @@ namespace {
 template <typename T>
 void launch_tc(const BwdParams& p, cudaStream_t stream) {
   using Tr = tc::BwdTcTraits;
-  auto kernel = tc::ttt_bwd_tc_kernel<T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.n_seqs * p.heads * Tr::kP));
-  cfg.blockDim = dim3(Tr::kThreads);
-  cfg.dynamicSmemBytes = Tr::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = Tr::kP;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  launch_clusters(tc::ttt_bwd_tc_kernel<T>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
+                  stream);
 }
 
 }  // namespace

@@ -138,18 +138,8 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       oDW[e] = src[full_off(e)];
       oDM[e] = src[3 * HD + full_off(e)];
     }
-    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
-      const float* param = r < kOwn ? p.w_gate : r < 2 * kOwn ? p.w_up : p.w_down;
-      const float* row = param + hh * HD + int64_t{own0 + r % kOwn} * kD;
-      float ss = 0.f;
-      for (int c = lane; c < kD; c += 32) ss += row[c] * row[c];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-      if (lane == 0) {
-        sTarget[r] = sqrtf(ss);
-        sDTarget[r] = 0.f;
-      }
-    }
+    owned_targets(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
+    for (int r = tid; r < 3 * kOwn; r += kT) sDTarget[r] = 0.f;
   }
   cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
 
@@ -504,15 +494,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
 #pragma unroll 1
       for (int hb = 0; hb < 4; ++hb) {
         float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
-#pragma unroll 1
-        for (int kk = 0; kk < 4; ++kk) {
-          uint32_t aq[4], ao[4];
-          ldsm_x4(aq, sA + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-          ldsm_x4(ao, sB + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-          mma_step_wt(ga, aq, sW, hb * 16, kk, lane);
-          mma_step_wt(gb, aq, sW + kTE, hb * 16, kk, lane);
-          mma_step_w(ge, ao, sW + 2 * kTE, hb * 16, kk, lane);
-        }
+        mma_abe(ga, gb, ge, sA, sB, sW, hb, row0, lane);  // a = Q Wg^T, b = Q Wu^T, g = dO Wd
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "ttt/ttt_cuda.h"
+#include "ttt/ttt_tc_launch.h"
 #include "ttt/ttt_fwd_tc.cuh"
 #include "ttt/ttt_read_tc.cuh"
 
@@ -14,21 +15,8 @@ namespace {
 template <typename T>
 void launch_tc(const FwdParams& p, cudaStream_t stream) {
   using Tr = tc::FwdTcTraits;
-  auto kernel = tc::ttt_fwd_tc_kernel<T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.n_seqs * p.heads * Tr::kP));
-  cfg.blockDim = dim3(Tr::kThreads);
-  cfg.dynamicSmemBytes = Tr::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = Tr::kP;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  launch_clusters(tc::ttt_fwd_tc_kernel<T>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
+                  stream);
 }
 
 template <typename T>

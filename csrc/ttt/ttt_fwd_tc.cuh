@@ -128,6 +128,42 @@ __device__ __forceinline__ void mma_yt_x(float (&acc)[8][4], const T* y, int m0,
   }
 }
 
+// For the warp's 16 token rows [row0, row0 + 16) and hidden units [16 hb, 16 hb + 16):
+// ga = X1 Wg^T, gb = X1 Wu^T, ge = X2 Wd, with w3 = [Wg | Wu | Wd] 16-bit tiles ([3][64][kLd]) and
+// X1, X2 token-major 16-bit tiles. The update's (k, v) and the read backward's (q, dO) products.
+template <typename T>
+__device__ __forceinline__ void mma_abe(float (&ga)[2][4], float (&gb)[2][4], float (&ge)[2][4], const T* x1,
+                                        const T* x2, const T* w3, int hb, int row0, int lane) {
+  constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
+  // A fragments are reloaded per k-step (ldmatrix is cheap; the callers keep many accumulators).
+#pragma unroll 2
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a1[4], a2[4];
+    ldsm_x4(a1, x1 + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+    ldsm_x4(a2, x2 + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+    mma_step_wt(ga, a1, w3, hb * 16, kk, lane);
+    mma_step_wt(gb, a1, w3 + kTE, hb * 16, kk, lane);
+    mma_step_w(ge, a2, w3 + 2 * kTE, hb * 16, kk, lane);
+  }
+}
+
+// Row-norm targets of the rows [own0, own0 + kOwn) of each parameter matrix of head hh (one warp
+// per row): target[m * kOwn + i] = ||param_m[own0 + i]||.
+__device__ __forceinline__ void owned_targets(const float* w_gate, const float* w_up, const float* w_down,
+                                              int64_t hh, int own0, float* target) {
+  constexpr int kD = FwdTcTraits::kD, kOwn = FwdTcTraits::kOwn, kWarps = FwdTcTraits::kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < 3 * kOwn; r += kWarps) {
+    const float* param = r < kOwn ? w_gate : r < 2 * kOwn ? w_up : w_down;
+    const float* row = param + hh * kD * kD + int64_t{own0 + r % kOwn} * kD;
+    float ss = 0.f;
+    for (int c = lane; c < kD; c += 32) ss += row[c] * row[c];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if (lane == 0) target[r] = sqrtf(ss);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pair(T* p, float x, float y) {
   *reinterpret_cast<uint32_t*>(p) = pack2<T>(x, y);
@@ -244,15 +280,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       sOwnW[e] = src[full_off(m, i, c)];
       sOwnM[e] = src[3 * HD + full_off(m, i, c)];
     }
-    for (int r = warp; r < 3 * kOwn; r += Tr::kWarps) {
-      const float* param = r < kOwn ? p.w_gate : r < 2 * kOwn ? p.w_up : p.w_down;
-      const float* row = param + hh * HD + int64_t{own0 + r % kOwn} * kD;
-      float ss = 0.f;
-      for (int c = lane; c < kD; c += 32) ss += row[c] * row[c];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-      if (lane == 0) sTarget[r] = sqrtf(ss);
-    }
+    owned_targets(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
   }
   __syncthreads();
 
@@ -376,18 +404,8 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       {
 #pragma unroll 1
         for (int hb = 0; hb < 4; ++hb) {
-          // A fragments are reloaded per k-step (ldmatrix is cheap; the 96 gradient
-          // accumulators already hold most of the registers).
           float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
-#pragma unroll 2
-          for (int kk = 0; kk < 4; ++kk) {
-            uint32_t ak[4], av[4];
-            ldsm_x4(ak, sK + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-            ldsm_x4(av, sV + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-            mma_step_wt(ga, ak, sWn, hb * 16, kk, lane);
-            mma_step_wt(gb, ak, sWn + kTE, hb * 16, kk, lane);
-            mma_step_w(ge, av, sWn + 2 * kTE, hb * 16, kk, lane);
-          }
+          mma_abe(ga, gb, ge, sK, sV, sWn, hb, row0, lane);  // a = K Wg^T, b = K Wu^T, e = V Wd
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
 #pragma unroll
