@@ -20,7 +20,10 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["ttt_fwd_tc_kernel", "ttt_bwd_tc_kernel", "ttt_read_tc_kernel"])
+TC_KERNELS = ["ttt_fwd_tc_kernel", "ttt_bwd_tc_kernel", "ttt_read_tc_kernel", "ttt_read_bwd_tc_kernel"]
+
+
+@pytest.mark.parametrize("kernel", TC_KERNELS)
 def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
     funcs = {n: body for n, body in _sass_by_function("90a").items() if kernel in n}
     assert len(funcs) == 2, f"expected the bf16 and fp16 instantiations, got {list(funcs)}"
@@ -31,13 +34,13 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
         if kernel != "ttt_read_tc_kernel":  # the read's operands are all row-major: no transposed loads
             assert re.search(r"\bLDSM\.16\.MT88\.4\b", body), name
         # cluster barriers (the reduction over the CTAs of a cluster)
-        if kernel != "ttt_read_tc_kernel":  # the chunk-parallel read is not a cluster kernel
+        if "read" not in kernel:  # the chunk-parallel reads are not cluster kernels
             assert re.search(r"\bUCGABAR_ARV\b", body) and re.search(r"\bUCGABAR_WAIT\b", body), \
                 f"{name}: no cluster barrier"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
 
 
-@pytest.mark.parametrize("kernel", ["ttt_fwd_tc_kernel", "ttt_bwd_tc_kernel", "ttt_read_tc_kernel"])
+@pytest.mark.parametrize("kernel", TC_KERNELS)
 def test_tc_kernels_have_no_stack_or_local_memory(kernel):
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
                            capture_output=True, text=True, check=True).stdout

@@ -157,7 +157,8 @@ class BwdParams(ctypes.Structure):
         + [(n, ctypes.c_void_p) for n in ("w_gate", "w_up", "w_down", "pend_in", "grad_pend", "ckpt", "d_fast",
                                           "d_pend", "dq", "dk", "dv", "deta", "dmu", "d_targets", "scratch", "seq")]
         + [("n_seqs", ctypes.c_int64), ("heads", ctypes.c_int64), ("chunk", ctypes.c_int64),
-           ("lact_order", ctypes.c_bool), ("residual", ctypes.c_bool)]
+           ("lact_order", ctypes.c_bool), ("residual", ctypes.c_bool), ("skip_read", ctypes.c_bool),
+           ("dw_read", ctypes.c_void_p)]
     )
 
 

@@ -267,3 +267,29 @@ def test_tc_split_forward_is_bitwise_the_fused_one(tc, monkeypatch, case):
     split = fwd(dev, C, lact, res)
     for a, b in zip(split, fused):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_split_backward(tc, monkeypatch, case):
+    """ALLMEM_TTT_TC_SPLIT=1 backward: the reads' backward per (segment, head) in parallel, then the
+    chain without its read phase. dq bit for bit the fused kernel's, the rest within 1e-3 of it
+    and within 4 u of float64 (tests/test_ttt_tc_emu.py checks the same on the CPU emulation)."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
+    outs = fwd(dev, C, lact, res)
+    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(outs[0].shape, generator=g).to(dtype)
+    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
+    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
+                                           cpu_outs[4], cpu[11], C, lact, res)
+    grads = [go.cuda(), gfast.cuda(), gpend.cuda()]
+    fused = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    split = _bwd(dev, outs, grads, C, lact, res)
+    again = _bwd(dev, outs, grads, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    assert torch.equal(split[0], fused[0])
+    for i, (a, f, w, a2) in enumerate(zip(split, fused, want, again)):
+        assert torch.equal(a, a2), f"gradient {i}: not deterministic"
+        assert rel_err(a, f) < 1e-3 and rel_err(a.cpu(), w) < 4 * u, f"gradient {i}"

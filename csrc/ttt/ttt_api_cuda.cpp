@@ -76,8 +76,9 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
   return true;
 }
 
-// Split mode of the tensor-core forward (ttt_read_tc.cuh): opt-in ALLMEM_TTT_TC_SPLIT=1 until it
-// has passed on a GPU.
+// Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
+// and the reads' backward run chunk-parallel outside the sequential cluster chain. Opt-in
+// ALLMEM_TTT_TC_SPLIT=1 until it has passed on a GPU.
 bool use_split_read() {
   const char* env = std::getenv("ALLMEM_TTT_TC_SPLIT");
   return env != nullptr && std::strcmp(env, "1") == 0;
@@ -246,6 +247,25 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
     p.lact_order = lact_order;
     p.residual = residual;
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go})) {
+      at::Tensor work, dw_read;
+      if (use_split_read()) {  // the reads' backward in parallel first, then the chain without it
+        work = read_work(lay, q.device());
+        dw_read = at::empty({lay.slots(), lay.H, 3, h * d}, f32);
+        ReadBwdParams r{};
+        r.q = qc.data_ptr();
+        r.grad_o = go.data_ptr();
+        r.dq = dq.data_ptr<float>();
+        r.dtype = dt;
+        r.ckpt = ckpt.data_ptr<float>();
+        r.work = work.data_ptr<int64_t>();
+        r.n_work = work.numel() / 3;
+        r.heads = lay.H;
+        r.residual = residual;
+        r.dw_read = dw_read.data_ptr<float>();
+        launch_ttt_read_bwd_tc(r, at::cuda::getCurrentCUDAStream());
+        p.skip_read = true;
+        p.dw_read = dw_read.data_ptr<float>();
+      }
       launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream());
     } else {
       launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());

@@ -17,7 +17,24 @@ void launch_tc(const BwdParams& p, cudaStream_t stream) {
                   stream);
 }
 
+template <typename T>
+void launch_read_bwd(const ReadBwdParams& p, cudaStream_t stream) {
+  using Tr = tc::ReadBwdTcTraits;
+  auto kernel = tc::ttt_read_bwd_tc_kernel<T>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>(p.n_work), static_cast<unsigned>(p.heads));
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream) {
+  if (p.n_work == 0 || p.heads == 0) return;
+  if (p.dtype == InDType::kBFloat16) return launch_read_bwd<__nv_bfloat16>(p, stream);
+  if (p.dtype == InDType::kFloat16) return launch_read_bwd<__half>(p, stream);
+  TORCH_CHECK(false, "allmem: launch_ttt_read_bwd_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
 
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream) {
   if (p.dtype == InDType::kBFloat16) return launch_tc<__nv_bfloat16>(p, stream);

@@ -26,6 +26,7 @@
 
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_read_tc.cuh"
 #include "ttt/ttt_tc_ops.cuh"
 
 namespace allmem::ttt::cuda::tc {
@@ -83,6 +84,119 @@ __device__ __forceinline__ void mma_n8_w(float (&acc)[4], const uint32_t (&a)[4]
   uint32_t b[2];
   ldsm_x2_t(b, w + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + n0);
   mma<T>(acc, a, b[0], b[1]);
+}
+
+// sG[m] rows [row0, row0 + 16) += Y^T X over a 64-token tile (the warp's rows of a weight
+// gradient; float32 [3][64][kLdG] in shared memory, read and written with the fragment layout).
+template <typename T>
+__device__ __forceinline__ void add_partial_tc(float* sG, int m, const T* y, const T* x, int row0, int lane) {
+  constexpr int kD = BwdTcTraits::kD, kLdG = BwdTcTraits::kLdG;
+  const int g = lane / 4, c2 = 2 * (lane % 4);
+  float acc[8][4];
+  float* base = sG + m * kD * kLdG;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+      acc[j][2 * half] = s[0];
+      acc[j][2 * half + 1] = s[1];
+    }
+  mma_yt_x(acc, y, row0, x, lane);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+      s[0] = acc[j][2 * half];
+      s[1] = acc[j][2 * half + 1];
+    }
+}
+
+// Read backward of the 16-bit tokens [first, first + nt) of head hh with the 16-bit weights sW
+// ([3][64][kLd]): g = dO Wd, da = g b silu'(a), db = g silu(a), s = silu(a) b; writes
+// dq = da Wg + db Wu [+ dO] (float32) and adds dO^T s, da^T Q, db^T Q to the partials sG (gate,
+// up, down). sA, sB: q and dO staging tiles; sF: three factor tiles. Every thread of the CTA calls it.
+template <typename T>
+__device__ __forceinline__ void read_bwd_tile_tc(const void* q, const void* grad_o, float* dq, bool residual,
+                                                 int64_t H, int64_t hh, int64_t first, int nt, T* sA, T* sB, T* sF,
+                                                 const T* sW, float* sG) {
+  constexpr int kD = BwdTcTraits::kD, kT = BwdTcTraits::kThreads, kTile = BwdTcTraits::kTile;
+  constexpr int kLd = BwdTcTraits::kLd, kTE = BwdTcTraits::kTileElems;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, row0 = warp * 16;
+  const int g = lane / 4, c2 = 2 * (lane % 4);
+  auto tok = [&](int64_t token) { return token * H + hh; };
+  for (int e = tid; e < kTile * (kD / 8); e += kT) {
+    const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+    uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;
+    if (t < nt) {
+      const int64_t off = tok(first + t) * kD + c;
+      a = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + off);
+      b = *reinterpret_cast<const uint4*>(static_cast<const T*>(grad_o) + off);
+    }
+    *reinterpret_cast<uint4*>(sA + t * kLd + c) = a;
+    *reinterpret_cast<uint4*>(sB + t * kLd + c) = b;
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int hb = 0; hb < 4; ++hb) {
+    float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
+    mma_abe(ga, gb, ge, sA, sB, sW, hb, row0, lane);  // a = Q Wg^T, b = Q Wu^T, g = dO Wd
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int t = row0 + g + 8 * half, c = hb * 16 + j * 8 + c2;
+        float f[3][2];
+#pragma unroll
+        for (int qq = 0; qq < 2; ++qq) {
+          const int k = 2 * half + qq;
+          const float x = ga[j][k], y = gb[j][k], gr = ge[j][k];
+          const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
+          f[0][qq] = gr * y * d1;  // da
+          f[1][qq] = gr * silu;    // db
+          f[2][qq] = silu * y;     // s
+        }
+#pragma unroll
+        for (int m = 0; m < 3; ++m) store_pair(sF + m * kTE + t * kLd + c, f[m][0], f[m][1]);
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll 1
+  for (int db = 0; db < 4; ++db) {
+    float aq[2][4] = {};
+#pragma unroll 1
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
+      ldsm_x4(a, sF + aoff);
+      mma_step_w(aq, a, sW, db * 16, kk, lane);
+      ldsm_x4(a, sF + kTE + aoff);
+      mma_step_w(aq, a, sW + kTE, db * 16, kk, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+        if (t >= nt) continue;
+        float d0 = aq[j][2 * half], d1 = aq[j][2 * half + 1];
+        if (residual) {
+          d0 += to_float(sB[t * kLd + c]);
+          d1 += to_float(sB[t * kLd + c + 1]);
+        }
+        float* out = dq + tok(first + t) * kD + c;
+        out[0] = d0;
+        out[1] = d1;
+      }
+    }
+  }
+  __syncthreads();
+  add_partial_tc(sG, 0, sF, sA, row0, lane);            // dWg += da^T Q
+  add_partial_tc(sG, 1, sF + kTE, sA, row0, lane);      // dWu += db^T Q
+  add_partial_tc(sG, 2, sB, sF + 2 * kTE, row0, lane);  // dWd += dO^T s
+  __syncthreads();
 }
 
 template <typename T>
@@ -205,43 +319,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     for (int e = tid; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
   };
 
-  // sG[m] rows [row0, row0 + 16) += Y^T X over the tile (the warp's rows of a weight gradient).
-  auto add_partial = [&](int m, const T* y, const T* x) {
-    float acc[8][4];
-    float* base = sG + m * kD * kLdG;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
-        acc[j][2 * half] = s[0];
-        acc[j][2 * half + 1] = s[1];
-      }
-    mma_yt_x(acc, y, row0, x, lane);
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
-        s[0] = acc[j][2 * half];
-        s[1] = acc[j][2 * half + 1];
-      }
-  };
-
-  // Loads rows [t0, t0 + nt) of 16-bit token tensors x1, x2 into sA, sB (zero rows past nt).
-  auto load_tokens = [&](const void* x1, const void* x2, int64_t first, int64_t t0, int nt) {
-    for (int e = tid; e < kTile * (kD / 8); e += kT) {
-      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-      uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;
-      if (t < nt) {
-        const int64_t off = tok(first + t0 + t) * kD + c;
-        a = *reinterpret_cast<const uint4*>(static_cast<const T*>(x1) + off);
-        b = *reinterpret_cast<const uint4*>(static_cast<const T*>(x2) + off);
-      }
-      *reinterpret_cast<uint4*>(sA + t * kLd + c) = a;
-      *reinterpret_cast<uint4*>(sB + t * kLd + c) = b;
-    }
-  };
+  auto add_partial = [&](int m, const T* y, const T* x) { add_partial_tc(sG, m, y, x, row0, lane); };
 
   for (int64_t i = n_segs - 1; i >= 0; --i) {
     const int64_t pb = i == 0 ? p0 : 0;
@@ -482,74 +560,22 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     // Read backward: g = dO Wd, da = g b silu'(a), db = g silu(a), s = silu(a) b;
     // dWd += dO^T s, dWg += da^T Q, dWu += db^T Q, dq = da Wg + db Wu [+ dO].
     __syncthreads();
+    if (p.skip_read) {  // split mode: the read's gradients were computed in parallel
+      if (seg > 0) {
+        const float* dr = p.dw_read + ((slot0 + i) * H + hh) * 3 * HD;
+        for (int e = tid; e < kOE; e += kT) oDW[e] += dr[full_off(e)];
+      }
+      __syncthreads();
+      continue;
+    }
     publish(oW, 0);
     cluster_sync();
     zero_partials();
     __syncthreads();
     for (int64_t ti = rank; ti * kTile < seg; ti += kP) {
       const int64_t t0 = ti * kTile;
-      const int nt = static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile);
-      load_tokens(p.q, p.grad_o, first, t0, nt);
-      __syncthreads();
-#pragma unroll 1
-      for (int hb = 0; hb < 4; ++hb) {
-        float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
-        mma_abe(ga, gb, ge, sA, sB, sW, hb, row0, lane);  // a = Q Wg^T, b = Q Wu^T, g = dO Wd
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int t = row0 + g + 8 * half, c = hb * 16 + j * 8 + c2;
-            float f[3][2];
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-              const int k = 2 * half + q;
-              const float x = ga[j][k], y = gb[j][k], gr = ge[j][k];
-              const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
-              f[0][q] = gr * y * d1;  // da
-              f[1][q] = gr * silu;    // db
-              f[2][q] = silu * y;     // s
-            }
-#pragma unroll
-            for (int m = 0; m < 3; ++m) store_pair(sF + m * kTE + t * kLd + c, f[m][0], f[m][1]);
-          }
-        }
-      }
-      __syncwarp();
-#pragma unroll 1
-      for (int db = 0; db < 4; ++db) {
-        float aq[2][4] = {};
-#pragma unroll 1
-        for (int kk = 0; kk < 4; ++kk) {
-          uint32_t a[4];
-          const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
-          ldsm_x4(a, sF + aoff);
-          mma_step_w(aq, a, sW, db * 16, kk, lane);
-          ldsm_x4(a, sF + kTE + aoff);
-          mma_step_w(aq, a, sW + kTE, db * 16, kk, lane);
-        }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
-            if (t >= nt) continue;
-            float d0 = aq[j][2 * half], d1 = aq[j][2 * half + 1];
-            if (p.residual) {
-              d0 += to_float(sB[t * kLd + c]);
-              d1 += to_float(sB[t * kLd + c + 1]);
-            }
-            float* dq = p.dq + tok(first + t0 + t) * kD + c;
-            dq[0] = d0;
-            dq[1] = d1;
-          }
-        }
-      }
-      __syncthreads();
-      add_partial(0, sF, sA);            // dWg += da^T Q
-      add_partial(1, sF + kTE, sA);      // dWu += db^T Q
-      add_partial(2, sB, sF + 2 * kTE);  // dWd += dO^T s
-      __syncthreads();
+      read_bwd_tile_tc<T>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0,
+                          static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile), sA, sB, sF, sW, sG);
     }
     cluster_sync();
     reduce_partials();
@@ -568,6 +594,49 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   // No CTA may exit while a peer can still read its shared memory (the last reduction).
   cluster_sync();
 #endif
+}
+
+struct ReadBwdTcTraits {
+  static constexpr int kThreads = BwdTcTraits::kThreads;
+  static constexpr int kTileElems = BwdTcTraits::kTileElems;
+  static constexpr int kOffW = 0;                             // [3][64][kLd] gate, up, down
+  static constexpr int kOffA = 3 * kTileElems * 2;            // q tile
+  static constexpr int kOffB = kOffA + kTileElems * 2;        // dO tile
+  static constexpr int kOffF = kOffB + kTileElems * 2;        // [3] factor tiles
+  static constexpr int kOffG = kOffF + 3 * kTileElems * 2;    // [3][64][kLdG] float weight gradients
+  static constexpr int kSmemBytes = kOffG + 3 * BwdTcTraits::kD * BwdTcTraits::kLdG * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
+};
+
+// The chunk-parallel read backward of split mode: one CTA per (segment, head) walks the segment's
+// tiles with the chain kernel's read_bwd_tile_tc (dq straight out), sums the read's weight
+// gradients over the segment in float32 shared memory and writes them to dw_read[slot].
+template <typename T>
+__global__ void __launch_bounds__(ReadBwdTcTraits::kThreads, 1) ttt_read_bwd_tc_kernel(const ReadBwdParams p) {
+  using Tr = ReadBwdTcTraits;
+  constexpr int kD = BwdTcTraits::kD, kTile = BwdTcTraits::kTile, kLdG = BwdTcTraits::kLdG;
+  constexpr int kT = Tr::kThreads;
+  constexpr int64_t HD = BwdTcTraits::kMat;
+  unsigned char* smem = dynamic_smem();
+  T* sW = reinterpret_cast<T*>(smem + Tr::kOffW);
+  T* sA = reinterpret_cast<T*>(smem + Tr::kOffA);
+  T* sB = reinterpret_cast<T*>(smem + Tr::kOffB);
+  T* sF = reinterpret_cast<T*>(smem + Tr::kOffF);
+  float* sG = reinterpret_cast<float*>(smem + Tr::kOffG);
+  const int64_t item = blockIdx.x, hh = blockIdx.y, H = p.heads;
+  const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
+  load_weights_tc(p.ckpt + (slot * H + hh) * 6 * HD, sW);
+  for (int e = threadIdx.x; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
+  __syncthreads();
+  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+    read_bwd_tile_tc<T>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0,
+                        static_cast<int>(len - t0 < kTile ? len - t0 : kTile), sA, sB, sF, sW, sG);
+  }
+  float* dst = p.dw_read + (slot * H + hh) * 3 * HD;
+  for (int e = threadIdx.x; e < 3 * kD * kD; e += kT) {
+    const int m = e / (kD * kD), r = (e / kD) % kD, c = e % kD;
+    dst[e] = sG[m * kD * kLdG + r * kLdG + c];
+  }
 }
 
 }  // namespace allmem::ttt::cuda::tc

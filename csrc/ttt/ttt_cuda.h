@@ -84,6 +84,25 @@ struct BwdParams {
   int64_t chunk;
   bool lact_order;
   bool residual;
+  // Tensor-core backward only, split mode: dq and the read's weight gradients come from
+  // launch_ttt_read_bwd_tc; the chain adds dw_read [slots, H, 3, h*d] at each non-empty segment.
+  bool skip_read;
+  const float* dw_read;
+};
+
+// The chunk-parallel read backward of split mode: per work item (as ReadParams) and head, dq of
+// the segment's tokens and the segment's read weight gradients (gate, up, down) into dw_read.
+struct ReadBwdParams {
+  const void* q;
+  const void* grad_o;
+  float* dq;  // [T, H, d]
+  InDType dtype;
+  const float* ckpt;
+  const int64_t* work;
+  int64_t n_work;
+  int64_t heads;
+  bool residual;
+  float* dw_read;  // [slots, H, 3, h*d]
 };
 
 // Launches the forward on `stream`; d, h in {64, 128} (checked by the caller).
@@ -101,5 +120,6 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);
+void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream);
 
 }  // namespace allmem::ttt::cuda

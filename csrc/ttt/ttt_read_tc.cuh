@@ -21,17 +21,13 @@ struct ReadTcTraits {
   static constexpr int kSmemBytes = kOffQ + kTileElems * 2;
 };
 
+// The three 64 x 64 float32 weights at w (gate, up, down, row-major, contiguous) as 16-bit
+// operand tiles sW [3][64][kLd]; every thread of the CTA calls it (the caller syncs).
 template <typename T>
-__global__ void __launch_bounds__(ReadTcTraits::kThreads) ttt_read_tc_kernel(const ReadParams p) {
-  constexpr int kD = FwdTcTraits::kD, kT = ReadTcTraits::kThreads, kTile = FwdTcTraits::kTile;
+__device__ __forceinline__ void load_weights_tc(const float* w, T* sW) {
+  constexpr int kD = FwdTcTraits::kD, kT = FwdTcTraits::kThreads;
   constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
   constexpr int64_t HD = FwdTcTraits::kMat;
-  unsigned char* smem = dynamic_smem();
-  T* sW = reinterpret_cast<T*>(smem + ReadTcTraits::kOffW);
-  T* sQ = reinterpret_cast<T*>(smem + ReadTcTraits::kOffQ);
-  const int64_t item = blockIdx.x, hh = blockIdx.y, H = p.heads;
-  const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
-  const float* w = p.ckpt + (slot * H + hh) * 6 * HD;  // gate, up, down (then the momenta)
   for (int e = threadIdx.x; e < 3 * kD * (kD / 4); e += kT) {
     const int m = e / (kD * (kD / 4)), r = (e / (kD / 4)) % kD, c = (e % (kD / 4)) * 4;
     const float4 x = *reinterpret_cast<const float4*>(w + m * HD + r * kD + c);
@@ -40,6 +36,18 @@ __global__ void __launch_bounds__(ReadTcTraits::kThreads) ttt_read_tc_kernel(con
     v.y = pack2<T>(x.z, x.w);
     *reinterpret_cast<uint2*>(sW + m * kTE + r * kLd + c) = v;
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(ReadTcTraits::kThreads) ttt_read_tc_kernel(const ReadParams p) {
+  constexpr int kTile = FwdTcTraits::kTile;
+  constexpr int64_t HD = FwdTcTraits::kMat;
+  unsigned char* smem = dynamic_smem();
+  T* sW = reinterpret_cast<T*>(smem + ReadTcTraits::kOffW);
+  T* sQ = reinterpret_cast<T*>(smem + ReadTcTraits::kOffQ);
+  const int64_t item = blockIdx.x, hh = blockIdx.y, H = p.heads;
+  const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
+  load_weights_tc(p.ckpt + (slot * H + hh) * 6 * HD, sW);  // gate, up, down (then the momenta)
   __syncthreads();
   for (int64_t t0 = 0; t0 < len; t0 += kTile) {
     read_tile_tc<T>(p.q, p.o, p.residual, H, hh, first + t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile),

@@ -2,6 +2,7 @@
 // (tests/test_ttt_tc_emu.py): one cluster of kP CTAs x 128 std::threads per (sequence, head),
 // shared memory starting as NaN bytes.
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -58,17 +59,12 @@ void run_clusters(const Params& p, Kernel kernel) {
       [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); }, [&] { kernel(p); });
 }
 
-// The split forward: the cluster kernel without the reads, then the read kernel on a grid of
-// (segment, head) CTAs, with the work list ttt_api_cuda.cpp read_work builds.
-template <typename T>
-void run_split(FwdParams p) {
-  p.skip_read = true;
-  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
-  const int64_t N = p.n_seqs, C = p.chunk;
+// ttt_api_cuda.cpp read_work: (first token, length, checkpoint slot) of every non-empty segment.
+std::vector<int64_t> read_work(const int64_t* seq, int64_t N, int64_t C) {
   std::vector<int64_t> work;
   for (int64_t n = 0; n < N; ++n) {
-    int64_t fill = p.seq[2 * N + n], pos = 0, slot = p.seq[3 * N + n];
-    const int64_t start = p.seq[n], len = p.seq[N + n];
+    int64_t fill = seq[2 * N + n], pos = 0, slot = seq[3 * N + n];
+    const int64_t start = seq[n], len = seq[N + n];
     while (true) {
       const int64_t seg = std::min(len - pos, C - fill);
       if (seg > 0) work.insert(work.end(), {start + pos, seg, slot});
@@ -79,6 +75,16 @@ void run_split(FwdParams p) {
       fill = 0;
     }
   }
+  return work;
+}
+
+// The split forward: the cluster kernel without the reads, then the read kernel on a grid of
+// (segment, head) CTAs, with the work list ttt_api_cuda.cpp read_work builds.
+template <typename T>
+void run_split(FwdParams p) {
+  p.skip_read = true;
+  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+  const std::vector<int64_t> work = read_work(p.seq, p.n_seqs, p.chunk);
   ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual};
   const int64_t n_work = r.n_work, H = p.heads;
   using Tr = tc::ReadTcTraits;
@@ -120,4 +126,33 @@ extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
   if (d != 64 || h != 64) return;
   if (p->dtype == InDType::kBFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__nv_bfloat16>);
   else if (p->dtype == InDType::kFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__half>);
+}
+
+// The split backward (ALLMEM_TTT_TC_SPLIT=1 on a GPU): the reads' backward on a grid of (segment,
+// head) CTAs into a NaN-filled dw_read, then the chain kernel without its read phase.
+template <typename T>
+void run_bwd_split(BwdParams p) {
+  const std::vector<int64_t> work = read_work(p.seq, p.n_seqs, p.chunk);
+  const int64_t n_work = static_cast<int64_t>(work.size() / 3), H = p.heads;
+  int64_t slots = 0;
+  for (int64_t i = 0; i < n_work; ++i) slots = std::max(slots, work[3 * i + 2] + 1);
+  std::vector<float> dw_read(static_cast<size_t>(slots * H * 3 * 64 * 64), std::nanf(""));
+  ReadBwdParams r{p.q, p.grad_o, p.dq, p.dtype, p.ckpt, work.data(), n_work, H, p.residual, dw_read.data()};
+  using Tr = tc::ReadBwdTcTraits;
+  run_jobs(
+      1, Tr::kThreads, tc::BwdTcTraits::kWarps, Tr::kSmemBytes, n_work * H,
+      [n_work](int64_t job, int) {
+        blockIdx.x = static_cast<unsigned>(job % n_work);
+        blockIdx.y = static_cast<unsigned>(job / n_work);
+      },
+      [&] { tc::ttt_read_bwd_tc_kernel<T>(r); });
+  p.skip_read = true;
+  p.dw_read = dw_read.data();
+  run_clusters<tc::BwdTcTraits>(p, tc::ttt_bwd_tc_kernel<T>);
+}
+
+extern "C" void emu_bwd_split(const BwdParams* p, int d, int h) {
+  if (d != 64 || h != 64) return;
+  if (p->dtype == InDType::kBFloat16) run_bwd_split<__nv_bfloat16>(*p);
+  else if (p->dtype == InDType::kFloat16) run_bwd_split<__half>(*p);
 }
