@@ -32,6 +32,15 @@
 # With everything in it (SWA sm90 forward, TTT tensor-core forward, both benchmarks) the stages
 # no longer fit one 540 s budget: on a 15-minute lease, run it twice on the warm machine (the
 # build is kept between calls):  STAGES="build tests sanitize" first, then STAGES="bench".
+#
+# Measured stage times on an H200 (runs b and c, bench/results/gpu_2026-11-26{b,c}_h200): build 34-45 s,
+# tests 56 s, tests-build 12 s, tests-ttt 10 s, tests-tc 21 s, tests-errors 7 s, bench (SWA) 47 s,
+# bench-ttt all rows > 150 s (d=64 only with --skip allmem,ref_eager,fla_gdn: 32 s), each SWA
+# sanitizer 6-9 s, TTT tensor-core memcheck/racecheck/synccheck 4/18/4 s; a machine start costs
+# 30-90 s of the lease. For the next 15-minute lease, one call (timeout_s 600) that checks what
+# is new and unverified (split mode, the Hopper SWA forward's accuracy over many seeds):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests-tc sweep bench-ttt sanitize-tc tests" \
+#   BENCH_TTT_ARGS="--d 64 --skip allmem,ref_eager,fla_gdn" BUDGET_S=560 bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
