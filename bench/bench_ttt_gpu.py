@@ -8,7 +8,10 @@ weights; FLA: of q, k, v, g, beta) of:
   * allmem_tc  - the same with ALLMEM_TTT_TC=1 (the default on sm_90): the tensor-core cluster
                  kernels where they apply (d = h = 64), else the SIMT ones;
   * allmem_tc_split - the same with ALLMEM_TTT_TC_SPLIT=1 (opt-in): the cluster kernel runs only
-                 the sequential updates, then all segment reads in parallel (ttt_read_tc.cuh);
+                 the sequential updates, then all segment reads in parallel (ttt_read_tc.cuh); the
+                 backward likewise; at d = h = 128 the forward chain is the hidden-unit one;
+  * allmem_tc_units - split mode with ALLMEM_TTT_TC_CHAIN=units: the hidden-unit chain
+                 (ttt_chain_tc.cuh) at d = 64 too;
   * ref_comp   - the chunked PyTorch reference (allmem_ops.reference.ttt), torch.compile'd the way
                  LaCT does it: the per-chunk read + update (reference.ttt.swiglu / chunk_update) as
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
@@ -69,7 +72,7 @@ CHUNK = 2048
 LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
-OURS = ("allmem", "allmem_tc", "allmem_tc_split")
+OURS = ("allmem", "allmem_tc", "allmem_tc_split", "allmem_tc_units")
 IMPLS = (*OURS, "ref_comp", "fla_gdn", "ref_eager")  # run order: ours, then the peers
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
@@ -270,7 +273,8 @@ allmem_tc_impl = allmem_impl  # the same op; run_case sets ALLMEM_TTT_TC around 
 # ALLMEM_TTT_TC is read by the C++ dispatch at every call (forward and backward), so it is set
 # around everything a case times: "0" the SIMT kernels, "1" the tensor-core ones where they apply.
 IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0"}, "allmem_tc": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "0"},
-            "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1"}}
+            "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens"},
+            "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units"}}
 
 
 @contextlib.contextmanager
@@ -661,7 +665,8 @@ def main() -> int:
             rec.data["fla"]["note"] = "smoke run: FLA not timed on the CPU"
         else:
             fla_fn = load_fla(rec)
-    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn}
+    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl,
+           "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     for impl in IMPLS:
         if impl in skip:
@@ -679,8 +684,9 @@ def main() -> int:
                             rec.data["results"].append({**base, "skipped": f"FLA unavailable: {why}"[:200]})
                             continue
                         note = ""
-                        if impl in ("allmem_tc", "allmem_tc_split") and (d != 64 or args.smoke):
-                            why = "the tensor-core forward is d = h = 64 on sm_90" if d != 64 else "smoke run (CPU)"
+                        # d = 128: tensor cores in split mode only (the units chain; backward SIMT)
+                        if impl.startswith("allmem_tc") and (args.smoke or (d != 64 and impl == "allmem_tc")):
+                            why = "the tensor-core forward is d = h = 64 on sm_90" if not args.smoke else "smoke run (CPU)"
                             rec.data["results"].append({**base, "skipped": why})
                             continue
                         if impl == "ref_eager" and pass_ == "fwd+bwd":

@@ -250,6 +250,7 @@ if want sanitize || want sanitize-tc; then
   cat >/tmp/ttt_tc_sanitize_cases.py <<'EOF'
 # bf16 and fp16, varlen with an empty sequence and a pending initial state (buffered and direct
 # chunks, a partial tile), both variant flags: forward and backward on the tensor-core kernels.
+import os
 import torch
 import allmem_ops
 from allmem_ops.reference.ttt import TTTState
@@ -272,6 +273,15 @@ for dt in (torch.bfloat16, torch.float16):
         o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+    if os.environ.get("ALLMEM_TTT_TC_SPLIT") == "1":  # d = h = 128: the units chain + read (forward only)
+        w2 = [torch.randn(H, 128, 128, device=dev) / 11.3 for _ in range(3)]
+        q2, k2, v2 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt) for _ in range(3))
+        st2 = TTTState.initial(*w2, 3, C, torch.float32)
+        st2.pending_len = torch.tensor([0, 7, C - 1], device=dev)
+        with torch.no_grad():
+            for lact in (False, True):
+                allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
+                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
 torch.cuda.synchronize()
 print("ttt tensor-core sanitizer cases ran")
 EOF
@@ -280,10 +290,13 @@ EOF
     run_stage "sanitize-ttt-tc-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
       --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
   done
-  # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel read, ttt_read_tc.cuh).
-  for tool in memcheck racecheck; do
-    run_stage "sanitize-ttt-split-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
-      "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
+  # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
+  # chain and with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128).
+  for chain in tokens units; do
+    for tool in memcheck racecheck; do
+      run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
+        ALLMEM_TTT_TC_CHAIN=$chain "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
+    done
   done
 fi
 
@@ -335,6 +348,7 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 echo "== stages"
 for s in build tests tests-build tests-ttt tests-ttt-tc tests-errors bench bench-ttt sanitize-memcheck sanitize-racecheck \
   sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck \
-  sanitize-ttt-tc-synccheck sanitize-ttt-split-memcheck sanitize-ttt-split-racecheck tests-tc sweep; do
+  sanitize-ttt-tc-synccheck sanitize-ttt-split-tokens-memcheck sanitize-ttt-split-tokens-racecheck \
+  sanitize-ttt-split-units-memcheck sanitize-ttt-split-units-racecheck tests-tc sweep; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done

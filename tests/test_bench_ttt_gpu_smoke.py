@@ -37,12 +37,12 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     fla = [r for r in data["results"] if r["impl"] == "fla_gdn"]
     assert len(fla) == cases and all("skipped" in r for r in fla)
     # The tensor-core kernels need sm_90: recorded as skipped in the smoke run.
-    for impl in ("allmem_tc", "allmem_tc_split"):
+    for impl in ("allmem_tc", "allmem_tc_split", "allmem_tc_units"):
         tc = [r for r in data["results"] if r["impl"] == impl]
         assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
-    assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ("allmem", "allmem_tc", "allmem_tc_split")
-                                                      for n in names]
+    ours = ("allmem", "allmem_tc", "allmem_tc_split", "allmem_tc_units")
+    assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
     assert all(t["value"] is not None for t in data["targets"] if t["target"].startswith("allmem "))
     table = subprocess.run([sys.executable, BENCH, "--table", str(out)], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "TTT memory benchmark" in table.stdout and "target" in table.stdout

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EMU = os.path.join(HERE, "ttt_cuda_emu")
 CSRC = os.path.join(HERE, "..", "csrc")
 SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_bwd_tc.cuh", "ttt_read_tc.cuh",
-                                                  "ttt_cuda.h")] + [
+                                                  "ttt_chain_tc.cuh", "ttt_cuda.h")] + [
     os.path.join(EMU, f) for f in ("emu_tc.cpp", "shim_tc.h", os.path.join("tc", "ttt", "ttt_tc_ops.cuh"))
 ]
 CXX = shutil.which("g++")
@@ -217,3 +217,47 @@ def test_tc_split_backward_matches(emu_tc, case):
         assert rel_err(a, w) < 4 * u, name
         assert rel_err(a, f) < 1e-3, name
     assert torch.equal(split[0], fused[0])
+
+
+# (B, L, H, C, lens, pending lengths, lact_order, residual, dtype, d = h)
+CHAIN_CASES = [(*c, 64) for c in CASES] + [
+    (1, 300, 1, 128, None, None, False, True, torch.bfloat16, 128),
+    (None, None, 2, 40, [70, 0, 23], [13, 0, 39], True, False, torch.float16, 128),
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
+def test_units_chain_matches_float64_op(emu_tc, case):
+    """Split mode's hidden-unit chain (csrc/ttt/ttt_chain_tc.cuh: each CTA of the cluster owns
+    d / 8 hidden units and walks every token, so no gradient partials cross the cluster) followed by
+    the parallel read (ttt_read_tc.cuh), d = h = 64 and 128, against the float64 CPU op with the
+    bounds of the fused kernel's test above."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+
+    class Chain:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = emu_tc.emu_fwd_chain
+
+    got = emulated_fwd(Chain, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    errs = {}
+    for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
+        assert not torch.isnan(g).any(), f"{name}: elements left unwritten (or NaN read from shared memory)"
+        errs[name] = rel_err(g, w)
+    errs["o_memory"] = rel_err(got[0].double() - (q.double() if res else 0), want[0] - (q.double() if res else 0))
+    errs["o_memory_rounding"] = rel_err(want[0].to(dtype).double() - (q.double() if res else 0),
+                                        want[0] - (q.double() if res else 0))
+    errs["update"] = rel_err(got[1].double() - fast.double(), want[1] - fast.double())
+    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
+    torch.testing.assert_close(got[2], want[2].float(), rtol=0, atol=0)
+    assert errs["o"] < 2 * u, errs
+    assert errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
+    assert errs["fast"] < u and errs["checkpoints"] < u, errs
+    assert errs["update"] < 2 * u, errs

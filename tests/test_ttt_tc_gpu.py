@@ -61,11 +61,37 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tc_matches_float64(tc, case):
-    B, L, H, C, lens, plens, lact, res, dtype = case
-    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens, plens)
+# Split mode's hidden-unit chain (ttt_chain_tc.cuh; ALLMEM_TTT_TC_SPLIT=1, and for d = 64
+# ALLMEM_TTT_TC_CHAIN=units) + the parallel read: the same cases at d = 64, two at d = 128.
+CHAIN_CASES = [(*c, 64) for c in CASES] + [
+    (2, 4500, 4, 2048, None, None, False, True, torch.bfloat16, 128),
+    (None, None, 2, 40, [70, 0, 23, 300], [13, 0, 39, 1], True, False, torch.float16, 128),
+]
+
+
+@pytest.fixture(params=["fused", "units"])
+def fwd_kernel(request, monkeypatch):
+    """test_tc_matches_float64 runs on the default fused kernel and on split mode's units chain."""
+    if request.param == "units":
+        monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
+    return request.param
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
+def test_tc_matches_float64(tc, fwd_kernel, case):
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    if d == 128 and fwd_kernel == "fused":
+        pytest.skip("d = 128 has tensor cores in split mode only")
+    cpu, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
+    if fwd_kernel == "units":  # the path is really taken: it differs from the SIMT kernel's in the last bits
+        import os
+        os.environ["ALLMEM_TTT_TC"] = "0"
+        simt = fwd(dev, C, lact, res)
+        os.environ["ALLMEM_TTT_TC"] = "1"
     o, fast, pend, plen, ckpt = fwd(dev, C, lact, res)
+    if fwd_kernel == "units":
+        assert not torch.equal(fast, simt[1])
     wo, wfast, wpend, wplen, wckpt = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
     u = UNIT_ROUNDOFF[dtype]
     q = cpu[0] if res else 0

@@ -62,11 +62,13 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // SIMT kernel.
 // The tensor-core backward (ttt_bwd_tc.cuh) follows the same switch and conditions (its q, k, v
 // and grad_o rows are 16-byte vectors too); it runs from either forward's checkpoints.
-bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
+// The conditions every tensor-core kernel shares: not switched off, sm_90+, bf16/fp16, the
+// cluster grid fits, 16-byte aligned token rows; `d` = h is the size the kernel takes.
+bool tc_conditions(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows, int64_t d) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const int major = at::cuda::getCurrentDeviceProperties()->major;
-  if (!ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) ||
+  if (lay.d != d || lay.h != d || major < 9 || (dt != InDType::kBFloat16 && dt != InDType::kFloat16) ||
       lay.N * lay.H > INT_MAX / 8) {
     return false;
   }
@@ -74,6 +76,21 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
     if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
   }
   return true;
+}
+
+bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
+  const int major = at::cuda::getCurrentDeviceProperties()->major;
+  return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
+         tc_conditions(lay, dt, rows, 64);
+}
+
+// Split mode's update chain split by hidden units (ttt_chain_tc.cuh) instead of the token-split
+// cluster kernel: always for d = h = 128 (the token-split kernel is 64 only), for 64 with
+// ALLMEM_TTT_TC_CHAIN=units.
+bool use_units_chain(int64_t d) {
+  if (d == 128) return true;
+  const char* env = std::getenv("ALLMEM_TTT_TC_CHAIN");
+  return env != nullptr && std::strcmp(env, "units") == 0;
 }
 
 // Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
@@ -159,10 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc})) {
-      p.skip_read = use_split_read();
-      launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
-      if (p.skip_read) {
+    const bool split = use_split_read();
+    // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
+    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
+      if (split && use_units_chain(lay.d)) {
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream());
+      } else {
+        p.skip_read = split;
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
+      }
+      if (split) {
         auto work = read_work(lay, q.device());
         ReadParams r{};
         r.q = qc.data_ptr();
@@ -173,6 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         r.n_work = work.numel() / 3;
         r.heads = lay.H;
         r.residual = residual;
+        r.d = static_cast<int>(lay.d);
         launch_ttt_read_tc(r, at::cuda::getCurrentCUDAStream());
       }
     } else {

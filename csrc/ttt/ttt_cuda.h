@@ -50,6 +50,7 @@ struct ReadParams {
   int64_t n_work;
   int64_t heads;
   bool residual;
+  int d;  // d = h, 64 or 128
 };
 
 // One backward launch (the CPU op's ttt_memory_bwd): walks each (sequence, head) in reverse from
@@ -117,6 +118,10 @@ void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from
 // them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.
 void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
+// The update chain of split mode split by hidden units (ttt_chain_tc.cuh), d = h in {64, 128},
+// bf16/fp16, sm_90+: checkpoints, final state and chunk buffer as launch_ttt_fwd_tc; o is left to
+// launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units).
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);

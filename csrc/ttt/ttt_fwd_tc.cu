@@ -4,6 +4,7 @@
 // dispatcher (ttt_api_cuda.cpp) takes this path only on such devices.
 #include <c10/cuda/CUDAException.h>
 
+#include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_tc_launch.h"
 #include "ttt/ttt_fwd_tc.cuh"
@@ -19,23 +20,43 @@ void launch_tc(const FwdParams& p, cudaStream_t stream) {
                   stream);
 }
 
-template <typename T>
+template <typename T, int D>
 void launch_read(const ReadParams& p, cudaStream_t stream) {
-  using Tr = tc::ReadTcTraits;
-  auto kernel = tc::ttt_read_tc_kernel<T>;
+  using Tr = tc::ReadTcTraits<D>;
+  auto kernel = tc::ttt_read_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes));
   const dim3 grid(static_cast<unsigned>(p.n_work), static_cast<unsigned>(p.heads));
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int D>
+void launch_chain(const FwdParams& p, cudaStream_t stream) {
+  using Tr = tc::ChainTcTraits<D>;
+  launch_clusters(tc::ttt_chain_tc_kernel<T, D>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
+                  stream);
+}
+
 }  // namespace
 
 void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
   if (p.n_work == 0 || p.heads == 0) return;
-  if (p.dtype == InDType::kBFloat16) return launch_read<__nv_bfloat16>(p, stream);
-  if (p.dtype == InDType::kFloat16) return launch_read<__half>(p, stream);
+  TORCH_CHECK(p.d == 64 || p.d == 128, "allmem: launch_ttt_read_tc: d = 64 or 128, got ", p.d);
+  const bool d64 = p.d == 64;
+  if (p.dtype == InDType::kBFloat16) {
+    return d64 ? launch_read<__nv_bfloat16, 64>(p, stream) : launch_read<__nv_bfloat16, 128>(p, stream);
+  }
+  if (p.dtype == InDType::kFloat16) return d64 ? launch_read<__half, 64>(p, stream) : launch_read<__half, 128>(p, stream);
   TORCH_CHECK(false, "allmem: launch_ttt_read_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream) {
+  TORCH_CHECK(d == 64 || d == 128, "allmem: launch_ttt_chain_tc: d = h = 64 or 128, got ", d);
+  if (p.dtype == InDType::kBFloat16) {
+    return d == 64 ? launch_chain<__nv_bfloat16, 64>(p, stream) : launch_chain<__nv_bfloat16, 128>(p, stream);
+  }
+  if (p.dtype == InDType::kFloat16) return d == 64 ? launch_chain<__half, 64>(p, stream) : launch_chain<__half, 128>(p, stream);
+  TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
 bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major) {

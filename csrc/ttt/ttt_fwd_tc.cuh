@@ -71,30 +71,30 @@ constexpr float kTcNormEps = 1e-5f;  // SPEC.md: added to the current row norm
 
 __device__ __forceinline__ float tc_sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 
-// A fragments of the 16 rows [row0, row0 + 16) x 64 columns of a 16-bit tile, one per k-step.
-template <typename T>
-__device__ __forceinline__ void load_a_rows(uint32_t (&a)[4][4], const T* tile, int row0, int lane) {
-  constexpr int kLd = FwdTcTraits::kLd;
+// A fragments of the 16 rows [row0, row0 + 16) x kK columns of a 16-bit tile (row stride kLd),
+// one per k-step.
+template <typename T, int kLd = FwdTcTraits::kLd, int kK = 64>
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[kK / 16][4], const T* tile, int row0, int lane) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) ldsm_x4(a[kk], tile + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+  for (int kk = 0; kk < kK / 16; ++kk) ldsm_x4(a[kk], tile + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
 }
 
-// acc[j] += A x W[n0 + 8j : n0 + 8j + 8, :]^T for j = 0, 1: W is a 16-bit [N, 64] row-major tile
-// (so W^T is the B operand in "col" form), A the 16 x 64 fragments of load_a_rows.
-template <typename T>
+// acc[j] += A x W[n0 + 8j : n0 + 8j + 8, :]^T for j = 0, 1: W is a 16-bit [N, K] row-major tile
+// (row stride kLd; W^T is the B operand in "col" form), A the 16 x K fragments of load_a_rows.
+template <typename T, int kLd = FwdTcTraits::kLd>
 __device__ __forceinline__ void mma_step_wt(float (&acc)[2][4], const uint32_t (&a)[4], const T* w, int n0, int kk,
                                             int lane) {
-  constexpr int kLd = FwdTcTraits::kLd;
   uint32_t b[4];
   ldsm_x4(b, w + (n0 + lane % 8 + (lane / 16) * 8) * kLd + kk * 16 + ((lane / 8) % 2) * 8);
   mma<T>(acc[0], a, b[0], b[1]);
   mma<T>(acc[1], a, b[2], b[3]);
 }
 
-template <typename T>
-__device__ __forceinline__ void mma_a_wt(float (&acc)[2][4], const uint32_t (&a)[4][4], const T* w, int n0, int lane) {
+template <typename T, int kLd = FwdTcTraits::kLd, int kK = 64>
+__device__ __forceinline__ void mma_a_wt(float (&acc)[2][4], const uint32_t (&a)[kK / 16][4], const T* w, int n0,
+                                         int lane) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) mma_step_wt(acc, a[kk], w, n0, kk, lane);
+  for (int kk = 0; kk < kK / 16; ++kk) mma_step_wt<T, kLd>(acc, a[kk], w, n0, kk, lane);
 }
 
 // acc[j] += A x W[:, n0 + 8j : n0 + 8j + 8] over k-step kk: W is a 16-bit [64, N] row-major tile.
@@ -174,32 +174,32 @@ __device__ __forceinline__ T load_tok(const void* p, int64_t i) {
   return static_cast<const T*>(p)[i];
 }
 
-// Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * 64): o = Wd (silu(Wg q)
-// * (Wu q)) [+ q] with the 16-bit weights sW ([3][64][kLd]: gate, up, down) of the CTA's shared
-// memory; sQ is a [64][kLd] staging tile. Every thread of the CTA (4 warps) calls it.
-template <typename T>
+// Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
+// (silu(Wg q) * (Wu q)) [+ q] with the 16-bit weights sW ([3][D][D + 8]: gate, up, down) of the
+// CTA's shared memory; sQ is a [64][D + 8] staging tile. Every thread of the CTA (4 warps) calls it.
+template <typename T, int D = 64>
 __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool residual, int64_t H, int64_t hh,
                                              int64_t first, int nt, T* sQ, const T* sW) {
-  constexpr int kD = FwdTcTraits::kD, kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
-  constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
+  constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
+  constexpr int kLd = D + 8, kTE = D * kLd, kB = D / 16;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   auto tok = [&](int64_t token) { return token * H + hh; };
-  for (int e = tid; e < kTile * (kD / 8); e += kT) {
-    const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+  for (int e = tid; e < kTile * (D / 8); e += kT) {
+    const int t = e / (D / 8), c = (e % (D / 8)) * 8;
     uint4 x = make_uint4(0u, 0u, 0u, 0u);
-    if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + tok(first + t) * kD + c);
+    if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + tok(first + t) * D + c);
     *reinterpret_cast<uint4*>(sQ + t * kLd + c) = x;
   }
   __syncthreads();
   const int row0 = warp * 16;
-  uint32_t aq[4][4];
-  load_a_rows(aq, sQ, row0, lane);
-  uint32_t sf[4][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
+  uint32_t aq[kB][4];
+  load_a_rows<T, kLd, D>(aq, sQ, row0, lane);
+  uint32_t sf[kB][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
 #pragma unroll
-  for (int hb = 0; hb < 4; ++hb) {
+  for (int hb = 0; hb < kB; ++hb) {
     float ga[2][4] = {}, gb[2][4] = {};
-    mma_a_wt(ga, aq, sW, hb * 16, lane);
-    mma_a_wt(gb, aq, sW + kTE, hb * 16, lane);
+    mma_a_wt<T, kLd, D>(ga, aq, sW, hb * 16, lane);
+    mma_a_wt<T, kLd, D>(gb, aq, sW + kTE, hb * 16, lane);
     float s[2][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j)
@@ -212,9 +212,9 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
   }
   const int g = lane / 4, c2 = 2 * (lane % 4);
 #pragma unroll
-  for (int db = 0; db < 4; ++db) {
+  for (int db = 0; db < kB; ++db) {
     float o[2][4] = {};
-    mma_a_wt(o, sf, sW + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
+    mma_a_wt<T, kLd, D>(o, sf, sW + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -226,7 +226,7 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
           o0 += to_float(sQ[t * kLd + c]);
           o1 += to_float(sQ[t * kLd + c + 1]);
         }
-        store_pair(static_cast<T*>(out) + tok(first + t) * kD + c, o0, o1);
+        store_pair(static_cast<T*>(out) + tok(first + t) * D + c, o0, o1);
       }
     }
   }

@@ -13,21 +13,22 @@
 
 namespace allmem::ttt::cuda::tc {
 
+template <int D = 64>
 struct ReadTcTraits {
   static constexpr int kThreads = FwdTcTraits::kThreads;
-  static constexpr int kTileElems = FwdTcTraits::kTileElems;
-  static constexpr int kOffW = 0;                       // [3][64][kLd] gate, up, down
-  static constexpr int kOffQ = 3 * kTileElems * 2;      // [64][kLd] q tile
-  static constexpr int kSmemBytes = kOffQ + kTileElems * 2;
+  static constexpr int kTileElems = D * (D + 8);          // one 16-bit [D][D + 8] tile (64 rows for q)
+  static constexpr int kOffW = 0;                         // [3][D][D + 8] gate, up, down
+  static constexpr int kOffQ = 3 * kTileElems * 2;        // [64][D + 8] q tile
+  static constexpr int kSmemBytes = kOffQ + 64 * (D + 8) * 2;
 };
 
-// The three 64 x 64 float32 weights at w (gate, up, down, row-major, contiguous) as 16-bit
-// operand tiles sW [3][64][kLd]; every thread of the CTA calls it (the caller syncs).
-template <typename T>
+// The three D x D float32 weights at w (gate, up, down, row-major, contiguous) as 16-bit operand
+// tiles sW [3][D][D + 8]; every thread of the CTA calls it (the caller syncs).
+template <typename T, int kD = 64>
 __device__ __forceinline__ void load_weights_tc(const float* w, T* sW) {
-  constexpr int kD = FwdTcTraits::kD, kT = FwdTcTraits::kThreads;
-  constexpr int kLd = FwdTcTraits::kLd, kTE = FwdTcTraits::kTileElems;
-  constexpr int64_t HD = FwdTcTraits::kMat;
+  constexpr int kT = FwdTcTraits::kThreads;
+  constexpr int kLd = kD + 8, kTE = kD * kLd;
+  constexpr int64_t HD = int64_t{kD} * kD;
   for (int e = threadIdx.x; e < 3 * kD * (kD / 4); e += kT) {
     const int m = e / (kD * (kD / 4)), r = (e / (kD / 4)) % kD, c = (e % (kD / 4)) * 4;
     const float4 x = *reinterpret_cast<const float4*>(w + m * HD + r * kD + c);
@@ -38,20 +39,20 @@ __device__ __forceinline__ void load_weights_tc(const float* w, T* sW) {
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(ReadTcTraits::kThreads) ttt_read_tc_kernel(const ReadParams p) {
+template <typename T, int D = 64>
+__global__ void __launch_bounds__(ReadTcTraits<D>::kThreads) ttt_read_tc_kernel(const ReadParams p) {
   constexpr int kTile = FwdTcTraits::kTile;
-  constexpr int64_t HD = FwdTcTraits::kMat;
+  constexpr int64_t HD = int64_t{D} * D;
   unsigned char* smem = dynamic_smem();
-  T* sW = reinterpret_cast<T*>(smem + ReadTcTraits::kOffW);
-  T* sQ = reinterpret_cast<T*>(smem + ReadTcTraits::kOffQ);
+  T* sW = reinterpret_cast<T*>(smem + ReadTcTraits<D>::kOffW);
+  T* sQ = reinterpret_cast<T*>(smem + ReadTcTraits<D>::kOffQ);
   const int64_t item = blockIdx.x, hh = blockIdx.y, H = p.heads;
   const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
-  load_weights_tc(p.ckpt + (slot * H + hh) * 6 * HD, sW);  // gate, up, down (then the momenta)
+  load_weights_tc<T, D>(p.ckpt + (slot * H + hh) * 6 * HD, sW);  // gate, up, down (then the momenta)
   __syncthreads();
   for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-    read_tile_tc<T>(p.q, p.o, p.residual, H, hh, first + t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile),
-                    sQ, sW);
+    read_tile_tc<T, D>(p.q, p.o, p.residual, H, hh, first + t0,
+                       static_cast<int>(len - t0 < kTile ? len - t0 : kTile), sQ, sW);
   }
 }
 

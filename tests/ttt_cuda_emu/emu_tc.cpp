@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ttt/ttt_bwd_tc.cuh"
+#include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_fwd_tc.cuh"
 #include "ttt/ttt_read_tc.cuh"
 
@@ -78,23 +79,36 @@ std::vector<int64_t> read_work(const int64_t* seq, int64_t N, int64_t C) {
   return work;
 }
 
-// The split forward: the cluster kernel without the reads, then the read kernel on a grid of
-// (segment, head) CTAs, with the work list ttt_api_cuda.cpp read_work builds.
-template <typename T>
-void run_split(FwdParams p) {
-  p.skip_read = true;
-  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+// The read kernel of split mode on a grid of (segment, head) CTAs, with the work list
+// ttt_api_cuda.cpp read_work builds.
+template <typename T, int D>
+void run_read(const FwdParams& p) {
   const std::vector<int64_t> work = read_work(p.seq, p.n_seqs, p.chunk);
-  ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual};
+  ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual, D};
   const int64_t n_work = r.n_work, H = p.heads;
-  using Tr = tc::ReadTcTraits;
+  using Tr = tc::ReadTcTraits<D>;
   run_jobs(
       1, Tr::kThreads, tc::FwdTcTraits::kWarps, Tr::kSmemBytes, n_work * H,
       [n_work](int64_t job, int) {
         blockIdx.x = static_cast<unsigned>(job % n_work);
         blockIdx.y = static_cast<unsigned>(job / n_work);
       },
-      [&] { tc::ttt_read_tc_kernel<T>(r); });
+      [&] { tc::ttt_read_tc_kernel<T, D>(r); });
+}
+
+// The split forward: the cluster kernel without the reads, then the read kernel.
+template <typename T>
+void run_split(FwdParams p) {
+  p.skip_read = true;
+  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+  run_read<T, 64>(p);
+}
+
+// The split forward with the hidden-unit chain (ttt_chain_tc.cuh), then the read kernel.
+template <typename T, int D>
+void run_chain(const FwdParams& p) {
+  run_clusters<tc::ChainTcTraits<D>>(p, tc::ttt_chain_tc_kernel<T, D>);
+  run_read<T, D>(p);
 }
 
 // Same signature as emu.cpp's emu_fwd (tests/test_ttt_cuda_emu.py emulated_fwd drives both).
@@ -155,4 +169,21 @@ extern "C" void emu_bwd_split(const BwdParams* p, int d, int h) {
   if (d != 64 || h != 64) return;
   if (p->dtype == InDType::kBFloat16) run_bwd_split<__nv_bfloat16>(*p);
   else if (p->dtype == InDType::kFloat16) run_bwd_split<__half>(*p);
+}
+
+// The same with split mode's hidden-unit chain (d = h in {64, 128}).
+extern "C" void emu_fwd_chain(const void* q, const void* k, const void* v, const void* eta, const void* mu, void* o,
+                              int dt, const float* wg, const float* wu, const float* wd, const float* fast_in,
+                              const float* pend_in, float* fast_out, float* pend_out, float* ckpt, const int64_t* seq,
+                              int64_t N, int64_t H, int64_t C, int lact, int residual, int d, int h) {
+  if (d != h || (d != 64 && d != 128) || (dt != 1 && dt != 2)) return;
+  FwdParams p{q,        k,        v,    eta, mu, o, InDType(dt), wg, wu, wd, fast_in, pend_in,
+              fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
+  if (dt == 1) {
+    if (d == 64) run_chain<__nv_bfloat16, 64>(p);
+    else run_chain<__nv_bfloat16, 128>(p);
+  } else {
+    if (d == 64) run_chain<__half, 64>(p);
+    else run_chain<__half, 128>(p);
+  }
 }

@@ -1,0 +1,390 @@
+// The sequential chain of the TTT memory's forward, split by hidden units (d = h = D in {64, 128},
+// bf16/fp16, sm_90): the update-only half of split mode (the reads run in parallel afterwards,
+// ttt_read_tc.cuh), for heads too large for the token-split cluster kernel (ttt_fwd_tc.cuh).
+//
+// One cluster of kP = 8 CTAs per (sequence, head); CTA r owns the hidden units
+// U = [r kU, (r + 1) kU), kU = D / 8: rows U of W_gate and W_up, columns U of W_down, and their
+// momenta (float32, in shared memory). Every CTA walks all tokens of every chunk (k, v from L2):
+//   a = K Wg[U]^T, b = K Wu[U]^T, e = V Wd[:, U]   (64-token tiles, 4 warps x 16 tokens, mma.sync)
+//   per-token factors Xg, Xu, Sd for the units U      (registers -> 16-bit tiles)
+//   -Gg[U]^T = K^T Xg, -Gu[U]^T = K^T Xu, -Gd[:, U] = V^T Sd   (float accumulators in registers)
+// so the gradient of each owned unit is complete inside its CTA: no partial sums cross the cluster.
+// The one cluster exchange per chunk is the row norms of W_down (its rows are split over the CTAs):
+// partial sums of squares, summed over the 8 CTAs in rank order (deterministic; every CTA gets the
+// same scales), double-buffered so one cluster barrier per chunk suffices. mu's chunk mean is
+// computed by every CTA in the same order.
+// Same segments, checkpoints, final state and chunk buffer as ttt_fwd_tc.cuh; o is not written.
+#pragma once
+#include <cstdint>
+
+#include "ttt/ttt_cuda.h"
+#include "ttt/ttt_fwd_tc.cuh"
+#include "ttt/ttt_tc_ops.cuh"
+
+namespace allmem::ttt::cuda::tc {
+
+template <int D>
+struct ChainTcTraits {
+  static constexpr int kD = D;
+  static constexpr int kP = 8;
+  static constexpr int kU = D / kP;  // hidden units owned by one CTA
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTile = 64;
+  static constexpr int kLd = D + 8;    // 16-bit token rows and W_gate/W_up rows
+  static constexpr int kLdU = kU + 8;  // 16-bit rows of W_down[:, U] and of the factor tiles
+  static constexpr int kMB = D / 64;   // 16-row blocks of the gradient products per warp
+  static constexpr int kNB = kU / 8;   // n8 blocks of the owned units
+  static constexpr int kPendWidth = 2 * D + 4;
+  static constexpr int kOwnElems = 3 * kU * D;
+  // Shared memory, bytes.
+  static constexpr int kOffK = 0;                                  // [64][kLd] k
+  static constexpr int kOffV = kOffK + kTile * kLd * 2;            // [64][kLd] v
+  static constexpr int kOffWg = kOffV + kTile * kLd * 2;           // [kU][kLd] W_gate[U] operand
+  static constexpr int kOffWu = kOffWg + kU * kLd * 2;             // [kU][kLd] W_up[U] operand
+  static constexpr int kOffWd = kOffWu + kU * kLd * 2;             // [D][kLdU] W_down[:, U] operand
+  static constexpr int kOffX = kOffWd + D * kLdU * 2;              // [3][64][kLdU] Xg, Xu, Sd
+  static constexpr int kOffEta = kOffX + 3 * kTile * kLdU * 2;     // [64][4] rates
+  static constexpr int kOffW = kOffEta + kTile * 4 * 4;            // float W: Wg[U] [kU][D], Wu[U], Wd[:, U] [D][kU]
+  static constexpr int kOffM = kOffW + kOwnElems * 4;              // float M, same layout
+  static constexpr int kOffG = kOffM + kOwnElems * 4;              // float -G: GgT, GuT [D][kU], Gd [D][kU]
+  static constexpr int kOffTarget = kOffG + kOwnElems * 4;         // [2 kU + D] row-norm targets
+  static constexpr int kOffScale = kOffTarget + (2 * kU + D) * 4;  // [2 kU + D] normalization scales
+  static constexpr int kOffNorm = kOffScale + (2 * kU + D) * 4;    // [2][D] partial W_down row sums of squares
+  static constexpr int kOffRed = kOffNorm + 2 * D * 4;             // [8]
+  static constexpr int kSmemBytes = kOffRed + 8 * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
+  static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0,
+                "16-byte aligned regions");
+};
+
+// acc += A x W[n0 : n0 + 8, :]^T over k-step kk, W a 16-bit row-major tile with row stride ld.
+template <typename T>
+__device__ __forceinline__ void mma_n8_wt_ld(float (&acc)[4], const uint32_t (&a)[4], const T* w, int ld, int n0,
+                                             int kk, int lane) {
+  uint32_t b[2];
+  ldsm_x2(b, w + (n0 + lane % 8) * ld + kk * 16 + ((lane / 8) % 2) * 8);
+  mma<T>(acc, a, b[0], b[1]);
+}
+
+// acc += A x W[:, n0 : n0 + 8] over k-step kk, W a 16-bit row-major tile with row stride ld.
+template <typename T>
+__device__ __forceinline__ void mma_n8_w_ld(float (&acc)[4], const uint32_t (&a)[4], const T* w, int ld, int n0,
+                                            int kk, int lane) {
+  uint32_t b[2];
+  ldsm_x2_t(b, w + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * ld + n0);
+  mma<T>(acc, a, b[0], b[1]);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+#else
+  using Tr = ChainTcTraits<D>;
+  constexpr int kP = Tr::kP, kU = Tr::kU, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
+  constexpr int kLdU = Tr::kLdU, kMB = Tr::kMB, kNB = Tr::kNB, PW = Tr::kPendWidth, kOE = Tr::kOwnElems;
+  constexpr int64_t HD = int64_t{D} * D;
+  unsigned char* smem = dynamic_smem();
+  T* sK = reinterpret_cast<T*>(smem + Tr::kOffK);
+  T* sV = reinterpret_cast<T*>(smem + Tr::kOffV);
+  T* sWg = reinterpret_cast<T*>(smem + Tr::kOffWg);
+  T* sWu = reinterpret_cast<T*>(smem + Tr::kOffWu);
+  T* sWd = reinterpret_cast<T*>(smem + Tr::kOffWd);
+  T* sX = reinterpret_cast<T*>(smem + Tr::kOffX);
+  float* sEta = reinterpret_cast<float*>(smem + Tr::kOffEta);
+  float* sW = reinterpret_cast<float*>(smem + Tr::kOffW);
+  float* sM = reinterpret_cast<float*>(smem + Tr::kOffM);
+  float* sG = reinterpret_cast<float*>(smem + Tr::kOffG);
+  float* sTarget = reinterpret_cast<float*>(smem + Tr::kOffTarget);
+  float* sScale = reinterpret_cast<float*>(smem + Tr::kOffScale);
+  float* sNorm = reinterpret_cast<float*>(smem + Tr::kOffNorm);
+  float* sRed = reinterpret_cast<float*>(smem + Tr::kOffRed);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int rank = cluster_rank();
+  const int64_t job = blockIdx.x / kP;
+  const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
+  const int64_t n = job / H, hh = job % H;
+  const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
+  int64_t slot = p.seq[3 * N + n];
+  const int u0 = rank * kU;  // first owned hidden unit
+  const int64_t pstride = H * PW;
+  const float* pend0 = p.pend_in + (n * C * H + hh) * PW;  // row t at pend0 + t * pstride
+  float* pend = p.pend_out + (n * C * H + hh) * PW;
+  auto tok = [&](int64_t token) { return token * H + hh; };
+  // Owned element e <-> offset in the full matrix: e < 2 kU D: rows U of W_gate / W_up ([kU][D]);
+  // else W_down[:, U] stored [D][kU] (element (c, i) is W_down[c, u0 + i]).
+  auto full_off = [&](int e) -> int64_t {
+    if (e < 2 * kU * D) {
+      const int m = e / (kU * D), i = (e / D) % kU, c = e % D;
+      return int64_t{m} * HD + int64_t{u0 + i} * D + c;
+    }
+    const int f = e - 2 * kU * D, c = f / kU, i = f % kU;
+    return 2 * HD + int64_t{c} * D + u0 + i;
+  };
+  // Row-norm targets: rows U of the gate and up params, every row of the down param.
+  auto row_norm = [&](const float* row) {
+    float ss = 0.f;
+    for (int c = lane; c < D; c += 32) ss += row[c] * row[c];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    return sqrtf(ss);
+  };
+  for (int r = warp; r < 2 * kU + D; r += Tr::kWarps) {
+    const float* row = r < kU ? p.w_gate + hh * HD + int64_t{u0 + r} * D
+                       : r < 2 * kU ? p.w_up + hh * HD + int64_t{u0 + r - kU} * D
+                                    : p.w_down + hh * HD + int64_t{r - 2 * kU} * D;
+    const float x = row_norm(row);
+    if (lane == 0) sTarget[r] = x;
+  }
+  {
+    const float* src = p.fast_in + (n * H + hh) * 6 * HD;
+    for (int e = tid; e < kOE; e += kT) {
+      sW[e] = src[full_off(e)];
+      sM[e] = src[3 * HD + full_off(e)];
+    }
+  }
+  __syncthreads();
+
+  int parity = 0;
+  // sScale = target / (||row|| + eps) for the owned gate/up rows and every down row of the
+  // float weights sW (down rows: partial sums over the cluster in rank order). One cluster barrier.
+  auto scales = [&]() {
+    float* part = sNorm + parity * D;
+    for (int c = tid; c < D; c += kT) {
+      float ss = 0.f;
+      for (int i = 0; i < kU; ++i) {
+        const float x = sW[2 * kU * D + c * kU + i];
+        ss += x * x;
+      }
+      part[c] = ss;
+    }
+    for (int r = warp; r < 2 * kU; r += Tr::kWarps) {
+      const float* row = sW + r * D;
+      float ss = 0.f;
+      for (int c = lane; c < D; c += 32) ss += row[c] * row[c];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      if (lane == 0) sScale[r] = sTarget[r] / (sqrtf(ss) + kTcNormEps);
+    }
+    cluster_sync();
+    for (int c = tid; c < D; c += kT) {
+      float ss = 0.f;
+      for (int peer = 0; peer < kP; ++peer) ss += cluster_peer(part, peer)[c];
+      sScale[2 * kU + c] = sTarget[2 * kU + c] / (sqrtf(ss) + kTcNormEps);
+    }
+    parity ^= 1;
+    __syncthreads();
+  };
+
+  // The 16-bit operands of the owned weights, scaled by sScale (normalize) or as they are.
+  auto operands = [&](bool scaled) {
+    for (int e = tid; e < kOE; e += kT) {
+      float x = sW[e];
+      if (e < 2 * kU * D) {
+        const int r = e / D, c = e % D;
+        if (scaled) x *= sScale[r];
+        (r < kU ? sWg + r * kLd : sWu + (r - kU) * kLd)[c] = from_float<T>(x);
+      } else {
+        const int f = e - 2 * kU * D, c = f / kU, i = f % kU;
+        if (scaled) x *= sScale[2 * kU + c];
+        sWd[c * kLdU + i] = from_float<T>(x);
+      }
+    }
+    __syncthreads();
+  };
+
+  auto write_state = [&](float* dst) {
+    for (int e = tid; e < kOE; e += kT) {
+      dst[full_off(e)] = sW[e];
+      dst[3 * HD + full_off(e)] = sM[e];
+    }
+  };
+
+  cluster_sync();  // every CTA of the cluster runs before any reads of its shared memory
+  if (!p.lact_order) scales();
+  operands(!p.lact_order);
+
+  // The update of the chunk whose row t is pend0 row t (t < pb) or token first + t - pb.
+  auto chunk_update = [&](int64_t pb, int64_t first) {
+    const int row0 = warp * 16, g = lane / 4, c2 = 2 * (lane % 4);
+    float acc[3][kMB][kNB][4] = {};
+    float mu_part = 0.f;
+    const int64_t n_tiles = (C + kTile - 1) / kTile;
+    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      const int64_t t0 = ti * kTile;
+      const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+      for (int e = tid; e < kTile * (D / 8); e += kT) {
+        const int t = e / (D / 8), c = (e % (D / 8)) * 8;
+        const int64_t ct = t0 + t;
+        if (t < nt && ct >= pb) {
+          const int64_t off = tok(first + ct - pb) * D + c;
+          *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
+          *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
+        } else {
+          const float* r = pend0 + ct * pstride;
+#pragma unroll
+          for (int q = 0; q < 8; q += 2) {
+            const bool in = t < nt;
+            store_pair(sK + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
+            store_pair(sV + t * kLd + c + q, in ? r[D + c + q] : 0.f, in ? r[D + c + q + 1] : 0.f);
+          }
+        }
+      }
+      for (int e = tid; e < kTile * 4; e += kT) {
+        const int t = e / 4, m = e % 4;
+        const int64_t ct = t0 + t;
+        float r = 0.f;
+        if (t < nt) {
+          if (ct < pb) {
+            r = pend0[ct * pstride + 2 * D + m];
+          } else {
+            const int64_t row = tok(first + ct - pb);
+            r = m < 3 ? to_float(load_tok<T>(p.eta, row * 3 + m)) : to_float(load_tok<T>(p.mu, row));
+          }
+        }
+        sEta[e] = r;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];
+      }
+      // Per-token factors for the owned units, warp w: tokens [16w, 16w + 16).
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        float ga[4] = {}, gb[4] = {}, ge[4] = {};
+#pragma unroll 2
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ak[4], av[4];
+          ldsm_x4(ak, sK + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+          ldsm_x4(av, sV + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+          mma_n8_wt_ld(ga, ak, sWg, kLd, nb * 8, kk, lane);  // a = K Wg[U]^T
+          mma_n8_wt_ld(gb, ak, sWu, kLd, nb * 8, kk, lane);  // b = K Wu[U]^T
+          mma_n8_w_ld(ge, av, sWd, kLdU, nb * 8, kk, lane);  // e = V Wd[:, U]
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int t = row0 + g + 8 * half, u = nb * 8 + c2;
+          const float eg = sEta[t * 4 + 0], eu = sEta[t * 4 + 1], ed = sEta[t * 4 + 2];
+          float xg[2], xu[2], sd[2];
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const float x = ga[2 * half + q], y = gb[2 * half + q], z = ge[2 * half + q];
+            const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
+            xg[q] = eg * z * y * d1;
+            xu[q] = eu * z * silu;
+            sd[q] = ed * silu * y;
+          }
+          store_pair(sX + t * kLdU + u, xg[0], xg[1]);
+          store_pair(sX + kTile * kLdU + t * kLdU + u, xu[0], xu[1]);
+          store_pair(sX + 2 * kTile * kLdU + t * kLdU + u, sd[0], sd[1]);
+        }
+      }
+      __syncthreads();
+      // -GgT[c, U] += K^T Xg, -GuT[c, U] += K^T Xu, -Gd[c, U] += V^T Sd; warp w: rows c in
+      // [w D/4, (w + 1) D/4), kMB blocks of 16.
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        const int m0 = warp * (D / 4) + mb * 16;
+#pragma unroll
+        for (int kk = 0; kk < kTile / 16; ++kk) {
+          uint32_t aK[4], aV[4];
+          const int q4 = lane / 8, i8 = lane % 8;
+          ldsm_x4_t(aK, sK + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
+          ldsm_x4_t(aV, sV + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
+#pragma unroll
+          for (int nb = 0; nb < kNB; ++nb) {
+            mma_n8_w_ld(acc[0][mb][nb], aK, sX, kLdU, nb * 8, kk, lane);
+            mma_n8_w_ld(acc[1][mb][nb], aK, sX + kTile * kLdU, kLdU, nb * 8, kk, lane);
+            mma_n8_w_ld(acc[2][mb][nb], aV, sX + 2 * kTile * kLdU, kLdU, nb * 8, kk, lane);
+          }
+        }
+      }
+      __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
+    }
+    // -G to shared memory: matrix m, [D][kU] (c, unit).
+#pragma unroll
+    for (int m = 0; m < 3; ++m)
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int c = warp * (D / 4) + mb * 16 + g + 8 * half, u = nb * 8 + c2;
+            sG[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
+            sG[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
+          }
+    if (tid == 0) sRed[0] = mu_part;
+    __syncthreads();
+    const float mu_j = sRed[0] / static_cast<float>(C);
+    // M = mu_j M - G, W = W_hat + M (W_hat = normalize(W) unless LaCT order).
+    for (int e = tid; e < kOE; e += kT) {
+      float neg_g, s;
+      if (e < 2 * kU * D) {
+        const int m = e / (kU * D), i = (e / D) % kU, c = e % D;
+        neg_g = sG[m * D * kU + c * kU + i];
+        s = sScale[m * kU + i];
+      } else {
+        const int f = e - 2 * kU * D;
+        neg_g = sG[2 * D * kU + f];
+        s = sScale[2 * kU + f / kU];
+      }
+      const float w_hat = p.lact_order ? sW[e] : sW[e] * s;
+      const float mom = mu_j * sM[e] + neg_g;
+      sM[e] = mom;
+      sW[e] = w_hat + mom;
+    }
+    __syncthreads();
+    scales();  // of the new W: LaCT normalizes it now; otherwise the next chunk's W_hat
+    if (p.lact_order) {
+      for (int e = tid; e < kOE; e += kT) sW[e] *= e < 2 * kU * D ? sScale[e / D] : sScale[2 * kU + (e - 2 * kU * D) / kU];
+      __syncthreads();
+    }
+    operands(!p.lact_order);
+  };
+
+  int64_t fill = p0, pos = 0, pb_last = p0, first_last = start;
+  while (true) {
+    const int64_t pb = fill;
+    const int64_t seg = (len - pos < C - fill) ? len - pos : C - fill;
+    const int64_t first = start + pos;
+    write_state(p.ckpt + (slot * H + hh) * 6 * HD);
+    ++slot;
+    fill = pb + seg;
+    pb_last = pb;
+    first_last = first;
+    if (fill == C) chunk_update(pb, first);
+    pos += seg;
+    if (fill < C) break;
+    fill = 0;
+  }
+  // The returned chunk buffer: rows of the trailing partial chunk (kept initial rows, then this
+  // call's tokens), zero past it; rows dealt over the cluster.
+  for (int64_t t = rank; t < C; t += kP) {
+    for (int c = tid; c < PW; c += kT) {
+      float x = 0.f;
+      if (t < pb_last) {
+        x = pend0[t * pstride + c];
+      } else if (t < fill) {
+        const int64_t row = tok(first_last + t - pb_last);
+        if (c < D) {
+          x = to_float(load_tok<T>(p.k, row * D + c));
+        } else if (c < 2 * D) {
+          x = to_float(load_tok<T>(p.v, row * D + c - D));
+        } else if (c < 2 * D + 3) {
+          x = to_float(load_tok<T>(p.eta, row * 3 + c - 2 * D));
+        } else {
+          x = to_float(load_tok<T>(p.mu, row));
+        }
+      }
+      pend[t * pstride + c] = x;
+    }
+  }
+  write_state(p.fast_out + (n * H + hh) * 6 * HD);
+  cluster_sync();  // no CTA exits while a peer may still read its row-norm partials
+#endif
+}
+
+}  // namespace allmem::ttt::cuda::tc
