@@ -88,12 +88,9 @@ def case_inputs(case):
     return [*ins, fast, pend.to(dtype).float(), plen, cu], (C, lact, res, dtype)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tc_kernel_matches_float64_op(emu_tc, case):
-    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
-    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
-                                           cu, C, lact, res)
-    got = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+def check_forward(got, want, q, fast, res, dtype):
+    """An emulated forward's (o, fast, pending, checkpoints) against the float64 op's outputs:
+    every element written, o and the state to small multiples of the dtype's unit roundoff u."""
     u = UNIT_ROUNDOFF[dtype]
     errs = {}
     for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
@@ -101,10 +98,10 @@ def test_tc_kernel_matches_float64_op(emu_tc, case):
         errs[name] = rel_err(g, w)
     # The parts a kernel error would hide in: the memory's own contribution (o without the exact
     # residual q) and the change of the state (the updates, small next to the weights).
-    errs["o_memory"] = rel_err(got[0].double() - (q.double() if res else 0), want[0] - (q.double() if res else 0))
+    res_q = q.double() if res else 0
+    errs["o_memory"] = rel_err(got[0].double() - res_q, want[0] - res_q)
     # what rounding the exact o to the output dtype alone costs on that measure
-    errs["o_memory_rounding"] = rel_err(want[0].to(dtype).double() - (q.double() if res else 0),
-                                        want[0] - (q.double() if res else 0))
+    errs["o_memory_rounding"] = rel_err(want[0].to(dtype).double() - res_q, want[0] - res_q)
     errs["update"] = rel_err(got[1].double() - fast.double(), want[1] - fast.double())
     print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
     torch.testing.assert_close(got[2], want[2].float(), rtol=0, atol=0)  # the buffer holds exact copies
@@ -112,6 +109,15 @@ def test_tc_kernel_matches_float64_op(emu_tc, case):
     assert errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
     assert errs["fast"] < u and errs["checkpoints"] < u, errs
     assert errs["update"] < 2 * u, errs
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_kernel_matches_float64_op(emu_tc, case):
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+    got = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    check_forward(got, want, q, fast, res, dtype)
 
 
 def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
@@ -246,18 +252,4 @@ def test_units_chain_matches_float64_op(emu_tc, case):
         emu_fwd = emu_tc.emu_fwd_chain
 
     got = emulated_fwd(Chain, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
-    u = UNIT_ROUNDOFF[dtype]
-    errs = {}
-    for name, g, w in zip(("o", "fast", "pending", "checkpoints"), got, (want[0], want[1], want[2], want[4])):
-        assert not torch.isnan(g).any(), f"{name}: elements left unwritten (or NaN read from shared memory)"
-        errs[name] = rel_err(g, w)
-    errs["o_memory"] = rel_err(got[0].double() - (q.double() if res else 0), want[0] - (q.double() if res else 0))
-    errs["o_memory_rounding"] = rel_err(want[0].to(dtype).double() - (q.double() if res else 0),
-                                        want[0] - (q.double() if res else 0))
-    errs["update"] = rel_err(got[1].double() - fast.double(), want[1] - fast.double())
-    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
-    torch.testing.assert_close(got[2], want[2].float(), rtol=0, atol=0)
-    assert errs["o"] < 2 * u, errs
-    assert errs["o_memory"] < 1.1 * errs["o_memory_rounding"] + 2 * u, errs
-    assert errs["fast"] < u and errs["checkpoints"] < u, errs
-    assert errs["update"] < 2 * u, errs
+    check_forward(got, want, q, fast, res, dtype)

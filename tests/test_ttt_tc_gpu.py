@@ -234,6 +234,21 @@ def test_tc_misaligned_views_take_the_simt_kernel(monkeypatch):
         assert torch.equal(x, y)
 
 
+def _bwd_case(case):
+    """A CASES row run forward on the GPU, random output gradients, and the float64 CPU backward
+    (from the CPU forward's own checkpoints) as the reference."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
+    outs = fwd(dev, C, lact, res)
+    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(outs[0].shape, generator=g).to(dtype)
+    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
+    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
+                                           cpu_outs[4], cpu[11], C, lact, res)
+    return dev, outs, [go.cuda(), gfast.cuda(), gpend.cuda()], want, (C, lact, res, dtype)
+
+
 def _bwd(dev, outs, grads, C, lact, res):
     go, gfast, gpend = grads
     q, k, v, eta, mu, wg, wu, wd, _fast, pend, plen, cu = dev
@@ -249,16 +264,7 @@ def test_tc_backward_matches_float64(tc, case):
     float64 CPU backward from its own: every gradient within 4 u (tests/test_ttt_tc_emu.py measured
     about 1 u before the outputs are rounded to the input dtype); bitwise deterministic; a
     different kernel from the SIMT backward (ALLMEM_TTT_TC=0), within the same bound of it."""
-    B, L, H, C, lens, plens, lact, res, dtype = case
-    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
-    outs = fwd(dev, C, lact, res)
-    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
-    g = torch.Generator().manual_seed(5)
-    go = torch.randn(outs[0].shape, generator=g).to(dtype)
-    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
-    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
-                                           cpu_outs[4], cpu[11], C, lact, res)
-    grads = [go.cuda(), gfast.cuda(), gpend.cuda()]
+    dev, outs, grads, want, (C, lact, res, dtype) = _bwd_case(case)
     got = _bwd(dev, outs, grads, C, lact, res)
     again = _bwd(dev, outs, grads, C, lact, res)
     u = UNIT_ROUNDOFF[dtype]
@@ -300,16 +306,7 @@ def test_tc_split_backward(tc, monkeypatch, case):
     """ALLMEM_TTT_TC_SPLIT=1 backward: the reads' backward per (segment, head) in parallel, then the
     chain without its read phase. dq bit for bit the fused kernel's, the rest within 1e-3 of it
     and within 4 u of float64 (tests/test_ttt_tc_emu.py checks the same on the CPU emulation)."""
-    B, L, H, C, lens, plens, lact, res, dtype = case
-    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
-    outs = fwd(dev, C, lact, res)
-    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
-    g = torch.Generator().manual_seed(5)
-    go = torch.randn(outs[0].shape, generator=g).to(dtype)
-    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
-    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
-                                           cpu_outs[4], cpu[11], C, lact, res)
-    grads = [go.cuda(), gfast.cuda(), gpend.cuda()]
+    dev, outs, grads, want, (C, lact, res, dtype) = _bwd_case(case)
     fused = _bwd(dev, outs, grads, C, lact, res)
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
     split = _bwd(dev, outs, grads, C, lact, res)
