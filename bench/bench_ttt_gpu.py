@@ -17,6 +17,8 @@ weights; FLA: of q, k, v, g, beta) of:
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
                  compiles once), called once per chunk; inputs cast to float32 inside it;
   * ref_eager  - allmem_ops.reference.ttt.ttt_memory_chunked as is;
+  * fla_dr     - flash-linear-attention's chunk_delta_rule (no gate): its backward runs where the
+                 gated one refuses the installed Triton (Hopper with Triton 3.4-3.7.0);
   * fla_gdn    - flash-linear-attention's chunk_gated_delta_rule on the same q/k/v sizes, a
                  linear-memory speed reference (import guarded: if FLA is missing or fails, the
                  error is recorded and the rest runs).
@@ -73,7 +75,7 @@ LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_split", "allmem_tc_units")
-IMPLS = (*OURS, "ref_comp", "fla_gdn", "ref_eager")  # run order: ours, then the peers
+IMPLS = (*OURS, "ref_comp", "fla_gdn", "fla_dr", "ref_eager")  # run order: ours, then the peers
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
 
@@ -363,28 +365,29 @@ class CompiledRef:
 
 
 def load_fla(rec: Recorder):
-    """chunk_gated_delta_rule, or None with the reason recorded."""
+    """(chunk_gated_delta_rule, chunk_delta_rule), or (None, None) with the reason recorded."""
     try:
         import fla
+        from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
         rec.data["fla"] = {"version": getattr(fla, "__version__", "?"), "path": os.path.dirname(fla.__file__)}
-        return chunk_gated_delta_rule
+        return chunk_gated_delta_rule, chunk_delta_rule
     except Exception as e:  # noqa: BLE001 - FLA is optional: record why and go on
         rec.data["fla"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(f"[bench]   FLA unavailable: {rec.data['fla']['error']}", flush=True)
-        return None
+        return None, None
 
 
 def run_case(rec: Recorder, impl: str, fn, B, L, H, d, C, pass_: str, memory_note: str = "") -> None:
     dev = rec.dev
     ins = make_inputs(B, L, H, d, d, dev)
     base = dict(impl=impl, d=d, H=H, B=B, L=L, pass_=pass_)
-    if impl == "fla_gdn":
+    if impl in ("fla_gdn", "fla_dr"):
         gen = torch.Generator(device=dev).manual_seed(1)
         g = F.logsigmoid(torch.randn((B, L, H), generator=gen, device=dev)).float()
         beta = torch.sigmoid(torch.randn((B, L, H), generator=gen, device=dev)).to(DTYPE)
-        ins = [ins[0], ins[1], ins[2], g, beta]
+        ins = [ins[0], ins[1], ins[2], g, beta] if impl == "fla_gdn" else [ins[0], ins[1], ins[2], beta]
 
         def call(*a):
             return fn(*a)[0]
@@ -590,11 +593,13 @@ def print_brief(data: dict, by: dict) -> None:
         return "skip" if "skipped" in r else "err"
 
     print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'split ms':>8} {'comp ms':>9} "
-          f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}")
+          f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}  (fla: gated, else ungated)")
     keys = sorted({k[1:] for k in by}, key=lambda k: (k[4] != "fwd", k[0], k[2], k[3]))
     for d, H, B, L, pass_ in keys:
         ours = by.get(("allmem", d, H, B, L, pass_), {})
         peers = [by.get((p, d, H, B, L, pass_)) for p in ("ref_comp", "ref_eager", "fla_gdn")]
+        if not (peers[2] or {}).get("ms"):  # the gated FLA row failed (its backward): the ungated one
+            peers[2] = by.get(("fla_dr", d, H, B, L, pass_)) or peers[2]
         sp = speedup(by, ours, "ref_comp") if "ms" in ours else None
         tcr = by.get(("allmem_tc", d, H, B, L, pass_), {})
         spl = by.get(("allmem_tc_split", d, H, B, L, pass_), {})
@@ -658,15 +663,17 @@ def main() -> int:
     if "correctness" not in skip:
         for d, H in heads:
             rec.stage(f"correctness d={d}", lambda: correctness(rec, d, H, C, 2 * C + C // 4))
-    fla_fn = None
+    fla_fn = fla_dr = None
     if "fla_gdn" not in skip:
         if args.smoke:
             load_fla(rec)  # exercise the guarded import; FLA's Triton kernels need a GPU
             rec.data["fla"]["note"] = "smoke run: FLA not timed on the CPU"
         else:
-            fla_fn = load_fla(rec)
+            fla_fn, fla_dr = load_fla(rec)
+    else:
+        skip.add("fla_dr")
     fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl,
-           "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn}
+           "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     for impl in IMPLS:
         if impl in skip:
@@ -697,7 +704,7 @@ def main() -> int:
                         rec.stage(f"{impl} {pass_} d={d} B={B} L={label(L)}",
                                   lambda: run_case(rec, impl, fns[impl], B, L, H, d, C, pass_, note), skip_row=base)
                         last = rec.data["results"][-1] if rec.data["results"] else {}
-                        if impl == "fla_gdn" and "error" in last and "OutOfMemory" not in last["error"] and not any(
+                        if impl.startswith("fla") and "error" in last and "OutOfMemory" not in last["error"] and not any(
                                 r["impl"] == impl and "ms" in r for r in rec.data["results"]):
                             # FLA broken here (Triton, version): one failure says it, skip the rest.
                             fns[impl] = None
