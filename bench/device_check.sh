@@ -40,7 +40,7 @@
 # 30-90 s of the lease. For the next 15-minute lease, one call (timeout_s 600) that checks what
 # is new and unverified (split mode, the Hopper SWA forward's accuracy over many seeds):
 #   ALLMEM_COMMIT=<sha> STAGES="build tests-tc sweep bench-ttt sanitize-tc tests" \
-#   BENCH_TTT_ARGS="--d 64 --skip allmem,ref_eager,fla_gdn" BUDGET_S=560 bash bench/device_check.sh
+#   BENCH_TTT_ARGS="--d 64 --skip allmem,ref_eager" BUDGET_S=560 bash bench/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
