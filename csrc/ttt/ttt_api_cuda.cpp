@@ -96,9 +96,9 @@ bool use_units_chain(int64_t d) {
 // Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
 // and the reads' backward run chunk-parallel outside the sequential cluster chain. Opt-in
 // ALLMEM_TTT_TC_SPLIT=1 until it has passed on a GPU.
-bool use_split_read() {
+bool use_split_read(const Layout& lay) {
   const char* env = std::getenv("ALLMEM_TTT_TC_SPLIT");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env != nullptr && std::strcmp(env, "1") == 0 && lay.H <= 65535;  // heads along gridDim.y
 }
 
 // The read work of split mode, on the device: (first token, length, checkpoint slot) of every
@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    const bool split = use_split_read();
+    const bool split = use_split_read(lay);
     // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (split && use_units_chain(lay.d)) {
@@ -272,7 +272,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
     p.residual = residual;
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go})) {
       at::Tensor work, dw_read;
-      if (use_split_read()) {  // the reads' backward in parallel first, then the chain without it
+      if (use_split_read(lay)) {  // the reads' backward in parallel first, then the chain without it
         work = read_work(lay, q.device());
         dw_read = at::empty({lay.slots(), lay.H, 3, h * d}, f32);
         ReadBwdParams r{};
