@@ -141,10 +141,10 @@ def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend,
         torch.Tensor.to = saved
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tc_backward_matches_float64_op(emu_tc, case):
-    """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the float64 forward's checkpoints,
-    against the float64 CPU backward: every gradient, the gradient state and the pending rows."""
+def bwd_case(case):
+    """A CASES row through the float64 CPU forward, random output gradients, and the float64 CPU
+    backward from that forward's checkpoints: (the emulated backward's arguments, the reference
+    gradients, (q, grad_o, pending_len, cu_seqlens, C, residual, dtype))."""
     (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     dbl = [t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)]
     o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*dbl, plen, cu, C, lact, res)
@@ -153,8 +153,16 @@ def test_tc_backward_matches_float64_op(emu_tc, case):
     gfast, gpend = torch.randn(fast_out.shape, generator=g) * 0.1, torch.randn(pend_out.shape, generator=g)
     want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *dbl[:8], dbl[9], plen,
                                            ckpt, cu, C, lact, res)
-    got = _emulated_bwd_f32(emu_tc, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt.float(), cu, C,
-                            lact, res)
+    args = (go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt.float(), cu, C, lact, res)
+    return args, want, (q, go, plen, cu, C, res, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_backward_matches_float64_op(emu_tc, case):
+    """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the float64 forward's checkpoints,
+    against the float64 CPU backward: every gradient, the gradient state and the pending rows."""
+    args, want, (q, go, plen, cu, C, res, dtype) = bwd_case(case)
+    got = _emulated_bwd_f32(emu_tc, *args)
     u = UNIT_ROUNDOFF[dtype]
     names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
     errs = {}
@@ -201,15 +209,7 @@ def test_tc_split_backward_matches(emu_tc, case):
     its read phase. Against the float64 CPU backward with the fused kernel's bound (4 u); against
     the fused kernel: dq bit for bit (same tile code and weights), the rest within 1e-3 (the read
     gradients are summed in another order, which can move a 16-bit rounding of dM)."""
-    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
-    dbl = [t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)]
-    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*dbl, plen, cu, C, lact, res)
-    g = torch.Generator().manual_seed(3)
-    go = torch.randn(o.shape, generator=g).to(dtype)
-    gfast, gpend = torch.randn(fast_out.shape, generator=g) * 0.1, torch.randn(pend_out.shape, generator=g)
-    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *dbl[:8], dbl[9], plen,
-                                           ckpt, cu, C, lact, res)
-    args = (go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt.float(), cu, C, lact, res)
+    args, want, (*_, dtype) = bwd_case(case)
     fused = _emulated_bwd_f32(emu_tc, *args)
 
     class Split:  # emulated_bwd calls lib.emu_bwd

@@ -78,10 +78,9 @@ bool tc_conditions(const Layout& lay, InDType dt, std::initializer_list<const at
   return true;
 }
 
+// The fused tensor-core kernels (ttt_fwd_tc.cuh, ttt_bwd_tc.cuh) take d = h = 64.
 bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
-  const int major = at::cuda::getCurrentDeviceProperties()->major;
-  return ttt_fwd_tc_supported(static_cast<int>(lay.d), static_cast<int>(lay.h), dt, major) &&
-         tc_conditions(lay, dt, rows, 64);
+  return tc_conditions(lay, dt, rows, 64);
 }
 
 // Split mode's update chain split by hidden units (ttt_chain_tc.cuh) instead of the token-split
@@ -101,22 +100,9 @@ bool use_split_read(const Layout& lay) {
   return env != nullptr && std::strcmp(env, "1") == 0 && lay.H <= 65535;  // heads along gridDim.y
 }
 
-// The read work of split mode, on the device: (first token, length, checkpoint slot) of every
-// non-empty segment, in the kernels' walk order (each segment fills the current chunk).
+// The read work of split mode (segment_reads), on the device.
 at::Tensor read_work(const Layout& lay, const at::Device& device) {
-  std::vector<int64_t> work;
-  for (int64_t n = 0; n < lay.N; ++n) {
-    int64_t fill = lay.p0[n], pos = 0, slot = lay.slot[n];
-    while (true) {
-      const int64_t seg = std::min(lay.len[n] - pos, lay.C - fill);
-      if (seg > 0) work.insert(work.end(), {lay.start[n] + pos, seg, slot});
-      ++slot;
-      fill += seg;
-      pos += seg;
-      if (fill < lay.C) break;
-      fill = 0;
-    }
-  }
+  const auto work = segment_reads(lay.start.data(), lay.len.data(), lay.p0.data(), lay.slot.data(), lay.N, lay.C);
   return at::tensor(work, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 

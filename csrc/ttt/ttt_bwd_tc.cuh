@@ -391,30 +391,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       for (int64_t ti = rank; ti < n_tiles; ti += kP) {
         const int64_t t0 = ti * kTile;
         const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-        for (int e = tid; e < kTile * (kD / 8); e += kT) {
-          const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-          const int64_t ct = t0 + t;
-          if (t < nt && ct >= pb) {
-            const int64_t off = chunk_row(ct) * kD + c;
-            *reinterpret_cast<uint4*>(sA + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
-            *reinterpret_cast<uint4*>(sB + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
-          } else {
-            const float* r = pend + ct * pstride;
-#pragma unroll
-            for (int q = 0; q < 8; q += 2) {
-              const bool in = t < nt;
-              store_pair(sA + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
-              store_pair(sB + t * kLd + c + q, in ? r[kD + c + q] : 0.f, in ? r[kD + c + q + 1] : 0.f);
-            }
-          }
-        }
-        for (int e = tid; e < kTile * 4; e += kT) {
-          const int t = e / 4, m = e % 4;
-          const int64_t ct = t0 + t;
-          float r = 0.f;
-          if (t < nt && m < 3) r = ct < pb ? pend[ct * pstride + 2 * kD + m] : to_float(load_tok<T>(p.eta, chunk_row(ct) * 3 + m));
-          sEta[e] = r;
-        }
+        stage_chunk_tile<T, kD>(p.k, p.v, p.eta, p.mu, pend, pstride, H, hh, first, pb, t0, nt, sA, sB, sEta);
         __syncthreads();
         // Per-token terms (ttt_bwd.cu, update_grad_backward), warp w: tokens [16w, 16w + 16).
         float sum_g[2] = {0.f, 0.f}, sum_u[2] = {0.f, 0.f}, sum_d[2] = {0.f, 0.f};

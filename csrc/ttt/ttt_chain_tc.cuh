@@ -215,37 +215,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
     for (int64_t ti = 0; ti < n_tiles; ++ti) {
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-      for (int e = tid; e < kTile * (D / 8); e += kT) {
-        const int t = e / (D / 8), c = (e % (D / 8)) * 8;
-        const int64_t ct = t0 + t;
-        if (t < nt && ct >= pb) {
-          const int64_t off = tok(first + ct - pb) * D + c;
-          *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
-          *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
-        } else {
-          const float* r = pend0 + ct * pstride;
-#pragma unroll
-          for (int q = 0; q < 8; q += 2) {
-            const bool in = t < nt;
-            store_pair(sK + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
-            store_pair(sV + t * kLd + c + q, in ? r[D + c + q] : 0.f, in ? r[D + c + q + 1] : 0.f);
-          }
-        }
-      }
-      for (int e = tid; e < kTile * 4; e += kT) {
-        const int t = e / 4, m = e % 4;
-        const int64_t ct = t0 + t;
-        float r = 0.f;
-        if (t < nt) {
-          if (ct < pb) {
-            r = pend0[ct * pstride + 2 * D + m];
-          } else {
-            const int64_t row = tok(first + ct - pb);
-            r = m < 3 ? to_float(load_tok<T>(p.eta, row * 3 + m)) : to_float(load_tok<T>(p.mu, row));
-          }
-        }
-        sEta[e] = r;
-      }
+      stage_chunk_tile<T, D>(p.k, p.v, p.eta, p.mu, pend0, pstride, H, hh, first, pb, t0, nt, sK, sV, sEta);
       __syncthreads();
       if (tid == 0) {
         for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];

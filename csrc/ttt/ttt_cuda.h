@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace allmem::ttt::cuda {
 
@@ -52,6 +53,27 @@ struct ReadParams {
   bool residual;
   int d;  // d = h, 64 or 128
 };
+
+// The work list of split mode's reads (ReadParams::work): (first token, length, checkpoint slot)
+// of every non-empty segment, walking each sequence as the kernels do (each segment fills the
+// current chunk). Per sequence n: start[n], len[n], initial pending length p0[n], first slot[n].
+inline std::vector<int64_t> segment_reads(const int64_t* start, const int64_t* len, const int64_t* p0,
+                                          const int64_t* slot, int64_t n_seqs, int64_t chunk) {
+  std::vector<int64_t> work;
+  for (int64_t n = 0; n < n_seqs; ++n) {
+    int64_t fill = p0[n], pos = 0, s = slot[n];
+    while (true) {
+      const int64_t seg = len[n] - pos < chunk - fill ? len[n] - pos : chunk - fill;
+      if (seg > 0) work.insert(work.end(), {start[n] + pos, seg, s});
+      ++s;
+      fill += seg;
+      pos += seg;
+      if (fill < chunk) break;
+      fill = 0;
+    }
+  }
+  return work;
+}
 
 // One backward launch (the CPU op's ttt_memory_bwd): walks each (sequence, head) in reverse from
 // the forward's checkpoints. Gradients of the tokens come out float32 [T, H, x]; d_targets
@@ -112,7 +134,6 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 
 // The tensor-core forward (ttt_fwd_tc.cuh): d = h = 64, bf16/fp16 inputs, sm_90+ (clusters).
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
-bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major);
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
 // Split mode (opt-in ALLMEM_TTT_TC_SPLIT=1): the cluster forward with p.skip_read runs only the
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from

@@ -59,11 +59,6 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-bool ttt_fwd_tc_supported(int d, int h, InDType dtype, int device_major) {
-  return d == tc::FwdTcTraits::kD && h == tc::FwdTcTraits::kD && device_major >= 9 &&
-         (dtype == InDType::kBFloat16 || dtype == InDType::kFloat16);
-}
-
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream) {
   if (p.dtype == InDType::kBFloat16) return launch_tc<__nv_bfloat16>(p, stream);
   if (p.dtype == InDType::kFloat16) return launch_tc<__half>(p, stream);

@@ -174,6 +174,48 @@ __device__ __forceinline__ T load_tok(const void* p, int64_t i) {
   return static_cast<const T*>(p)[i];
 }
 
+// Stages rows [t0, t0 + nt) of a chunk whose row t is the initial pending row t (t < pb, float32,
+// rounded to T) or token first + t - pb of head hh: k, v into the 16-bit tiles sK, sV (row stride
+// D + 8), eta and mu into sEta [64][4]; rows past nt are zero. Every thread of the CTA calls it.
+template <typename T, int D>
+__device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, const void* eta, const void* mu,
+                                                 const float* pend0, int64_t pstride, int64_t H, int64_t hh,
+                                                 int64_t first, int64_t pb, int64_t t0, int nt, T* sK, T* sV,
+                                                 float* sEta) {
+  constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile, kLd = D + 8;
+  auto row_of = [&](int64_t ct) { return (first + ct - pb) * H + hh; };
+  for (int e = threadIdx.x; e < kTile * (D / 8); e += kT) {
+    const int t = e / (D / 8), c = (e % (D / 8)) * 8;
+    const int64_t ct = t0 + t;
+    if (t < nt && ct >= pb) {
+      const int64_t off = row_of(ct) * D + c;
+      *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(k) + off);
+      *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + off);
+    } else {
+      const float* r = pend0 + ct * pstride;
+#pragma unroll
+      for (int q = 0; q < 8; q += 2) {
+        const bool in = t < nt;
+        store_pair(sK + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
+        store_pair(sV + t * kLd + c + q, in ? r[D + c + q] : 0.f, in ? r[D + c + q + 1] : 0.f);
+      }
+    }
+  }
+  for (int e = threadIdx.x; e < kTile * 4; e += kT) {
+    const int t = e / 4, m = e % 4;
+    const int64_t ct = t0 + t;
+    float r = 0.f;
+    if (t < nt) {
+      if (ct < pb) {
+        r = pend0[ct * pstride + 2 * D + m];
+      } else {
+        r = m < 3 ? to_float(load_tok<T>(eta, row_of(ct) * 3 + m)) : to_float(load_tok<T>(mu, row_of(ct)));
+      }
+    }
+    sEta[e] = r;
+  }
+}
+
 // Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
 // (silu(Wg q) * (Wu q)) [+ q] with the 16-bit weights sW ([3][D][D + 8]: gate, up, down) of the
 // CTA's shared memory; sQ is a [64][D + 8] staging tile. Every thread of the CTA (4 warps) calls it.

@@ -52,6 +52,19 @@ void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, 
   }
 }
 
+// The (segment, head) grid of split mode's read kernels: blockIdx.x the work item, .y the head;
+// one CTA of 128 threads at a time.
+template <typename Body>
+void run_segment_grid(int64_t n_work, int64_t heads, int smem_bytes, Body body) {
+  run_jobs(
+      1, tc::FwdTcTraits::kThreads, tc::FwdTcTraits::kWarps, smem_bytes, n_work * heads,
+      [n_work](int64_t job, int) {
+        blockIdx.x = static_cast<unsigned>(job % n_work);
+        blockIdx.y = static_cast<unsigned>(job / n_work);
+      },
+      body);
+}
+
 // One cluster of kP CTAs per (sequence, head), as launch_tc launches them.
 template <typename Tr, typename Params, typename Kernel>
 void run_clusters(const Params& p, Kernel kernel) {
@@ -60,23 +73,9 @@ void run_clusters(const Params& p, Kernel kernel) {
       [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); }, [&] { kernel(p); });
 }
 
-// ttt_api_cuda.cpp read_work: (first token, length, checkpoint slot) of every non-empty segment.
+// ttt_api_cuda.cpp read_work: ttt_cuda.h segment_reads on the sequence table [start | len | p0 | slot].
 std::vector<int64_t> read_work(const int64_t* seq, int64_t N, int64_t C) {
-  std::vector<int64_t> work;
-  for (int64_t n = 0; n < N; ++n) {
-    int64_t fill = seq[2 * N + n], pos = 0, slot = seq[3 * N + n];
-    const int64_t start = seq[n], len = seq[N + n];
-    while (true) {
-      const int64_t seg = std::min(len - pos, C - fill);
-      if (seg > 0) work.insert(work.end(), {start + pos, seg, slot});
-      ++slot;
-      fill += seg;
-      pos += seg;
-      if (fill < C) break;
-      fill = 0;
-    }
-  }
-  return work;
+  return segment_reads(seq, seq + N, seq + 2 * N, seq + 3 * N, N, C);
 }
 
 // The read kernel of split mode on a grid of (segment, head) CTAs, with the work list
@@ -85,15 +84,7 @@ template <typename T, int D>
 void run_read(const FwdParams& p) {
   const std::vector<int64_t> work = read_work(p.seq, p.n_seqs, p.chunk);
   ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual, D};
-  const int64_t n_work = r.n_work, H = p.heads;
-  using Tr = tc::ReadTcTraits<D>;
-  run_jobs(
-      1, Tr::kThreads, tc::FwdTcTraits::kWarps, Tr::kSmemBytes, n_work * H,
-      [n_work](int64_t job, int) {
-        blockIdx.x = static_cast<unsigned>(job % n_work);
-        blockIdx.y = static_cast<unsigned>(job / n_work);
-      },
-      [&] { tc::ttt_read_tc_kernel<T, D>(r); });
+  run_segment_grid(r.n_work, p.heads, tc::ReadTcTraits<D>::kSmemBytes, [&] { tc::ttt_read_tc_kernel<T, D>(r); });
 }
 
 // The split forward: the cluster kernel without the reads, then the read kernel.
@@ -152,14 +143,7 @@ void run_bwd_split(BwdParams p) {
   for (int64_t i = 0; i < n_work; ++i) slots = std::max(slots, work[3 * i + 2] + 1);
   std::vector<float> dw_read(static_cast<size_t>(slots * H * 3 * 64 * 64), std::nanf(""));
   ReadBwdParams r{p.q, p.grad_o, p.dq, p.dtype, p.ckpt, work.data(), n_work, H, p.residual, dw_read.data()};
-  using Tr = tc::ReadBwdTcTraits;
-  run_jobs(
-      1, Tr::kThreads, tc::BwdTcTraits::kWarps, Tr::kSmemBytes, n_work * H,
-      [n_work](int64_t job, int) {
-        blockIdx.x = static_cast<unsigned>(job % n_work);
-        blockIdx.y = static_cast<unsigned>(job / n_work);
-      },
-      [&] { tc::ttt_read_bwd_tc_kernel<T>(r); });
+  run_segment_grid(n_work, H, tc::ReadBwdTcTraits::kSmemBytes, [&] { tc::ttt_read_bwd_tc_kernel<T>(r); });
   p.skip_read = true;
   p.dw_read = dw_read.data();
   run_clusters<tc::BwdTcTraits>(p, tc::ttt_bwd_tc_kernel<T>);
