@@ -338,16 +338,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
       if (t < pb_last) {
         x = pend0[t * pstride + c];
       } else if (t < fill) {
-        const int64_t row = tok(first_last + t - pb_last);
-        if (c < D) {
-          x = to_float(load_tok<T>(p.k, row * D + c));
-        } else if (c < 2 * D) {
-          x = to_float(load_tok<T>(p.v, row * D + c - D));
-        } else if (c < 2 * D + 3) {
-          x = to_float(load_tok<T>(p.eta, row * 3 + c - 2 * D));
-        } else {
-          x = to_float(load_tok<T>(p.mu, row));
-        }
+        x = pending_elem<T, D>(p.k, p.v, p.eta, p.mu, tok(first_last + t - pb_last), c);
       }
       pend[t * pstride + c] = x;
     }

@@ -174,6 +174,16 @@ __device__ __forceinline__ T load_tok(const void* p, int64_t i) {
   return static_cast<const T*>(p)[i];
 }
 
+// Element c of token row `row`'s chunk-buffer row (k | v | eta | mu, D = d = h) as float32.
+template <typename T, int D>
+__device__ __forceinline__ float pending_elem(const void* k, const void* v, const void* eta, const void* mu,
+                                              int64_t row, int c) {
+  if (c < D) return to_float(load_tok<T>(k, row * D + c));
+  if (c < 2 * D) return to_float(load_tok<T>(v, row * D + c - D));
+  if (c < 2 * D + 3) return to_float(load_tok<T>(eta, row * 3 + c - 2 * D));
+  return to_float(load_tok<T>(mu, row));
+}
+
 // Stages rows [t0, t0 + nt) of a chunk whose row t is the initial pending row t (t < pb, float32,
 // rounded to T) or token first + t - pb of head hh: k, v into the 16-bit tiles sK, sV (row stride
 // D + 8), eta and mu into sEta [64][4]; rows past nt are zero. Every thread of the CTA calls it.
@@ -546,18 +556,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
         for (int64_t e = tid; e < (b - a) * PW; e += kT) {
           const int64_t t = a + e / PW;
           const int c = static_cast<int>(e % PW);
-          const int64_t row = tok(first + t - pb);
-          float x;
-          if (c < kD) {
-            x = to_float(load_tok<T>(p.k, row * kD + c));
-          } else if (c < 2 * kD) {
-            x = to_float(load_tok<T>(p.v, row * kD + c - kD));
-          } else if (c < 2 * kD + 3) {
-            x = to_float(load_tok<T>(p.eta, row * 3 + c - 2 * kD));
-          } else {
-            x = to_float(load_tok<T>(p.mu, row));
-          }
-          pend[t * pstride + c] = x;
+          pend[t * pstride + c] = pending_elem<T, kD>(p.k, p.v, p.eta, p.mu, tok(first + t - pb), c);
         }
       });
     }
