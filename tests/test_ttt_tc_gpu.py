@@ -31,7 +31,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an 
 
 @pytest.fixture
 def tc(monkeypatch):
+    """The tensor-core kernels, fused (split mode off: it is chosen by length when unset; tests
+    that want it set ALLMEM_TTT_TC_SPLIT=1 after this fixture)."""
     monkeypatch.setenv("ALLMEM_TTT_TC", "1")
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "0")
 
 
 def tc_inputs(*args, **kw):
@@ -316,3 +319,23 @@ def test_tc_split_backward(tc, monkeypatch, case):
     for i, (a, f, w, a2) in enumerate(zip(split, fused, want, again)):
         assert torch.equal(a, a2), f"gradient {i}: not deterministic"
         assert rel_err(a, f) < 1e-3 and rel_err(a.cpu(), w) < 4 * u, f"gradient {i}"
+
+
+@pytest.mark.parametrize("chunks", [7, 8])
+def test_tc_split_is_chosen_by_length(tc, monkeypatch, chunks):
+    """ALLMEM_TTT_TC_SPLIT unset: split mode from 8 chunks in the longest sequence (pending tokens
+    counted), the fused kernels below. The backward tells them apart (the forward is bitwise the
+    same in both): with the variable unset it is bit for bit one of them and differs from the other."""
+    C = 128
+    # Two sequences; the longer one reaches `chunks` chunks only with its 5 pending tokens.
+    lens, plens = [chunks * C - 5, 300], [5, 0]
+    dev, outs, grads, _, (C, lact, res, dtype) = _bwd_case(
+        (None, None, 2, C, lens, plens, False, True, torch.bfloat16))
+    fused = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    split = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_TC_SPLIT")
+    auto = _bwd(dev, outs, grads, C, lact, res)
+    want, other = (split, fused) if chunks >= 8 else (fused, split)
+    assert all(torch.equal(a, w) for a, w in zip(auto, want))
+    assert any(not torch.equal(a, o) for a, o in zip(auto, other)), "split and fused backward agree bitwise"

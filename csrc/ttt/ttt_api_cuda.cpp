@@ -93,11 +93,25 @@ bool use_units_chain(int64_t d) {
 }
 
 // Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
-// and the reads' backward run chunk-parallel outside the sequential cluster chain. Opt-in
-// ALLMEM_TTT_TC_SPLIT=1 until it has passed on a GPU.
+// and the reads' backward run chunk-parallel outside the sequential cluster chain. Its forward is
+// bitwise the fused kernel's; its backward sums the read's weight gradient in another order (within
+// 1e-3 of the fused backward, 4 u of float64). ALLMEM_TTT_TC_SPLIT=1 forces it on (the only way to
+// the d = h = 128 tensor-core forward, not benchmarked yet), =0 off. Unset (or anything else): on
+// for d = h = 64 when the longest sequence spans at least kSplitMinChunks chunks. Measured on an
+// H200 (bench/results/gpu_2026-11-26d_h200, H = 8, C = 2048, split vs fused, ms): forward B=1 8k
+// 0.43 vs 0.37, 32k 0.79 vs 0.85, 128k 2.36 vs 2.83, B=8 128k 11.99 vs 13.78; forward+backward B=1
+// 8k 1.99 vs 1.62, 32k 2.79 vs 2.87, 128k 8.29 vs 9.63, B=8 8k 3.81 vs 3.75, 32k 11.53 vs 12.50.
+// It pays from 16 chunks (32k) and loses at 4 (8k); 8 is between, not measured.
+constexpr int64_t kSplitMinChunks = 8;
+
 bool use_split_read(const Layout& lay) {
+  if (lay.H > 65535) return false;  // the read kernels put heads along gridDim.y
   const char* env = std::getenv("ALLMEM_TTT_TC_SPLIT");
-  return env != nullptr && std::strcmp(env, "1") == 0 && lay.H <= 65535;  // heads along gridDim.y
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  if ((env != nullptr && std::strcmp(env, "0") == 0) || lay.d != 64 || lay.h != 64) return false;
+  int64_t longest = 0;  // tokens of the longest sequence's chunk walk, its pending tokens included
+  for (int64_t i = 0; i < lay.N; ++i) longest = std::max(longest, lay.p0[i] + lay.len[i]);
+  return longest >= kSplitMinChunks * lay.C;
 }
 
 // The read work of split mode (segment_reads), on the device.

@@ -135,7 +135,7 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 // The tensor-core forward (ttt_fwd_tc.cuh): d = h = 64, bf16/fp16 inputs, sm_90+ (clusters).
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
-// Split mode (opt-in ALLMEM_TTT_TC_SPLIT=1): the cluster forward with p.skip_read runs only the
+// Split mode (use_split_read in ttt_api_cuda.cpp): the cluster forward with p.skip_read runs only the
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from
 // them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.
 void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
