@@ -38,9 +38,15 @@
 # bench-ttt all rows > 150 s (d=64 only with --skip allmem,ref_eager,fla_gdn: 32 s), each SWA
 # sanitizer 6-9 s, TTT tensor-core memcheck/racecheck/synccheck 4/18/4 s; a machine start costs
 # 30-90 s of the lease. For the next 15-minute lease, one call (timeout_s 600) that checks what
-# is new and unverified (split mode, the Hopper SWA forward's accuracy over many seeds):
-#   ALLMEM_COMMIT=<sha> STAGES="build tests-tc sweep bench-ttt sanitize-tc tests" \
-#   BENCH_TTT_ARGS="--d 64 --skip allmem,ref_eager" BUDGET_S=560 bash bench/device_check.sh
+# is new and unverified (run d verified split mode; since then: split mode by default, the d = 128
+# forward on tensor cores by default, the SWA tests' criteria, the Hopper SWA forward as default):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests-tc tests-sm90 tests bench-ttt" SM90_REPS=3 \
+#   BENCH_TTT_ARGS="--d 128 --skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_gdn,fla_dr" \
+#   (d = 128: the default forward + SIMT backward, allmem_comp's composite backward, ref_comp)
+#   BUDGET_S=560 bash bench/device_check.sh
+# (run d: build 41 s, tests-tc 26 s, tests 54 s + 14 + 8 + 17 + 6, bench-ttt d=64 126 s; each
+# tests-sm90 rep about 20 s; the d = 128 rows: the new default forward vs the compiled reference,
+# fwd+bwd with the SIMT backward at about 2.7 s a call at 128k. d = 64 split/fused: run d.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -120,14 +126,14 @@ cd /tmp
 $PY -c 'import allmem_ops; print("allmem_ops", allmem_ops.__file__, allmem_ops.build_info())' 2>&1 | tee -a "$OUT/build.log"
 
 # ---- GPU tests: the gpu-marked op tests, the GPU-only tests, the static build checks ----
+op_tests=()
+for f in tests/test_swa.py tests/test_swa_gpu.py; do [[ -f $REPO/$f ]] && op_tests+=("$REPO/$f"); done
+# Error-path tests (their names hold reject/unsupported/bad/error) run in a stage of their own,
+# last: on the first H200 run every message that formatted an integer crashed the process
+# (environment; worked around in ALLMEM_CHECK since, unverified), and a crash must not take the
+# other results with it.
+NOT_ERR="not reject and not unsupported and not bad and not error"
 if want tests; then
-  op_tests=()
-  for f in tests/test_swa.py tests/test_swa_gpu.py; do [[ -f $REPO/$f ]] && op_tests+=("$REPO/$f"); done
-  # Error-path tests (their names hold reject/unsupported/bad/error) run in a stage of their own,
-  # last: on the first H200 run every message that formatted an integer crashed the process
-  # (environment; worked around in ALLMEM_CHECK since, unverified), and a crash must not take the
-  # other results with it.
-  NOT_ERR="not reject and not unsupported and not bad and not error"
   # The gpu-marked op tests; then the static build checks (not gpu-marked: CI runs them too).
   run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu -k "$1" "${@:2}"' \
     "$PY" "$NOT_ERR" "${op_tests[@]}"
@@ -148,7 +154,16 @@ fi
 # The tensor-core TTT kernels alone (a short rerun): their GPU tests and the static build checks.
 if want tests-tc; then
   run_stage tests-tc 120 "$OUT/tests.log" $PY -m pytest -q -ra -s -p no:cacheprovider \
-    "$REPO/tests/test_ttt_tc_gpu.py" "$REPO/tests/test_ttt_cuda_build.py"
+    "$REPO/tests/test_ttt_tc_gpu.py" "$REPO/tests/test_ttt_cuda_build.py" "$REPO/tests/test_ttt_composite.py"
+fi
+
+# The SWA op tests with the Hopper forward as the default (ALLMEM_SWA_SM90=1), SM90_REPS times
+# (fresh random seeds each time): the evidence for making it the default.
+if want tests-sm90; then
+  for i in $(seq 1 "${SM90_REPS:-3}"); do
+    run_stage "tests-sm90-$i" 90 "$OUT/tests.log" env ALLMEM_SWA_SM90=1 \
+      bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu -k "$1" "${@:2}"' "$PY" "$NOT_ERR" "${op_tests[@]}"
+  done
 fi
 
 # The SWA forward accuracy criterion over many seeds, both forward kernels (bench/swa_seed_sweep.py):

@@ -339,3 +339,17 @@ def test_tc_split_is_chosen_by_length(tc, monkeypatch, chunks):
     want, other = (split, fused) if chunks >= 8 else (fused, split)
     assert all(torch.equal(a, w) for a, w in zip(auto, want))
     assert any(not torch.equal(a, o) for a, o in zip(auto, other)), "split and fused backward agree bitwise"
+
+
+def test_tc_d128_forward_is_split_mode_by_default(tc, monkeypatch):
+    """d = h = 128 with ALLMEM_TTT_TC_SPLIT unset: the tensor-core forward of split mode (units
+    chain + read), bit for bit what ALLMEM_TTT_TC_SPLIT=1 gives, and not the SIMT kernel's result
+    (=0: d = 128 has no fused tensor-core kernel)."""
+    _, dev = tc_inputs(1, 700, 2, 128, 128, 128, torch.bfloat16)
+    simt = fwd(dev, 128)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    split = fwd(dev, 128)
+    monkeypatch.delenv("ALLMEM_TTT_TC_SPLIT")
+    auto = fwd(dev, 128)
+    assert all(torch.equal(a, s) for a, s in zip(auto, split))
+    assert not torch.equal(auto[1], simt[1]), "the default d = 128 forward is the SIMT kernel"

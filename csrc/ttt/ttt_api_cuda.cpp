@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "ttt/ttt_bwd_composite.h"
 #include "ttt/ttt_common.h"
 #include "ttt/ttt_cuda.h"
 
@@ -95,9 +96,12 @@ bool use_units_chain(int64_t d) {
 // Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
 // and the reads' backward run chunk-parallel outside the sequential cluster chain. Its forward is
 // bitwise the fused kernel's; its backward sums the read's weight gradient in another order (within
-// 1e-3 of the fused backward, 4 u of float64). ALLMEM_TTT_TC_SPLIT=1 forces it on (the only way to
-// the d = h = 128 tensor-core forward, not benchmarked yet), =0 off. Unset (or anything else): on
-// for d = h = 64 when the longest sequence spans at least kSplitMinChunks chunks. Measured on an
+// 1e-3 of the fused backward, 4 u of float64). ALLMEM_TTT_TC_SPLIT=1 forces it on, =0 off. Unset
+// (or anything else): on for d = h = 128, where the units chain + read is the only tensor-core
+// forward (GPU tests and sanitizers passed in run d; not benchmarked yet, but the SIMT forward it
+// replaces took 43 ms at B=1 L=8k and 672 ms at 128k in run b, 17-21x the compiled reference, one
+// CTA per head chain); and for d = h = 64 when the longest sequence spans at least
+// kSplitMinChunks chunks. Measured on an
 // H200 (bench/results/gpu_2026-11-26d_h200, H = 8, C = 2048, split vs fused, ms): forward B=1 8k
 // 0.43 vs 0.37, 32k 0.79 vs 0.85, 128k 2.36 vs 2.83, B=8 128k 11.99 vs 13.78; forward+backward B=1
 // 8k 1.99 vs 1.62, 32k 2.79 vs 2.87, 128k 8.29 vs 9.63, B=8 8k 3.81 vs 3.75, 32k 11.53 vs 12.50.
@@ -108,7 +112,9 @@ bool use_split_read(const Layout& lay) {
   if (lay.H > 65535) return false;  // the read kernels put heads along gridDim.y
   const char* env = std::getenv("ALLMEM_TTT_TC_SPLIT");
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
-  if ((env != nullptr && std::strcmp(env, "0") == 0) || lay.d != 64 || lay.h != 64) return false;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (lay.d == 128 && lay.h == 128) return true;
+  if (lay.d != 64 || lay.h != 64) return false;
   int64_t longest = 0;  // tokens of the longest sequence's chunk walk, its pending tokens included
   for (int64_t i = 0; i < lay.N; ++i) longest = std::max(longest, lay.p0[i] + lay.len[i]);
   return longest >= kSplitMinChunks * lay.C;
@@ -216,6 +222,13 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
   const Layout lay = check_cuda(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
+  // ALLMEM_TTT_BWD=composite: the batched-ATen backward (ttt_bwd_composite.h), cuBLAS matmuls
+  // over all heads of a sequence per chunk. Opt-in until it has run on a GPU; meant for
+  // d = h = 128, whose only hand-written backward is the SIMT kernel (one CTA per head chain).
+  if (composite_bwd_requested()) {
+    return ttt_memory_bwd_composite(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending,
+                                    pending_len, checkpoints, cu_seqlens, chunk_size, lact_order, residual);
+  }
   const InDType dt = cuda_dtype(q);
   const int64_t d = lay.d, h = lay.h;
   ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",

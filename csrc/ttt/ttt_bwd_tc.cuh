@@ -305,12 +305,15 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   // Owned rows of dW += the sum over the cluster of the partials (rank order). After a cluster
   // barrier; the partials are not rewritten before the next one.
   auto reduce_partials = [&]() {
-    for (int e = tid; e < kOE; e += kT) {
+    for (int e = 4 * tid; e < kOE; e += 4 * kT) {  // four columns of one owned row per step
       const int r = e / kD, m = r / kOwn, i = r % kOwn, c = e % kD;
-      const int goff = m * kD * kLdG + (own0 + i) * kLdG + c;
-      float s = 0.f;
-      for (int peer = 0; peer < kP; ++peer) s += *cluster_peer(sG + goff, peer);
-      oDW[e] += s;
+      const float4 s = cluster_sum4<kP>(sG + m * kD * kLdG + (own0 + i) * kLdG + c);
+      float4 dw = *reinterpret_cast<const float4*>(oDW + e);
+      dw.x += s.x;
+      dw.y += s.y;
+      dw.z += s.z;
+      dw.w += s.w;
+      *reinterpret_cast<float4*>(oDW + e) = dw;
     }
     __syncthreads();
   };

@@ -41,6 +41,13 @@ inline at::Tensor row_normalize_backward(const at::Tensor& w, const at::Tensor& 
   return g * (target / denom).unsqueeze(-1) + w * coef.unsqueeze(-1);
 }
 
+// The norm targets are the initial weights' row norms N = ||w[r]||, so dL/dw[r] = dN[r] w[r] / ||w[r]||
+// (0 for a zero row).
+inline at::Tensor target_param_grad(const at::Tensor& w, const at::Tensor& target, const at::Tensor& dtarget) {
+  auto safe = at::where(target > 0, target, at::ones_like(target));
+  return w * (dtarget * (target > 0).to(w.scalar_type()) / safe).unsqueeze(-1);
+}
+
 // The elementwise parts below run as one fused pass over [n, h] (sigmoid itself stays a
 // vectorized ATen op): the chunk-sized intermediates are read and written once instead of once
 // per ATen op. All [n, h] tensors here are fresh contiguous matmul outputs; eta rows may be

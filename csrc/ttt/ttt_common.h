@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -108,6 +109,27 @@ inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const a
   }
   lay.used_slots = slot;
   return lay;
+}
+
+// One sequence is processed as segments: each fills the current chunk (or ends the sequence).
+struct Segment {
+  int64_t pending_before;  // rows of the chunk already filled when the segment starts
+  int64_t tokens;          // new tokens in it
+  int64_t first_token;     // packed index of its first token
+};
+
+inline std::vector<Segment> segments(const Layout& lay, int64_t n) {
+  std::vector<Segment> out;
+  int64_t p = lay.p0[n], pos = 0;
+  while (true) {
+    const int64_t seg = std::min(lay.len[n] - pos, lay.C - p);
+    out.push_back({p, seg, lay.start[n] + pos});
+    p += seg;
+    pos += seg;
+    if (p < lay.C) break;
+    p = 0;
+  }
+  return out;  // all but the last complete a chunk
 }
 
 }  // namespace allmem::ttt

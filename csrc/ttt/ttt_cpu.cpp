@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "ttt/ttt_bwd_composite.h"
 #include "ttt/ttt_chunk.h"
 #include "ttt/ttt_common.h"
 
@@ -50,27 +51,6 @@ struct ChunkView {
     mu.copy_(src.mu);
   }
 };
-
-// One sequence is processed as segments: each fills the current chunk (or ends the sequence).
-struct Segment {
-  int64_t pending_before;  // rows of the chunk already filled when the segment starts
-  int64_t tokens;          // new tokens in it
-  int64_t first_token;     // packed index of its first token
-};
-
-std::vector<Segment> segments(const Layout& lay, int64_t n) {
-  std::vector<Segment> out;
-  int64_t p = lay.p0[n], pos = 0;
-  while (true) {
-    const int64_t seg = std::min(lay.len[n] - pos, lay.C - p);
-    out.push_back({p, seg, lay.start[n] + pos});
-    p += seg;
-    pos += seg;
-    if (p < lay.C) break;
-    p = 0;
-  }
-  return out;  // all but the last complete a chunk
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_targets(const at::Tensor& w_gate, const at::Tensor& w_up,
                                                             const at::Tensor& w_down) {
@@ -149,6 +129,10 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
                    const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending,
                    const at::Tensor& pending_len, const at::Tensor& checkpoints,
                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
+  if (composite_bwd_requested()) {
+    return ttt_memory_bwd_composite(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending,
+                                    pending_len, checkpoints, cu_seqlens, chunk_size, lact_order, residual);
+  }
   // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
   // in the worker threads (the guard is thread-local).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -225,15 +209,10 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
     }
   });
 
-  // The targets are the params' row norms: dN[r] * w[r] / ||w[r]|| (0 for a zero row).
   auto dT = d_targets.sum(0);
-  auto param_grad = [&](const at::Tensor& w, const at::Tensor& target, const at::Tensor& dtarget) {
-    auto safe = at::where(target > 0, target, at::ones_like(target));
-    return w * (dtarget * (target > 0).to(acc) / safe).unsqueeze(-1);
-  };
-  auto dwg = param_grad(w_gate, tg, dT.narrow(1, 0, h));
-  auto dwu = param_grad(w_up, tu, dT.narrow(1, h, h));
-  auto dwd = param_grad(w_down, td, dT.narrow(1, 2 * h, d));
+  auto dwg = target_param_grad(w_gate, tg, dT.narrow(1, 0, h));
+  auto dwu = target_param_grad(w_up, tu, dT.narrow(1, h, h));
+  auto dwd = target_param_grad(w_down, td, dT.narrow(1, 2 * h, d));
   const auto in_dt = q.scalar_type();
   auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
   return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};

@@ -141,7 +141,8 @@ void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
 void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // The update chain of split mode split by hidden units (ttt_chain_tc.cuh), d = h in {64, 128},
 // bf16/fp16, sm_90+: checkpoints, final state and chunk buffer as launch_ttt_fwd_tc; o is left to
-// launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units).
+// launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units);
+// split mode is the default at d = 128.
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.

@@ -1,0 +1,258 @@
+// The TTT memory backward as batched ATen math: ttt_chunk.h's hand-derived backward with the heads
+// of one sequence as the batch dimension ([H, n, x] tokens, [H, h, d] weights), so each step is one
+// batched matmul or one elementwise op over all heads, on whatever device the tensors are. The
+// walk (sequences, segments in reverse from the checkpoints, the pending chunk) is ttt_cpu.cpp's.
+#include "ttt/ttt_bwd_composite.h"
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common/checks.h"
+#include "ttt/ttt_chunk.h"
+#include "ttt/ttt_common.h"
+
+namespace allmem::ttt {
+
+bool composite_bwd_requested() {
+  const char* env = std::getenv("ALLMEM_TTT_BWD");
+  return env != nullptr && std::strcmp(env, "composite") == 0;
+}
+
+namespace {
+
+// gate [H, h, d], up [H, h, d], down [H, d, h]
+using BMats = std::array<at::Tensor, 3>;
+
+// Rows `first`.. of [H, 6, h*d] state rows as batched matrices (views).
+BMats bmats_of(const at::Tensor& rows6, int64_t first, int64_t h, int64_t d) {
+  const int64_t H = rows6.size(0);
+  return {rows6.select(1, first).view({H, h, d}), rows6.select(1, first + 1).view({H, h, d}),
+          rows6.select(1, first + 2).view({H, d, h})};
+}
+
+at::Tensor tr(const at::Tensor& x) { return x.transpose(-2, -1); }
+
+// A chunk's rows, heads first: k, v [H, n, d], eta [H, n, 3], mu [H, n].
+struct Rows {
+  at::Tensor k, v, eta, mu;
+  static Rows of_buffer(const at::Tensor& buf, int64_t d) {  // buf [H, C, 2d + 4]
+    return {buf.narrow(2, 0, d), buf.narrow(2, d, d), buf.narrow(2, 2 * d, 3), buf.select(2, 2 * d + 3)};
+  }
+  Rows rows(int64_t from, int64_t count) const {
+    return {k.narrow(1, from, count), v.narrow(1, from, count), eta.narrow(1, from, count),
+            mu.narrow(1, from, count)};
+  }
+  void copy_from(const Rows& src) const {
+    k.copy_(src.k);
+    v.copy_(src.v);
+    eta.copy_(src.eta);
+    mu.copy_(src.mu);
+  }
+};
+
+// Backward of the read o = Wd (silu(Wg q) * (Wu q)) [+ q]: adds to dW, returns dq [H, n, d].
+at::Tensor read_backward_b(const BMats& W, const at::Tensor& q, const at::Tensor& dout, bool residual, BMats& dW) {
+  auto a = at::matmul(q, tr(W[kGate]));
+  auto b = at::matmul(q, tr(W[kUp]));
+  auto sig = at::sigmoid(a);
+  auto silu = a * sig;
+  auto d1 = sig * (1 + a * (1 - sig));
+  auto ds = at::matmul(dout, W[kDown]);  // [H, n, h]
+  auto s = silu * b;
+  auto db = ds * silu;
+  auto da = ds * b * d1;
+  dW[kDown].baddbmm_(tr(dout), s);
+  dW[kGate].baddbmm_(tr(da), q);
+  dW[kUp].baddbmm_(tr(db), q);
+  auto dq = at::matmul(da, W[kGate]).baddbmm_(db, W[kUp]);
+  if (residual) dq.add_(dout);
+  return dq;
+}
+
+struct Factors {  // the per-token quantities of the update at weights W
+  at::Tensor a, b, e, sig, silu, d1, eg, eu, ed;
+};
+
+Factors factors(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta) {
+  Factors f;
+  f.a = at::matmul(k, tr(W[kGate]));
+  f.b = at::matmul(k, tr(W[kUp]));
+  f.e = at::matmul(v, W[kDown]);
+  f.sig = at::sigmoid(f.a);
+  f.silu = f.a * f.sig;
+  f.d1 = f.sig * (1 + f.a * (1 - f.sig));
+  f.eg = eta.narrow(2, kGate, 1);
+  f.eu = eta.narrow(2, kUp, 1);
+  f.ed = eta.narrow(2, kDown, 1);
+  return f;
+}
+
+// G of SPEC.md at W (ttt_chunk.h update_grad): Gd = -V^T (eta_d s), Gu = -(eta_u e silu(a))^T K,
+// Gg = -(eta_g e b silu'(a))^T K.
+BMats update_grad_b(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta) {
+  const Factors f = factors(W, k, v, eta);
+  BMats G;
+  G[kGate] = at::matmul(tr(f.eg * f.e * f.b * f.d1), k).neg_();
+  G[kUp] = at::matmul(tr(f.eu * f.e * f.silu), k).neg_();
+  G[kDown] = at::matmul(tr(v), f.ed * f.silu * f.b).neg_();
+  return G;
+}
+
+// ttt_chunk.h update_grad_backward, batched: returns dL/dW, writes dk, dv [H, n, d], deta [H, n, 3].
+BMats update_grad_backward_b(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                             const BMats& Gam, at::Tensor& dk, at::Tensor& dv, at::Tensor& deta) {
+  const Factors f = factors(W, k, v, eta);
+  auto ps = at::matmul(v, Gam[kDown]);
+  auto pu = at::matmul(k, tr(Gam[kUp]));
+  auto pg = at::matmul(k, tr(Gam[kGate]));
+  auto om = 1 - f.sig;
+  auto d2 = f.sig * om * (2 + f.a * (1 - 2 * f.sig));
+  auto s = f.silu * f.b, xu = f.e * f.silu, xg = f.e * f.b * f.d1;
+  auto rd = ps * f.ed, ru = pu * f.eu, rg = pg * f.eg;
+  deta = at::stack({(pg * xg).sum(-1), (pu * xu).sum(-1), (ps * s).sum(-1)}, -1).neg_();
+  auto de = (ru * f.silu + rg * f.b * f.d1).neg_();
+  auto da = (rd * f.b * f.d1 + ru * f.e * f.d1 + rg * f.e * f.b * d2).neg_();
+  auto db = (rd * f.silu + rg * f.e * f.d1).neg_();
+  dv = at::matmul(de, tr(W[kDown])).sub_(at::matmul(s * f.ed, tr(Gam[kDown])));
+  dk = at::matmul(da, W[kGate]).baddbmm_(db, W[kUp]);
+  dk.sub_(at::matmul(xu * f.eu, Gam[kUp])).sub_(at::matmul(xg * f.eg, Gam[kGate]));
+  BMats dW;
+  dW[kGate] = at::matmul(tr(da), k);
+  dW[kUp] = at::matmul(tr(db), k);
+  dW[kDown] = at::matmul(tr(v), de);
+  return dW;
+}
+
+// ttt_chunk.h chunk_update_backward, batched; mu_j [H]. Returns dL/dmu_j [H].
+at::Tensor chunk_update_backward_b(const BMats& W, const BMats& M, const BMats& targets, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu_j,
+                                   bool lact_order, BMats& dW, BMats& dM, BMats& dtargets, at::Tensor& dk,
+                                   at::Tensor& dv, at::Tensor& deta) {
+  const auto mu3 = mu_j.view({-1, 1, 1});
+  BMats dM_new, Gam;
+  if (lact_order) {
+    auto G = update_grad_b(W, k, v, eta);
+    BMats dZ;
+    for (int i = 0; i < 3; ++i) {
+      auto Z = W[i] + (M[i] * mu3).sub_(G[i]);
+      dZ[i] = row_normalize_backward(Z, targets[i], dW[i], dtargets[i]);
+      dM_new[i] = dM[i] + dZ[i];
+      Gam[i] = -dM_new[i];
+    }
+    auto dW_G = update_grad_backward_b(W, k, v, eta, Gam, dk, dv, deta);
+    for (int i = 0; i < 3; ++i) dW[i] = dZ[i] + dW_G[i];
+  } else {
+    BMats W_hat;
+    for (int i = 0; i < 3; ++i) {
+      W_hat[i] = row_normalize(W[i], targets[i]);
+      dM_new[i] = dM[i] + dW[i];
+      Gam[i] = -dM_new[i];
+    }
+    auto dW_hat = update_grad_backward_b(W_hat, k, v, eta, Gam, dk, dv, deta);
+    for (int i = 0; i < 3; ++i) {
+      dW_hat[i].add_(dW[i]);
+      dW[i] = row_normalize_backward(W[i], targets[i], dW_hat[i], dtargets[i]);
+    }
+  }
+  auto dmu = at::zeros_like(mu_j);
+  for (int i = 0; i < 3; ++i) {
+    dmu.add_((dM_new[i] * M[i]).sum({1, 2}));
+    dM[i] = dM_new[i] * mu3;
+  }
+  return dmu;
+}
+
+}  // namespace
+
+BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
+                                    const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                    const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                    const at::Tensor& w_down, const at::Tensor& pending,
+                                    const at::Tensor& pending_len, const at::Tensor& checkpoints,
+                                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
+                                    bool lact_order, bool residual) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const auto acc = accumulate_dtype(q.scalar_type());
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
+                                      chunk_size, acc);
+  const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H;
+  ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
+               shape_str(grad_o));
+  check_same_device(grad_o, "grad_o", q, "q");
+  const std::vector<int64_t> fast_shape{lay.N, H, kFastRows, h * d};
+  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
+  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
+  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), H, kFastRows, h * d}, acc, q);
+
+  auto tok = [&](const at::Tensor& t) { return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)}); };
+  auto qa = tok(q), ka = tok(k), va = tok(v), etaa = tok(eta), doa = tok(grad_o);
+  auto mua = mu.to(acc).contiguous().view({lay.T, H});
+  auto tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
+  const BMats targets{tg, tu, td};
+  auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+  auto gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
+  auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
+
+  auto dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
+  auto dmu = at::empty_like(mua);
+  auto d_fast = at::empty(fast_shape, qa.options());
+  auto d_pend = at::zeros_like(pend_in);
+  auto d_targets = at::zeros({H, 2 * h + d}, qa.options());
+  BMats d_tgt{d_targets.narrow(1, 0, h), d_targets.narrow(1, h, h), d_targets.narrow(1, 2 * h, d)};
+
+  for (int64_t n = 0; n < lay.N; ++n) {
+    auto clone3 = [](const BMats& m) { return BMats{m[0].clone(), m[1].clone(), m[2].clone()}; };
+    BMats dW = clone3(bmats_of(gfast[n], 0, h, d)), dM = clone3(bmats_of(gfast[n], kMomentumRow, h, d));
+    const auto segs = segments(lay, n);
+    auto init_pend = pend_in[n].transpose(0, 1);  // [H, C, 2d + 4]
+    auto d_init_pend = d_pend[n].transpose(0, 1);
+    for (int64_t i = static_cast<int64_t>(segs.size()) - 1; i >= 0; --i) {
+      const Segment& s = segs[i];
+      // [T, H, x] -> this segment's rows, heads first: [H, tokens, x] ([T, H] -> [H, tokens]).
+      auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).transpose(0, 1); };
+      auto ck = ckpt[lay.slot[n] + i];  // [H, 6, h*d]: (W, M) at the segment start
+      const BMats W = bmats_of(ck, 0, h, d), M = bmats_of(ck, kMomentumRow, h, d);
+      const Rows mine{rows(ka), rows(va), rows(etaa), rows(mua)};
+      Rows grad;  // gradient of every row of the chunk
+      if (i + 1 < static_cast<int64_t>(segs.size())) {
+        Rows chunk = mine;
+        if (s.pending_before > 0) {
+          auto buf = at::empty({H, C, lay.pend_width()}, qa.options());
+          buf.narrow(1, 0, s.pending_before).copy_(init_pend.narrow(1, 0, s.pending_before));
+          chunk = Rows::of_buffer(buf, d);
+          chunk.rows(s.pending_before, s.tokens).copy_from(mine);
+        }
+        auto gmu = chunk_update_backward_b(W, M, targets, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1), lact_order,
+                                           dW, dM, d_tgt, grad.k, grad.v, grad.eta);
+        grad.mu = (gmu / static_cast<double>(C)).unsqueeze(1).expand({H, C});
+      } else {
+        grad = Rows::of_buffer(gpend[n].transpose(0, 1), d);  // the partial chunk only lands in the state
+      }
+      if (s.pending_before > 0) {
+        Rows::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
+      }
+      if (s.tokens > 0) {
+        const Rows dmine{rows(dk), rows(dv), rows(deta), rows(dmu)};
+        dmine.copy_from(grad.rows(s.pending_before, s.tokens));
+        rows(dq).copy_(read_backward_b(W, rows(qa), rows(doa), residual, dW));
+      }
+    }
+    auto df = d_fast[n];  // [H, 6, h*d]
+    for (int m = 0; m < 3; ++m) {
+      df.select(1, m).copy_(dW[m].reshape({H, h * d}));
+      df.select(1, kMomentumRow + m).copy_(dM[m].reshape({H, h * d}));
+    }
+  }
+
+  auto dwg = target_param_grad(w_gate, tg, d_targets.narrow(1, 0, h));
+  auto dwu = target_param_grad(w_up, tu, d_targets.narrow(1, h, h));
+  auto dwd = target_param_grad(w_down, td, d_targets.narrow(1, 2 * h, d));
+  const auto in_dt = q.scalar_type();
+  auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
+  return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
+}
+
+}  // namespace allmem::ttt

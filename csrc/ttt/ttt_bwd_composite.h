@@ -1,0 +1,29 @@
+// The TTT memory backward as batched ATen math (ttt_bwd_composite.cpp): the hand-derived backward
+// of ttt_chunk.h, with every head of a sequence in one batched matmul, on any device. On a GPU its
+// matmuls are cuBLAS calls; it is the backward for the shapes the hand-written CUDA kernels serve
+// slowly (d = h = 128 has no tensor-core backward yet; the SIMT one runs one CTA per head chain).
+// Same arguments, checks and outputs as torch.ops.allmem.ttt_memory_bwd.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace allmem::ttt {
+
+using BwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor, at::Tensor>;
+
+BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
+                                    const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                    const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                    const at::Tensor& w_down, const at::Tensor& pending,
+                                    const at::Tensor& pending_len, const at::Tensor& checkpoints,
+                                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
+                                    bool lact_order, bool residual);
+
+// ALLMEM_TTT_BWD=composite (read at every call) selects it on any backend.
+bool composite_bwd_requested();
+
+}  // namespace allmem::ttt

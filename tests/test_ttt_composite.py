@@ -1,0 +1,136 @@
+"""The batched-ATen TTT backward (csrc/ttt/ttt_bwd_composite.cpp, ALLMEM_TTT_BWD=composite): the
+hand-derived backward with the heads of a sequence as a batch dimension, on any device. On the CPU
+it is checked against the CPU op's own backward (a different walk: per (sequence, head), fused
+elementwise loops) in float64 on every layout case, by gradcheck through allmem_ops.ttt_memory,
+and by opcheck; on a GPU against the float64 CPU backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import allmem_ops
+from test_ttt import CASES, _case_inputs, _flat_fn, _op_args, make_inputs, random_state, STATE_FLOATS
+
+
+@pytest.fixture
+def composite(monkeypatch):
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+
+
+def _fwd_bwd_args(case, lact_order, residual, dtype=torch.float64, seed=4):
+    ins, cu, state, C = _case_inputs(case, dtype=dtype)
+    B, L, H, d, h, C, lens, plens = case
+    N = len(lens) if lens is not None else B
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if state is None:
+        state = random_state(N, C, H, d, h, [0] * N, dtype=sdt)
+    fast = torch.stack([getattr(state, n).reshape(N, H, -1) for n in STATE_FLOATS[:6]], 2).to(sdt)
+    pending = torch.cat([state.pending_k, state.pending_v, state.pending_eta, state.pending_mu[..., None]], -1).to(sdt)
+    plen = state.pending_len
+    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*ins, fast, pending, plen, cu, C, lact_order,
+                                                                      residual)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    gfast = torch.randn(fast_out.shape, generator=g, dtype=torch.float64).to(sdt) * 0.1
+    gpend = torch.randn(pend_out.shape, generator=g, dtype=torch.float64).to(sdt)
+    return [go, gfast, gpend, *ins, pending, plen, ckpt, cu, C, lact_order, residual]
+
+
+NAMES = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_matches_cpu_backward_float64(case, lact_order, residual, monkeypatch):
+    args = _fwd_bwd_args(case, lact_order, residual)
+    want = torch.ops.allmem.ttt_memory_bwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    got = torch.ops.allmem.ttt_memory_bwd(*args)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_float32_matches_cpu_backward(monkeypatch):
+    args = _fwd_bwd_args(CASES[8], False, True, dtype=torch.float32)
+    want = torch.ops.allmem.ttt_memory_bwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    got = torch.ops.allmem.ttt_memory_bwd(*args)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_gradcheck(composite, lact_order, residual):
+    """Every input, the params (also through the norm targets) and every float state field."""
+    H, d, h, C = 2, 3, 2, 3
+    ins, cu = make_inputs(None, None, H, d, h, lens=[4, 0, 5])
+    state = random_state(3, C, H, d, h, [1, 0, 2])
+    tensors = [t.detach().requires_grad_() for t in ins + [getattr(state, n) for n in STATE_FLOATS]]
+    fn = _flat_fn(C, cu, lact_order, residual, state.pending_len)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_opcheck(composite, varlen):
+    args = _op_args(varlen, requires_grad=False) + [False, True]
+    o, fast, pend, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*args)
+    q, k, v, eta, mu, wg, wu, wd, _, pending, plen, cu, C = args[:13]
+    bwd_args = [torch.randn_like(o), torch.randn_like(fast), torch.randn_like(pend), q, k, v, eta, mu, wg, wu, wd,
+                pending, plen, ckpt, cu, C, False, True]
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_bwd.default, bwd_args)
+    bwd_args[1] = bwd_args[2] = None
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_bwd.default, bwd_args)
+
+
+def test_bad_input_same_errors(composite):
+    args = _fwd_bwd_args(CASES[0], False, True)
+    bad = list(args)
+    bad[0] = args[0][:, :-1]
+    with pytest.raises(RuntimeError, match="grad_o must have the shape of q"):
+        torch.ops.allmem.ttt_memory_bwd(*bad)
+    bad = list(args)
+    bad[13] = args[13][:-1]
+    with pytest.raises(RuntimeError, match="checkpoints must have shape"):
+        torch.ops.allmem.ttt_memory_bwd(*bad)
+    bad = list(args)
+    bad[15] = 0
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1"):
+        torch.ops.allmem.ttt_memory_bwd(*bad)
+
+
+HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_matches_float64(composite, d, dtype):
+    """On the GPU (cuBLAS matmuls in float32) from the GPU forward's checkpoints, against the
+    float64 CPU backward from its own: varlen with an empty sequence and pending state. The
+    composite computes in float32 after the 16-bit inputs; the checkpoints it starts from come from
+    the GPU forward (tensor-core kernels with 16-bit operands at d = 64 and 128), so the bound is
+    the tensor-core tests' 4 u."""
+    import test_ttt_gpu
+
+    C = 64
+    cpu, dev = test_ttt_gpu.raw_inputs(None, None, 2, d, d, C, dtype, lens=[150, 0, 97], plens=[13, 5, 0])
+    cpu[9] = cpu[9].to(dtype).double()  # buffered rows as a real run leaves them (16-bit values)
+    dev[9] = dev[9].to(dtype).float()
+    outs = torch.ops.allmem.ttt_memory_fwd(*dev, C, False, True)
+    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, False, True)
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(outs[0].shape, generator=g).to(dtype)
+    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
+    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
+                                           cpu_outs[4], cpu[11], C, False, True)
+    q, k, v, eta, mu, wg, wu, wd, _fast, pend, plen, cu = dev
+    got = torch.ops.allmem.ttt_memory_bwd(go.cuda(), gfast.cuda(), gpend.cuda(), q, k, v, eta, mu, wg, wu, wd, pend,
+                                          plen, outs[4], cu, C, False, True)
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    for name, a, w in zip(NAMES, got, want):
+        assert torch.isfinite(a).all(), name
+        err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < 4 * u, (name, err)
