@@ -39,7 +39,15 @@ def _fwd_bwd_args(case, lact_order, residual, dtype=torch.float64, seed=4):
 NAMES = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
 
 
-@pytest.mark.parametrize("case", CASES)
+# Sequences that share (length, pending length) run as one batch: groups that are not adjacent in
+# the packed layout, a group next to a single, and a dense batch of 3 with no state.
+GROUP_CASES = [
+    (None, None, 2, 4, 3, 3, [5, 3, 5, 0, 3], [1, 0, 1, 2, 0]),
+    (3, 10, 2, 3, 4, 4, None, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES + GROUP_CASES)
 @pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
 def test_matches_cpu_backward_float64(case, lact_order, residual, monkeypatch):
     args = _fwd_bwd_args(case, lact_order, residual)

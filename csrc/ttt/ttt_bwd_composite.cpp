@@ -6,6 +6,8 @@
 
 #include <array>
 #include <cstdlib>
+#include <map>
+#include <utility>
 #include <cstring>
 #include <vector>
 
@@ -191,7 +193,6 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   auto qa = tok(q), ka = tok(k), va = tok(v), etaa = tok(eta), doa = tok(grad_o);
   auto mua = mu.to(acc).contiguous().view({lay.T, H});
   auto tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
-  const BMats targets{tg, tu, td};
   auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
   auto gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
   auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
@@ -201,50 +202,91 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   auto d_fast = at::empty(fast_shape, qa.options());
   auto d_pend = at::zeros_like(pend_in);
   auto d_targets = at::zeros({H, 2 * h + d}, qa.options());
-  BMats d_tgt{d_targets.narrow(1, 0, h), d_targets.narrow(1, h, h), d_targets.narrow(1, 2 * h, d)};
+  const int64_t PW = lay.pend_width();
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(q.device());
+  auto on_device = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(q.device()); };
 
-  for (int64_t n = 0; n < lay.N; ++n) {
+  // Sequences with the same length and pending length have the same segments: each such group runs
+  // as one batch of G * H chains (a dense batch without state is a single group), so a step is one
+  // launch for all of them.
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
+  for (int64_t n = 0; n < lay.N; ++n) groups[{lay.len[n], lay.p0[n]}].push_back(n);
+  for (const auto& entry : groups) {
+    const std::vector<int64_t>& ns = entry.second;
+    const int64_t G = static_cast<int64_t>(ns.size()), GH = G * H;
+    std::vector<int64_t> starts, slots;
+    for (int64_t n : ns) {
+      starts.push_back(lay.start[n]);
+      slots.push_back(lay.slot[n]);
+    }
+    const auto ns_t = on_device(ns), starts_t = on_device(starts), slots_t = on_device(slots);
     auto clone3 = [](const BMats& m) { return BMats{m[0].clone(), m[1].clone(), m[2].clone()}; };
-    BMats dW = clone3(bmats_of(gfast[n], 0, h, d)), dM = clone3(bmats_of(gfast[n], kMomentumRow, h, d));
-    const auto segs = segments(lay, n);
-    auto init_pend = pend_in[n].transpose(0, 1);  // [H, C, 2d + 4]
-    auto d_init_pend = d_pend[n].transpose(0, 1);
+    const auto gf = gfast.index_select(0, ns_t).flatten(0, 1);  // [G*H, 6, h*d]
+    BMats dW = clone3(bmats_of(gf, 0, h, d)), dM = clone3(bmats_of(gf, kMomentumRow, h, d));
+    // [N, C, H, 2d + 4] chunk buffers -> the group's, heads folded into the batch: [G*H, C, 2d + 4].
+    auto by_head = [&](const at::Tensor& t) { return t.index_select(0, ns_t).permute({0, 2, 1, 3}).reshape({GH, C, PW}); };
+    const auto init_pend = by_head(pend_in), gpend_g = by_head(gpend);
+    auto d_init_pend = at::zeros_like(init_pend);
+    const BMats tgt{tg.repeat({G, 1}), tu.repeat({G, 1}), td.repeat({G, 1})};
+    auto d_tg = at::zeros({GH, 2 * h + d}, qa.options());
+    BMats d_tgt{d_tg.narrow(1, 0, h), d_tg.narrow(1, h, h), d_tg.narrow(1, 2 * h, d)};
+
+    const auto segs = segments(lay, ns[0]);
     for (int64_t i = static_cast<int64_t>(segs.size()) - 1; i >= 0; --i) {
       const Segment& s = segs[i];
-      // [T, H, x] -> this segment's rows, heads first: [H, tokens, x] ([T, H] -> [H, tokens]).
-      auto rows = [&](const at::Tensor& t) { return t.narrow(0, s.first_token, s.tokens).transpose(0, 1); };
-      auto ck = ckpt[lay.slot[n] + i];  // [H, 6, h*d]: (W, M) at the segment start
+      const int64_t nt = s.tokens, pos = s.first_token - lay.start[ns[0]];
+      // Packed rows of this segment's tokens, sequence by sequence: [G * nt].
+      at::Tensor idx;
+      if (nt > 0) idx = (starts_t.unsqueeze(1) + pos + at::arange(nt, longs).unsqueeze(0)).flatten();
+      // [T, H, x] -> [G*H, nt, x] and [T, H] -> [G*H, nt]; scatter is the inverse, into dst.
+      auto gather = [&](const at::Tensor& t) {
+        auto r = t.view({t.size(0), H, -1}).index_select(0, idx).view({G, nt, H, -1}).permute({0, 2, 1, 3});
+        r = r.reshape({GH, nt, -1});
+        return t.dim() == 2 ? r.squeeze(-1) : r;
+      };
+      auto scatter = [&](at::Tensor& dst, const at::Tensor& val) {
+        auto r = val.reshape({G, H, nt, -1}).permute({0, 2, 1, 3}).reshape({G * nt, H, -1});
+        dst.view({dst.size(0), H, -1}).index_copy_(0, idx, r);
+      };
+      const auto ck = ckpt.index_select(0, slots_t + i).flatten(0, 1);  // (W, M) at the segment start
       const BMats W = bmats_of(ck, 0, h, d), M = bmats_of(ck, kMomentumRow, h, d);
-      const Rows mine{rows(ka), rows(va), rows(etaa), rows(mua)};
+      Rows mine;
+      if (nt > 0) mine = {gather(ka), gather(va), gather(etaa), gather(mua)};
       Rows grad;  // gradient of every row of the chunk
       if (i + 1 < static_cast<int64_t>(segs.size())) {
         Rows chunk = mine;
         if (s.pending_before > 0) {
-          auto buf = at::empty({H, C, lay.pend_width()}, qa.options());
+          auto buf = at::empty({GH, C, PW}, qa.options());
           buf.narrow(1, 0, s.pending_before).copy_(init_pend.narrow(1, 0, s.pending_before));
           chunk = Rows::of_buffer(buf, d);
-          chunk.rows(s.pending_before, s.tokens).copy_from(mine);
+          chunk.rows(s.pending_before, nt).copy_from(mine);
         }
-        auto gmu = chunk_update_backward_b(W, M, targets, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1), lact_order,
-                                           dW, dM, d_tgt, grad.k, grad.v, grad.eta);
-        grad.mu = (gmu / static_cast<double>(C)).unsqueeze(1).expand({H, C});
+        auto gmu = chunk_update_backward_b(W, M, tgt, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1), lact_order, dW,
+                                           dM, d_tgt, grad.k, grad.v, grad.eta);
+        grad.mu = (gmu / static_cast<double>(C)).unsqueeze(1).expand({GH, C});
       } else {
-        grad = Rows::of_buffer(gpend[n].transpose(0, 1), d);  // the partial chunk only lands in the state
+        grad = Rows::of_buffer(gpend_g, d);  // the partial chunk only lands in the state
       }
       if (s.pending_before > 0) {
         Rows::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
       }
-      if (s.tokens > 0) {
-        const Rows dmine{rows(dk), rows(dv), rows(deta), rows(dmu)};
-        dmine.copy_from(grad.rows(s.pending_before, s.tokens));
-        rows(dq).copy_(read_backward_b(W, rows(qa), rows(doa), residual, dW));
+      if (nt > 0) {
+        const Rows g = grad.rows(s.pending_before, nt);
+        scatter(dk, g.k);
+        scatter(dv, g.v);
+        scatter(deta, g.eta);
+        scatter(dmu, g.mu);
+        scatter(dq, read_backward_b(W, gather(qa), gather(doa), residual, dW));
       }
     }
-    auto df = d_fast[n];  // [H, 6, h*d]
+    auto df = at::empty({GH, kFastRows, h * d}, qa.options());
     for (int m = 0; m < 3; ++m) {
-      df.select(1, m).copy_(dW[m].reshape({H, h * d}));
-      df.select(1, kMomentumRow + m).copy_(dM[m].reshape({H, h * d}));
+      df.select(1, m).copy_(dW[m].reshape({GH, h * d}));
+      df.select(1, kMomentumRow + m).copy_(dM[m].reshape({GH, h * d}));
     }
+    d_fast.index_copy_(0, ns_t, df.view({G, H, kFastRows, h * d}));
+    d_pend.index_copy_(0, ns_t, d_init_pend.view({G, H, C, PW}).permute({0, 2, 1, 3}));
+    d_targets.add_(d_tg.view({G, H, -1}).sum(0));
   }
 
   auto dwg = target_param_grad(w_gate, tg, d_targets.narrow(1, 0, h));
