@@ -115,30 +115,22 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_matches_float64(composite, d, dtype):
+def test_cuda_matches_float64(composite, monkeypatch, d, dtype):
     """On the GPU (cuBLAS matmuls in float32) from the GPU forward's checkpoints, against the
     float64 CPU backward from its own: varlen with an empty sequence and pending state. The
     composite computes in float32 after the 16-bit inputs; the checkpoints it starts from come from
     the GPU forward (tensor-core kernels with 16-bit operands at d = 64 and 128), so the bound is
     the tensor-core tests' 4 u."""
-    import test_ttt_gpu
+    from test_ttt_tc_gpu import _bwd, _bwd_case
 
-    C = 64
-    cpu, dev = test_ttt_gpu.raw_inputs(None, None, 2, d, d, C, dtype, lens=[150, 0, 97], plens=[13, 5, 0])
-    cpu[9] = cpu[9].to(dtype).double()  # buffered rows as a real run leaves them (16-bit values)
-    dev[9] = dev[9].to(dtype).float()
-    outs = torch.ops.allmem.ttt_memory_fwd(*dev, C, False, True)
-    cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, False, True)
-    g = torch.Generator().manual_seed(5)
-    go = torch.randn(outs[0].shape, generator=g).to(dtype)
-    gfast, gpend = torch.randn(outs[1].shape, generator=g) * 0.1, torch.randn(outs[2].shape, generator=g)
-    want = torch.ops.allmem.ttt_memory_bwd(go.double(), gfast.double(), gpend.double(), *cpu[:8], cpu[9], cpu[10],
-                                           cpu_outs[4], cpu[11], C, False, True)
-    q, k, v, eta, mu, wg, wu, wd, _fast, pend, plen, cu = dev
-    got = torch.ops.allmem.ttt_memory_bwd(go.cuda(), gfast.cuda(), gpend.cuda(), q, k, v, eta, mu, wg, wu, wd, pend,
-                                          plen, outs[4], cu, C, False, True)
+    case = (None, None, 2, 64, [150, 0, 97], [13, 5, 0], False, True, dtype)
+    dev, outs, grads, want, (C, lact, res, _) = _bwd_case(case, d=d)
+    got = _bwd(dev, outs, grads, C, lact, res)
     u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     for name, a, w in zip(NAMES, got, want):
         assert torch.isfinite(a).all(), name
         err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         assert err < 4 * u, (name, err)
+    monkeypatch.delenv("ALLMEM_TTT_BWD")  # the hand-written kernels: 16-bit operands, other bits
+    default = _bwd(dev, outs, grads, C, lact, res)
+    assert any(not torch.equal(a, b) for a, b in zip(got, default)), "the composite backward was not taken"

@@ -237,11 +237,11 @@ def test_tc_misaligned_views_take_the_simt_kernel(monkeypatch):
         assert torch.equal(x, y)
 
 
-def _bwd_case(case):
+def _bwd_case(case, d=64):
     """A CASES row run forward on the GPU, random output gradients, and the float64 CPU backward
     (from the CPU forward's own checkpoints) as the reference."""
     B, L, H, C, lens, plens, lact, res, dtype = case
-    cpu, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens=lens, plens=plens)
+    cpu, dev = tc_inputs(B, L, H, d, d, C, dtype, lens=lens, plens=plens)
     outs = fwd(dev, C, lact, res)
     cpu_outs = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
     g = torch.Generator().manual_seed(5)

@@ -25,7 +25,7 @@ bool composite_bwd_requested() {
 namespace {
 
 // gate [H, h, d], up [H, h, d], down [H, d, h]
-using BMats = std::array<at::Tensor, 3>;
+using BMats = Mats;
 
 // Rows `first`.. of [H, 6, h*d] state rows as batched matrices (views).
 BMats bmats_of(const at::Tensor& rows6, int64_t first, int64_t h, int64_t d) {
@@ -35,24 +35,6 @@ BMats bmats_of(const at::Tensor& rows6, int64_t first, int64_t h, int64_t d) {
 }
 
 at::Tensor tr(const at::Tensor& x) { return x.transpose(-2, -1); }
-
-// A chunk's rows, heads first: k, v [H, n, d], eta [H, n, 3], mu [H, n].
-struct Rows {
-  at::Tensor k, v, eta, mu;
-  static Rows of_buffer(const at::Tensor& buf, int64_t d) {  // buf [H, C, 2d + 4]
-    return {buf.narrow(2, 0, d), buf.narrow(2, d, d), buf.narrow(2, 2 * d, 3), buf.select(2, 2 * d + 3)};
-  }
-  Rows rows(int64_t from, int64_t count) const {
-    return {k.narrow(1, from, count), v.narrow(1, from, count), eta.narrow(1, from, count),
-            mu.narrow(1, from, count)};
-  }
-  void copy_from(const Rows& src) const {
-    k.copy_(src.k);
-    v.copy_(src.v);
-    eta.copy_(src.eta);
-    mu.copy_(src.mu);
-  }
-};
 
 // Backward of the read o = Wd (silu(Wg q) * (Wu q)) [+ q]: adds to dW, returns dq [H, n, d].
 at::Tensor read_backward_b(const BMats& W, const at::Tensor& q, const at::Tensor& dout, bool residual, BMats& dW) {
@@ -127,45 +109,6 @@ BMats update_grad_backward_b(const BMats& W, const at::Tensor& k, const at::Tens
   return dW;
 }
 
-// ttt_chunk.h chunk_update_backward, batched; mu_j [H]. Returns dL/dmu_j [H].
-at::Tensor chunk_update_backward_b(const BMats& W, const BMats& M, const BMats& targets, const at::Tensor& k,
-                                   const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu_j,
-                                   bool lact_order, BMats& dW, BMats& dM, BMats& dtargets, at::Tensor& dk,
-                                   at::Tensor& dv, at::Tensor& deta) {
-  const auto mu3 = mu_j.view({-1, 1, 1});
-  BMats dM_new, Gam;
-  if (lact_order) {
-    auto G = update_grad_b(W, k, v, eta);
-    BMats dZ;
-    for (int i = 0; i < 3; ++i) {
-      auto Z = W[i] + (M[i] * mu3).sub_(G[i]);
-      dZ[i] = row_normalize_backward(Z, targets[i], dW[i], dtargets[i]);
-      dM_new[i] = dM[i] + dZ[i];
-      Gam[i] = -dM_new[i];
-    }
-    auto dW_G = update_grad_backward_b(W, k, v, eta, Gam, dk, dv, deta);
-    for (int i = 0; i < 3; ++i) dW[i] = dZ[i] + dW_G[i];
-  } else {
-    BMats W_hat;
-    for (int i = 0; i < 3; ++i) {
-      W_hat[i] = row_normalize(W[i], targets[i]);
-      dM_new[i] = dM[i] + dW[i];
-      Gam[i] = -dM_new[i];
-    }
-    auto dW_hat = update_grad_backward_b(W_hat, k, v, eta, Gam, dk, dv, deta);
-    for (int i = 0; i < 3; ++i) {
-      dW_hat[i].add_(dW[i]);
-      dW[i] = row_normalize_backward(W[i], targets[i], dW_hat[i], dtargets[i]);
-    }
-  }
-  auto dmu = at::zeros_like(mu_j);
-  for (int i = 0; i < 3; ++i) {
-    dmu.add_((dM_new[i] * M[i]).sum({1, 2}));
-    dM[i] = dM_new[i] * mu3;
-  }
-  return dmu;
-}
-
 }  // namespace
 
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
@@ -177,30 +120,14 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
                                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
                                     bool lact_order, bool residual) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const auto acc = accumulate_dtype(q.scalar_type());
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
-                                      chunk_size, acc);
+  BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
+             cu_seqlens, chunk_size);
+  const Layout& lay = io.lay;
   const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H;
-  ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
-               shape_str(grad_o));
-  check_same_device(grad_o, "grad_o", q, "q");
-  const std::vector<int64_t> fast_shape{lay.N, H, kFastRows, h * d};
-  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
-  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
-  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), H, kFastRows, h * d}, acc, q);
-
-  auto tok = [&](const at::Tensor& t) { return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)}); };
-  auto qa = tok(q), ka = tok(k), va = tok(v), etaa = tok(eta), doa = tok(grad_o);
-  auto mua = mu.to(acc).contiguous().view({lay.T, H});
-  auto tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
-  auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
-  auto gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
-  auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
-
-  auto dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
-  auto dmu = at::empty_like(mua);
-  auto d_fast = at::empty(fast_shape, qa.options());
-  auto d_pend = at::zeros_like(pend_in);
+  const auto &qa = io.qa, &ka = io.ka, &va = io.va, &etaa = io.etaa, &doa = io.doa, &mua = io.mua;
+  const auto &tg = io.tg, &tu = io.tu, &td = io.td, &pend_in = io.pend_in, &ckpt = io.ckpt;
+  const auto &gfast = io.gfast, &gpend = io.gpend;
+  auto &dq = io.dq, &dk = io.dk, &dv = io.dv, &deta = io.deta, &dmu = io.dmu, &d_fast = io.d_fast, &d_pend = io.d_pend;
   auto d_targets = at::zeros({H, 2 * h + d}, qa.options());
   const int64_t PW = lay.pend_width();
   const auto longs = at::TensorOptions().dtype(at::kLong).device(q.device());
@@ -250,28 +177,29 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
       };
       const auto ck = ckpt.index_select(0, slots_t + i).flatten(0, 1);  // (W, M) at the segment start
       const BMats W = bmats_of(ck, 0, h, d), M = bmats_of(ck, kMomentumRow, h, d);
-      Rows mine;
+      ChunkView mine;
       if (nt > 0) mine = {gather(ka), gather(va), gather(etaa), gather(mua)};
-      Rows grad;  // gradient of every row of the chunk
+      ChunkView grad;  // gradient of every row of the chunk
       if (i + 1 < static_cast<int64_t>(segs.size())) {
-        Rows chunk = mine;
+        ChunkView chunk = mine;
         if (s.pending_before > 0) {
           auto buf = at::empty({GH, C, PW}, qa.options());
           buf.narrow(1, 0, s.pending_before).copy_(init_pend.narrow(1, 0, s.pending_before));
-          chunk = Rows::of_buffer(buf, d);
+          chunk = ChunkView::of_buffer(buf, d);
           chunk.rows(s.pending_before, nt).copy_from(mine);
         }
-        auto gmu = chunk_update_backward_b(W, M, tgt, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1), lact_order, dW,
-                                           dM, d_tgt, grad.k, grad.v, grad.eta);
+        auto gmu = chunk_update_backward_impl(W, M, tgt, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1).view({-1, 1, 1}),
+                                              lact_order, dW, dM, d_tgt, grad.k, grad.v, grad.eta, update_grad_b,
+                                              update_grad_backward_b);
         grad.mu = (gmu / static_cast<double>(C)).unsqueeze(1).expand({GH, C});
       } else {
-        grad = Rows::of_buffer(gpend_g, d);  // the partial chunk only lands in the state
+        grad = ChunkView::of_buffer(gpend_g, d);  // the partial chunk only lands in the state
       }
       if (s.pending_before > 0) {
-        Rows::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
+        ChunkView::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
       }
       if (nt > 0) {
-        const Rows g = grad.rows(s.pending_before, nt);
+        const ChunkView g = grad.rows(s.pending_before, nt);
         scatter(dk, g.k);
         scatter(dv, g.v);
         scatter(deta, g.eta);
@@ -289,12 +217,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
     d_targets.add_(d_tg.view({G, H, -1}).sum(0));
   }
 
-  auto dwg = target_param_grad(w_gate, tg, d_targets.narrow(1, 0, h));
-  auto dwu = target_param_grad(w_up, tu, d_targets.narrow(1, h, h));
-  auto dwd = target_param_grad(w_down, td, d_targets.narrow(1, 2 * h, d));
-  const auto in_dt = q.scalar_type();
-  auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
-  return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
+  return io.finish(d_targets, q, k, v, eta, mu, w_gate, w_up, w_down);
 }
 
 }  // namespace allmem::ttt

@@ -8,6 +8,11 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "ttt/ttt_common.h"
 
 namespace allmem::ttt {
 
@@ -40,6 +45,25 @@ inline at::Tensor row_normalize_backward(const at::Tensor& w, const at::Tensor& 
   auto coef = -target * gw / (denom * denom * rho_safe);
   return g * (target / denom).unsqueeze(-1) + w * coef.unsqueeze(-1);
 }
+
+// A chunk's k [.., n, d], v [.., n, d], eta [.., n, 3], mu [.., n] (any leading batch dims): either
+// rows of the chunk buffer [.., n, 2d+4] (k | v | eta | mu) or views of the token tensors.
+struct ChunkView {
+  at::Tensor k, v, eta, mu;
+  static ChunkView of_buffer(const at::Tensor& buf, int64_t d) {
+    return {buf.narrow(-1, 0, d), buf.narrow(-1, d, d), buf.narrow(-1, 2 * d, 3), buf.select(-1, 2 * d + 3)};
+  }
+  ChunkView rows(int64_t from, int64_t count) const {
+    return {k.narrow(-2, from, count), v.narrow(-2, from, count), eta.narrow(-2, from, count),
+            mu.narrow(-1, from, count)};
+  }
+  void copy_from(const ChunkView& src) const {
+    k.copy_(src.k);
+    v.copy_(src.v);
+    eta.copy_(src.eta);
+    mu.copy_(src.mu);
+  }
+};
 
 // The norm targets are the initial weights' row norms N = ||w[r]||, so dL/dw[r] = dN[r] w[r] / ||w[r]||
 // (0 for a zero row).
@@ -229,14 +253,18 @@ inline void chunk_update(Mats& W, Mats& M, const Mats& targets, const at::Tensor
 // W' = W_hat + M'; LaCT order: dM + dZ, Z = W + M' the input of the final normalization):
 //   dL/dM = mu_j dM',  dL/dmu_j = <dM', M> (all three matrices),  dL/dG = -dM',
 // then update_grad_backward at the weights G was taken at, and row_normalize_backward.
-inline double chunk_update_backward(const Mats& W, const Mats& M, const Mats& targets, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& eta, double mu_j, bool lact_order,
-                                    Mats& dW, Mats& dM, Mats& dtargets, at::Tensor& dk, at::Tensor& dv,
-                                    at::Tensor& deta) {
+// Generic over a leading batch of chains (ttt_bwd_composite.cpp): the matrices may be [.., r, c],
+// mu_j a double or a tensor broadcasting against them, `grad` / `grad_backward` the update_grad /
+// update_grad_backward for that layout; dL/dmu_j comes back summed over each matrix's last two
+// dims (a 0-dim tensor for one chain).
+template <class Mu, class Grad, class GradBackward>
+at::Tensor chunk_update_backward_impl(const Mats& W, const Mats& M, const Mats& targets, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& eta, const Mu& mu_j, bool lact_order,
+                                      Mats& dW, Mats& dM, Mats& dtargets, at::Tensor& dk, at::Tensor& dv,
+                                      at::Tensor& deta, Grad grad, GradBackward grad_backward) {
   Mats dM_new, Gam;  // dM_new: total gradient wrt the new momentum; Gam = dL/dG = -dM_new
-  double dmu = 0.0;
   if (lact_order) {
-    auto G = update_grad(W, k, v, eta);
+    auto G = grad(W, k, v, eta);
     Mats dZ;
     for (int i = 0; i < 3; ++i) {
       auto Z = W[i] + (M[i] * mu_j).sub_(G[i]);
@@ -244,7 +272,7 @@ inline double chunk_update_backward(const Mats& W, const Mats& M, const Mats& ta
       dM_new[i] = dM[i] + dZ[i];
       Gam[i] = -dM_new[i];
     }
-    auto dW_G = update_grad_backward(W, k, v, eta, Gam, dk, dv, deta);
+    auto dW_G = grad_backward(W, k, v, eta, Gam, dk, dv, deta);
     for (int i = 0; i < 3; ++i) dW[i] = dZ[i] + dW_G[i];
   } else {
     Mats W_hat;
@@ -253,17 +281,82 @@ inline double chunk_update_backward(const Mats& W, const Mats& M, const Mats& ta
       dM_new[i] = dM[i] + dW[i];
       Gam[i] = -dM_new[i];
     }
-    auto dW_hat = update_grad_backward(W_hat, k, v, eta, Gam, dk, dv, deta);
+    auto dW_hat = grad_backward(W_hat, k, v, eta, Gam, dk, dv, deta);
     for (int i = 0; i < 3; ++i) {
       dW_hat[i].add_(dW[i]);
       dW[i] = row_normalize_backward(W[i], targets[i], dW_hat[i], dtargets[i]);
     }
   }
+  at::Tensor dmu;
   for (int i = 0; i < 3; ++i) {
-    dmu += (dM_new[i] * M[i]).sum().item<double>();
+    auto part = (dM_new[i] * M[i]).sum(at::IntArrayRef{-2, -1});
+    dmu = i == 0 ? part : dmu.add_(part);
     dM[i] = dM_new[i] * mu_j;
   }
   return dmu;
 }
+
+// One chain (the CPU op).
+inline double chunk_update_backward(const Mats& W, const Mats& M, const Mats& targets, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& eta, double mu_j, bool lact_order,
+                                    Mats& dW, Mats& dM, Mats& dtargets, at::Tensor& dk, at::Tensor& dv,
+                                    at::Tensor& deta) {
+  return chunk_update_backward_impl(W, M, targets, k, v, eta, mu_j, lact_order, dW, dM, dtargets, dk, dv, deta,
+                                    update_grad, update_grad_backward)
+      .item<double>();
+}
+
+// The arguments of ttt_memory_bwd, checked, in the accumulation dtype as packed [T, H, x] tokens,
+// and its outputs allocated: what both CPU-side backwards (ttt_cpu.cpp, ttt_bwd_composite.cpp)
+// start from. finish() turns the summed norm-target gradients [H, 2h + d] into the parameters'
+// gradients and returns the op's outputs in the input dtype.
+struct BwdArgs {
+  Layout lay;
+  at::ScalarType acc;
+  at::Tensor qa, ka, va, etaa, doa, mua, tg, tu, td, pend_in, ckpt, gfast, gpend;
+  at::Tensor dq, dk, dv, deta, dmu, d_fast, d_pend;
+
+  BwdArgs(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
+          const std::optional<at::Tensor>& grad_pending, const at::Tensor& q, const at::Tensor& k,
+          const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
+          const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
+          const at::Tensor& checkpoints, const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size)
+      : acc(accumulate_dtype(q.scalar_type())) {
+    lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size, acc);
+    const int64_t d = lay.d, h = lay.h;
+    ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
+                 shape_str(grad_o));
+    check_same_device(grad_o, "grad_o", q, "q");
+    const std::vector<int64_t> fast_shape{lay.N, lay.H, kFastRows, h * d};
+    if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
+    if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
+    check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, acc, q);
+    auto tokens = [&](const at::Tensor& t) { return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)}); };
+    qa = tokens(q), ka = tokens(k), va = tokens(v), etaa = tokens(eta), doa = tokens(grad_o);
+    mua = mu.to(acc).contiguous().view({lay.T, lay.H});
+    tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
+    pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+    gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
+    gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
+    dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
+    dmu = at::empty_like(mua);
+    d_fast = at::empty(fast_shape, qa.options());
+    d_pend = at::zeros_like(pend_in);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+             at::Tensor, at::Tensor>
+  finish(const at::Tensor& d_targets, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+         const at::Tensor& w_down) const {
+    const int64_t d = lay.d, h = lay.h;
+    auto dwg = target_param_grad(w_gate, tg, d_targets.narrow(1, 0, h));
+    auto dwu = target_param_grad(w_up, tu, d_targets.narrow(1, h, h));
+    auto dwd = target_param_grad(w_down, td, d_targets.narrow(1, 2 * h, d));
+    const auto in_dt = q.scalar_type();
+    auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
+    return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
+  }
+};
 
 }  // namespace allmem::ttt

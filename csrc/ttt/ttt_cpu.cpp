@@ -33,25 +33,6 @@ void store(const at::Tensor& rows6, int64_t first, const Mats& m) {
   for (int64_t i = 0; i < 3; ++i) rows6[first + i].copy_(m[i].reshape(-1));
 }
 
-// A chunk's k [n, d], v [n, d], eta [n, 3], mu [n]: either rows of the chunk buffer
-// [n, 2d+4] (k | v | eta | mu) or views of the token tensors.
-struct ChunkView {
-  at::Tensor k, v, eta, mu;
-  static ChunkView of_buffer(const at::Tensor& buf, int64_t d) {
-    return {buf.narrow(1, 0, d), buf.narrow(1, d, d), buf.narrow(1, 2 * d, 3), buf.select(1, 2 * d + 3)};
-  }
-  ChunkView rows(int64_t from, int64_t count) const {
-    return {k.narrow(0, from, count), v.narrow(0, from, count), eta.narrow(0, from, count),
-            mu.narrow(0, from, count)};
-  }
-  void copy_from(const ChunkView& src) const {
-    k.copy_(src.k);
-    v.copy_(src.v);
-    eta.copy_(src.eta);
-    mu.copy_(src.mu);
-  }
-};
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_targets(const at::Tensor& w_gate, const at::Tensor& w_up,
                                                             const at::Tensor& w_down) {
   return {row_norm(w_gate), row_norm(w_up), row_norm(w_down)};
@@ -136,30 +117,14 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
   // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
   // in the worker threads (the guard is thread-local).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const auto acc = accumulate_dtype(q.scalar_type());
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
-                                      chunk_size, acc);
+  BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
+             cu_seqlens, chunk_size);
+  const Layout& lay = io.lay;
   const int64_t d = lay.d, h = lay.h, C = lay.C;
-  ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
-               shape_str(grad_o));
-  check_same_device(grad_o, "grad_o", q, "q");
-  const std::vector<int64_t> fast_shape{lay.N, lay.H, kFastRows, h * d};
-  if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
-  if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
-  check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, acc, q);
-
-  auto qa = tokens(q, lay, acc), ka = tokens(k, lay, acc), va = tokens(v, lay, acc);
-  auto etaa = tokens(eta, lay, acc), doa = tokens(grad_o, lay, acc);
-  auto mua = mu.to(acc).contiguous().view({lay.T, lay.H});
-  auto [tg, tu, td] = norm_targets(w_gate, w_up, w_down);
-  auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
-  auto gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
-  auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
-
-  auto dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
-  auto dmu = at::empty_like(mua);
-  auto d_fast = at::empty(fast_shape, qa.options());
-  auto d_pend = at::zeros_like(pend_in);
+  const auto &qa = io.qa, &ka = io.ka, &va = io.va, &etaa = io.etaa, &doa = io.doa, &mua = io.mua;
+  const auto &tg = io.tg, &tu = io.tu, &td = io.td, &pend_in = io.pend_in, &ckpt = io.ckpt;
+  const auto &gfast = io.gfast, &gpend = io.gpend;
+  auto &dq = io.dq, &dk = io.dk, &dv = io.dv, &deta = io.deta, &dmu = io.dmu, &d_fast = io.d_fast, &d_pend = io.d_pend;
   auto d_targets = at::zeros({lay.N, lay.H, 2 * h + d}, qa.options());  // per job, summed over N below
 
   at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
@@ -209,13 +174,7 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
     }
   });
 
-  auto dT = d_targets.sum(0);
-  auto dwg = target_param_grad(w_gate, tg, dT.narrow(1, 0, h));
-  auto dwu = target_param_grad(w_up, tu, dT.narrow(1, h, h));
-  auto dwd = target_param_grad(w_down, td, dT.narrow(1, 2 * h, d));
-  const auto in_dt = q.scalar_type();
-  auto back = [&](const at::Tensor& t, const at::Tensor& like) { return t.view(like.sizes()).to(in_dt); };
-  return {back(dq, q), back(dk, k), back(dv, v), back(deta, eta), back(dmu, mu), dwg, dwu, dwd, d_fast, d_pend};
+  return io.finish(d_targets.sum(0), q, k, v, eta, mu, w_gate, w_up, w_down);
 }
 
 }  // namespace
