@@ -427,6 +427,61 @@ def run_case(rec: Recorder, impl: str, fn, B, L, H, d, C, pass_: str, memory_not
     rec.add(**base, ms=ms, reps=n, first_call_s=round(first_s, 3), **({"note": memory_note} if memory_note else {}))
 
 
+DECODE_BATCHES = (1, 8, 64)
+
+
+def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) -> None:
+    """One decode step (one token per sequence, no grad) from a state whose chunk buffer holds
+    C - 2 tokens (the step reads and buffers) or C - 1 (it also completes the chunk: the update and
+    a new checkpoint); the op (default kernels) vs the chunked reference, eager, on the same state.
+    Bytes: what a step must move at least (the read's three float32 weight matrices per sequence
+    and head, the token in, o out; `need_bytes`) and what the functional state API makes the op
+    move (the whole fast state and chunk buffer in, their copies out; `state_bytes`); both at the
+    measured HBM rate next to the time."""
+    import allmem_ops
+    from allmem_ops.reference.ttt import TTTState, ttt_memory_chunked
+
+    bw = rec.data["hbm_gbps"]
+    for B in batches:
+        ins = make_inputs(B, 1, H, d, d, rec.dev)
+        g = torch.Generator(device=rec.dev).manual_seed(3)
+        for filled in (C - 2, C - 1):
+            state = TTTState.initial(*ins[5:8], B, C, torch.float32)
+            for name in ("pending_k", "pending_v"):
+                t = getattr(state, name)
+                t[:, :filled] = torch.randn(t[:, :filled].shape, generator=g, device=rec.dev) / d**0.5
+            state.pending_eta[:, :filled] = 1e-3
+            state.pending_mu[:, :filled] = 0.5
+            state.pending_len = torch.full((B,), filled, device=rec.dev, dtype=torch.long)
+            need = B * H * (3 * d * d * 4 + (4 * d + 4) * 2)
+            have = 2 * state.nbytes
+            for impl, fn in (("allmem_tc", allmem_ops.ttt_memory), ("ref_eager", ttt_memory_chunked)):
+                def run():
+                    with torch.no_grad():
+                        fn(*ins, C, initial_state=state, output_final_state=True)
+
+                with impl_env(impl):
+                    ms, n, _ = time_ms(run, rec.dev, warmup=3, reps=20, max_s=0.5)
+                row = dict(impl=impl, d=d, H=H, B=B, C=C, filled=filled, ms=ms, reps=n, need_bytes=need,
+                           state_bytes=have)
+                if bw:
+                    row.update(need_floor_ms=need / (bw * 1e9) * 1e3, state_floor_ms=have / (bw * 1e9) * 1e3)
+                print(f"[bench]   decode {row}", flush=True)
+                rec.data.setdefault("decode", []).append(row)
+
+
+def print_decode(data: dict) -> None:
+    rows = data.get("decode") or []
+    if not rows:
+        return
+    print("decode step (one token per sequence; ms; floors: the bytes a step needs / the bytes the "
+          "functional state makes it move, at the HBM rate)")
+    for r in rows:
+        fl = (f"  floor {r['need_floor_ms']:.4f} / {r['state_floor_ms']:.4f}" if "need_floor_ms" in r else "")
+        print(f"  {r['impl']:10} d={r['d']} H={r['H']} B={r['B']:>2} C={r['C']} buffer {r['filled']:>4} -> "
+              f"{r['filled'] + 1:>4}: {r['ms']:.3f}{fl}")
+
+
 def eager_train_fits(B, L, H, d, C, dev) -> tuple[bool, str]:
     """The eager reference keeps ~20 float32 [B*H, C, h] activations per chunk for backward."""
     est = 20 * (L // C) * B * H * C * d * 4 + 12 * B * L * H * d * 4
@@ -581,6 +636,7 @@ def print_table(data: dict, brief: bool = False) -> None:
         note += f"  [{r['note']}]" if r.get("note") else ""
         print(f"{head} {r['ms']:10.3f} {tf:>8} {xf:>8} {cols[0]:>8} {cols[1]:>8} {cols[2]:>7} {tgt:>7}{note}")
     print_targets(data)
+    print_decode(data)
     errors = data["errors"]
     for e in errors[:6]:
         print(f"ERROR {e[:300]}")
@@ -627,6 +683,7 @@ def print_brief(data: dict, by: dict) -> None:
               f"{cell(peers[1]):>9} {cell(peers[2]):>8} {f'{sp:.2f}x' if sp else '-':>8} "
               f"{f'{sp_tc:.2f}x' if sp_tc else '-':>10} {('PASS' if best >= need else 'fail') if best else '-':>6}")
     print_targets(data)
+    print_decode(data)
     errors = data["errors"]
     for e in errors[:3]:
         print(f"ERROR {e[:200]}")
@@ -646,7 +703,8 @@ def main() -> int:
     ap.add_argument("--table", default="", help="only print the table of an existing JSON")
     ap.add_argument("--brief", action="store_true", help="with --table: one line per case and pass")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU with the CPU op (< 60 s)")
-    ap.add_argument("--skip", default="", help="comma list: allmem,ref_comp,ref_eager,fla_gdn,correctness,fwd+bwd")
+    ap.add_argument("--skip", default="", help="comma list: allmem,ref_comp,ref_eager,fla_gdn,correctness,fwd+bwd,"
+                    "decode")
     ap.add_argument("--budget-s", type=float, default=None, help="stages after this many seconds are skipped "
                     "(default 140, smoke 50)")
     ap.add_argument("--d", default="", help="comma list of head sizes to run (default: all of HEAD_CONFIGS)")
@@ -692,6 +750,9 @@ def main() -> int:
     fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_comp": allmem_tc_impl,
            "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
+    if "decode" not in skip:  # cheap: every head size, whatever --d says
+        for d, H in (heads if args.smoke else HEAD_CONFIGS):
+            rec.stage(f"decode d={d}", lambda: bench_decode(rec, d, H, C, batches=(1, 2) if args.smoke else DECODE_BATCHES))
     for impl in IMPLS:
         if impl in skip:
             continue

@@ -30,19 +30,24 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     assert all(row["ref_comp_vs_ref_eager"] < 1e-5 for row in data["ref_comp_check"]), data["ref_comp_check"]
     cfg = data["config"]
     cases = len(cfg["heads"]) * len(cfg["batches"]) * len(cfg["lengths"]) * 2
-    for impl in ("allmem", "ref_comp", "ref_eager"):
+    for impl in ("allmem", "ref_comp", "ref_eager", "allmem_comp"):
         rows = [r for r in data["results"] if r["impl"] == impl]
         assert len(rows) == cases and all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows), rows
     # FLA is never timed on the CPU: recorded as skipped, with the reason.
     fla = [r for r in data["results"] if r["impl"] == "fla_gdn"]
     assert len(fla) == cases and all("skipped" in r for r in fla)
     # The tensor-core kernels need sm_90: recorded as skipped in the smoke run.
-    for impl in ("allmem_tc", "allmem_tc_split", "allmem_tc_units"):
+    for impl in ("allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units"):
         tc = [r for r in data["results"] if r["impl"] == impl]
         assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
-    ours = ("allmem", "allmem_tc", "allmem_tc_split", "allmem_tc_units")
+    ours = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp")
     assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
+    # The decode step: both contenders, both buffer fills, every batch of the smoke run, with floors.
+    dec = data["decode"]
+    assert len(dec) == len(cfg["heads"]) * 2 * 2 * 2 and all(r["ms"] > 0 for r in dec), dec
+    assert {r["impl"] for r in dec} == {"allmem_tc", "ref_eager"}
+    assert all(0 < r["need_floor_ms"] < r["state_floor_ms"] for r in dec), dec
     assert all(t["value"] is not None for t in data["targets"] if t["target"].startswith("allmem "))
     table = subprocess.run([sys.executable, BENCH, "--table", str(out)], capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "TTT memory benchmark" in table.stdout and "target" in table.stdout
