@@ -60,6 +60,7 @@ export PYTHONUNBUFFERED=1
 export ALLMEM_CUDA_ARCHS=${ALLMEM_CUDA_ARCHS:-90a}
 export ALLMEM_COMMIT=${ALLMEM_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 declare -A STATUS SECONDS_TAKEN
+STAGE_ORDER=()  # every stage run_stage was asked for, in order (the summary lists them so)
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -70,6 +71,7 @@ BUDGET_S=${BUDGET_S:-540}
 run_stage() {
   local name=$1 limit=$2 log=$3
   shift 3
+  STAGE_ORDER+=("$name")
   if [[ " ${SKIP:-} " == *" $name "* ]]; then
     STATUS[$name]="skipped(SKIP)"; SECONDS_TAKEN[$name]=0
     echo "=== [$name] skipped (SKIP)"
@@ -361,9 +363,6 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 # (brief: one line per case; the full TTT table is in bench.log and the JSON)
 [[ -f $OUT/bench_ttt_gpu.json ]] && $PY "$REPO/bench/bench_ttt_gpu.py" --table "$OUT/bench_ttt_gpu.json" --brief
 echo "== stages"
-for s in build tests tests-build tests-ttt tests-ttt-tc tests-errors bench bench-ttt sanitize-memcheck sanitize-racecheck \
-  sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-ttt-memcheck sanitize-ttt-racecheck sanitize-ttt-tc-memcheck sanitize-ttt-tc-racecheck \
-  sanitize-ttt-tc-synccheck sanitize-ttt-split-tokens-memcheck sanitize-ttt-split-tokens-racecheck \
-  sanitize-ttt-split-units-memcheck sanitize-ttt-split-units-racecheck tests-tc sweep; do
-  [[ -n ${STATUS[$s]:-} ]] && printf '%-20s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
+for s in "${STAGE_ORDER[@]}"; do
+  [[ -n ${STATUS[$s]:-} ]] && printf '%-36s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done
