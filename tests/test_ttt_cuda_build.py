@@ -42,6 +42,9 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
             assert re.search(r"\bUCGABAR_ARV\b", body) and re.search(r"\bUCGABAR_WAIT\b", body), \
                 f"{name}: no cluster barrier"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
+        if kernel == "ttt_fwd_tc_kernel":  # the update's k, v tiles come by cp.async (16 bytes, L2 only)
+            assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), \
+                f"{name}: no cp.async prefetch"
 
 
 @pytest.mark.parametrize("kernel", TC_KERNELS)

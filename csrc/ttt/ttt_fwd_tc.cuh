@@ -59,10 +59,13 @@ struct FwdTcTraits {
   static constexpr int kOffTarget = kOffOwnM + 3 * kOwn * kD * 4;  // [3][kOwn] row-norm targets
   static constexpr int kOffScale = kOffTarget + 3 * kOwn * 4;      // [3][kOwn] normalization scales
   static constexpr int kOffRed = kOffScale + 3 * kOwn * 4;         // [4] mu partial sum
-  static constexpr int kSmemBytes = kOffRed + 16;
+  static constexpr int kOffK2 = kOffRed + 16;                   // [64][kLd] k, v of the next tile
+  static constexpr int kOffV2 = kOffK2 + kTileElems * 2;        //   (the update's cp.async prefetch)
+  static constexpr int kSmemBytes = kOffV2 + kTileElems * 2;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWn % 16 == 0 && kOffK % 16 == 0 && kOffX % 16 == 0 && kOffG % 16 == 0 &&
-                    kOffEta % 16 == 0 && kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0,
+                    kOffEta % 16 == 0 && kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 &&
+                    kOffK2 % 16 == 0 && kOffV2 % 16 == 0,
                 "16-byte aligned regions");
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
 };
@@ -324,6 +327,8 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
   float* sTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffTarget);
   float* sScale = reinterpret_cast<float*>(smem_tc + Tr::kOffScale);
   float* sRed = reinterpret_cast<float*>(smem_tc + Tr::kOffRed);
+  T* sK2 = reinterpret_cast<T*>(smem_tc + Tr::kOffK2);
+  T* sV2 = reinterpret_cast<T*>(smem_tc + Tr::kOffV2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rank = cluster_rank();
@@ -418,22 +423,38 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     float acc_g[8][4] = {}, acc_u[8][4] = {}, acc_d[8][4] = {};
     float mu_part = 0.f;  // thread 0: this CTA's tokens, in order
     const int row0 = warp * 16, g = lane / 4, c2 = 2 * (lane % 4);
-    for (int64_t ti = rank; ti < n_tiles; ti += kP) {
+    // This call's k, v tiles (direct chunks) arrive by cp.async one tile ahead, alternating between
+    // (sK, sV) and (sK2, sV2): the next tile's load runs under this tile's products. Every thread
+    // commits one group per tile (empty past the last), so wait_group 1 retires the current one.
+    T* const sK1 = sK;
+    T* const sV1 = sV;
+    auto tile_k = [&](int buf) { return buf ? sK2 : sK1; };  // selects, not an indexed array (no stack)
+    auto tile_v = [&](int buf) { return buf ? sV2 : sV1; };
+    auto prefetch = [&](int64_t ti, int buf) {
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+      for (int e = tid; e < kTile * (kD / 8); e += kT) {
+        const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+        const int64_t off = t < nt ? tok(first + t0 + t) * kD + c : 0;  // rows past the chunk: zeros
+        cp_async16(tile_k(buf) + t * kLd + c, static_cast<const T*>(p.k) + off, t < nt);
+        cp_async16(tile_v(buf) + t * kLd + c, static_cast<const T*>(p.v) + off, t < nt);
+      }
+    };
+    if (direct && rank < n_tiles) {
+      prefetch(rank, 0);
+      cp_async_commit();
+    }
+    int buf = 0;
+    for (int64_t ti = rank; ti < n_tiles; ti += kP, buf ^= 1) {
+      const int64_t t0 = ti * kTile;
+      const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+      T* const sK = tile_k(buf);  // this tile's k, v (shadowing the first buffers)
+      T* const sV = tile_v(buf);
       // Rows past the chunk end are zero (rates included), so they add nothing.
       if (direct) {
-        for (int e = tid; e < kTile * (kD / 8); e += kT) {
-          const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-          uint4 xk = make_uint4(0u, 0u, 0u, 0u), xv = xk;
-          if (t < nt) {
-            const int64_t off = tok(first + t0 + t) * kD + c;
-            xk = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + off);
-            xv = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + off);
-          }
-          *reinterpret_cast<uint4*>(sK + t * kLd + c) = xk;
-          *reinterpret_cast<uint4*>(sV + t * kLd + c) = xv;
-        }
+        // The other buffer was last read by the previous tile, which ended with a barrier.
+        if (ti + kP < n_tiles) prefetch(ti + kP, buf ^ 1);
+        cp_async_commit();
         for (int e = tid; e < kTile * 4; e += kT) {
           const int t = e / 4, m = e % 4;
           float r = 0.f;
@@ -443,6 +464,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
           }
           sEta[e] = r;
         }
+        cp_async_wait<1>();  // this tile's k, v (the next tile's stay in flight)
       } else {
         for (int e = tid; e < kTile * (kD / 4); e += kT) {
           const int t = e / (kD / 4), c = (e % (kD / 4)) * 4;

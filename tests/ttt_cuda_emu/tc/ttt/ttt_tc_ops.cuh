@@ -6,6 +6,8 @@
 // fragment layouts written out in csrc/ttt/ttt_tc_ops.cuh; the products are float sums of the
 // exact 16-bit operands. Says nothing about the GPU memory model or speed.
 #pragma once
+#include <vector>
+
 #include "shim_tc.h"
 
 namespace allmem::ttt::cuda::tc {
@@ -85,6 +87,35 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
     float s = 0.f;
     for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
     d[e] += s;
+  }
+}
+
+// cp.async: each thread's copies are queued and done only when a wait retires their group (the
+// latest moment the PTX memory model allows), so a read of the destination before the wait sees
+// the old bytes (NaN-filled shared memory) and fails the test.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<PendingCopy> cp_open;
+inline thread_local std::vector<std::vector<PendingCopy>> cp_groups;
+inline void cp_async16(void* dst, const void* src, bool valid) { cp_open.push_back({dst, src, valid}); }
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+template <int kPending>
+inline void cp_async_wait() {
+  while (cp_groups.size() > static_cast<size_t>(kPending)) {
+    for (const PendingCopy& c : cp_groups.front()) {
+      if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+    cp_groups.erase(cp_groups.begin());
   }
 }
 
