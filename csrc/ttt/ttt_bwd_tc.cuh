@@ -59,10 +59,13 @@ struct BwdTcTraits {
   static constexpr int kOffTarget = kOffOwnDM + kOwnElems * 4;   // [24] row-norm targets
   static constexpr int kOffDTarget = kOffTarget + 3 * kOwn * 4;  // [24] their gradients
   static constexpr int kOffRed = kOffDTarget + 3 * kOwn * 4;     // [8] partial sums
-  static constexpr int kSmemBytes = kOffRed + 8 * 4;
+  static constexpr int kOffA2 = kOffRed + 8 * 4;                 // [64][kLd] k, v of the next tile
+  static constexpr int kOffB2 = kOffA2 + kTileElems * 2;         //   (the update backward's prefetch)
+  static constexpr int kSmemBytes = kOffB2 + kTileElems * 2;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffA % 16 == 0 && kOffF % 16 == 0 && kOffG % 16 == 0 && kOffEta % 16 == 0 &&
-                    kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0,
+                    kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 && kOffA2 % 16 == 0 &&
+                    kOffB2 % 16 == 0,
                 "16-byte aligned regions");
 };
 
@@ -224,6 +227,8 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   float* sTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffTarget);
   float* sDTarget = reinterpret_cast<float*>(smem_tc + Tr::kOffDTarget);
   float* sRed = reinterpret_cast<float*>(smem_tc + Tr::kOffRed);
+  T* sA2 = reinterpret_cast<T*>(smem_tc + Tr::kOffA2);
+  T* sB2 = reinterpret_cast<T*>(smem_tc + Tr::kOffB2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rank = cluster_rank();
@@ -391,10 +396,32 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       const T* Pg = sW + 3 * kTE;
       const T* Pu = sW + 4 * kTE;
       const T* Pd = sW + 5 * kTE;
-      for (int64_t ti = rank; ti < n_tiles; ti += kP) {
+      // The k, v tiles come one tile ahead (cp.async for this call's tokens) into alternating
+      // buffers (sA, sB) / (sA2, sB2); one committed group per tile, so wait_group 1 retires the
+      // current tile's. The other buffer was last read by the previous tile (ended by a barrier).
+      T* const sA1 = sA;
+      T* const sB1 = sB;
+      auto tile_a = [&](int buf) { return buf ? sA2 : sA1; };
+      auto tile_b = [&](int buf) { return buf ? sB2 : sB1; };
+      auto stage_kv = [&](int64_t ti, int buf) {
         const int64_t t0 = ti * kTile;
         const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-        stage_chunk_tile<T, kD>(p.k, p.v, p.eta, p.mu, pend, pstride, H, hh, first, pb, t0, nt, sA, sB, sEta);
+        stage_chunk_kv<T, kD, true>(p.k, p.v, pend, pstride, H, hh, first, pb, t0, nt, tile_a(buf), tile_b(buf));
+      };
+      if (rank < n_tiles) {
+        stage_kv(rank, 0);
+        cp_async_commit();
+      }
+      int buf = 0;
+      for (int64_t ti = rank; ti < n_tiles; ti += kP, buf ^= 1) {
+        const int64_t t0 = ti * kTile;
+        const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+        T* const sA = tile_a(buf);  // this tile's k, v (shadowing the first buffers)
+        T* const sB = tile_b(buf);
+        if (ti + kP < n_tiles) stage_kv(ti + kP, buf ^ 1);
+        cp_async_commit();
+        stage_chunk_eta<T>(p.eta, p.mu, pend, pstride, H, hh, first, pb, t0, nt, kD, sEta);
+        cp_async_wait<1>();
         __syncthreads();
         // Per-token terms (ttt_bwd.cu, update_grad_backward), warp w: tokens [16w, 16w + 16).
         float sum_g[2] = {0.f, 0.f}, sum_u[2] = {0.f, 0.f}, sum_d[2] = {0.f, 0.f};

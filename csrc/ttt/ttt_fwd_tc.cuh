@@ -206,12 +206,12 @@ __device__ __forceinline__ float pending_elem(const void* k, const void* v, cons
 
 // Stages rows [t0, t0 + nt) of a chunk whose row t is the initial pending row t (t < pb, float32,
 // rounded to T) or token first + t - pb of head hh: k, v into the 16-bit tiles sK, sV (row stride
-// D + 8), eta and mu into sEta [64][4]; rows past nt are zero. Every thread of the CTA calls it.
-template <typename T, int D>
-__device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, const void* eta, const void* mu,
-                                                 const float* pend0, int64_t pstride, int64_t H, int64_t hh,
-                                                 int64_t first, int64_t pb, int64_t t0, int nt, T* sK, T* sV,
-                                                 float* sEta) {
+// D + 8); rows past nt are zero. kAsync: the token rows by cp.async (the caller commits and waits),
+// the others by plain stores. Every thread of the CTA calls it.
+template <typename T, int D, bool kAsync = false>
+__device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, const float* pend0, int64_t pstride,
+                                               int64_t H, int64_t hh, int64_t first, int64_t pb, int64_t t0, int nt,
+                                               T* sK, T* sV) {
   constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile, kLd = D + 8;
   auto row_of = [&](int64_t ct) { return (first + ct - pb) * H + hh; };
   for (int e = threadIdx.x; e < kTile * (D / 8); e += kT) {
@@ -219,8 +219,13 @@ __device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, c
     const int64_t ct = t0 + t;
     if (t < nt && ct >= pb) {
       const int64_t off = row_of(ct) * D + c;
-      *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(k) + off);
-      *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + off);
+      if constexpr (kAsync) {
+        cp_async16(sK + t * kLd + c, static_cast<const T*>(k) + off, true);
+        cp_async16(sV + t * kLd + c, static_cast<const T*>(v) + off, true);
+      } else {
+        *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(k) + off);
+        *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + off);
+      }
     } else {
       const float* r = pend0 + ct * pstride;
 #pragma unroll
@@ -231,19 +236,38 @@ __device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, c
       }
     }
   }
+}
+
+// The same rows' eta and mu into sEta [64][4] (zero past nt).
+template <typename T>
+__device__ __forceinline__ void stage_chunk_eta(const void* eta, const void* mu, const float* pend0, int64_t pstride,
+                                                int64_t H, int64_t hh, int64_t first, int64_t pb, int64_t t0, int nt,
+                                                int d, float* sEta) {
+  constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
+  auto row_of = [&](int64_t ct) { return (first + ct - pb) * H + hh; };
   for (int e = threadIdx.x; e < kTile * 4; e += kT) {
     const int t = e / 4, m = e % 4;
     const int64_t ct = t0 + t;
     float r = 0.f;
     if (t < nt) {
       if (ct < pb) {
-        r = pend0[ct * pstride + 2 * D + m];
+        r = pend0[ct * pstride + 2 * d + m];
       } else {
         r = m < 3 ? to_float(load_tok<T>(eta, row_of(ct) * 3 + m)) : to_float(load_tok<T>(mu, row_of(ct)));
       }
     }
     sEta[e] = r;
   }
+}
+
+// Both: a chunk tile's k, v (plain loads) and rates.
+template <typename T, int D>
+__device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, const void* eta, const void* mu,
+                                                 const float* pend0, int64_t pstride, int64_t H, int64_t hh,
+                                                 int64_t first, int64_t pb, int64_t t0, int nt, T* sK, T* sV,
+                                                 float* sEta) {
+  stage_chunk_kv<T, D>(k, v, pend0, pstride, H, hh, first, pb, t0, nt, sK, sV);
+  stage_chunk_eta<T>(eta, mu, pend0, pstride, H, hh, first, pb, t0, nt, D, sEta);
 }
 
 // Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
