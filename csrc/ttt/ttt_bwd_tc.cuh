@@ -119,8 +119,9 @@ __device__ __forceinline__ void add_partial_tc(float* sG, int m, const T* y, con
 // Read backward of the 16-bit tokens [first, first + nt) of head hh with the 16-bit weights sW
 // ([3][64][kLd]): g = dO Wd, da = g b silu'(a), db = g silu(a), s = silu(a) b; writes
 // dq = da Wg + db Wu [+ dO] (float32) and adds dO^T s, da^T Q, db^T Q to the partials sG (gate,
-// up, down). sA, sB: q and dO staging tiles; sF: three factor tiles. Every thread of the CTA calls it.
-template <typename T>
+// up, down). sA, sB: q and dO staging tiles (kStaged: already holding the tile, made visible by
+// the caller's barrier); sF: three factor tiles. Every thread of the CTA calls it.
+template <typename T, bool kStaged = false>
 __device__ __forceinline__ void read_bwd_tile_tc(const void* q, const void* grad_o, float* dq, bool residual,
                                                  int64_t H, int64_t hh, int64_t first, int nt, T* sA, T* sB, T* sF,
                                                  const T* sW, float* sG) {
@@ -129,18 +130,20 @@ __device__ __forceinline__ void read_bwd_tile_tc(const void* q, const void* grad
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, row0 = warp * 16;
   const int g = lane / 4, c2 = 2 * (lane % 4);
   auto tok = [&](int64_t token) { return token * H + hh; };
-  for (int e = tid; e < kTile * (kD / 8); e += kT) {
-    const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-    uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;
-    if (t < nt) {
-      const int64_t off = tok(first + t) * kD + c;
-      a = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + off);
-      b = *reinterpret_cast<const uint4*>(static_cast<const T*>(grad_o) + off);
+  if constexpr (!kStaged) {
+    for (int e = tid; e < kTile * (kD / 8); e += kT) {
+      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;
+      if (t < nt) {
+        const int64_t off = tok(first + t) * kD + c;
+        a = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + off);
+        b = *reinterpret_cast<const uint4*>(static_cast<const T*>(grad_o) + off);
+      }
+      *reinterpret_cast<uint4*>(sA + t * kLd + c) = a;
+      *reinterpret_cast<uint4*>(sB + t * kLd + c) = b;
     }
-    *reinterpret_cast<uint4*>(sA + t * kLd + c) = a;
-    *reinterpret_cast<uint4*>(sB + t * kLd + c) = b;
+    __syncthreads();
   }
-  __syncthreads();
 #pragma unroll 1
   for (int hb = 0; hb < 4; ++hb) {
     float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
@@ -611,7 +614,9 @@ struct ReadBwdTcTraits {
   static constexpr int kOffB = kOffA + kTileElems * 2;        // dO tile
   static constexpr int kOffF = kOffB + kTileElems * 2;        // [3] factor tiles
   static constexpr int kOffG = kOffF + 3 * kTileElems * 2;    // [3][64][kLdG] float weight gradients
-  static constexpr int kSmemBytes = kOffG + 3 * BwdTcTraits::kD * BwdTcTraits::kLdG * 4;
+  static constexpr int kOffA2 = kOffG + 3 * BwdTcTraits::kD * BwdTcTraits::kLdG * 4;  // next q tile
+  static constexpr int kOffB2 = kOffA2 + kTileElems * 2;                                // next dO tile
+  static constexpr int kSmemBytes = kOffB2 + kTileElems * 2;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
 };
 
@@ -635,9 +640,33 @@ __global__ void __launch_bounds__(ReadBwdTcTraits::kThreads, 1) ttt_read_bwd_tc_
   load_weights_tc(p.ckpt + (slot * H + hh) * 6 * HD, sW);
   for (int e = threadIdx.x; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
   __syncthreads();
-  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-    read_bwd_tile_tc<T>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0,
-                        static_cast<int>(len - t0 < kTile ? len - t0 : kTile), sA, sB, sF, sW, sG);
+  // q, dO tiles one ahead by cp.async into alternating buffers; one committed group per tile, so
+  // wait_group 1 retires the current one; read_bwd_tile_tc ends with a barrier after its last read
+  // of a tile, so the next prefetch into that buffer is safe.
+  T* sA2 = reinterpret_cast<T*>(smem + Tr::kOffA2);
+  T* sB2 = reinterpret_cast<T*>(smem + Tr::kOffB2);
+  auto stage = [&](int64_t t0, int buf) {
+    const int nt = static_cast<int>(len - t0 < kTile ? len - t0 : kTile);
+    for (int e = threadIdx.x; e < kTile * (kD / 8); e += kT) {
+      const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      const int64_t off = t < nt ? ((first + t0 + t) * H + hh) * kD + c : 0;  // rows past the end: zeros
+      cp_async16((buf ? sA2 : sA) + t * BwdTcTraits::kLd + c, static_cast<const T*>(p.q) + off, t < nt);
+      cp_async16((buf ? sB2 : sB) + t * BwdTcTraits::kLd + c, static_cast<const T*>(p.grad_o) + off, t < nt);
+    }
+  };
+  if (len > 0) {
+    stage(0, 0);
+    cp_async_commit();
+  }
+  int buf = 0;
+  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
+    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    read_bwd_tile_tc<T, true>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0,
+                              static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf ? sA2 : sA, buf ? sB2 : sB,
+                              sF, sW, sG);
   }
   float* dst = p.dw_read + (slot * H + hh) * 3 * HD;
   for (int e = threadIdx.x; e < 3 * kD * kD; e += kT) {

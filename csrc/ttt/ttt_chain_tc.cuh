@@ -52,9 +52,12 @@ struct ChainTcTraits {
   static constexpr int kOffScale = kOffTarget + (2 * kU + D) * 4;  // [2 kU + D] normalization scales
   static constexpr int kOffNorm = kOffScale + (2 * kU + D) * 4;    // [2][D] partial W_down row sums of squares
   static constexpr int kOffRed = kOffNorm + 2 * D * 4;             // [8]
-  static constexpr int kSmemBytes = kOffRed + 8 * 4;
+  static constexpr int kOffK2 = kOffRed + 8 * 4;                   // [64][kLd] k, v of the next tile
+  static constexpr int kOffV2 = kOffK2 + kTile * kLd * 2;          //   (cp.async prefetch)
+  static constexpr int kSmemBytes = kOffV2 + kTile * kLd * 2;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
-  static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0,
+  static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0 &&
+                    kOffK2 % 16 == 0 && kOffV2 % 16 == 0,
                 "16-byte aligned regions");
 };
 
@@ -100,6 +103,8 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
   float* sScale = reinterpret_cast<float*>(smem + Tr::kOffScale);
   float* sNorm = reinterpret_cast<float*>(smem + Tr::kOffNorm);
   float* sRed = reinterpret_cast<float*>(smem + Tr::kOffRed);
+  T* sK2 = reinterpret_cast<T*>(smem + Tr::kOffK2);
+  T* sV2 = reinterpret_cast<T*>(smem + Tr::kOffV2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rank = cluster_rank();
@@ -212,10 +217,29 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
     float acc[3][kMB][kNB][4] = {};
     float mu_part = 0.f;
     const int64_t n_tiles = (C + kTile - 1) / kTile;
-    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    // k, v one tile ahead by cp.async into alternating buffers (as ttt_fwd_tc.cuh's update): one
+    // committed group per tile, wait_group 1 retires the current one; the other buffer was last
+    // read by the previous tile, which ended with a barrier.
+    T* const sK1 = sK;
+    T* const sV1 = sV;
+    auto stage_kv = [&](int64_t ti, int buf) {
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-      stage_chunk_tile<T, D>(p.k, p.v, p.eta, p.mu, pend0, pstride, H, hh, first, pb, t0, nt, sK, sV, sEta);
+      stage_chunk_kv<T, D, true>(p.k, p.v, pend0, pstride, H, hh, first, pb, t0, nt, buf ? sK2 : sK1,
+                                 buf ? sV2 : sV1);
+    };
+    stage_kv(0, 0);
+    cp_async_commit();
+    int buf = 0;
+    for (int64_t ti = 0; ti < n_tiles; ++ti, buf ^= 1) {
+      const int64_t t0 = ti * kTile;
+      const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
+      T* const sK = buf ? sK2 : sK1;  // this tile's k, v (shadowing the first buffers)
+      T* const sV = buf ? sV2 : sV1;
+      if (ti + 1 < n_tiles) stage_kv(ti + 1, buf ^ 1);
+      cp_async_commit();
+      stage_chunk_eta<T>(p.eta, p.mu, pend0, pstride, H, hh, first, pb, t0, nt, D, sEta);
+      cp_async_wait<1>();
       __syncthreads();
       if (tid == 0) {
         for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];

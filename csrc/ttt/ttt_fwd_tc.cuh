@@ -260,16 +260,6 @@ __device__ __forceinline__ void stage_chunk_eta(const void* eta, const void* mu,
   }
 }
 
-// Both: a chunk tile's k, v (plain loads) and rates.
-template <typename T, int D>
-__device__ __forceinline__ void stage_chunk_tile(const void* k, const void* v, const void* eta, const void* mu,
-                                                 const float* pend0, int64_t pstride, int64_t H, int64_t hh,
-                                                 int64_t first, int64_t pb, int64_t t0, int nt, T* sK, T* sV,
-                                                 float* sEta) {
-  stage_chunk_kv<T, D>(k, v, pend0, pstride, H, hh, first, pb, t0, nt, sK, sV);
-  stage_chunk_eta<T>(eta, mu, pend0, pstride, H, hh, first, pb, t0, nt, D, sEta);
-}
-
 // Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
 // (silu(Wg q) * (Wu q)) [+ q] with the 16-bit weights sW ([3][D][D + 8]: gate, up, down) of the
 // CTA's shared memory; sQ is a [64][D + 8] staging tile. Every thread of the CTA (4 warps) calls it.
