@@ -444,15 +444,10 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     T* const sV1 = sV;
     auto tile_k = [&](int buf) { return buf ? sK2 : sK1; };  // selects, not an indexed array (no stack)
     auto tile_v = [&](int buf) { return buf ? sV2 : sV1; };
-    auto prefetch = [&](int64_t ti, int buf) {
+    auto prefetch = [&](int64_t ti, int buf) {  // a direct chunk: every row a token (no pending rows)
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-      for (int e = tid; e < kTile * (kD / 8); e += kT) {
-        const int t = e / (kD / 8), c = (e % (kD / 8)) * 8;
-        const int64_t off = t < nt ? tok(first + t0 + t) * kD + c : 0;  // rows past the chunk: zeros
-        cp_async16(tile_k(buf) + t * kLd + c, static_cast<const T*>(p.k) + off, t < nt);
-        cp_async16(tile_v(buf) + t * kLd + c, static_cast<const T*>(p.v) + off, t < nt);
-      }
+      stage_chunk_kv<T, kD, true>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf), tile_v(buf));
     };
     if (direct && rank < n_tiles) {
       prefetch(rank, 0);
