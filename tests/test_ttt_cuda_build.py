@@ -42,9 +42,9 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
             assert re.search(r"\bUCGABAR_ARV\b", body) and re.search(r"\bUCGABAR_WAIT\b", body), \
                 f"{name}: no cluster barrier"
         assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
-        if kernel != "ttt_read_tc_kernel":  # k, v (q, dO) tiles one ahead by cp.async (16 bytes, L2 only)
-            assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), \
-                f"{name}: no cp.async prefetch"
+        # every kernel's token tiles (k, v; q, dO) come one tile ahead by cp.async (16 bytes, L2 only)
+        assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), \
+            f"{name}: no cp.async prefetch"
 
 
 @pytest.mark.parametrize("kernel", TC_KERNELS)

@@ -262,21 +262,24 @@ __device__ __forceinline__ void stage_chunk_eta(const void* eta, const void* mu,
 
 // Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
 // (silu(Wg q) * (Wu q)) [+ q] with the 16-bit weights sW ([3][D][D + 8]: gate, up, down) of the
-// CTA's shared memory; sQ is a [64][D + 8] staging tile. Every thread of the CTA (4 warps) calls it.
-template <typename T, int D = 64>
+// CTA's shared memory; sQ is a [64][D + 8] staging tile (kStaged: already holding the tile, made
+// visible by the caller's barrier). Every thread of the CTA (4 warps) calls it.
+template <typename T, int D = 64, bool kStaged = false>
 __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool residual, int64_t H, int64_t hh,
                                              int64_t first, int nt, T* sQ, const T* sW) {
   constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
   constexpr int kLd = D + 8, kTE = D * kLd, kB = D / 16;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   auto tok = [&](int64_t token) { return token * H + hh; };
-  for (int e = tid; e < kTile * (D / 8); e += kT) {
-    const int t = e / (D / 8), c = (e % (D / 8)) * 8;
-    uint4 x = make_uint4(0u, 0u, 0u, 0u);
-    if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + tok(first + t) * D + c);
-    *reinterpret_cast<uint4*>(sQ + t * kLd + c) = x;
+  if constexpr (!kStaged) {
+    for (int e = tid; e < kTile * (D / 8); e += kT) {
+      const int t = e / (D / 8), c = (e % (D / 8)) * 8;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (t < nt) x = *reinterpret_cast<const uint4*>(static_cast<const T*>(q) + tok(first + t) * D + c);
+      *reinterpret_cast<uint4*>(sQ + t * kLd + c) = x;
+    }
+    __syncthreads();
   }
-  __syncthreads();
   const int row0 = warp * 16;
   uint32_t aq[kB][4];
   load_a_rows<T, kLd, D>(aq, sQ, row0, lane);

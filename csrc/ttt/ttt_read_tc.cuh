@@ -19,7 +19,8 @@ struct ReadTcTraits {
   static constexpr int kTileElems = D * (D + 8);          // one 16-bit [D][D + 8] tile (64 rows for q)
   static constexpr int kOffW = 0;                         // [3][D][D + 8] gate, up, down
   static constexpr int kOffQ = 3 * kTileElems * 2;        // [64][D + 8] q tile
-  static constexpr int kSmemBytes = kOffQ + 64 * (D + 8) * 2;
+  static constexpr int kOffQ2 = kOffQ + 64 * (D + 8) * 2;  // [64][D + 8] the next q tile (cp.async)
+  static constexpr int kSmemBytes = kOffQ2 + 64 * (D + 8) * 2;
 };
 
 // The three D x D float32 weights at w (gate, up, down, row-major, contiguous) as 16-bit operand
@@ -50,9 +51,30 @@ __global__ void __launch_bounds__(ReadTcTraits<D>::kThreads) ttt_read_tc_kernel(
   const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
   load_weights_tc<T, D>(p.ckpt + (slot * H + hh) * 6 * HD, sW);  // gate, up, down (then the momenta)
   __syncthreads();
-  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-    read_tile_tc<T, D>(p.q, p.o, p.residual, H, hh, first + t0,
-                       static_cast<int>(len - t0 < kTile ? len - t0 : kTile), sQ, sW);
+  // q tiles one ahead by cp.async into alternating buffers; one committed group per tile, so
+  // wait_group 1 retires the current one; read_tile_tc ends with a barrier after its last read of
+  // a tile, so the next prefetch into that buffer is safe.
+  T* sQ2 = reinterpret_cast<T*>(smem + ReadTcTraits<D>::kOffQ2);
+  auto stage = [&](int64_t t0, int buf) {
+    const int nt = static_cast<int>(len - t0 < kTile ? len - t0 : kTile);
+    for (int e = threadIdx.x; e < kTile * (D / 8); e += ReadTcTraits<D>::kThreads) {
+      const int t = e / (D / 8), c = (e % (D / 8)) * 8;
+      const int64_t off = t < nt ? ((first + t0 + t) * H + hh) * D + c : 0;  // rows past the end: zeros
+      cp_async16((buf ? sQ2 : sQ) + t * (D + 8) + c, static_cast<const T*>(p.q) + off, t < nt);
+    }
+  };
+  if (len > 0) {
+    stage(0, 0);
+    cp_async_commit();
+  }
+  int buf = 0;
+  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
+    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    read_tile_tc<T, D, true>(p.q, p.o, p.residual, H, hh, first + t0,
+                             static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf ? sQ2 : sQ, sW);
   }
 }
 
