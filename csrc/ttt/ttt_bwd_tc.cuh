@@ -640,9 +640,7 @@ __global__ void __launch_bounds__(ReadBwdTcTraits::kThreads, 1) ttt_read_bwd_tc_
   load_weights_tc(p.ckpt + (slot * H + hh) * 6 * HD, sW);
   for (int e = threadIdx.x; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
   __syncthreads();
-  // q, dO tiles one ahead by cp.async into alternating buffers; one committed group per tile, so
-  // wait_group 1 retires the current one; read_bwd_tile_tc ends with a barrier after its last read
-  // of a tile, so the next prefetch into that buffer is safe.
+  // q, dO tiles one ahead by cp.async into alternating buffers (read_bwd_tile_tc ends with a barrier).
   T* sA2 = reinterpret_cast<T*>(smem + Tr::kOffA2);
   T* sB2 = reinterpret_cast<T*>(smem + Tr::kOffB2);
   auto stage = [&](int64_t t0, int buf) {
@@ -654,20 +652,10 @@ __global__ void __launch_bounds__(ReadBwdTcTraits::kThreads, 1) ttt_read_bwd_tc_
       cp_async16((buf ? sB2 : sB) + t * BwdTcTraits::kLd + c, static_cast<const T*>(p.grad_o) + off, t < nt);
     }
   };
-  if (len > 0) {
-    stage(0, 0);
-    cp_async_commit();
-  }
-  int buf = 0;
-  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
-    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    read_bwd_tile_tc<T, true>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0,
-                              static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf ? sA2 : sA, buf ? sB2 : sB,
-                              sF, sW, sG);
-  }
+  prefetched_tiles(len, stage, [&](int64_t t0, int nt, int buf) {
+    read_bwd_tile_tc<T, true>(p.q, p.grad_o, p.dq, p.residual, H, hh, first + t0, nt, buf ? sA2 : sA,
+                              buf ? sB2 : sB, sF, sW, sG);
+  });
   float* dst = p.dw_read + (slot * H + hh) * 3 * HD;
   for (int e = threadIdx.x; e < 3 * kD * kD; e += kT) {
     const int m = e / (kD * kD), r = (e / kD) % kD, c = e % kD;

@@ -238,6 +238,28 @@ __device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, con
   }
 }
 
+// Walks the tiles of a segment of `len` tokens, 64 at a time, with each tile's copies issued one
+// tile ahead: stage(t0, buf) issues the cp.async copies of the tile at t0 into buffer buf (0 or
+// 1); body(t0, nt, buf) runs once that tile is in shared memory and visible to the whole CTA, and
+// must end with a barrier after its last read of the buffer (the next stage call writes it). One
+// committed group per tile, so wait_group 1 retires the current one. Every thread calls it.
+template <class Stage, class Body>
+__device__ __forceinline__ void prefetched_tiles(int64_t len, Stage&& stage, Body&& body) {
+  constexpr int kTile = FwdTcTraits::kTile;
+  if (len > 0) {
+    stage(int64_t{0}, 0);
+    cp_async_commit();
+  }
+  int buf = 0;
+  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
+    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    body(t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf);
+  }
+}
+
 // The same rows' eta and mu into sEta [64][4] (zero past nt).
 template <typename T>
 __device__ __forceinline__ void stage_chunk_eta(const void* eta, const void* mu, const float* pend0, int64_t pstride,

@@ -51,9 +51,7 @@ __global__ void __launch_bounds__(ReadTcTraits<D>::kThreads) ttt_read_tc_kernel(
   const int64_t first = p.work[3 * item], len = p.work[3 * item + 1], slot = p.work[3 * item + 2];
   load_weights_tc<T, D>(p.ckpt + (slot * H + hh) * 6 * HD, sW);  // gate, up, down (then the momenta)
   __syncthreads();
-  // q tiles one ahead by cp.async into alternating buffers; one committed group per tile, so
-  // wait_group 1 retires the current one; read_tile_tc ends with a barrier after its last read of
-  // a tile, so the next prefetch into that buffer is safe.
+  // q tiles one ahead by cp.async into alternating buffers (read_tile_tc ends with a barrier).
   T* sQ2 = reinterpret_cast<T*>(smem + ReadTcTraits<D>::kOffQ2);
   auto stage = [&](int64_t t0, int buf) {
     const int nt = static_cast<int>(len - t0 < kTile ? len - t0 : kTile);
@@ -63,19 +61,9 @@ __global__ void __launch_bounds__(ReadTcTraits<D>::kThreads) ttt_read_tc_kernel(
       cp_async16((buf ? sQ2 : sQ) + t * (D + 8) + c, static_cast<const T*>(p.q) + off, t < nt);
     }
   };
-  if (len > 0) {
-    stage(0, 0);
-    cp_async_commit();
-  }
-  int buf = 0;
-  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
-    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    read_tile_tc<T, D, true>(p.q, p.o, p.residual, H, hh, first + t0,
-                             static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf ? sQ2 : sQ, sW);
-  }
+  prefetched_tiles(len, stage, [&](int64_t t0, int nt, int buf) {
+    read_tile_tc<T, D, true>(p.q, p.o, p.residual, H, hh, first + t0, nt, buf ? sQ2 : sQ, sW);
+  });
 }
 
 }  // namespace allmem::ttt::cuda::tc
