@@ -24,20 +24,12 @@ import allmem_ops
 from allmem_ops.reference import swa_naive
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from test_swa import sdpa_band  # noqa: E402  (the tests' own yardstick)
+from test_swa import maxerr, normerr, sdpa_band  # noqa: E402  (the tests' own yardstick and statistics)
 
 # (B, L, Hq, Hkv, D, W, S): the shape that failed once under the Hopper forward, and the other
 # shapes of test_forward_backward_vs_float64.
 SHAPES = [(1, 1000, 4, 1, 128, 256, 64), (2, 300, 8, 2, 64, 128, 4), (2, 200, 4, 4, 64, 512, 0),
           (1, 257, 8, 8, 64, 1, 3)]
-
-
-def maxerr(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def normerr(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def one(shape, dtype, dev, seed, modes):
