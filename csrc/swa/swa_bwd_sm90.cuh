@@ -1,0 +1,354 @@
+// SWA backward for Hopper (sm_90a): the dQ kernel and the dK/dV kernel as one template, built on
+// the forward's pieces (swa_sm90_utils.cuh: TMA into 128-byte-swizzled tiles, mbarrier rings,
+// warp specialization, wgmma with fp32 accumulators).
+//
+// Both kernels keep two "resident" tiles of 128 rows in shared memory for the whole CTA and stream
+// two tiles of kBlockN rows per step through a ring of kStages:
+//
+//                 resident A1, A2     streamed B1, B2     step walk
+//   dQ   kernel   Q, dO  (query rows) K, V  (key rows)    the key blocks of the band (the forward's)
+//   dK/dV kernel  K, V   (key rows)   Q, dO (query rows)  every query head of the GQA group x the
+//                                                          query blocks that see the keys
+//
+// Per step, each consumer warpgroup (64 resident rows):
+//   X = A1 B1^T, Y = A2 B2^T               (wgmma SS, both K-major: S, dP for dQ; S^T, dP^T for dK/dV)
+//   P = exp2(X * scale log2e - lse log2e) on visible (query, key) pairs, else 0
+//   dS = P (Y - delta)
+//   dQ += dS B1                             (wgmma RS, B1 = K read MN-major)
+//   dV += P B2, dK += dS B1                 (wgmma RS, B2 = dO, B1 = Q read MN-major)
+// and scales dQ / dK by the softmax scale at the end. lse / delta are per query: per accumulator
+// row in the dQ kernel (two rows per thread, read once), per accumulator column in the dK/dV
+// kernel (the producer warp stages the step's kBlockN values next to its tiles).
+//
+// Deterministic: every dQ / dK / dV element has exactly one writer (the dK/dV CTA sums the GQA
+// group's heads in registers), no atomics. The contract is the portable backward's (BwdParams;
+// delta = rowsum(dO * O) from swa_bwd_preprocess_kernel; lse natural-log float32).
+#pragma once
+#include "swa/swa_sm90_utils.cuh"
+
+namespace allmem::swa::cuda {
+namespace {
+
+template <int D, bool kKeySide>
+struct Sm90BwdTraits {
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kRowsPerWarpgroup = 64;  // wgmma M
+  static constexpr int kBlockM = kConsumerWarpgroups * kRowsPerWarpgroup;  // resident rows
+  // Streamed rows per step (the N of X and Y, the K of the RS products). Registers per consumer
+  // thread: the accumulators (dK + dV: D floats; dQ: D / 2) plus X and Y (kBlockN floats) plus
+  // their 16-bit fragments: 64 keeps the dK/dV kernel at D = 128 and the dQ kernel at D = 128
+  // under the 240 registers a consumer gets.
+  static constexpr int kBlockN = (kKeySide || D == 128) ? 64 : 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = (1 + kConsumerWarpgroups) * 128;
+  static constexpr int kResBytes = kBlockM * D * 2;     // each resident tile
+  static constexpr int kStreamBytes = kBlockN * D * 2;  // each streamed tile
+  static constexpr int kStageBytes = 2 * kStreamBytes;
+  static constexpr int kStatFloats = kKeySide ? 2 * kBlockN : 0;  // lse * log2e, delta of the step's queries
+  // Barriers: resident tiles full; per stage: streamed tiles (and stats) full / empty.
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  static constexpr int kTileBytes = 2 * kResBytes + kStages * kStageBytes;
+  static constexpr size_t kSmemBytes = kAtomBytes + kTileBytes + kStages * kStatFloats * 4 + kBarriers * 8;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // The producer warp: its 32 lanes each arrive on a stage's full barrier (after writing their
+  // share of the stats; lane 0's arrival also carries the TMA byte count).
+  static constexpr int kFullArrivals = 32;
+  static_assert(D % kLineElems == 0, "D must be a multiple of 64");
+  static_assert(kResBytes % kAtomBytes == 0 && kStreamBytes % kAtomBytes == 0, "tiles keep 1024-byte alignment");
+  static_assert(128 * kProducerRegs + kConsumerWarpgroups * 128 * kConsumerRegs <= 65536, "register file");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA");
+};
+
+struct Sm90BwdParams {
+  BwdParams p;
+  // 4-D {D, rows, heads, batch} maps: resident tiles (box rows 128), streamed tiles (box rows
+  // kBlockN). dQ kernel: a1 = q, a2 = dout, b1 = k, b2 = v. dK/dV kernel: a1 = k, a2 = v, b1 = q,
+  // b2 = dout.
+  CUtensorMap tm_a1, tm_a2, tm_b1, tm_b2;
+};
+
+// Grid: dQ (query blocks, longest first; hq; batch); dK/dV (hkv; key blocks, the sink blocks with
+// the longest walks first; batch).
+template <typename T, int D, bool kKeySide>
+__global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
+    swa_bwd_sm90_kernel(const __grid_constant__ Sm90BwdParams params) {
+#ifdef ALLMEM_SWA_SM90A_DEVICE
+  using Tr = Sm90BwdTraits<D, kKeySide>;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kStages = Tr::kStages;
+  const BwdParams& p = params.p;
+  const AttnShape& s = p.shape;
+  const int group = s.hq / s.hkv;
+
+  const int blk = kKeySide ? static_cast<int>(blockIdx.y) : static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  const int h_res = kKeySide ? blockIdx.x : blockIdx.y;  // head of the resident tiles (kv head / query head)
+  const int b = blockIdx.z;
+  const SeqSpan seq = seq_span(s, b);
+  const int r0 = blk * kBM;  // first resident row: query i0 (dQ) or key j0 (dK/dV)
+  if (r0 >= seq.len) return;  // varlen: grid sized for the longest sequence (whole CTA leaves)
+  const bool varlen = s.cu_seqlens != nullptr;
+  const int row_base = varlen ? static_cast<int>(seq.start) : 0;
+  const int batch_coord = varlen ? 0 : b;
+
+  // The step walk. dQ: key blocks of kBN keys (window blocks last to first, then the sinks).
+  // dK/dV: for each query head of the group, query blocks of kBN queries that see the keys.
+  KeyBlockRange kr{};
+  int2 qb = make_int2(0, 0);
+  int n_steps;
+  if constexpr (kKeySide) {
+    qb = query_blocks_for_key_block(r0, kBN, kBM, seq.len, s.window, s.sinks);
+    n_steps = group * (qb.y - qb.x + 1);
+  } else {
+    kr = key_blocks_for_query_block(r0, kBM, kBN, seq.len, s.window, s.sinks);
+    n_steps = kr.count();  // >= 1: the diagonal block always exists
+  }
+  const int nq = qb.y - qb.x + 1;
+  auto step_row0 = [&](int t) { return kKeySide ? (qb.x + t % nq) * kBN : kr.block(t) * kBN; };
+  auto step_head = [&](int t) { return kKeySide ? h_res * group + t / nq : h_res / group; };
+
+  ALLMEM_SWA_DYNAMIC_SMEM(smem_raw);
+  const uint32_t smem_base = (smem_u32(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1);
+  unsigned char* smem_gen = smem_raw + (smem_base - smem_u32(smem_raw));
+  const uint32_t sA1 = smem_base;
+  const uint32_t sA2 = sA1 + Tr::kResBytes;
+  const uint32_t sB0 = sA2 + Tr::kResBytes;  // stage st: B1 at sB0 + st * kStageBytes, B2 right after
+  float* const sStat = reinterpret_cast<float*>(smem_gen + Tr::kTileBytes);  // [kStages][lse2 | delta]
+  const uint32_t bars = smem_base + Tr::kTileBytes + kStages * Tr::kStatFloats * 4;
+  const uint32_t bar_res = bars;
+  auto bar_full = [&](int st) { return bars + 8 * (1 + st); };
+  auto bar_empty = [&](int st) { return bars + 8 * (1 + kStages + st); };
+  constexpr int kConsumerWarps = Tr::kConsumerWarpgroups * 4;
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int lane = tid % kWarpSize;
+  if (tid == 0) {
+    tma_prefetch_desc(&params.tm_a1);
+    tma_prefetch_desc(&params.tm_a2);
+    tma_prefetch_desc(&params.tm_b1);
+    tma_prefetch_desc(&params.tm_b2);
+    mbar_init(bar_res, 1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(bar_full(st), Tr::kFullArrivals);
+      mbar_init(bar_empty(st), kConsumerWarps);  // one arrival per consumer warp
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier: the producer warps leave early
+
+  if (warpgroup == 0) {
+    // ------------------------------------------------------------------ producer (warp 0)
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (tid < kWarpSize) {
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar_res, 2 * Tr::kResBytes);
+        tma_load_tile<D, kBM>(sA1, &params.tm_a1, bar_res, row_base + r0, h_res, batch_coord);
+        tma_load_tile<D, kBM>(sA2, &params.tm_a2, bar_res, row_base + r0, h_res, batch_coord);
+      }
+      for (int t = 0; t < n_steps; ++t) {
+        const int st = t % kStages;
+        const int c0 = step_row0(t), hs = step_head(t);
+        mbar_wait_or_trap(bar_empty(st), ((t / kStages) & 1) ^ 1);
+        if constexpr (kKeySide) {
+          // This step's queries' lse (log2 domain) and delta; zeros past the sequence (masked).
+          float* stat = sStat + st * Tr::kStatFloats;
+          const float* gl = stat_ptr(p.lse, b, seq.start, hs);
+          const float* gd = stat_ptr(p.delta, b, seq.start, hs);
+#pragma unroll
+          for (int c = lane; c < kBN; c += kWarpSize) {
+            const bool ok = c0 + c < seq.len;
+            stat[c] = ok ? gl[c0 + c] * kLog2e : 0.f;
+            stat[kBN + c] = ok ? gd[c0 + c] : 0.f;
+          }
+        }
+        const uint32_t stage = sB0 + st * Tr::kStageBytes;
+        if (lane == 0) {
+          mbar_arrive_expect_tx(bar_full(st), Tr::kStageBytes);
+          tma_load_tile<D, kBN>(stage, &params.tm_b1, bar_full(st), row_base + c0, hs, batch_coord);
+          tma_load_tile<D, kBN>(stage + Tr::kStreamBytes, &params.tm_b2, bar_full(st), row_base + c0, hs,
+                                batch_coord);
+        } else {
+          mbar_arrive(bar_full(st));  // releases this lane's stats writes
+        }
+      }
+      // The consumers' last release (nothing reuses that stage afterwards): a consumer stuck on a
+      // load ends in mbar_wait_or_trap's trap instead of hanging.
+      const int last = n_steps - 1;
+      mbar_wait_or_trap(bar_empty(last % kStages), (last / kStages) & 1);
+    }
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int cwg = warpgroup - 1;           // consumer warpgroup: resident rows 64 cwg ..
+  const int ctid = tid - 128 * warpgroup;  // thread in the warpgroup
+  const int wwarp = ctid / kWarpSize;
+  const int warp_row0 = cwg * Tr::kRowsPerWarpgroup + wwarp * kMmaM;  // tile row of this warp's first row
+  const int res_row[2] = {r0 + warp_row0 + lane / 4, r0 + warp_row0 + lane / 4 + 8};
+  const uint32_t a1_wg = sA1 + cwg * Tr::kRowsPerWarpgroup * kLineBytes;
+  const uint32_t a2_wg = sA2 + cwg * Tr::kRowsPerWarpgroup * kLineBytes;
+  const float scale_log2 = s.scale_log2;
+  const int len = seq.len, window = s.window, sinks = s.sinks;
+
+  // dQ: lse (log2 domain) and delta of this thread's two query rows (rows past the end: masked).
+  float row_lse2[2] = {0.f, 0.f}, row_delta[2] = {0.f, 0.f};
+  if constexpr (!kKeySide) {
+    const float* gl = stat_ptr(p.lse, b, seq.start, h_res);
+    const float* gd = stat_ptr(p.delta, b, seq.start, h_res);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (res_row[r] < len) {
+        row_lse2[r] = gl[res_row[r]] * kLog2e;
+        row_delta[r] = gd[res_row[r]];
+      }
+    }
+  }
+
+  float acc1[D / 2];                   // dQ or dK (64 rows x D per warpgroup)
+  float acc2[kKeySide ? D / 2 : 1];    // dV
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc1[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < (kKeySide ? D / 2 : 1); ++i) acc2[i] = 0.f;
+  float x[kBN / 2], y[kBN / 2];        // X then P; Y then dS
+  uint32_t pf[kBN / 16][4], dsf[kBN / 16][4];
+
+  mbar_wait(bar_res, 0);
+  for (int t = 0; t < n_steps; ++t) {
+    const int st = t % kStages;
+    const uint32_t b1 = sB0 + st * Tr::kStageBytes, b2 = b1 + Tr::kStreamBytes;
+    const int c0 = step_row0(t);  // first streamed row: key j0 (dQ) or query i0 (dK/dV)
+    mbar_wait(bar_full(st), (t / kStages) & 1);
+    fence_regs(x);
+    fence_regs(y);
+    warpgroup_arrive();
+    issue_ss<T, D, kBM, kBN>(x, a1_wg, b1, false);  // S (dQ) or S^T (dK/dV)
+    issue_ss<T, D, kBM, kBN>(y, a2_wg, b2, false);  // dP = dO V^T or dP^T = V dO^T
+    warpgroup_commit();
+    warpgroup_wait<0>();
+    fence_regs(x);
+    fence_regs(y);
+
+    // P and dS in place. Element 4 i + e: resident row res_row[e / 2], streamed column
+    // c0 + 8 i + 2 (lane % 4) + e % 2 (swa_sm90_utils.cuh, accumulator layout).
+    const bool full = kKeySide ? tile_fully_visible(c0, kBN, r0 + warp_row0, kMmaM, len, window, sinks)
+                               : tile_fully_visible(r0 + warp_row0, kMmaM, c0, kBN, len, window, sinks);
+    const float* stat = sStat + st * Tr::kStatFloats;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * i + 2 * (lane % 4) + (e % 2);
+        const float l2 = kKeySide ? stat[col] : row_lse2[e / 2];
+        const float dl = kKeySide ? stat[kBN + col] : row_delta[e / 2];
+        float pv = exp2f(x[4 * i + e] * scale_log2 - l2);
+        float ds = pv * (y[4 * i + e] - dl);
+        if (!full) {  // one select per element; masked elements may hold anything (inf, NaN)
+          const int qi = kKeySide ? c0 + col : res_row[e / 2];
+          const int kj = kKeySide ? res_row[e / 2] : c0 + col;
+          const bool vis = (qi < len) & (kj < len) & (kj <= qi) & ((kj < sinks) | (qi - kj < window));
+          pv = vis ? pv : 0.f;
+          ds = vis ? ds : 0.f;
+        }
+        x[4 * i + e] = pv;
+        y[4 * i + e] = ds;
+      }
+    }
+    if constexpr (kKeySide) pack_a_frags<T, kBN>(pf, x);
+    pack_a_frags<T, kBN>(dsf, y);
+
+    fence_regs(acc1);
+    if constexpr (kKeySide) fence_regs(acc2);
+    fence_regs(pf);
+    fence_regs(dsf);
+    warpgroup_arrive();
+    if constexpr (kKeySide) issue_rs<T, D, kBN>(acc2, pf, b2);  // dV += P^T dO
+    issue_rs<T, D, kBN>(acc1, dsf, b1);                         // dQ += dS K  or  dK += dS^T Q
+    warpgroup_commit();
+    warpgroup_wait<0>();
+    fence_regs(acc1);
+    if constexpr (kKeySide) fence_regs(acc2);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty(st));  // this warp is done with the stage's tiles and stats
+  }
+
+  // Epilogue: stage the warpgroup's 64 rows through its own rows of the resident tiles (only its
+  // own wgmmas read them, and they are complete), then 16-byte stores of the rows inside the
+  // sequence. dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
+  auto stage_rows = [&](uint32_t tile_off, const float (&acc)[D / 2], float scale) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = 8 * i + 2 * (lane % 4);
+      const int cb = col / kLineElems, chunk = (col % kLineElems) / 8;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + lane / 4 + 8 * r;  // tile row
+        const uint32_t off = tile_off + cb * kBM * kLineBytes + row * kLineBytes + ((chunk ^ (row % 8)) * 16) +
+                             (col % 8) * 2;
+        *reinterpret_cast<uint32_t*>(smem_gen + off) =
+            ElemTraits<T>::pack(acc[4 * i + 2 * r] * scale, acc[4 * i + 2 * r + 1] * scale);
+      }
+    }
+  };
+  auto store_rows = [&](uint32_t tile_off, const TensorRef& dst) {
+    T* g = head_ptr<T>(dst, b, seq.start, h_res);
+    constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+    for (int idx = ctid; idx < Tr::kRowsPerWarpgroup * kChunksPerRow; idx += 128) {
+      const int r = cwg * Tr::kRowsPerWarpgroup + idx / kChunksPerRow, c = idx % kChunksPerRow;
+      const int cb = c / 8, chunk = c % 8;
+      if (r0 + r < len) {
+        const uint32_t off = tile_off + cb * kBM * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) * 16);
+        *reinterpret_cast<uint4*>(g + (int64_t)(r0 + r) * dst.row_stride + c * 8) =
+            *reinterpret_cast<const uint4*>(smem_gen + off);
+      }
+    }
+  };
+  stage_rows(0, acc1, s.scale);
+  if constexpr (kKeySide) stage_rows(Tr::kResBytes, acc2, 1.f);
+  named_barrier_sync(1 + cwg, 128);
+  store_rows(0, kKeySide ? p.dk : p.dq);
+  if constexpr (kKeySide) store_rows(Tr::kResBytes, p.dv);
+#endif  // ALLMEM_SWA_SM90A_DEVICE
+}
+
+template <typename T, int D, bool kKeySide>
+void run_bwd_sm90(const Sm90BwdParams& sp, cudaStream_t stream) {
+  using Tr = Sm90BwdTraits<D, kKeySide>;
+  const int blocks = (sp.p.shape.seqlen + Tr::kBlockM - 1) / Tr::kBlockM;
+  const dim3 grid = kKeySide ? dim3(sp.p.shape.hkv, blocks, sp.p.shape.batch)
+                             : dim3(blocks, sp.p.shape.hq, sp.p.shape.batch);
+  launch_sm90(swa_bwd_sm90_kernel<T, D, kKeySide>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
+}
+
+// Launches the dQ (kKeySide false) or dK/dV kernel; false (nothing launched) when it cannot run
+// here: no sm_90a code in the loaded cubin, or a tensor map does not encode.
+template <bool kKeySide>
+bool launch_bwd_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream) {
+  if (head_dim != 64 && head_dim != 128) return false;
+  if (p.shape.seqlen == 0 || p.shape.batch == 0) return true;  // nothing to do
+  if (!sm90a_built_for_current_device()) return false;
+  const bool varlen = p.shape.cu_seqlens != nullptr;
+  const int64_t rows = varlen ? total_rows : p.shape.seqlen;
+  const int batch = varlen ? 1 : p.shape.batch;
+  bool ok = false;
+  dispatch_dtype_headdim(dtype, head_dim, [&]<typename T, int D>() {
+    using Tr = Sm90BwdTraits<D, kKeySide>;
+    Sm90BwdParams sp;
+    sp.p = p;
+    const TensorRef& a1 = kKeySide ? p.k : p.q;
+    const TensorRef& a2 = kKeySide ? p.v : p.dout;
+    const TensorRef& b1 = kKeySide ? p.q : p.k;
+    const TensorRef& b2 = kKeySide ? p.dout : p.v;
+    const int h_a = kKeySide ? p.shape.hkv : p.shape.hq, h_b = kKeySide ? p.shape.hq : p.shape.hkv;
+    ok = encode_map(&sp.tm_a1, a1, dtype, D, rows, h_a, batch, Tr::kBlockM) &&
+         encode_map(&sp.tm_a2, a2, dtype, D, rows, h_a, batch, Tr::kBlockM) &&
+         encode_map(&sp.tm_b1, b1, dtype, D, rows, h_b, batch, Tr::kBlockN) &&
+         encode_map(&sp.tm_b2, b2, dtype, D, rows, h_b, batch, Tr::kBlockN);
+    if (ok) run_bwd_sm90<T, D, kKeySide>(sp, stream);
+  });
+  return ok;
+}
+
+}  // namespace
+}  // namespace allmem::swa::cuda
