@@ -1,0 +1,3 @@
+#pragma once
+#include <stdexcept>
+#define C10_THROW_ERROR(kind, msg) throw std::runtime_error(msg)

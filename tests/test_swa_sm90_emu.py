@@ -1,0 +1,249 @@
+"""The Hopper SWA kernels (csrc/swa/swa_fwd_sm90.cuh, swa_bwd_sm90.cuh: wgmma, TMA, mbarriers, warp
+specialization) without a GPU: the kernels and their host launchers are compiled with g++ against
+tests/swa_sm90_emu/inc/swa/swa_sm90_ptx.cuh, a CPU stand-in for the one header that issues PTX and
+calls the driver (its top comment lists what it models: TMA with the 128-byte swizzle and zero
+fill, mbarrier phases and transaction bytes, wgmma descriptors and fragment layouts, deferred
+completion), and run on std::threads, 384 per CTA, shared memory and outputs starting as NaN.
+
+The forward passed its tests on a GPU (bench/results/gpu_2026-11-26b_h200): here it checks the
+emulator (a wrong descriptor decoding or swizzle in the stand-in fails it). The backward has not
+run on a GPU yet: here it is checked against
+  * the float64 reference gradients (autograd of swa_naive on the same 16-bit inputs), within a
+    small multiple of the dtype's unit roundoff u of the gradients' scale, and
+  * a float32 model of the kernel's own algorithm (the same 16-bit roundings of P and dS, fp32
+    sums), within one 16-bit ulp plus float32 noise: a wrong mask, statistic or tile shows as an
+    error of order 1.
+Each emulator call runs in a subprocess (tests/swa_sm90_emu/run.py), so a protocol error in a
+kernel (a lost arrival, a TMA byte-count mismatch, an access out of bounds) fails the test with
+the emulator's message instead of killing pytest."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zlib
+
+import pytest
+import torch
+
+from allmem_ops.reference import swa_mask, swa_naive
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMU = os.path.join(HERE, "swa_sm90_emu")
+CSRC = os.path.join(HERE, "..", "csrc")
+SWA = os.path.join(CSRC, "swa")
+TUS = [os.path.join(EMU, "emu_sm90.cpp")] + [
+    os.path.join(SWA, f) for f in ("swa_fwd_sm90.cu", "swa_bwd_dkdv_sm90.cu", "swa_bwd_dq_sm90.cu")
+]
+SOURCES = TUS + [os.path.join(SWA, f) for f in ("swa_fwd_sm90.cuh", "swa_bwd_sm90.cuh", "swa_sm90_utils.cuh",
+                                                 "swa_tile_math.cuh", "swa_cuda.h")] + [
+    os.path.join(root, f) for root, _, files in os.walk(os.path.join(EMU, "inc")) for f in files
+] + [os.path.join(EMU, "run.py")]
+CXX = shutil.which("g++")
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+LOG2E = 1.4426950408889634
+
+
+@pytest.fixture(scope="module")
+def emu_lib():
+    if CXX is None:
+        pytest.skip("needs g++")
+    key = hashlib.sha1("".join(open(p).read() for p in sorted(SOURCES)).encode()).hexdigest()[:16]
+    out = os.path.join(tempfile.gettempdir(), f"allmem_swa_sm90_emu_{key}")
+    lib = os.path.join(out, "libswa_sm90_emu.so")
+    if not os.path.exists(lib):
+        os.makedirs(out, exist_ok=True)
+        tmp = lib + f".{os.getpid()}"
+        cmd = [CXX, "-std=c++20", "-O2", "-fPIC", "-shared", "-Wno-psabi", "-I", os.path.join(EMU, "inc"),
+               "-I", CSRC, "-x", "c++"] + TUS + ["-o", tmp, "-lpthread"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        os.replace(tmp, lib)
+    return lib
+
+
+def run_emu(lib, args):
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.pt"), os.path.join(d, "out.pt")
+        torch.save(args, src)
+        r = subprocess.run([sys.executable, os.path.join(EMU, "run.py"), lib, src, dst], capture_output=True,
+                           text=True, timeout=1200)
+        assert r.returncode == 0, f"emulator exited with {r.returncode}:\n{r.stderr[-3000:]}"
+        return torch.load(dst)
+
+
+def make_case(B, L, hq, hkv, D, window, sinks, dtype, seed, seqlens=None):
+    """16-bit inputs; seqlens given: varlen [T, H, D] with those lengths (L = the longest)."""
+    g = torch.Generator().manual_seed(seed)
+    if seqlens is not None:
+        T = sum(seqlens)
+        shape_q, shape_kv = (T, hq, D), (T, hkv, D)
+        cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), dtype=torch.int32)
+        L = max(seqlens)
+    else:
+        T = B * L
+        shape_q, shape_kv = (B, L, hq, D), (B, L, hkv, D)
+        cu = None
+    q = torch.randn(shape_q, generator=g).to(dtype)
+    k = torch.randn(shape_kv, generator=g).to(dtype)
+    v = torch.randn(shape_kv, generator=g).to(dtype)
+    dout = torch.randn(shape_q, generator=g).to(dtype)
+    scale = 1.0 / math.sqrt(D)
+    # The glue clamps window and sinks to L + 1 (swa_api_cuda.cpp attn_shape).
+    args = dict(D=D, B=len(seqlens) if seqlens is not None else B, L=L, hq=hq, hkv=hkv, window=min(window, L + 1),
+                sinks=min(sinks, L + 1), scale=scale, total_rows=T if cu is not None else 0, q=q, k=k, v=v,
+                cu_seqlens=cu)
+    args["lse_shape"] = (hq, T) if cu is not None else (B, hq, L)
+    return args, dout
+
+
+def reference(args, dout, window, sinks):
+    """float64 out, lse and gradients of the 16-bit inputs (swa_naive + autograd)."""
+    q, k, v = (args[n].double().requires_grad_() for n in ("q", "k", "v"))
+    out, lse = swa_naive(q, k, v, window, sinks, args["scale"], args["cu_seqlens"], return_lse=True)
+    out.backward(dout.double())
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def sequences(args):
+    """(row slice, batch index) of every sequence, for [B, L, ...] or [T, ...] tensors."""
+    cu = args["cu_seqlens"]
+    if cu is None:
+        return [(slice(None), b) for b in range(args["B"])]
+    return [(slice(int(cu[i]), int(cu[i + 1])), None) for i in range(len(cu) - 1)]
+
+
+def model_bwd(args, dout, lse, delta, window, sinks):
+    """The kernel's algorithm in float32: P = exp2(S scale log2e - lse log2e), dS = P (dP - delta),
+    P and dS rounded to the input dtype before the products that consume them, fp32 sums, the
+    outputs rounded to the input dtype."""
+    dt = args["q"].dtype
+    q, k, v, do = (t.float() for t in (args["q"], args["k"], args["v"], dout))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    group = args["hq"] // args["hkv"]
+    scale = torch.tensor(args["scale"], dtype=torch.float32)
+    scale_log2 = scale * torch.tensor(LOG2E, dtype=torch.float32)
+    for rows, b in sequences(args):
+        sel = (lambda t: t[b]) if b is not None else (lambda t: t[rows])
+        qs, ks, vs, dos = sel(q), sel(k), sel(v), sel(do)
+        n = qs.shape[0]
+        mask = swa_mask(n, window, sinks)
+        for h in range(args["hq"]):
+            hk = h // group
+            if b is not None:
+                l2, dl = lse[b, h] * LOG2E, delta[b, h]
+            else:
+                l2, dl = lse[h, rows] * LOG2E, delta[h, rows]
+            s = qs[:, h] @ ks[:, hk].T
+            p = torch.where(mask, torch.exp2(s * scale_log2 - l2[:, None]), torch.zeros(()))
+            dp = dos[:, h] @ vs[:, hk].T
+            ds = p * (dp - dl[:, None])
+            pr, dsr = p.to(dt).float(), ds.to(dt).float()
+            tq, tk, tv = (sel(t) for t in (dq, dk, dv))
+            tq[:, h] += dsr @ ks[:, hk]
+            tk[:, hk] += dsr.T @ qs[:, h]
+            tv[:, hk] += pr.T @ dos[:, h]
+    return (dq * scale).to(dt), (dk * scale).to(dt), dv.to(dt)
+
+
+# (B, L, hq, hkv, D, window, sinks, seqlens): short and long bands, sinks in and out of the first
+# key block, L not a multiple of any tile, GQA groups 1/2/4, W >= L, varlen with a 1-token sequence.
+CASES = [
+    (1, 200, 2, 1, 64, 48, 4, None),
+    (2, 130, 2, 2, 128, 1000, 0, None),
+    (1, 300, 4, 1, 128, 64, 130, None),
+    (1, 1, 2, 1, 64, 8, 0, None),
+    (1, 0, 2, 1, 64, 40, 3, [150, 1, 77]),
+    (1, 0, 4, 2, 128, 70, 0, [65, 190]),
+]
+IDS = [f"B{c[0]}L{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}W{c[5]}S{c[6]}" + ("varlen" if c[7] else "") for c in CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_emulated(emu_lib, case, dtype):
+    B, L, hq, hkv, D, window, sinks, seqlens = case
+    args, dout = make_case(B, L, hq, hkv, D, window, sinks, dtype, seed=zlib.crc32(IDS[CASES.index(case)].encode()) % 1000,
+                           seqlens=seqlens)
+    res = run_emu(emu_lib, dict(args, op="fwd"))
+    assert res["rc"] == 1, "the Hopper forward launcher declined"
+    out_ref, lse_ref, *_ = reference(args, dout, window, sinks)
+    u = UNIT_ROUNDOFF[dtype]
+    out, lse = res["out"].double(), res["lse"].double()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), "unwritten (NaN) output"
+    # out is a convex combination of v rows: P rounded to 16 bits and the output rounding.
+    vmax = args["v"].double().abs().max()
+    assert (out - out_ref).abs().max() <= 4 * u * vmax
+    assert (lse - lse_ref).abs().max() <= 1e-4 * (1 + lse_ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_emulated(emu_lib, case, dtype):
+    B, L, hq, hkv, D, window, sinks, seqlens = case
+    args, dout = make_case(B, L, hq, hkv, D, window, sinks, dtype, seed=7 + zlib.crc32(IDS[CASES.index(case)].encode()) % 1000,
+                           seqlens=seqlens)
+    out_ref, lse_ref, dq_ref, dk_ref, dv_ref = reference(args, dout, window, sinks)
+    # What the op hands the backward: the 16-bit forward output, the float32 lse, and
+    # delta = rowsum(dO * O) in float32 (swa_bwd_preprocess_kernel).
+    out16 = out_ref.to(dtype)
+    lse = lse_ref.float()
+    delta = (dout.float() * out16.float()).sum(-1)
+    delta = delta.permute(1, 0).contiguous() if seqlens is not None else delta.permute(0, 2, 1).contiguous()
+    res = run_emu(emu_lib, dict(args, op="bwd", dout=dout, lse=lse, delta=delta))
+    assert res["rc"] == 1, "the Hopper backward launchers declined"
+    model = model_bwd(args, dout, lse, delta, window, sinks)
+    u = UNIT_ROUNDOFF[dtype]
+    # Gradients that are exactly zero in float64 (L = 1: dq and dk) are rounding noise of dP - delta
+    # in the kernel and in the model: held to 2^-20 of the largest term that goes into them.
+    big = max(args["q"].double().abs().max(), args["k"].double().abs().max())
+    zero_bound = 2.0**-20 * D * args["scale"] * dout.double().abs().max() * args["v"].double().abs().max() * big
+    for name, got, ref, mod in zip(("dq", "dk", "dv"), (res["dq"], res["dk"], res["dv"]), (dq_ref, dk_ref, dv_ref),
+                                   model):
+        got, mod = got.double(), mod.double()
+        assert torch.isfinite(got).all(), f"{name}: unwritten (NaN) elements"
+        scale = ref.abs().max()
+        if scale == 0:
+            assert got.abs().max() <= zero_bound, f"{name}: {got.abs().max():.3g} where float64 gives 0"
+            continue
+        # Against the kernel's own algorithm (same 16-bit roundings of P and dS): what is left is the
+        # summation order and the odd P / dS / output rounding flip (measured up to 0.42 u of the
+        # largest gradient, fp16); a wrong mask, statistic or tile is an error of order 1.
+        dev = (got - mod).abs().max()
+        assert dev <= u * scale, f"{name}: deviation from the float32 model {dev / scale / u:.3g} u of max |grad|"
+        # Against float64: the 16-bit roundings of P, dS and the output (measured 0.48-0.66 u).
+        err = (got - ref).norm() / ref.norm()
+        assert err <= 2 * u, f"{name}: relative error norm {err / u:.3g} u vs float64"
+
+
+def test_emulator_catches_a_wrong_fragment_layout(emu_lib, tmp_path):
+    """The emulator is not a rubber stamp: a backward with the dS fragment packing off by one
+    column pair (a plausible slip) fails against the model. Built from the same sources with one
+    line of swa_bwd_sm90.cuh changed."""
+    src = open(os.path.join(SWA, "swa_bwd_sm90.cuh")).read()
+    needle = "pack_a_frags<T, kBN>(dsf, y);"
+    assert needle in src
+    mutated = tmp_path / "csrc" / "swa"
+    shutil.copytree(os.path.join(CSRC, "swa"), mutated)
+    (mutated / "swa_bwd_sm90.cuh").write_text(src.replace(
+        needle, needle + "\n    { uint32_t t0 = dsf[0][0]; dsf[0][0] = dsf[0][2]; dsf[0][2] = t0; }"))
+    lib = str(tmp_path / "libmut.so")
+    tus = [os.path.join(EMU, "emu_sm90.cpp")] + [str(mutated / os.path.basename(t)) for t in TUS[1:]]
+    cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-psabi", "-I", os.path.join(EMU, "inc"),
+           "-I", str(tmp_path / "csrc"), "-x", "c++"] + tus + ["-o", lib, "-lpthread"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    B, L, hq, hkv, D, window, sinks, seqlens = CASES[0]
+    args, dout = make_case(B, L, hq, hkv, D, window, sinks, torch.bfloat16, seed=3)
+    _, lse_ref, *_ = reference(args, dout, window, sinks)
+    out16 = swa_naive(args["q"].double(), args["k"].double(), args["v"].double(), window, sinks,
+                      args["scale"]).to(torch.bfloat16)
+    lse = lse_ref.float()
+    delta = (dout.float() * out16.float()).sum(-1).permute(0, 2, 1).contiguous()
+    res = run_emu(lib, dict(args, op="bwd", dout=dout, lse=lse, delta=delta))
+    model = model_bwd(args, dout, lse, delta, window, sinks)
+    assert (res["dq"].double() - model[0].double()).abs().max() > 0.05 * model[0].double().abs().max()
