@@ -1,9 +1,11 @@
 """GPU benchmark of the SWA CUDA kernels (issue 5), all on one GPU in one run, same inputs.
 
 bf16, D=128, Hq=32, Hkv=8, B*L = 64k tokens with L in {4k, 16k, 64k}, W=4096, S=128:
-  * forward, and forward+backward, of allmem's kernel (portable mma.sync; and on sm_90 the Hopper
-    forward, ALLMEM_SWA_SM90=require, as "allmem_sm90"), FlexAttention (torch.compile'd, same
-    window+sink mask as a block mask) and SDPA full causal attention (what runs without a window);
+  * forward, backward (alone, on a retained graph) and forward+backward of allmem's kernels
+    (portable mma.sync as "allmem"; on sm_90 the Hopper forward and backward,
+    ALLMEM_SWA_SM90=require ALLMEM_SWA_SM90_BWD=require, as "allmem_sm90"), FlexAttention
+    (torch.compile'd, same window+sink mask as a block mask) and SDPA full causal attention (what
+    runs without a window);
   * one decode step at 128k context: allmem's S+W slot cache vs SDPA over a full 128k KV cache;
   * the measured bf16 dense matmul rate (8192^3) as the roofline.
 FLOPs count only the visible (query, key) pairs of the window+sink band: 4*D per pair forward,
@@ -18,6 +20,7 @@ after every stage (so a time-out keeps what finished) to --out, and a table is p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -142,46 +145,58 @@ def make_inputs(length: int, layout: str, requires_grad: bool):
     return out
 
 
-def run_impl(rec: Recorder, impl: str, length: int, fwd: Callable, layout: str) -> None:
+@contextlib.contextmanager
+def env_vars(env: dict | None):
+    """Sets environment variables for the duration (the C++ dispatch reads ALLMEM_SWA_SM90 and
+    ALLMEM_SWA_SM90_BWD at every call, the backward's when autograd runs it)."""
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_impl(rec: Recorder, impl: str, length: int, fwd: Callable, layout: str, env: dict | None = None) -> None:
+    """Forward, backward alone (autograd.grad of one retained graph) and forward+backward."""
     flops_fwd = 4 * D * band_pairs(length, WINDOW, SINKS) * HQ * (TOKENS // length)
-    x = make_inputs(length, layout, requires_grad=False)
-    ms = time_ms(lambda: fwd(x["q"], x["k"], x["v"]))
-    rec.add(impl=impl, L=length, pass_="fwd", ms=ms, tflops=flops_fwd / (ms * 1e-3) / 1e12)
-    del x
-    x = make_inputs(length, layout, requires_grad=True)
-
-    def fwd_bwd():
+    with env_vars(env):
+        x = make_inputs(length, layout, requires_grad=False)
+        ms = time_ms(lambda: fwd(x["q"], x["k"], x["v"]))
+        rec.add(impl=impl, L=length, pass_="fwd", ms=ms, tflops=flops_fwd / (ms * 1e-3) / 1e12)
+        del x
+        x = make_inputs(length, layout, requires_grad=True)
+        reps = 5 if length >= 65536 else 8
         out = fwd(x["q"], x["k"], x["v"])
-        return torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"])
+        ms = time_ms(lambda: torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"], retain_graph=True),
+                     warmup=2, reps=reps)
+        rec.add(impl=impl, L=length, pass_="bwd", ms=ms, tflops=2.5 * flops_fwd / (ms * 1e-3) / 1e12)
+        del out
 
-    ms = time_ms(fwd_bwd, warmup=2, reps=5 if length >= 65536 else 8)
-    rec.add(impl=impl, L=length, pass_="fwd+bwd", ms=ms, tflops=3.5 * flops_fwd / (ms * 1e-3) / 1e12)
+        def fwd_bwd():
+            out = fwd(x["q"], x["k"], x["v"])
+            return torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"])
+
+        ms = time_ms(fwd_bwd, warmup=2, reps=reps)
+        rec.add(impl=impl, L=length, pass_="fwd+bwd", ms=ms, tflops=3.5 * flops_fwd / (ms * 1e-3) / 1e12)
 
 
-def _swa(q, k, v, mode):
-    """The op with ALLMEM_SWA_SM90=mode (read by the C++ dispatch at every call)."""
+def allmem_swa(q, k, v):
     import allmem_ops
 
-    old = os.environ.get("ALLMEM_SWA_SM90")
-    os.environ["ALLMEM_SWA_SM90"] = mode
-    try:
-        return allmem_ops.sliding_window_attention(q, k, v, WINDOW, SINKS)
-    finally:
-        if old is None:
-            del os.environ["ALLMEM_SWA_SM90"]
-        else:
-            os.environ["ALLMEM_SWA_SM90"] = old
+    return allmem_ops.sliding_window_attention(q, k, v, WINDOW, SINKS)
 
 
-def allmem_fwd(q, k, v):
-    """The portable forward (mma.sync, cp.async; sm_80 and sm_90)."""
-    return _swa(q, k, v, "0")
-
-
-def allmem_sm90_fwd(q, k, v):
-    """The Hopper forward (swa_fwd_sm90.cu; the default on sm_90): "require" makes the op raise
-    instead of silently running the portable kernel. The backward is the portable one."""
-    return _swa(q, k, v, "require")
+# allmem's rows: the portable kernels (mma.sync, cp.async; sm_80 and sm_90), and on sm_90 the Hopper
+# ones ("require": the op raises instead of silently running the portable kernel).
+ALLMEM_IMPLS = {
+    "allmem": {"ALLMEM_SWA_SM90": "0", "ALLMEM_SWA_SM90_BWD": "0"},
+    "allmem_sm90": {"ALLMEM_SWA_SM90": "require", "ALLMEM_SWA_SM90_BWD": "require"},
+}
 
 
 def sdpa_causal_fwd(q, k, v):
@@ -261,11 +276,10 @@ def main() -> int:
     rec = Recorder(args.out)
     rec.stage("matmul", lambda: bench_matmul(rec))
     for length in LENGTHS:
-        if "allmem" not in skip:
-            rec.stage(f"allmem L={length}", lambda: run_impl(rec, "allmem", length, allmem_fwd, "blhd"))
-        if "allmem_sm90" not in skip and torch.cuda.get_device_capability()[0] == 9:
-            rec.stage(f"allmem_sm90 L={length}",
-                      lambda: run_impl(rec, "allmem_sm90", length, allmem_sm90_fwd, "blhd"))
+        for impl, env in ALLMEM_IMPLS.items():
+            if impl in skip or (impl == "allmem_sm90" and torch.cuda.get_device_capability() != (9, 0)):
+                continue
+            rec.stage(f"{impl} L={length}", lambda: run_impl(rec, impl, length, allmem_swa, "blhd", env))
     if "decode" not in skip:
         rec.stage("decode", lambda: bench_decode(rec))
     for length in LENGTHS:

@@ -22,7 +22,8 @@
 # packages); without them, or if FLA fails to import or run, only the FLA rows are skipped.
 #
 # Stages can be chosen with STAGES="build tests sanitize bench" (default: all; "bench" runs both
-# benchmarks, "bench-ttt" the TTT one alone, with BENCH_TTT_ARGS added to its command line;
+# benchmarks, "bench-swa" the SWA one alone with BENCH_SWA_ARGS, "sanitize-sm90" the SWA sanitizer
+# cases on the Hopper kernels alone, "bench-ttt" the TTT one alone, with BENCH_TTT_ARGS added to its command line;
 # "tests-tc" and "sanitize-tc" the tensor-core TTT kernels' tests and sanitizer cases alone;
 # "sweep" (not in the default set) bench/swa_seed_sweep.py with SWEEP_SEEDS seeds); single stages are left out by name with
 # SKIP="sanitize-ttt-racecheck ...". Every stage runs
@@ -38,18 +39,20 @@
 # bench-ttt all rows > 150 s (d=64 only with --skip allmem,ref_eager,fla_gdn: 32 s), each SWA
 # sanitizer 6-9 s, TTT tensor-core memcheck/racecheck/synccheck 4/18/4 s; a machine start costs
 # 30-90 s of the lease. For the next 15-minute lease, one call (timeout_s 600) that checks what
-# is new and unverified (run d verified split mode; since then: split mode by default, the d = 128
-# forward on tensor cores by default, cp.async tile prefetch in the tensor-core forward and
-# backward, 16-byte cluster reductions, the composite backward, the SWA tests' criteria, the
-# Hopper SWA forward as default):
-#   ALLMEM_COMMIT=<sha> STAGES="build tests-tc tests-sm90 tests bench-ttt sanitize-tc" SM90_REPS=3 \
+# is new and unverified, most important first: the Hopper SWA backward (swa_bwd_sm90.cuh, opt-in
+# ALLMEM_SWA_SM90_BWD; emulator-verified only: tests/test_swa_sm90_emu.py) through the SWA GPU
+# tests (hopper_path runs it under "require"), its sanitizers and the SWA benchmark's bwd rows;
+# then what run d left (TTT: split mode by default, the d = 128 forward on tensor cores, cp.async
+# prefetch, 16-byte cluster reductions, the composite backward; the Hopper SWA forward as default):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests sanitize-sm90 bench-swa tests-tc bench-ttt sanitize-tc tests-sm90" \
+#   SM90_REPS=2 BENCH_SWA_ARGS="--skip sdpa,decode" BENCH_TTT_BUDGET=120 \
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_gdn,fla_dr" \
-#   BENCH_TTT_BUDGET=190 BUDGET_S=575 bash bench/device_check.sh
+#   BUDGET_S=575 bash bench/device_check.sh
 # with carry [".whl"], timeout_s 600, then give_back at once (idle release is 30 s). Expected: build
-# 41 s, tests-tc 40, tests-sm90 3 x 20, tests 100, bench-ttt 190 (d = 64: the default vs
-# allmem_tc_fused, allmem_comp, ref_comp, and the decode stage; d = 128: the default forward + SIMT
-# backward, allmem_comp, ref_comp), sanitize-tc 80: about 510 s. Compare the d = 64 rows with
-# run d (same H200 kind, cp.async and 16-byte reductions added since).
+# 45 s, tests 160 (op tests, build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90
+# 3 x 10, bench-swa 90 (portable and Hopper fwd / bwd / fwd+bwd, Flex), tests-tc 40, bench-ttt 120,
+# sanitize-tc 80; tests-sm90 gets what is left (stages are cut to the budget). Compare the TTT
+# d = 64 rows with run d and the SWA rows with run b (same H200 kind).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -179,8 +182,10 @@ if want sweep; then
 fi
 
 # ---- benchmarks ----
-if want bench; then
-  run_stage bench 200 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json"
+if want bench || want bench-swa; then
+  # BENCH_SWA_ARGS: e.g. "--skip sdpa,decode" (rows measured in earlier runs) to fit a budget.
+  run_stage bench 200 "$OUT/bench.log" $PY "$REPO/bench/bench_swa_gpu.py" --out "$OUT/bench_swa_gpu.json" \
+    ${BENCH_SWA_ARGS:-}
 fi
 # The TTT memory (issue 6): ours vs the chunked PyTorch reference (eager, compiled) and FLA. Its own
 # stage budget (--budget-s: later stages are skipped and recorded) sits inside the stage limit.
@@ -194,7 +199,8 @@ if want bench || want bench-ttt; then
 fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
-if want sanitize; then
+# ("sanitize-sm90" alone: the SWA cases on the Hopper forward and backward only.)
+if want sanitize || want sanitize-sm90; then
   cat >/tmp/swa_sanitize_cases.py <<'EOF'
 # A small case of every SWA CUDA kernel: forward, backward (preprocess, dK/dV, dQ), dense and
 # varlen, both head dims, GQA, sinks; decode (split, combine, cache write), with a ring wrap.
@@ -251,15 +257,20 @@ torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
 EOF
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
-    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-      $PY /tmp/swa_sanitize_cases.py
+  if want sanitize; then
+    for tool in memcheck racecheck; do
+      run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 ALLMEM_SWA_SM90_BWD=0 "$SANITIZER" \
+        --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
+    done
+  fi
+  # The same cases on the Hopper forward and backward (swa_fwd_sm90.cuh, swa_bwd_sm90.cuh;
+  # "require": an error, not a fallback).
+  for tool in memcheck racecheck synccheck; do
+    run_stage "sanitize-sm90-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require ALLMEM_SWA_SM90_BWD=require \
+      "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
-  # The same cases with the Hopper forward (swa_fwd_sm90.cu; "require": an error, not a fallback).
-  for tool in memcheck racecheck; do
-    run_stage "sanitize-sm90-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require "$SANITIZER" \
-      --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
-  done
+fi
+if want sanitize; then
   for tool in memcheck racecheck; do
     small=0
     [[ $tool == racecheck ]] && small=1

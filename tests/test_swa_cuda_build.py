@@ -73,7 +73,8 @@ def test_cubins_for_every_requested_arch():
     listing = subprocess.run([_cuobjdump(), "--list-elf", _library()], capture_output=True, text=True,
                              check=True).stdout
     for arch in _expected_archs():
-        for kernel_file in ("swa_fwd", "swa_fwd_sm90", "swa_bwd_dq", "swa_bwd_dkdv", "swa_decode"):
+        for kernel_file in ("swa_fwd", "swa_fwd_sm90", "swa_bwd_dq", "swa_bwd_dkdv", "swa_bwd_dq_sm90",
+                            "swa_bwd_dkdv_sm90", "swa_decode"):
             assert re.search(rf"{kernel_file}\.sm_{arch}\.cubin", listing), f"no sm_{arch} cubin of {kernel_file}.cu"
 
 
@@ -103,6 +104,32 @@ def test_sm90_forward_uses_wgmma_and_tma():
         pv = re.findall(rf"\bHGMMA\.64x{d}x16\.F32", body)
         assert len(re.findall(r"\bHGMMA\.", body)) >= 2 * d // 16 + 16, f"{name}: too few HGMMA"
         assert qk and pv, f"{name}: missing HGMMA.64x128x16 (Q K^T) or HGMMA.64x{d}x16 (P V)"
+        assert re.search(r"\bUTMALDG\b", body), f"{name} has no TMA load (UTMALDG)"
+        assert re.search(r"\bSYNCS\.", body), f"{name} has no mbarrier operation (SYNCS)"
+        assert re.search(r"\bUSETMAXREG\b", body), f"{name} has no setmaxnreg (USETMAXREG)"
+        assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
+
+
+@needs_cuobjdump
+@pytest.mark.skipif("90a" not in _expected_archs(), reason="built without the 90a target")
+def test_sm90_backward_uses_wgmma_and_tma():
+    """The Hopper backward (swa_bwd_sm90.cuh), 4 dQ and 4 dK/dV instantiations, each with exactly
+    the warpgroup MMAs of one step: S and dP (2 * D/16 of HGMMA.64xN, N the streamed block: 64 keys-side,
+    128 queries-side), then dQ += dS K (N/16 of HGMMA.64xD) or dV += P^T dO and
+    dK += dS^T Q (2 * 64/16); TMA loads, mbarriers, setmaxnreg, no spills."""
+    funcs = {n: body for n, body in _sass_by_function("90a").items() if "swa_bwd_sm90_kernel" in n}
+    assert len(funcs) == 2 * INSTANTIATIONS, f"expected {2 * INSTANTIATIONS} instantiations, got {list(funcs)}"
+    for name, body in funcs.items():
+        d = 128 if "Li128E" in name else 64
+        key_side = "ELb1E" in name
+        n = 64 if key_side else 128
+        want = {}
+        want[f"64x{n}x16"] = want.get(f"64x{n}x16", 0) + 2 * d // 16
+        want[f"64x{d}x16"] = want.get(f"64x{d}x16", 0) + (2 * 64 // 16 if key_side else n // 16)
+        got = {}
+        for shape in re.findall(r"\bHGMMA\.(64x\d+x16)\.F32", body):
+            got[shape] = got.get(shape, 0) + 1
+        assert got == want, f"{name}: HGMMA shapes {got}, expected {want}"
         assert re.search(r"\bUTMALDG\b", body), f"{name} has no TMA load (UTMALDG)"
         assert re.search(r"\bSYNCS\.", body), f"{name} has no mbarrier operation (SYNCS)"
         assert re.search(r"\bUSETMAXREG\b", body), f"{name} has no setmaxnreg (USETMAXREG)"

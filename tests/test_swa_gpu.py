@@ -4,14 +4,15 @@ Every check draws fresh random inputs, compares against the float64 reference
 (allmem_ops.reference.swa_naive) on the same bf16/fp16 values, and holds the kernel to a small
 factor of the error torch's own SDPA makes on those inputs. Outputs are allocated by the ops, so
 instead of pre-filling them the caching allocator is poisoned with NaN first; every element must
-then be finite and close to the reference. Forward tests that take the `fwd_path` fixture run
-once per forward kernel: the portable one and, on sm_90 devices, the Hopper one (swa_fwd_sm90.cu,
-selected with ALLMEM_SWA_SM90).
+then be finite and close to the reference. Tests that take the `hopper_path` fixture run once on
+the portable kernels and, on sm_90 devices, once on the Hopper ones (forward swa_fwd_sm90.cuh and
+backward swa_bwd_sm90.cuh, selected with ALLMEM_SWA_SM90 / ALLMEM_SWA_SM90_BWD).
 """
 from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -54,19 +55,27 @@ SM90A_BUILT = "90a" in [a.strip() for a in os.environ.get("ALLMEM_CUDA_ARCHS", "
 
 
 @pytest.fixture(params=["portable", "sm90"])
-def fwd_path(request, monkeypatch):
-    """Runs a test once per forward kernel. The C++ dispatch reads ALLMEM_SWA_SM90 at every call;
-    "require" makes the op raise instead of falling back to the portable kernel, so a Hopper run
-    cannot pass on the portable kernel by accident."""
+def hopper_path(request, monkeypatch):
+    """Runs a test once on the portable kernels and once on the Hopper ones (forward
+    swa_fwd_sm90.cuh, backward swa_bwd_sm90.cuh). The C++ dispatch reads ALLMEM_SWA_SM90 and
+    ALLMEM_SWA_SM90_BWD at every call; "require" makes the op raise instead of falling back to the
+    portable kernel, so a Hopper run cannot pass on the portable kernels by accident."""
     if request.param == "sm90":
         if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the Hopper forward needs an sm_90 device")
+            pytest.skip("the Hopper kernels need an sm_90 device")
         if not SM90A_BUILT:
             pytest.skip("allmem_ops built without the 90a target (ALLMEM_CUDA_ARCHS)")
-        monkeypatch.setenv("ALLMEM_SWA_SM90", "require")
+        mode = "require"
     else:
-        monkeypatch.setenv("ALLMEM_SWA_SM90", "0")
+        mode = "0"
+    monkeypatch.setenv("ALLMEM_SWA_SM90", mode)
+    monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", mode)
     return request.param
+
+
+def seed_of(*key) -> int:
+    """A seed that is the same in every process (Python's str hash is not), so a failure reruns."""
+    return zlib.crc32(repr(key).encode())
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -108,9 +117,9 @@ def make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=False):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("case", DENSE_CASES)
-def test_forward_vs_float64(fwd_path, case, d, dtype):
+def test_forward_vs_float64(hopper_path, case, d, dtype):
     b, length, hq, hkv, window, sinks = case
-    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype))) % 2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed_of(case, d, str(dtype)))
     q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
     scale = 1.0 / math.sqrt(d)
     poison_allocator(q.numel() * q.element_size() * 2)
@@ -128,9 +137,9 @@ def test_forward_vs_float64(fwd_path, case, d, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("case", DENSE_CASES)
-def test_backward_vs_float64(case, d, dtype):
+def test_backward_vs_float64(hopper_path, case, d, dtype):
     b, length, hq, hkv, window, sinks = case
-    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype), "bwd")) % 2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed_of(case, d, str(dtype), "bwd"))
     q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=True)
     dout = rand((b, length, hq, d), dtype, gen)
     scale = 1.0 / math.sqrt(d)
@@ -165,9 +174,9 @@ LONG_CASES = [(1, 2100, 8, 2, 700, 200), (2, 1500, 4, 1, 1500, 0)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("case", LONG_CASES)
-def test_forward_long_band(fwd_path, case, d, dtype):
+def test_forward_long_band(hopper_path, case, d, dtype):
     b, length, hq, hkv, window, sinks = case
-    gen = torch.Generator(device=DEV).manual_seed(hash((case, d, str(dtype), "long")) % 2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed_of(case, d, str(dtype), "long"))
     q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen)
     scale = 1.0 / math.sqrt(d)
     poison_allocator(q.numel() * q.element_size() * 2)
@@ -178,6 +187,28 @@ def test_forward_long_band(fwd_path, case, d, dtype):
     sdpa_err = rel_err(sdpa_dense(q, k, v, window, sinks, scale), ref)
     assert err <= ERROR_FACTOR * sdpa_err, f"kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("case", LONG_CASES)
+def test_backward_long_band(hopper_path, case, d, dtype):
+    """Many query blocks per key block (the Q/dO ring of the dK/dV kernel wraps many times, over
+    every head of a GQA group of 4), sink key blocks reaching to the end of the sequence."""
+    b, length, hq, hkv, window, sinks = case
+    gen = torch.Generator(device=DEV).manual_seed(seed_of(case, d, str(dtype), "long-bwd"))
+    q, k, v = make_qkv(b, length, hq, hkv, d, dtype, gen, requires_grad=True)
+    dout = rand((b, length, hq, d), dtype, gen)
+    scale = 1.0 / math.sqrt(d)
+    poison_allocator(k.numel() * k.element_size() * 4)
+    grads = torch.autograd.grad(sliding_window_attention(q, k, v, window, sinks), (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(swa_naive(q64, k64, v64, window, sinks, scale), (q64, k64, v64), dout.double())
+    sdpa_grads = torch.autograd.grad(sdpa_dense(q, k, v, window, sinks, scale), (q, k, v), dout)
+    for name, g, r, s in zip(("dq", "dk", "dv"), grads, ref_grads, sdpa_grads):
+        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+        err, sdpa_err = rel_err(g, r), rel_err(s, r)
+        assert err <= ERROR_FACTOR * sdpa_err, f"{name}: kernel error {err:.3e} vs SDPA {sdpa_err:.3e}"
 
 
 def test_sm90_env_var_on_any_device(monkeypatch):
@@ -191,9 +222,17 @@ def test_sm90_env_var_on_any_device(monkeypatch):
     out, lse = torch.ops.allmem.swa_fwd(q, k, v, 50, 3, None, None, 0)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    # The backward's switch likewise.
+    dout = rand(q.shape, torch.bfloat16, gen)
+    monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", "0")
+    ref_grads = torch.ops.allmem.swa_bwd(dout, q, k, v, ref, ref_lse, 50, 3, None, None, 0)
+    monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", "1")
+    grads = torch.ops.allmem.swa_bwd(dout, q, k, v, ref, ref_lse, 50, 3, None, None, 0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(hopper_path):
     gen = torch.Generator(device=DEV).manual_seed(7)
     q, k, v = make_qkv(2, 600, 8, 2, 128, torch.bfloat16, gen, requires_grad=True)
     dout = rand(q.shape, torch.bfloat16, gen)
@@ -205,7 +244,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
-def test_varlen_forward_backward(fwd_path, d, dtype):
+def test_varlen_forward_backward(hopper_path, d, dtype):
     lengths = [0, 1, 65, 300, 0, 128, 17]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=DEV)
     total, hq, hkv, window, sinks = sum(lengths), 6, 3, 50, 5
@@ -235,7 +274,7 @@ def test_varlen_forward_backward(fwd_path, d, dtype):
     assert lse.shape == (hq, total)
 
 
-def test_matches_cpu_kernel(fwd_path):
+def test_matches_cpu_kernel(hopper_path):
     gen = torch.Generator(device=DEV).manual_seed(3)
     q, k, v = make_qkv(2, 333, 4, 2, 128, torch.bfloat16, gen)
     out_gpu, lse_gpu = torch.ops.allmem.swa_fwd(q, k, v, 97, 9, None, None, 0)
@@ -244,7 +283,7 @@ def test_matches_cpu_kernel(fwd_path):
     torch.testing.assert_close(lse_gpu.cpu(), lse_cpu, atol=1e-3, rtol=1e-4)
 
 
-def test_misaligned_and_strided_inputs(fwd_path):
+def test_misaligned_and_strided_inputs(hopper_path):
     """A slice of a fused QKV projection at an odd offset takes the copy path; strided heads
     are read in place."""
     gen = torch.Generator(device=DEV).manual_seed(5)
@@ -253,9 +292,16 @@ def test_misaligned_and_strided_inputs(fwd_path):
     q = fused[..., 1 : 1 + hq * d].unflatten(-1, (hq, d))  # 2-byte offset: misaligned
     k = fused[..., 1 + hq * d : 1 + 2 * hq * d].unflatten(-1, (hq, d))
     v = fused[..., 1 + 2 * hq * d : 1 + 3 * hq * d].unflatten(-1, (hq, d))
-    out, _ = torch.ops.allmem.swa_fwd(q, k, v, 40, 3, None, None, 0)
+    out, lse = torch.ops.allmem.swa_fwd(q, k, v, 40, 3, None, None, 0)
     ref, _ = torch.ops.allmem.swa_fwd(q.contiguous(), k.contiguous(), v.contiguous(), 40, 3, None, None, 0)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    # The backward takes the same copy path (and an expanded dout, as autograd may hand over).
+    dout = rand((1, 1, hq, d), torch.bfloat16, gen).expand(2, 130, hq, d)
+    grads = torch.ops.allmem.swa_bwd(dout, q, k, v, out, lse, 40, 3, None, None, 0)
+    ref_grads = torch.ops.allmem.swa_bwd(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+                                         40, 3, None, None, 0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

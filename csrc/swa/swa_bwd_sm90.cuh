@@ -36,14 +36,15 @@ struct Sm90BwdTraits {
   static constexpr int kBlockM = kConsumerWarpgroups * kRowsPerWarpgroup;  // resident rows
   // Streamed rows per step (the N of X and Y, the K of the RS products). Registers per consumer
   // thread: the accumulators (dK + dV: D floats; dQ: D / 2) plus X and Y (kBlockN floats) plus
-  // their 16-bit fragments: 64 keeps the dK/dV kernel at D = 128 and the dQ kernel at D = 128
-  // under the 240 registers a consumer gets.
-  static constexpr int kBlockN = (kKeySide || D == 128) ? 64 : 128;
-  static constexpr int kStages = 2;
-  static constexpr int kThreads = (1 + kConsumerWarpgroups) * 128;
+  // their 16-bit fragments. dK/dV at D = 128 with 64 streamed rows: up to 237 of the 240 a consumer
+  // gets; dQ with 128: up to 215 (ptxas, no spills). 128 rows halve the bytes streamed per FLOP.
+  static constexpr int kBlockN = kKeySide ? 64 : 128;
   static constexpr int kResBytes = kBlockM * D * 2;     // each resident tile
   static constexpr int kStreamBytes = kBlockN * D * 2;  // each streamed tile
   static constexpr int kStageBytes = 2 * kStreamBytes;
+  // Ring depth: three stages where shared memory allows (dK/dV; dQ at D = 64), else two.
+  static constexpr int kStages = 2 * kResBytes + 3 * kStageBytes + 2048 <= 227 * 1024 ? 3 : 2;
+  static constexpr int kThreads = (1 + kConsumerWarpgroups) * 128;
   static constexpr int kStatFloats = kKeySide ? 2 * kBlockN : 0;  // lse * log2e, delta of the step's queries
   // Barriers: resident tiles full; per stage: streamed tiles (and stats) full / empty.
   static constexpr int kBarriers = 1 + 2 * kStages;
