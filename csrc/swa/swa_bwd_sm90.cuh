@@ -212,29 +212,22 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < (kKeySide ? D / 2 : 1); ++i) acc2[i] = 0.f;
   float x[kBN / 2], y[kBN / 2];        // X then P; Y then dS
+  constexpr bool kOverlap = D == 64;   // see the schedule below
   uint32_t pf[kBN / 16][4], dsf[kBN / 16][4];
 
-  mbar_wait(bar_res, 0);
-  for (int t = 0; t < n_steps; ++t) {
-    const int st = t % kStages;
-    const uint32_t b1 = sB0 + st * Tr::kStageBytes, b2 = b1 + Tr::kStreamBytes;
+  auto issue_sdp = [&](int t) {
+    const uint32_t b1 = sB0 + (t % kStages) * Tr::kStageBytes;
+    issue_ss<T, D, kBM, kBN>(x, a1_wg, b1, false);                     // S (dQ) or S^T (dK/dV)
+    issue_ss<T, D, kBM, kBN>(y, a2_wg, b1 + Tr::kStreamBytes, false);  // dP = dO V^T or dP^T = V dO^T
+  };
+  // P and dS of step t in place of X and Y, then packed into the RS products' A fragments.
+  // Element 4 i + e: resident row res_row[e / 2], streamed column c0 + 8 i + 2 (lane % 4) + e % 2
+  // (swa_sm90_utils.cuh, accumulator layout).
+  auto p_and_ds = [&](int t) {
     const int c0 = step_row0(t);  // first streamed row: key j0 (dQ) or query i0 (dK/dV)
-    mbar_wait(bar_full(st), (t / kStages) & 1);
-    fence_regs(x);
-    fence_regs(y);
-    warpgroup_arrive();
-    issue_ss<T, D, kBM, kBN>(x, a1_wg, b1, false);  // S (dQ) or S^T (dK/dV)
-    issue_ss<T, D, kBM, kBN>(y, a2_wg, b2, false);  // dP = dO V^T or dP^T = V dO^T
-    warpgroup_commit();
-    warpgroup_wait<0>();
-    fence_regs(x);
-    fence_regs(y);
-
-    // P and dS in place. Element 4 i + e: resident row res_row[e / 2], streamed column
-    // c0 + 8 i + 2 (lane % 4) + e % 2 (swa_sm90_utils.cuh, accumulator layout).
     const bool full = kKeySide ? tile_fully_visible(c0, kBN, r0 + warp_row0, kMmaM, len, window, sinks)
                                : tile_fully_visible(r0 + warp_row0, kMmaM, c0, kBN, len, window, sinks);
-    const float* stat = sStat + st * Tr::kStatFloats;
+    const float* stat = sStat + (t % kStages) * Tr::kStatFloats;
 #pragma unroll
     for (int i = 0; i < kBN / 8; ++i) {
 #pragma unroll
@@ -257,20 +250,87 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
     }
     if constexpr (kKeySide) pack_a_frags<T, kBN>(pf, x);
     pack_a_frags<T, kBN>(dsf, y);
-
+  };
+  auto issue_products = [&](int t) {
+    const uint32_t b1 = sB0 + (t % kStages) * Tr::kStageBytes;
+    if constexpr (kKeySide) issue_rs<T, D, kBN>(acc2, pf, b1 + Tr::kStreamBytes);  // dV += P^T dO
+    issue_rs<T, D, kBN>(acc1, dsf, b1);  // dQ += dS K  or  dK += dS^T Q
+  };
+  auto fence_all = [&]() {
     fence_regs(acc1);
     if constexpr (kKeySide) fence_regs(acc2);
     fence_regs(pf);
     fence_regs(dsf);
+    fence_regs(x);
+    fence_regs(y);
+  };
+  auto release = [&](int t) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty(t % kStages));  // this warp is done with the stage
+  };
+  // Schedule of a consumer warpgroup.
+  // D = 64 (kOverlap): S and dP of step 0 first; then per step t: P, dS of step t (registers
+  //   only); wait for step t + 1's tiles; issue the RS products of step t and then S, dP of step
+  //   t + 1 (they write X and Y, which step t's products no longer read: those read the packed
+  //   fragments), so the tensor cores get both back to back; wait for the products -> give stage t
+  //   back; wait for S, dP. The last step is peeled: a branch between the wgmma issues of the loop
+  //   body made ptxas serialize every wgmma.
+  // D = 128: X, Y, the fragments and the accumulators do not fit the registers together (ptxas
+  //   serialized every wgmma "for insufficient register resources"), so each step issues S, dP,
+  //   waits, computes P, dS, issues the products and waits; the two consumer warpgroups overlap
+  //   each other instead.
+  // A wait loop between two wgmma issues made ptxas fence them (forward), so the mbarrier waits
+  // come before the issues.
+  mbar_wait(bar_res, 0);
+  if constexpr (kOverlap) {
+    mbar_wait(bar_full(0), 0);
+    fence_all();
     warpgroup_arrive();
-    if constexpr (kKeySide) issue_rs<T, D, kBN>(acc2, pf, b2);  // dV += P^T dO
-    issue_rs<T, D, kBN>(acc1, dsf, b1);                         // dQ += dS K  or  dK += dS^T Q
+    issue_sdp(0);
     warpgroup_commit();
     warpgroup_wait<0>();
-    fence_regs(acc1);
-    if constexpr (kKeySide) fence_regs(acc2);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(bar_empty(st));  // this warp is done with the stage's tiles and stats
+    fence_all();
+    for (int t = 0; t + 1 < n_steps; ++t) {
+      p_and_ds(t);
+      mbar_wait(bar_full((t + 1) % kStages), ((t + 1) / kStages) & 1);
+      fence_all();
+      warpgroup_arrive();
+      issue_products(t);
+      warpgroup_commit();
+      issue_sdp(t + 1);
+      warpgroup_commit();
+      warpgroup_wait<1>();  // step t's products done (groups retire in order)
+      fence_all();
+      release(t);
+      warpgroup_wait<0>();  // S and dP of step t + 1
+      fence_all();
+    }
+    p_and_ds(n_steps - 1);
+    fence_all();
+    warpgroup_arrive();
+    issue_products(n_steps - 1);
+    warpgroup_commit();
+    warpgroup_wait<0>();
+    fence_all();
+    release(n_steps - 1);
+  } else {
+    for (int t = 0; t < n_steps; ++t) {
+      mbar_wait(bar_full(t % kStages), (t / kStages) & 1);
+      fence_all();
+      warpgroup_arrive();
+      issue_sdp(t);
+      warpgroup_commit();
+      warpgroup_wait<0>();
+      fence_all();
+      p_and_ds(t);
+      fence_all();
+      warpgroup_arrive();
+      issue_products(t);
+      warpgroup_commit();
+      warpgroup_wait<0>();
+      fence_all();
+      release(t);
+    }
   }
 
   // Epilogue: stage the warpgroup's 64 rows through its own rows of the resident tiles (only its
