@@ -220,30 +220,58 @@ def test_backward_emulated(emu_lib, case, dtype):
         assert err <= 2 * u, f"{name}: relative error norm {err / u:.3g} u vs float64"
 
 
-def test_emulator_catches_a_wrong_fragment_layout(emu_lib, tmp_path):
-    """The emulator is not a rubber stamp: a backward with the dS fragment packing off by one
-    column pair (a plausible slip) fails against the model. Built from the same sources with one
-    line of swa_bwd_sm90.cuh changed."""
-    src = open(os.path.join(SWA, "swa_bwd_sm90.cuh")).read()
-    needle = "pack_a_frags<T, kBN>(dsf, y);"
-    assert needle in src
+# One-line mutations of swa_bwd_sm90.cuh that the emulator must catch: a fragment-packing slip
+# (numbers), a missing wait for a stage's tiles (reads NaN shared memory), a wrong TMA byte count
+# (mbarrier protocol error), a wrong B-operand stride in the products (numbers).
+MUTATIONS = {
+    "dS_fragment_swap": ("pack_a_frags<T, kBN>(dsf, y);",
+                         "pack_a_frags<T, kBN>(dsf, y);\n    { uint32_t t0 = dsf[0][0]; dsf[0][0] = dsf[0][2]; dsf[0][2] = t0; }"),
+    "no_wait_for_tiles": ("      mbar_wait(bar_full(t % kStages), (t / kStages) & 1);\n", ""),
+    "tma_byte_count": ("mbar_arrive_expect_tx(bar_full(st), Tr::kStageBytes);",
+                       "mbar_arrive_expect_tx(bar_full(st), Tr::kStageBytes / 2);"),
+    "rs_operand_stride": ("make_desc(b_tile + kk * 2 * kAtomBytes, kRowsB * kLineBytes, kAtomBytes)",
+                          "make_desc(b_tile + kk * kAtomBytes, kRowsB * kLineBytes, kAtomBytes)"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_emulator_catches_mutations(emu_lib, tmp_path, mutation):
+    """The emulator is not a rubber stamp: each mutation (built from the same sources with one
+    change) fails, by a protocol error exit or by gradients far from the model."""
+    needle, replacement = MUTATIONS[mutation]
     mutated = tmp_path / "csrc" / "swa"
     shutil.copytree(os.path.join(CSRC, "swa"), mutated)
-    (mutated / "swa_bwd_sm90.cuh").write_text(src.replace(
-        needle, needle + "\n    { uint32_t t0 = dsf[0][0]; dsf[0][0] = dsf[0][2]; dsf[0][2] = t0; }"))
+    changed = 0
+    for f in ("swa_bwd_sm90.cuh", "swa_sm90_utils.cuh"):
+        src = (mutated / f).read_text()
+        changed += src.count(needle)
+        (mutated / f).write_text(src.replace(needle, replacement))
+    assert changed >= 1, f"mutation {mutation}: text not found"
     lib = str(tmp_path / "libmut.so")
     tus = [os.path.join(EMU, "emu_sm90.cpp")] + [str(mutated / os.path.basename(t)) for t in TUS[1:]]
     cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-psabi", "-I", os.path.join(EMU, "inc"),
            "-I", str(tmp_path / "csrc"), "-x", "c++"] + tus + ["-o", lib, "-lpthread"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    B, L, hq, hkv, D, window, sinks, seqlens = CASES[0]
+    # D = 128 (the one-batch-at-a-time schedule, where the no_wait_for_tiles line lives).
+    B, L, hq, hkv, D, window, sinks, seqlens = CASES[1]
     args, dout = make_case(B, L, hq, hkv, D, window, sinks, torch.bfloat16, seed=3)
     _, lse_ref, *_ = reference(args, dout, window, sinks)
     out16 = swa_naive(args["q"].double(), args["k"].double(), args["v"].double(), window, sinks,
                       args["scale"]).to(torch.bfloat16)
     lse = lse_ref.float()
     delta = (dout.float() * out16.float()).sum(-1).permute(0, 2, 1).contiguous()
-    res = run_emu(lib, dict(args, op="bwd", dout=dout, lse=lse, delta=delta))
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "in.pt"), os.path.join(d, "out.pt")
+        torch.save(dict(args, op="bwd", dout=dout, lse=lse, delta=delta), src)
+        env = dict(os.environ, ALLMEM_EMU_WAIT_S="3")
+        run = subprocess.run([sys.executable, os.path.join(EMU, "run.py"), lib, src, dst], capture_output=True,
+                             text=True, timeout=600, env=env)
+        if run.returncode != 0:
+            assert "swa_sm90_emu:" in run.stderr, run.stderr[-2000:]
+            return
+        res = torch.load(dst)
     model = model_bwd(args, dout, lse, delta, window, sinks)
-    assert (res["dq"].double() - model[0].double()).abs().max() > 0.05 * model[0].double().abs().max()
+    worst = max(((res[n].double() - m.double()).abs().max() / m.double().abs().max()).nan_to_num(float("inf"))
+                for n, m in zip(("dq", "dk", "dv"), model))
+    assert worst > 0.05, f"mutation {mutation} went unnoticed (max deviation {worst:.3g} of max |grad|)"

@@ -16,9 +16,11 @@
 //    from the warpgroup's registers in the m16n8k16 A layout, B MN-major): descriptors decoded
 //    field by field (start, LBO, SBO, layout type must be SWIZZLE_128B), the 128-byte swizzle
 //    applied to the computed shared addresses (bits [4, 7) ^= bits [7, 10)), the result scattered
-//    in the accumulator layout. The math runs when a wgmma.wait_group retires its group, reading
-//    shared memory, A registers and accumulators then: a kernel that touches them before the
-//    wait sees stale or changed values. Products are float sums of the exact 16-bit operands.
+//    in the accumulator layout. The operands are read at the issue and again when a
+//    wgmma.wait_group retires the group, and must not have changed in between (the hardware may
+//    read them at any moment in that interval); the math runs at the wait, so a kernel that reads
+//    an accumulator before the wait sees the stale value. Products are float sums of the exact
+//    16-bit operands.
 //  * named barriers, __syncthreads, __syncwarp and shuffles as std::barrier exchanges.
 // Says nothing about speed, the GPU memory model beyond the above, or register limits (ptxas and
 // the GPU tests do). Any protocol error (uninitialized barrier, too many arrivals, more TMA bytes
@@ -87,6 +89,7 @@ struct WgOp {
   uint64_t da = 0, db = 0;
   float* acc[128];
   const uint32_t* a[128];
+  std::vector<float> a_issue, b_issue;  // the operands as read at issue
 };
 struct Warpgroup {
   std::unique_ptr<std::barrier<>> bar;
@@ -188,7 +191,12 @@ inline void arrive(uint32_t addr, int64_t tx) {
 inline void wait(uint32_t addr, uint32_t parity) {
   std::unique_lock<std::mutex> lk(cta().mu);
   MBar& b = bar_locked(addr);
-  if (!cta().cv.wait_for(lk, std::chrono::seconds(20), [&] { return (b.phase & 1u) != parity; })) {
+  // ALLMEM_EMU_WAIT_S: how long a wait may last before it counts as a hang (default 20 s).
+  static const int limit_s = [] {
+    const char* v = std::getenv("ALLMEM_EMU_WAIT_S");
+    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 20;
+  }();
+  if (!cta().cv.wait_for(lk, std::chrono::seconds(limit_s), [&] { return (b.phase & 1u) != parity; })) {
     fail("mbarrier wait never completed (lost arrival or TMA byte count mismatch)", addr, long(parity));
   }
 }
@@ -211,9 +219,11 @@ inline float smem_elem(uint32_t addr, bool fp16) {
   std::memcpy(&h, at(swizzle128(addr), 2), 2);
   return half_to_float(h, fp16);
 }
-inline void execute(const WgOp& op) {
+// The operands of one wgmma, as float values: A [64][16], B [16][n].
+inline void gather(const WgOp& op, std::vector<float>& A, std::vector<float>& B) {
   const int n = op.n;
-  std::vector<float> A(64 * 16), B(16 * n);
+  A.assign(64 * 16, 0.f);
+  B.assign(16 * n, 0.f);
   const Desc db = decode(op.db);
   const Desc da = op.rs ? Desc{} : decode(op.da);
   for (int m = 0; m < 64; ++m) {
@@ -234,6 +244,20 @@ inline void execute(const WgOp& op) {
                                   : db.start + (j / 8) * db.sbo + (j % 8) * 128 + k * 2;
       B[k * n + j] = smem_elem(addr, op.fp16);
     }
+  }
+}
+// The hardware may read the operands at any moment between the issue and the wait that retires
+// the wgmma: they are read at both ends here and must agree (bitwise), which catches a missing
+// wait for the data before the issue (TMA lands late here) and a write to, or a release of, the
+// operands before the wait. Then the product, scattered in the accumulator layout.
+inline void execute(const WgOp& op) {
+  const int n = op.n;
+  std::vector<float> A, B;
+  gather(op, A, B);
+  if (std::memcmp(A.data(), op.a_issue.data(), A.size() * 4) != 0 ||
+      std::memcmp(B.data(), op.b_issue.data(), B.size() * 4) != 0) {
+    fail("a wgmma operand changed between issue and wait (data not yet landed at issue, or overwritten before the wait)",
+         long(op.rs), long(n));
   }
   for (int m = 0; m < 64; ++m) {
     for (int j = 0; j < n; ++j) {
@@ -355,6 +379,10 @@ inline void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], gmma::ScaleOut scal
     op.da = da;
     op.db = db;
     std::memcpy(op.acc, g.acc, sizeof(op.acc));
+    {
+      std::lock_guard<std::mutex> lk(emu::cta().mu);  // shared memory reads vs TMA writes
+      emu::gather(op, op.a_issue, op.b_issue);
+    }
     g.open.push_back(op);
   }
   emu::wg_sync();
@@ -375,6 +403,10 @@ inline void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], std::ind
     op.db = db;
     std::memcpy(op.acc, g.acc, sizeof(op.acc));
     std::memcpy(op.a, g.a, sizeof(op.a));
+    {
+      std::lock_guard<std::mutex> lk(emu::cta().mu);
+      emu::gather(op, op.a_issue, op.b_issue);
+    }
     g.open.push_back(op);
   }
   emu::wg_sync();
