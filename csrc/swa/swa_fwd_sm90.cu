@@ -19,9 +19,7 @@ bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, in
   if (head_dim != 64 && head_dim != 128) return false;
   if (p.shape.seqlen == 0 || p.shape.batch == 0) return true;  // nothing to do
   if (!sm90a_built_for_current_device()) return false;
-  const bool varlen = p.shape.cu_seqlens != nullptr;
-  const int64_t rows = varlen ? total_rows : p.shape.seqlen;
-  const int batch = varlen ? 1 : p.shape.batch;
+  const auto [rows, batch] = tma_extent(p.shape, total_rows);
   Sm90FwdParams sp;
   sp.p = p;
   // Q boxes cover a query block (128 rows), K/V boxes a key block (128 rows): same box shape.

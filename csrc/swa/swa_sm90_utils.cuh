@@ -125,6 +125,16 @@ __device__ __forceinline__ void pack_a_frags(uint32_t (&a)[N / 16][4], const flo
 
 // ---------------------------------------------------------------------------------------------
 // Host side
+// The extent of the 4-D tensor maps: rows (the packed T for varlen, else L) and batch (1 for varlen).
+struct TmaExtent {
+  int64_t rows;
+  int batch;
+};
+inline TmaExtent tma_extent(const AttnShape& s, int64_t total_rows) {
+  const bool varlen = s.cu_seqlens != nullptr;
+  return {varlen ? total_rows : s.seqlen, varlen ? 1 : s.batch};
+}
+
 // {D, rows, heads, batch} with the TensorRef's strides; a dimension of extent 1 gets a placeholder
 // stride (its coordinate is always 0) so size-1 views with odd strides still encode. Returns false
 // (the caller falls back to the portable kernel) for strides TMA cannot express.
