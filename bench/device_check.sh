@@ -49,8 +49,8 @@
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_gdn,fla_dr" \
 #   BUDGET_S=575 bash bench/device_check.sh
 # with carry [".whl"], timeout_s 600, then give_back at once (idle release is 30 s). Expected: build
-# 45 s, tests 160 (op tests, build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90
-# 3 x 10, bench-swa 90 (portable and Hopper fwd / bwd / fwd+bwd, Flex), tests-tc 40, bench-ttt 120,
+# 45 s, tests 190 (op tests with the Hopper paths, build checks, TTT SIMT and tensor-core tests, error
+# paths), sanitize-sm90 5 x 10, bench-swa 110 (portable and Hopper fwd / bwd / fwd+bwd, Flex), tests-tc 40, bench-ttt 120,
 # sanitize-tc 80; tests-sm90 gets what is left (stages are cut to the budget). Compare the TTT
 # d = 64 rows with run d and the SWA rows with run b (same H200 kind).
 set -uo pipefail
@@ -268,6 +268,11 @@ EOF
   for tool in memcheck racecheck synccheck; do
     run_stage "sanitize-sm90-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require ALLMEM_SWA_SM90_BWD=require \
       "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
+  done
+  # And the one-kernel Hopper backward (dQ by atomics).
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-sm90-atomic-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require \
+      ALLMEM_SWA_SM90_BWD=atomic "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
 fi
 if want sanitize; then

@@ -74,7 +74,7 @@ def test_cubins_for_every_requested_arch():
                              check=True).stdout
     for arch in _expected_archs():
         for kernel_file in ("swa_fwd", "swa_fwd_sm90", "swa_bwd_dq", "swa_bwd_dkdv", "swa_bwd_dq_sm90",
-                            "swa_bwd_dkdv_sm90", "swa_decode"):
+                            "swa_bwd_dkdv_sm90", "swa_bwd_dkdvq_sm90", "swa_decode"):
             assert re.search(rf"{kernel_file}\.sm_{arch}\.cubin", listing), f"no sm_{arch} cubin of {kernel_file}.cu"
 
 
@@ -114,26 +114,32 @@ def test_sm90_forward_uses_wgmma_and_tma():
 @needs_cuobjdump
 @pytest.mark.skipif("90a" not in _expected_archs(), reason="built without the 90a target")
 def test_sm90_backward_uses_wgmma_and_tma():
-    """The Hopper backward (swa_bwd_sm90.cuh), 4 dQ and 4 dK/dV instantiations, each with exactly
-    the warpgroup MMAs of one step: S and dP (2 * D/16 of HGMMA.64xN, N the streamed block: 64 keys-side,
-    128 queries-side), then dQ += dS K (N/16 of HGMMA.64xD) or dV += P^T dO and
-    dK += dS^T Q (2 * 64/16); TMA loads, mbarriers, setmaxnreg, no spills."""
+    """The Hopper backward (swa_bwd_sm90.cuh): 4 instantiations each of the dQ kernel, the dK/dV
+    kernel and the dK/dV kernel with the atomic dQ, each with exactly the warpgroup MMAs of its
+    schedule: S and dP (2 * D/16 of HGMMA.64xN, N the streamed block: 64 keys-side, 128
+    queries-side), then dQ += dS K (N/16 of HGMMA.64xD) or dV += P^T dO and dK += dS^T Q (2 * 64/16),
+    and with the atomic dQ also dQ = dS K over the 128 keys (8 of HGMMA.64x(D/2)) and its vector
+    reductions (RED); TMA loads, mbarriers, setmaxnreg, no spills, no serialized wgmma."""
     funcs = {n: body for n, body in _sass_by_function("90a").items() if "swa_bwd_sm90_kernel" in n}
-    assert len(funcs) == 2 * INSTANTIATIONS, f"expected {2 * INSTANTIATIONS} instantiations, got {list(funcs)}"
+    assert len(funcs) == 3 * INSTANTIATIONS, f"expected {3 * INSTANTIATIONS} instantiations, got {list(funcs)}"
     for name, body in funcs.items():
         d = 128 if "Li128E" in name else 64
-        key_side = "ELb1E" in name
+        key_side = "Lb1ELb" in name
+        atomic = "Lb1ELb1E" in name
         n = 64 if key_side else 128
         # D = 64 runs the overlapped schedule: S, dP before the loop and in it, the products in it
         # and after it (swa_bwd_sm90.cuh), so every shape appears twice.
         copies = 2 if d == 64 else 1
         want = {}
-        want[f"64x{n}x16"] = want.get(f"64x{n}x16", 0) + copies * 2 * d // 16
-        want[f"64x{d}x16"] = want.get(f"64x{d}x16", 0) + copies * (2 * 64 // 16 if key_side else n // 16)
+        for shape, count in ((f"64x{n}x16", 2 * d // 16), (f"64x{d}x16", 2 * 64 // 16 if key_side else n // 16),
+                             (f"64x{d // 2}x16", 128 // 16 if atomic else 0)):
+            if count:
+                want[shape] = want.get(shape, 0) + copies * count
         got = {}
         for shape in re.findall(r"\bHGMMA\.(64x\d+x16)\.F32", body):
             got[shape] = got.get(shape, 0) + 1
         assert got == want, f"{name}: HGMMA shapes {got}, expected {want}"
+        assert bool(re.search(r"\bRED\b", body)) == atomic, f"{name}: vector reductions (RED) present iff atomic dQ"
         # ptxas serializes wgmmas it cannot prove safe to overlap (or lacks registers for) by
         # fencing each one: as many WARPGROUP.ARRIVE as HGMMA. The schedule has one per batch.
         assert len(re.findall(r"\bWARPGROUP\.ARRIVE\b", body)) <= 2 * copies, f"{name}: wgmmas serialized"

@@ -37,7 +37,8 @@ EMU = os.path.join(HERE, "swa_sm90_emu")
 CSRC = os.path.join(HERE, "..", "csrc")
 SWA = os.path.join(CSRC, "swa")
 TUS = [os.path.join(EMU, "emu_sm90.cpp")] + [
-    os.path.join(SWA, f) for f in ("swa_fwd_sm90.cu", "swa_bwd_dkdv_sm90.cu", "swa_bwd_dq_sm90.cu")
+    os.path.join(SWA, f) for f in ("swa_fwd_sm90.cu", "swa_bwd_dkdv_sm90.cu", "swa_bwd_dq_sm90.cu",
+                                   "swa_bwd_dkdvq_sm90.cu")
 ]
 SOURCES = TUS + [os.path.join(SWA, f) for f in ("swa_fwd_sm90.cuh", "swa_bwd_sm90.cuh", "swa_sm90_utils.cuh",
                                                  "swa_tile_math.cuh", "swa_cuda.h")] + [
@@ -181,9 +182,13 @@ def test_forward_emulated(emu_lib, case, dtype):
     assert (lse - lse_ref).abs().max() <= 1e-4 * (1 + lse_ref.abs().max())
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["two_kernels", "atomic_dq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_emulated(emu_lib, case, dtype):
+def test_backward_emulated(emu_lib, case, dtype, atomic):
+    """Both Hopper backwards: the deterministic two-kernel one (dK/dV kernel + dQ kernel) and the
+    one-kernel one whose dQ is summed by float atomics (order-dependent in the last bits only: the
+    same bounds hold)."""
     B, L, hq, hkv, D, window, sinks, seqlens = case
     args, dout = make_case(B, L, hq, hkv, D, window, sinks, dtype, seed=7 + zlib.crc32(IDS[CASES.index(case)].encode()) % 1000,
                            seqlens=seqlens)
@@ -194,7 +199,7 @@ def test_backward_emulated(emu_lib, case, dtype):
     lse = lse_ref.float()
     delta = (dout.float() * out16.float()).sum(-1)
     delta = delta.permute(1, 0).contiguous() if seqlens is not None else delta.permute(0, 2, 1).contiguous()
-    res = run_emu(emu_lib, dict(args, op="bwd", dout=dout, lse=lse, delta=delta))
+    res = run_emu(emu_lib, dict(args, op="bwd", dout=dout, lse=lse, delta=delta, atomic=atomic))
     assert res["rc"] == 1, "the Hopper backward launchers declined"
     model = model_bwd(args, dout, lse, delta, window, sinks)
     u = UNIT_ROUNDOFF[dtype]

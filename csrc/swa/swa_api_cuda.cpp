@@ -33,12 +33,15 @@ constexpr double kLog2eD = 1.4426950408889634;
 // explained in gpu_2026-11-26d_h200 (test criteria, since changed); it becomes the default once
 // the SWA tests pass with it three times in a row (device_check.sh stage tests-sm90).
 // ALLMEM_SWA_SM90_BWD selects the backward kernels the same way (the Hopper dQ and dK/dV kernels
-// of swa_bwd_sm90.cuh, both or neither). Opt-in: new, not yet run on a GPU.
+// of swa_bwd_sm90.cuh, both or neither), plus "atomic": the Hopper dK/dV kernel that also sums dQ
+// with float atomics (no dQ kernel; dQ's last bits vary from run to run), or an error. Opt-in:
+// new, not yet run on a GPU.
 // Both are read at every call (one getenv), so a process can switch them at run time.
-enum class Sm90Mode { kOff, kOn, kRequire };
+enum class Sm90Mode { kOff, kOn, kRequire, kAtomic };
 Sm90Mode sm90_mode_of(const char* var) {
   const char* v = std::getenv(var);
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
+  if (std::strcmp(v, "atomic") == 0) return Sm90Mode::kAtomic;
   return std::strcmp(v, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOn;
 }
 
@@ -225,6 +228,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_swa_bwd_preprocess(bp, dtype, d, stream);
   const Sm90Mode mode = sm90_mode_of("ALLMEM_SWA_SM90_BWD");
+  if (mode == Sm90Mode::kAtomic) {
+    const int64_t total_rows = p.varlen ? q.size(0) : 0;
+    at::Tensor dq_accum = at::zeros(q_in.sizes(), q_in.options().dtype(at::kFloat));
+    bp.dq_accum = ref_of(dq_accum, p.varlen);
+    const bool ran = is_hopper_device() && launch_swa_bwd_dkdvq_sm90(bp, total_rows, dtype, d, stream);
+    ALLMEM_CHECK(ran, "ALLMEM_SWA_SM90_BWD=atomic: the Hopper SWA backward cannot run here (needs an sm_90 device, a ",
+                 "build with the 90a target, and q/k/v/dout strides that are multiples of 16 bytes)");
+    dq.copy_(dq_accum.mul_(shape.scale));
+    return {dq, dk, dv};
+  }
   if (mode != Sm90Mode::kOff) {
     const int64_t total_rows = p.varlen ? q.size(0) : 0;
     // Both or neither: the two kernels need the same tensor maps (q/k/v/dout), so when the first

@@ -29,8 +29,9 @@
 namespace allmem::swa::cuda {
 namespace {
 
-template <int D, bool kKeySide>
+template <int D, bool kKeySide, bool kDqAtomic = false>
 struct Sm90BwdTraits {
+  static_assert(kKeySide || !kDqAtomic, "atomic dQ belongs to the dK/dV kernel");
   static constexpr int kConsumerWarpgroups = 2;
   static constexpr int kRowsPerWarpgroup = 64;  // wgmma M
   static constexpr int kBlockM = kConsumerWarpgroups * kRowsPerWarpgroup;  // resident rows
@@ -43,12 +44,16 @@ struct Sm90BwdTraits {
   static constexpr int kStreamBytes = kBlockN * D * 2;  // each streamed tile
   static constexpr int kStageBytes = 2 * kStreamBytes;
   // Ring depth: three stages where shared memory allows (dK/dV; dQ at D = 64), else two.
-  static constexpr int kStages = 2 * kResBytes + 3 * kStageBytes + 2048 <= 227 * 1024 ? 3 : 2;
+  static constexpr int kStages =
+      2 * kResBytes + 3 * kStageBytes + (kDqAtomic ? 4 * kBlockM * kBlockN : 0) + 2048 <= 227 * 1024 ? 3 : 2;
   static constexpr int kThreads = (1 + kConsumerWarpgroups) * 128;
   static constexpr int kStatFloats = kKeySide ? 2 * kBlockN : 0;  // lse * log2e, delta of the step's queries
   // Barriers: resident tiles full; per stage: streamed tiles (and stats) full / empty.
   static constexpr int kBarriers = 1 + 2 * kStages;
-  static constexpr int kTileBytes = 2 * kResBytes + kStages * kStageBytes;
+  // kDqAtomic: dS^T of the step as 16 bits, [128 keys][64 queries] (one 128-byte line per key),
+  // double-buffered: the A operand of dQ = dS K.
+  static constexpr int kDsBytes = kDqAtomic ? kBlockM * kBlockN * 2 : 0;
+  static constexpr int kTileBytes = 2 * kResBytes + kStages * kStageBytes + 2 * kDsBytes;
   static constexpr size_t kSmemBytes = kAtomBytes + kTileBytes + kStages * kStatFloats * 4 + kBarriers * 8;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   // The producer warp: its 32 lanes each arrive on a stage's full barrier (after writing their
@@ -70,11 +75,11 @@ struct Sm90BwdParams {
 
 // Grid: dQ (query blocks, longest first; hq; batch); dK/dV (hkv; key blocks, the sink blocks with
 // the longest walks first; batch).
-template <typename T, int D, bool kKeySide>
-__global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
+template <typename T, int D, bool kKeySide, bool kDqAtomic>
+__global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThreads, 1)
     swa_bwd_sm90_kernel(const __grid_constant__ Sm90BwdParams params) {
 #ifdef ALLMEM_SWA_SM90A_DEVICE
-  using Tr = Sm90BwdTraits<D, kKeySide>;
+  using Tr = Sm90BwdTraits<D, kKeySide, kDqAtomic>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kStages = Tr::kStages;
   const BwdParams& p = params.p;
   const AttnShape& s = p.shape;
@@ -112,6 +117,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
   const uint32_t sA1 = smem_base;
   const uint32_t sA2 = sA1 + Tr::kResBytes;
   const uint32_t sB0 = sA2 + Tr::kResBytes;  // stage st: B1 at sB0 + st * kStageBytes, B2 right after
+  const uint32_t sDs = sB0 + kStages * Tr::kStageBytes;  // kDqAtomic: two dS^T tiles
   float* const sStat = reinterpret_cast<float*>(smem_gen + Tr::kTileBytes);  // [kStages][lse2 | delta]
   const uint32_t bars = smem_base + Tr::kTileBytes + kStages * Tr::kStatFloats * 4;
   const uint32_t bar_res = bars;
@@ -212,6 +218,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < (kKeySide ? D / 2 : 1); ++i) acc2[i] = 0.f;
   float x[kBN / 2], y[kBN / 2];        // X then P; Y then dS
+  float dqa[kDqAtomic ? D / 4 : 1];    // kDqAtomic: dQ / scale of the step, 64 queries x D / 2
   constexpr bool kOverlap = D == 64;   // see the schedule below
   uint32_t pf[kBN / 16][4], dsf[kBN / 16][4];
 
@@ -263,10 +270,52 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
     fence_regs(dsf);
     fence_regs(x);
     fence_regs(y);
+    if constexpr (kDqAtomic) fence_regs(dqa);
   };
   auto release = [&](int t) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty(t % kStages));  // this warp is done with the stage
+  };
+  // kDqAtomic: dQ / scale += dS K for the step's 64 queries. Both warpgroups write their 64 key
+  // rows of dS^T (the same 16-bit values as the dK fragments) into tile t % 2, meet at a named
+  // barrier, and each computes half of the head dim over all 128 keys (A = that tile, B = the
+  // resident K), then adds it to dq_accum with vector atomics. Tile t % 2 is written again at step
+  // t + 2, after both warpgroups passed the barrier of step t + 1, i.e. retired their step-t wgmmas.
+  auto store_ds = [&](int t) {
+    unsigned char* tile = smem_gen + (sDs - smem_base) + (t & 1) * Tr::kDsBytes;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+      const int col = 8 * i + 2 * (lane % 4);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp_row0 + lane / 4 + 8 * r;  // key row of the tile
+        *reinterpret_cast<uint32_t*>(tile + row * kLineBytes + (((col / 8) ^ (row % 8)) * 16) + (col % 8) * 2) =
+            ElemTraits<T>::pack(y[4 * i + 2 * r], y[4 * i + 2 * r + 1]);
+      }
+    }
+    fence_proxy_async_shared();  // the st.shared above before the wgmmas that read the tile
+    named_barrier_sync(3, 2 * 128);
+  };
+  auto issue_dq = [&](int t) {
+    if constexpr (kDqAtomic) {
+      constexpr int kHalf = D / 2;
+      const int c0 = cwg * kHalf;  // first head-dim column of this warpgroup
+      const uint32_t b_start = sA1 + (c0 / kLineElems) * kBM * kLineBytes + (c0 % kLineElems) * 2;
+      issue_ss_mn<T, kHalf, kBM, kBM>(dqa, sDs + (t & 1) * Tr::kDsBytes, b_start);
+    }
+  };
+  auto add_dq = [&](int t) {
+    const int i0 = step_row0(t);
+    float* g = head_ptr<float>(p.dq_accum, b, seq.start, step_head(t));
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+      const int col = cwg * (D / 2) + 8 * i + 2 * (lane % 4);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qi = i0 + wwarp * kMmaM + lane / 4 + 8 * r;
+        if (qi < len) red_add_v2(g + (int64_t)qi * p.dq_accum.row_stride + col, dqa[4 * i + 2 * r], dqa[4 * i + 2 * r + 1]);
+      }
+    }
   };
   // Schedule of a consumer warpgroup.
   // D = 64 (kOverlap): S and dP of step 0 first; then per step t: P, dS of step t (registers
@@ -292,27 +341,33 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
     fence_all();
     for (int t = 0; t + 1 < n_steps; ++t) {
       p_and_ds(t);
+      if constexpr (kDqAtomic) store_ds(t);
       mbar_wait(bar_full((t + 1) % kStages), ((t + 1) / kStages) & 1);
       fence_all();
       warpgroup_arrive();
       issue_products(t);
+      if constexpr (kDqAtomic) issue_dq(t);
       warpgroup_commit();
       issue_sdp(t + 1);
       warpgroup_commit();
       warpgroup_wait<1>();  // step t's products done (groups retire in order)
       fence_all();
       release(t);
+      if constexpr (kDqAtomic) add_dq(t);
       warpgroup_wait<0>();  // S and dP of step t + 1
       fence_all();
     }
     p_and_ds(n_steps - 1);
+    if constexpr (kDqAtomic) store_ds(n_steps - 1);
     fence_all();
     warpgroup_arrive();
     issue_products(n_steps - 1);
+    if constexpr (kDqAtomic) issue_dq(n_steps - 1);
     warpgroup_commit();
     warpgroup_wait<0>();
     fence_all();
     release(n_steps - 1);
+    if constexpr (kDqAtomic) add_dq(n_steps - 1);
   } else {
     for (int t = 0; t < n_steps; ++t) {
       mbar_wait(bar_full(t % kStages), (t / kStages) & 1);
@@ -323,13 +378,16 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
       warpgroup_wait<0>();
       fence_all();
       p_and_ds(t);
+      if constexpr (kDqAtomic) store_ds(t);
       fence_all();
       warpgroup_arrive();
       issue_products(t);
+      if constexpr (kDqAtomic) issue_dq(t);
       warpgroup_commit();
       warpgroup_wait<0>();
       fence_all();
       release(t);
+      if constexpr (kDqAtomic) add_dq(t);
     }
   }
 
@@ -365,6 +423,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
       }
     }
   };
+  // kDqAtomic: the other warpgroup's dQ products read every row of K (this warpgroup's too), so
+  // both must have retired them before either overwrites its rows (the emulator caught this race).
+  if constexpr (kDqAtomic) named_barrier_sync(3, 2 * 128);
   stage_rows(0, acc1, s.scale);
   if constexpr (kKeySide) stage_rows(Tr::kResBytes, acc2, 1.f);
   named_barrier_sync(1 + cwg, 128);
@@ -373,18 +434,19 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide>::kThreads, 1)
 #endif  // ALLMEM_SWA_SM90A_DEVICE
 }
 
-template <typename T, int D, bool kKeySide>
+template <typename T, int D, bool kKeySide, bool kDqAtomic>
 void run_bwd_sm90(const Sm90BwdParams& sp, cudaStream_t stream) {
-  using Tr = Sm90BwdTraits<D, kKeySide>;
+  using Tr = Sm90BwdTraits<D, kKeySide, kDqAtomic>;
   const int blocks = (sp.p.shape.seqlen + Tr::kBlockM - 1) / Tr::kBlockM;
   const dim3 grid = kKeySide ? dim3(sp.p.shape.hkv, blocks, sp.p.shape.batch)
                              : dim3(blocks, sp.p.shape.hq, sp.p.shape.batch);
-  launch_sm90(swa_bwd_sm90_kernel<T, D, kKeySide>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
+  launch_sm90(swa_bwd_sm90_kernel<T, D, kKeySide, kDqAtomic>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
 }
 
-// Launches the dQ (kKeySide false) or dK/dV kernel; false (nothing launched) when it cannot run
-// here: no sm_90a code in the loaded cubin, or a tensor map does not encode.
-template <bool kKeySide>
+// Launches the dQ kernel (kKeySide false), the dK/dV kernel, or the dK/dV kernel with the atomic
+// dQ (kDqAtomic); false (nothing launched) when it cannot run here: no sm_90a code in the loaded
+// cubin, or a tensor map does not encode.
+template <bool kKeySide, bool kDqAtomic = false>
 bool launch_bwd_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream) {
   if (head_dim != 64 && head_dim != 128) return false;
   if (p.shape.seqlen == 0 || p.shape.batch == 0) return true;  // nothing to do
@@ -392,7 +454,7 @@ bool launch_bwd_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int he
   const auto [rows, batch] = tma_extent(p.shape, total_rows);
   bool ok = false;
   dispatch_dtype_headdim(dtype, head_dim, [&]<typename T, int D>() {
-    using Tr = Sm90BwdTraits<D, kKeySide>;
+    using Tr = Sm90BwdTraits<D, kKeySide, kDqAtomic>;
     Sm90BwdParams sp;
     sp.p = p;
     const TensorRef& a1 = kKeySide ? p.k : p.q;
@@ -404,7 +466,7 @@ bool launch_bwd_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int he
          encode_map(&sp.tm_a2, a2, dtype, D, rows, h_a, batch, Tr::kBlockM) &&
          encode_map(&sp.tm_b1, b1, dtype, D, rows, h_b, batch, Tr::kBlockN) &&
          encode_map(&sp.tm_b2, b2, dtype, D, rows, h_b, batch, Tr::kBlockN);
-    if (ok) run_bwd_sm90<T, D, kKeySide>(sp, stream);
+    if (ok) run_bwd_sm90<T, D, kKeySide, kDqAtomic>(sp, stream);
   });
   return ok;
 }

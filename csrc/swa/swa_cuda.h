@@ -43,6 +43,9 @@ struct BwdParams {
   AttnShape shape;
   TensorRef q, k, v, out, dout, dq, dk, dv;
   RowStatRef lse, delta;  // delta: workspace for rowsum(dout * out), same layout as lse
+  // float32 dQ / scale accumulated by atomics (launch_swa_bwd_dkdvq_sm90 only; zeroed by the caller,
+  // q's logical layout).
+  TensorRef dq_accum;
 };
 
 // Decode against the S + W slot cache. The kernels read the cache as it was before the call (and
@@ -76,6 +79,11 @@ bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, in
 bool launch_swa_bwd_dq_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream);
 bool launch_swa_bwd_dkdv_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim,
                               cudaStream_t stream);
+// The Hopper dK/dV kernel that also accumulates dQ / scale into p.dq_accum with float atomics
+// (no dQ kernel: 5 matmuls instead of 7, but the order of the additions, so dQ's last bits, vary
+// from run to run). Same return convention.
+bool launch_swa_bwd_dkdvq_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim,
+                               cudaStream_t stream);
 void launch_swa_bwd_preprocess(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 void launch_swa_bwd_dkdv(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);
 void launch_swa_bwd_dq(const BwdParams& p, DType dtype, int head_dim, cudaStream_t stream);

@@ -107,6 +107,15 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 __device__ __forceinline__ void fence_mbarrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (a
+// wgmma reading a tile the threads wrote with st.shared).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// p[0] += a, p[1] += b in global memory, one vector reduction (sm_90), relaxed, gpu scope.
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
 
 // ---------------------------------------------------------------------------------------------
 // wgmma
@@ -129,6 +138,17 @@ using GmmaRS = std::conditional_t<
                        gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>>,
     std::conditional_t<N == 128, gmma::MMA_64x128x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>,
                        gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>>>;
+
+// SS with both operands MN-major: dQ = dS K from dS^T stored [keys][queries] (A read transposed)
+// and the resident K tile (B, as in the RS products). N = D / 2: each consumer warpgroup takes
+// half of the head dim.
+template <typename T, int N>
+using GmmaSSmn = std::conditional_t<
+    std::is_same_v<T, __nv_bfloat16>,
+    std::conditional_t<N == 64, gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::MN, gmma::Major::MN>,
+                       gmma::MMA_64x32x16_F32BF16BF16_SS<gmma::Major::MN, gmma::Major::MN>>,
+    std::conditional_t<N == 64, gmma::MMA_64x64x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::MN>,
+                       gmma::MMA_64x32x16_F32F16F16_SS<gmma::Major::MN, gmma::Major::MN>>>;
 
 template <class Op, int N, size_t... I>
 __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], gmma::ScaleOut scale_d,

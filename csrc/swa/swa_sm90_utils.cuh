@@ -105,6 +105,21 @@ __device__ __forceinline__ void issue_rs(float (&acc)[D / 2], const uint32_t (&a
     gmma_rs<Op>(a[kk], db, acc, std::make_index_sequence<D / 2>{});
   }
 }
+
+// acc[64 x N] = A B with both operands MN-major in swizzled shared memory: A [kK rows][64] holds
+// A^T (the M = 64 values of each k in one 128-byte line), B the N columns of a kRowsB x 64-column-
+// block tile starting at b_start (which may sit inside a line: N = 32 starts at byte 64). kK / 16
+// k-steps of two atoms each. Issued, not waited for.
+template <typename T, int N, int kK, int kRowsB>
+__device__ __forceinline__ void issue_ss_mn(float (&acc)[N / 2], uint32_t a_tile, uint32_t b_start) {
+  using Op = GmmaSSmn<T, N>;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const uint64_t da = make_desc(a_tile + kk * 2 * kAtomBytes, kK * kLineBytes, kAtomBytes);
+    const uint64_t db = make_desc(b_start + kk * 2 * kAtomBytes, kRowsB * kLineBytes, kAtomBytes);
+    gmma_ss<Op>(da, db, acc, kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<N / 2>{});
+  }
+}
 #endif  // ALLMEM_SWA_SM90A_DEVICE
 
 // Accumulator layout of wgmma m64nN (per warpgroup; warp w of the group owns rows 16 w .. 16 w + 15):

@@ -60,9 +60,11 @@ extern "C" int emu_swa_fwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, 
   return launch_swa_fwd_sm90(p, total_rows, fp16 ? DType::kFloat16 : DType::kBFloat16, D, nullptr) ? 1 : 0;
 }
 
+// dq_accum != null: the one-kernel backward (launch_swa_bwd_dkdvq_sm90) accumulating dQ / scale
+// there (zeroed by the caller, float32, q's layout); dq is then left alone.
 extern "C" int emu_swa_bwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, int window, int sinks, float scale,
                                 const int* cu_seqlens, int64_t total_rows, void* q, void* k, void* v, void* dout,
-                                float* lse, float* delta, void* dq, void* dk, void* dv) {
+                                float* lse, float* delta, void* dq, void* dk, void* dv, float* dq_accum) {
   const bool varlen = cu_seqlens != nullptr;
   BwdParams p;
   p.shape = make_shape(B, L, hq, hkv, window, sinks, scale, cu_seqlens);
@@ -76,6 +78,10 @@ extern "C" int emu_swa_bwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, 
   p.lse = stat(lse, L, hq, total_rows, varlen);
   p.delta = stat(delta, L, hq, total_rows, varlen);
   const DType dt = fp16 ? DType::kFloat16 : DType::kBFloat16;
+  if (dq_accum != nullptr) {
+    p.dq_accum = ref(dq_accum, L, hq, D, varlen);
+    return launch_swa_bwd_dkdvq_sm90(p, total_rows, dt, D, nullptr) ? 1 : 0;
+  }
   const bool a = launch_swa_bwd_dkdv_sm90(p, total_rows, dt, D, nullptr);
   const bool b = launch_swa_bwd_dq_sm90(p, total_rows, dt, D, nullptr);
   return a && b ? 1 : (a || b ? -1 : 0);

@@ -29,6 +29,7 @@
 #pragma once
 #include <math.h>
 
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <condition_variable>
@@ -85,6 +86,7 @@ struct MBar {
 };
 struct WgOp {
   bool rs = false, zero = false, fp16 = false;
+  bool a_mn = false, b_mn = false;  // operand majorness (RS: B MN-major; SS: both K-major, or both MN-major)
   int n = 0;
   uint64_t da = 0, db = 0;
   float* acc[128];
@@ -106,6 +108,7 @@ struct Cta {
   std::condition_variable cv;
   std::map<uint32_t, MBar> bars;
   std::unique_ptr<std::barrier<>> cta_bar, warp_bar[32], named[16];
+  int named_count[16] = {};
   float xchg[32][32];
   Warpgroup wg[8];
 };
@@ -228,7 +231,10 @@ inline void gather(const WgOp& op, std::vector<float>& A, std::vector<float>& B)
   const Desc da = op.rs ? Desc{} : decode(op.da);
   for (int m = 0; m < 64; ++m) {
     for (int k = 0; k < 16; ++k) {
-      if (!op.rs) {  // K-major: 8-row groups SBO apart, rows 128 bytes apart, k contiguous
+      if (!op.rs && op.a_mn) {  // MN-major: 64 m-values per 128-byte line, k lines, 8-line atoms SBO apart
+        A[m * 16 + k] = smem_elem(da.start + (k / 8) * da.sbo + (k % 8) * 128 + (m / 64) * da.lbo + (m % 64) * 2,
+                                  op.fp16);
+      } else if (!op.rs) {  // K-major: 8-row groups SBO apart, rows 128 bytes apart, k contiguous
         A[m * 16 + k] = smem_elem(da.start + (m / 8) * da.sbo + (m % 8) * 128 + k * 2, op.fp16);
       } else {  // m16n8k16 A fragment of warp m / 16: a0 (g, k<8) a1 (g+8, k<8) a2 (g, k>=8) a3 (g+8, k>=8)
         const int w = m / 16, g = m % 8, hi = (m % 16) / 8, kc = k % 8;
@@ -240,7 +246,7 @@ inline void gather(const WgOp& op, std::vector<float>& A, std::vector<float>& B)
   }
   for (int k = 0; k < 16; ++k) {
     for (int j = 0; j < n; ++j) {
-      const uint32_t addr = op.rs ? db.start + (k / 8) * db.sbo + (k % 8) * 128 + (j / 64) * db.lbo + (j % 64) * 2
+      const uint32_t addr = op.b_mn ? db.start + (k / 8) * db.sbo + (k % 8) * 128 + (j / 64) * db.lbo + (j % 64) * 2
                                   : db.start + (j / 8) * db.sbo + (j % 8) * 128 + k * 2;
       B[k * n + j] = smem_elem(addr, op.fp16);
     }
@@ -254,8 +260,12 @@ inline void execute(const WgOp& op) {
   const int n = op.n;
   std::vector<float> A, B;
   gather(op, A, B);
-  if (std::memcmp(A.data(), op.a_issue.data(), A.size() * 4) != 0 ||
-      std::memcmp(B.data(), op.b_issue.data(), B.size() * 4) != 0) {
+  const bool a_changed = std::memcmp(A.data(), op.a_issue.data(), A.size() * 4) != 0;
+  const bool b_changed = std::memcmp(B.data(), op.b_issue.data(), B.size() * 4) != 0;
+  if (a_changed || b_changed) {
+    std::fprintf(stderr, "swa_sm90_emu: wgmma %s m64n%dk16 (A %s, B %s), descriptors a %#llx b %#llx\n",
+                 op.rs ? "RS" : "SS", n, a_changed ? "changed" : "same", b_changed ? "changed" : "same",
+                 static_cast<unsigned long long>(op.da), static_cast<unsigned long long>(op.db));
     fail("a wgmma operand changed between issue and wait (data not yet landed at issue, or overwritten before the wait)",
          long(op.rs), long(n));
   }
@@ -341,8 +351,25 @@ inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
 }
 inline void tma_prefetch_desc(const CUtensorMap*) {}
 inline void named_barrier_sync(int id, int threads) {
-  if (id < 1 || id >= 16 || threads != 128) emu::fail("named barrier: the emulator has ids 1..15 of 128 threads", id, threads);
-  emu::cta().named[id]->arrive_and_wait();
+  if (id < 1 || id >= 16 || threads % 32 != 0) emu::fail("named barrier id / thread count", id, threads);
+  std::barrier<>* bar;
+  {
+    std::lock_guard<std::mutex> lk(emu::cta().mu);
+    auto& slot = emu::cta().named[id];
+    if (!slot) {
+      slot = std::make_unique<std::barrier<>>(threads);
+      emu::cta().named_count[id] = threads;
+    } else if (emu::cta().named_count[id] != threads) {
+      emu::fail("named barrier used with two thread counts", id, threads);
+    }
+    bar = slot.get();
+  }
+  bar->arrive_and_wait();
+}
+inline void fence_proxy_async_shared() {}
+inline void red_add_v2(float* p, float a, float b) {
+  std::atomic_ref<float>(p[0]).fetch_add(a);
+  std::atomic_ref<float>(p[1]).fetch_add(b);
 }
 template <int kRegs>
 inline void setmaxnreg_dec() {}
@@ -353,15 +380,17 @@ inline void fence_mbarrier_init() {}
 namespace gmma {
 enum class ScaleOut { Zero, One };
 }
-template <typename T, int N, bool kRs>
+template <typename T, int N, bool kRs, bool kAmn, bool kBmn>
 struct GmmaOp {
   static constexpr int kN = N;
-  static constexpr bool kRS = kRs, kFp16 = std::is_same_v<T, __half>;
+  static constexpr bool kRS = kRs, kAMN = kAmn, kBMN = kBmn, kFp16 = std::is_same_v<T, __half>;
 };
 template <typename T, int N>
-using GmmaSS = GmmaOp<T, N, false>;
+using GmmaSS = GmmaOp<T, N, false, false, false>;
 template <typename T, int N>
-using GmmaRS = GmmaOp<T, N, true>;
+using GmmaRS = GmmaOp<T, N, true, false, true>;
+template <typename T, int N>
+using GmmaSSmn = GmmaOp<T, N, false, true, true>;
 
 template <class Op, int N, size_t... I>
 inline void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], gmma::ScaleOut scale_d, std::index_sequence<I...>) {
@@ -373,6 +402,8 @@ inline void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], gmma::ScaleOut scal
   if (t == 0) {
     emu::WgOp op;
     op.rs = false;
+    op.a_mn = Op::kAMN;
+    op.b_mn = Op::kBMN;
     op.zero = scale_d == gmma::ScaleOut::Zero;
     op.fp16 = Op::kFp16;
     op.n = Op::kN;
@@ -398,6 +429,7 @@ inline void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], std::ind
   if (t == 0) {
     emu::WgOp op;
     op.rs = true;
+    op.b_mn = true;
     op.fp16 = Op::kFp16;
     op.n = Op::kN;
     op.db = db;
@@ -485,7 +517,6 @@ void launch_sm90(void (*kernel)(Params), dim3 grid, int threads, size_t smem, cu
         c.size = static_cast<uint32_t>(16 + smem);
         c.cta_bar = std::make_unique<std::barrier<>>(threads);
         for (int w = 0; w < threads / 32; ++w) c.warp_bar[w] = std::make_unique<std::barrier<>>(32);
-        for (int i = 0; i < 16; ++i) c.named[i] = std::make_unique<std::barrier<>>(128);
         for (int g = 0; g < threads / 128; ++g) c.wg[g].bar = std::make_unique<std::barrier<>>(128);
         std::vector<std::thread> ths;
         for (int t = 0; t < threads; ++t) {
