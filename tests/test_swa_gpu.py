@@ -54,19 +54,20 @@ DENSE_CASES = [
 SM90A_BUILT = "90a" in [a.strip() for a in os.environ.get("ALLMEM_CUDA_ARCHS", "80;90a").split(";")]
 
 
-@pytest.fixture(params=["portable", "sm90", "sm90-atomic"])
+@pytest.fixture(params=["portable", "sm90", "sm90-alt"])
 def hopper_path(request, monkeypatch):
     """Runs a test on the portable kernels, on the Hopper ones (forward swa_fwd_sm90.cuh, backward
-    swa_bwd_sm90.cuh) and on the Hopper forward with the one-kernel Hopper backward whose dQ is
-    summed by atomics. The C++ dispatch reads ALLMEM_SWA_SM90 and ALLMEM_SWA_SM90_BWD at every call;
-    "require" and "atomic" make the op raise instead of falling back to the portable kernel, so a
-    Hopper run cannot pass on the portable kernels by accident."""
+    swa_bwd_sm90.cuh) and on their alternative variants (the ping-pong forward and the one-kernel
+    backward whose dQ is summed by atomics). The C++ dispatch reads ALLMEM_SWA_SM90 and
+    ALLMEM_SWA_SM90_BWD at every call; "require", "pingpong" and "atomic" make the op raise instead
+    of falling back to the portable kernel, so a Hopper run cannot pass on the portable kernels by
+    accident."""
     if request.param != "portable":
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("the Hopper kernels need an sm_90 device")
         if not SM90A_BUILT:
             pytest.skip("allmem_ops built without the 90a target (ALLMEM_CUDA_ARCHS)")
-    fwd, bwd = {"portable": ("0", "0"), "sm90": ("require", "require"), "sm90-atomic": ("require", "atomic")}[
+    fwd, bwd = {"portable": ("0", "0"), "sm90": ("require", "require"), "sm90-alt": ("pingpong", "atomic")}[
         request.param]
     monkeypatch.setenv("ALLMEM_SWA_SM90", fwd)
     monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", bwd)
@@ -232,7 +233,7 @@ def test_backward_is_deterministic(hopper_path):
     runs = [torch.autograd.grad(sliding_window_attention(q, k, v, 150, 20), (q, k, v), dout) for _ in range(3)]
     for again in runs[1:]:
         for name, a, b in zip(("dq", "dk", "dv"), runs[0], again):
-            if name == "dq" and hopper_path == "sm90-atomic":
+            if name == "dq" and hopper_path == "sm90-alt":
                 # Summed by float atomics: the order, so the last bits, may change between runs.
                 torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
             else:

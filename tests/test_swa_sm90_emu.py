@@ -164,13 +164,17 @@ CASES = [
 IDS = [f"B{c[0]}L{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}W{c[5]}S{c[6]}" + ("varlen" if c[7] else "") for c in CASES]
 
 
+@pytest.mark.parametrize("pingpong", [False, True], ids=["overlap", "pingpong"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_emulated(emu_lib, case, dtype):
+def test_forward_emulated(emu_lib, case, dtype, pingpong):
+    """The forward as it ran on the GPU, and its ping-pong variant (the two consumer warpgroups
+    take turns issuing wgmmas through named barriers: a miscounted turn deadlocks, which the
+    emulator reports as a hang)."""
     B, L, hq, hkv, D, window, sinks, seqlens = case
     args, dout = make_case(B, L, hq, hkv, D, window, sinks, dtype, seed=zlib.crc32(IDS[CASES.index(case)].encode()) % 1000,
                            seqlens=seqlens)
-    res = run_emu(emu_lib, dict(args, op="fwd"))
+    res = run_emu(emu_lib, dict(args, op="fwd", pingpong=pingpong))
     assert res["rc"] == 1, "the Hopper forward launcher declined"
     out_ref, lse_ref, *_ = reference(args, dout, window, sinks)
     u = UNIT_ROUNDOFF[dtype]
@@ -225,9 +229,10 @@ def test_backward_emulated(emu_lib, case, dtype, atomic):
         assert err <= 2 * u, f"{name}: relative error norm {err / u:.3g} u vs float64"
 
 
-# One-line mutations of swa_bwd_sm90.cuh that the emulator must catch: a fragment-packing slip
+# One-line mutations of the Hopper kernels that the emulator must catch: a fragment-packing slip
 # (numbers), a missing wait for a stage's tiles (reads NaN shared memory), a wrong TMA byte count
-# (mbarrier protocol error), a wrong B-operand stride in the products (numbers).
+# (mbarrier protocol error), a wrong B-operand stride in the products (numbers), a lost ping-pong
+# turn (deadlock).
 MUTATIONS = {
     "dS_fragment_swap": ("pack_a_frags<T, kBN>(dsf, y);",
                          "pack_a_frags<T, kBN>(dsf, y);\n    { uint32_t t0 = dsf[0][0]; dsf[0][0] = dsf[0][2]; dsf[0][2] = t0; }"),
@@ -236,6 +241,8 @@ MUTATIONS = {
                        "mbar_arrive_expect_tx(bar_full(st), Tr::kStageBytes / 2);"),
     "rs_operand_stride": ("make_desc(b_tile + kk * 2 * kAtomBytes, kRowsB * kLineBytes, kAtomBytes)",
                           "make_desc(b_tile + kk * kAtomBytes, kRowsB * kLineBytes, kAtomBytes)"),
+    # The ping-pong forward without warpgroup 1's opening turn: both warpgroups wait forever.
+    "pingpong_turns": ("    if (cwg == 1) named_barrier_arrive(5, 2 * 128);\n", ""),
 }
 
 
@@ -247,7 +254,7 @@ def test_emulator_catches_mutations(emu_lib, tmp_path, mutation):
     mutated = tmp_path / "csrc" / "swa"
     shutil.copytree(os.path.join(CSRC, "swa"), mutated)
     changed = 0
-    for f in ("swa_bwd_sm90.cuh", "swa_sm90_utils.cuh"):
+    for f in ("swa_bwd_sm90.cuh", "swa_sm90_utils.cuh", "swa_fwd_sm90.cuh"):
         src = (mutated / f).read_text()
         changed += src.count(needle)
         (mutated / f).write_text(src.replace(needle, replacement))
@@ -266,9 +273,13 @@ def test_emulator_catches_mutations(emu_lib, tmp_path, mutation):
                       args["scale"]).to(torch.bfloat16)
     lse = lse_ref.float()
     delta = (dout.float() * out16.float()).sum(-1).permute(0, 2, 1).contiguous()
+    if mutation.startswith("pingpong"):
+        call = dict(args, op="fwd", pingpong=True)
+    else:
+        call = dict(args, op="bwd", dout=dout, lse=lse, delta=delta)
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "in.pt"), os.path.join(d, "out.pt")
-        torch.save(dict(args, op="bwd", dout=dout, lse=lse, delta=delta), src)
+        torch.save(call, src)
         env = dict(os.environ, ALLMEM_EMU_WAIT_S="3")
         run = subprocess.run([sys.executable, os.path.join(EMU, "run.py"), lib, src, dst], capture_output=True,
                              text=True, timeout=600, env=env)
@@ -276,6 +287,7 @@ def test_emulator_catches_mutations(emu_lib, tmp_path, mutation):
             assert "swa_sm90_emu:" in run.stderr, run.stderr[-2000:]
             return
         res = torch.load(dst)
+    assert call["op"] == "bwd", f"mutation {mutation} went unnoticed"
     model = model_bwd(args, dout, lse, delta, window, sinks)
     worst = max(((res[n].double() - m.double()).abs().max() / m.double().abs().max()).nan_to_num(float("inf"))
                 for n, m in zip(("dq", "dk", "dv"), model))

@@ -37,11 +37,14 @@ constexpr double kLog2eD = 1.4426950408889634;
 // with float atomics (no dQ kernel; dQ's last bits vary from run to run), or an error. Opt-in:
 // new, not yet run on a GPU.
 // Both are read at every call (one getenv), so a process can switch them at run time.
-enum class Sm90Mode { kOff, kOn, kRequire, kAtomic };
+// ALLMEM_SWA_SM90=pingpong: the Hopper forward whose consumer warpgroups take turns issuing their
+// wgmmas (FlashAttention-3's ping-pong), or an error; same results, new, not yet run on a GPU.
+enum class Sm90Mode { kOff, kOn, kRequire, kAtomic, kPingPong };
 Sm90Mode sm90_mode_of(const char* var) {
   const char* v = std::getenv(var);
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
   if (std::strcmp(v, "atomic") == 0) return Sm90Mode::kAtomic;
+  if (std::strcmp(v, "pingpong") == 0) return Sm90Mode::kPingPong;
   return std::strcmp(v, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOn;
 }
 
@@ -177,9 +180,10 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd_cuda(const at::Tensor& q_in, const at
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Sm90Mode mode = sm90_mode_of("ALLMEM_SWA_SM90");
   if (mode != Sm90Mode::kOff) {
-    const bool ran = is_hopper_device() && launch_swa_fwd_sm90(fp, p.varlen ? q.size(0) : 0, dtype, d, stream);
-    ALLMEM_CHECK(ran || mode != Sm90Mode::kRequire,
-                 "ALLMEM_SWA_SM90=require: the Hopper SWA forward cannot run here (needs an sm_90 device, a build ",
+    const bool ran = is_hopper_device() && launch_swa_fwd_sm90(fp, p.varlen ? q.size(0) : 0, dtype, d, stream,
+                                                                mode == Sm90Mode::kPingPong);
+    ALLMEM_CHECK(ran || mode == Sm90Mode::kOn,
+                 "ALLMEM_SWA_SM90=require/pingpong: the Hopper SWA forward cannot run here (needs an sm_90 device, a build ",
                  "with the 90a target, and q/k/v strides that are multiples of 16 bytes)");
     if (ran) return {out, lse};
   }

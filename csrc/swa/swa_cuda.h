@@ -72,7 +72,9 @@ void launch_swa_fwd(const FwdParams& p, DType dtype, int head_dim, cudaStream_t 
 // descriptor does not encode (strides not multiples of 16 bytes, ...), or head_dim is not 64/128;
 // the caller then runs launch_swa_fwd. `total_rows` is T for varlen input (rows of q/k/v), else
 // unused. Selection (device, env var) is the caller's.
-bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream);
+// `pingpong`: the variant whose two consumer warpgroups take turns issuing wgmmas (opt-in).
+bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream,
+                         bool pingpong = false);
 // Hopper backward (swa_bwd_sm90.cuh: wgmma + TMA, warp-specialized), same contract as the two
 // portable backward kernels (delta from launch_swa_bwd_preprocess first). Return false, launching
 // nothing, under the same conditions as launch_swa_fwd_sm90; the caller then runs the portable one.

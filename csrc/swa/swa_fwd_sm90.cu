@@ -6,16 +6,17 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Host side: launch (tensor maps: swa_sm90_utils.cuh).
-template <typename T, int D>
+template <typename T, int D, bool kPingPong>
 void run_fwd_sm90(const Sm90FwdParams& sp, cudaStream_t stream) {
   using Tr = Sm90FwdTraits<D>;
   const dim3 grid((sp.p.shape.seqlen + Tr::kBlockM - 1) / Tr::kBlockM, sp.p.shape.hq, sp.p.shape.batch);
-  launch_sm90(swa_fwd_sm90_kernel<T, D>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
+  launch_sm90(swa_fwd_sm90_kernel<T, D, kPingPong>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
 }
 
 }  // namespace
 
-bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream) {
+bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream,
+                         bool pingpong) {
   if (head_dim != 64 && head_dim != 128) return false;
   if (p.shape.seqlen == 0 || p.shape.batch == 0) return true;  // nothing to do
   if (!sm90a_built_for_current_device()) return false;
@@ -31,7 +32,13 @@ bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, in
       !encode_map(&sp.tm_v, p.v, dtype, head_dim, rows, p.shape.hkv, batch, kBox)) {
     return false;
   }
-  dispatch_dtype_headdim(dtype, head_dim, [&]<typename T, int D>() { run_fwd_sm90<T, D>(sp, stream); });
+  dispatch_dtype_headdim(dtype, head_dim, [&]<typename T, int D>() {
+    if (pingpong) {
+      run_fwd_sm90<T, D, true>(sp, stream);
+    } else {
+      run_fwd_sm90<T, D, false>(sp, stream);
+    }
+  });
   return true;
 }
 

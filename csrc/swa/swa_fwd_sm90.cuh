@@ -56,7 +56,10 @@ struct Sm90FwdParams {
 
 // ---------------------------------------------------------------------------------------------
 // Accumulator and register-A-fragment layouts: swa_sm90_utils.cuh (pack_a_frags).
-template <typename T, int D>
+// kPingPong: the two consumer warpgroups take turns issuing their wgmmas (named barriers 5 and 6:
+// a warpgroup syncs on its own before issuing and arrives on the other's after), so one's softmax
+// runs while the other's matmuls do (FlashAttention-3's ping-pong). Opt-in variant: same results.
+template <typename T, int D, bool kPingPong>
 __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
     swa_fwd_sm90_kernel(const __grid_constant__ Sm90FwdParams params) {
 #ifdef ALLMEM_SWA_SM90A_DEVICE
@@ -219,12 +222,29 @@ __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
   // and the P packing / O rescale after it pulled it up), which serialized softmax and P V.
   float corr[2];
 
+  // Ping-pong turns: n_steps + 1 issue points per warpgroup (tile 0, the loop, the last P V).
+  // Warpgroup 0 goes first (warpgroup 1 arrives on its barrier once up front, and skips its last
+  // arrival so every barrier phase gets exactly 256 arrivals).
+  auto my_turn = [&]() {
+    if constexpr (kPingPong) named_barrier_sync(5 + cwg, 2 * 128);
+  };
+  auto pass_turn = [&](bool last) {
+    if constexpr (kPingPong) {
+      if (!(last && cwg == 1)) named_barrier_arrive(5 + (cwg ^ 1), 2 * 128);
+    }
+  };
+  if constexpr (kPingPong) {
+    if (cwg == 1) named_barrier_arrive(5, 2 * 128);
+  }
+
   // Tile 0: S = Q K0^T, softmax.
   mbar_wait(bar_k_full(0), 0);
   fence_regs(sc);
+  my_turn();
   warpgroup_arrive();
   issue_ss<T, D, kBM, kBN>(sc, q_wg, sK0, false);  // S = Q K^T
   warpgroup_commit();
+  pass_turn(false);
   warpgroup_wait<0>();
   fence_regs(sc);
   release(bar_k_empty(0));
@@ -244,11 +264,13 @@ __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
     fence_regs(sc);
     fence_regs(o);
     fence_regs(pf);
+    my_turn();
     warpgroup_arrive();
     issue_ss<T, D, kBM, kBN>(sc, q_wg, sK0 + st * Tr::kKVBytes, false);
     warpgroup_commit();
     issue_rs<T, D, kBN>(o, pf, sV0 + pst * Tr::kKVBytes);  // O += P V
     warpgroup_commit();
+    pass_turn(false);
     warpgroup_wait<1>();  // S(t) done (groups complete in order); P(t-1) V(t-1) may still run
     fence_regs(sc);
     release(bar_k_empty(st));
@@ -267,9 +289,11 @@ __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
     mbar_wait(bar_v_full(pst), ((n_steps - 1) / kStages) & 1);
     fence_regs(o);
     fence_regs(pf);
+    my_turn();
     warpgroup_arrive();
     issue_rs<T, D, kBN>(o, pf, sV0 + pst * Tr::kKVBytes);  // O += P V
     warpgroup_commit();
+    pass_turn(true);
     warpgroup_wait<0>();
     fence_regs(o);
     release(bar_v_empty(pst));

@@ -48,7 +48,7 @@ RowStatRef stat(float* p, int L, int hq, int64_t total, bool varlen) {
 
 extern "C" int emu_swa_fwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, int window, int sinks, float scale,
                                 const int* cu_seqlens, int64_t total_rows, void* q, void* k, void* v, void* out,
-                                float* lse) {
+                                float* lse, int pingpong) {
   const bool varlen = cu_seqlens != nullptr;
   FwdParams p;
   p.shape = make_shape(B, L, hq, hkv, window, sinks, scale, cu_seqlens);
@@ -57,7 +57,8 @@ extern "C" int emu_swa_fwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, 
   p.v = ref(v, L, hkv, D, varlen);
   p.out = ref(out, L, hq, D, varlen);
   p.lse = stat(lse, L, hq, total_rows, varlen);
-  return launch_swa_fwd_sm90(p, total_rows, fp16 ? DType::kFloat16 : DType::kBFloat16, D, nullptr) ? 1 : 0;
+  return launch_swa_fwd_sm90(p, total_rows, fp16 ? DType::kFloat16 : DType::kBFloat16, D, nullptr, pingpong != 0) ? 1
+                                                                                                              : 0;
 }
 
 // dq_accum != null: the one-kernel backward (launch_swa_bwd_dkdvq_sm90) accumulating dQ / scale

@@ -23,7 +23,7 @@ def main(lib_path, in_path, out_path):
     if a["op"] == "fwd":
         out = torch.full_like(q, float("nan"))
         lse = torch.full(a["lse_shape"], float("nan"), dtype=torch.float32)
-        rc = lib.emu_swa_fwd_sm90(*args, ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse))
+        rc = lib.emu_swa_fwd_sm90(*args, ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ctypes.c_int(int(a.get("pingpong", 0))))
         torch.save({"rc": rc, "out": out, "lse": lse}, out_path)
     else:
         dq = torch.full_like(q, float("nan"))

@@ -100,6 +100,39 @@ struct Warpgroup {
   std::vector<WgOp> open;
   std::deque<std::vector<WgOp>> groups;
 };
+// A named barrier (bar.sync / bar.arrive): `count` arrivals complete a phase; waits are time-limited
+// (a miscounted protocol deadlocks: reported instead of hanging).
+inline int wait_limit_s() {
+  // ALLMEM_EMU_WAIT_S: how long a wait may last before it counts as a hang (default 20 s).
+  static const int limit_s = [] {
+    const char* v = std::getenv("ALLMEM_EMU_WAIT_S");
+    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 20;
+  }();
+  return limit_s;
+}
+struct NamedBarrier {
+  std::mutex mu;
+  std::condition_variable cv;
+  int count = 0, arrived = 0;
+  uint64_t generation = 0;
+  uint64_t arrive() {
+    std::lock_guard<std::mutex> lk(mu);
+    const uint64_t gen = generation;
+    if (++arrived == count) {
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+    }
+    return gen;
+  }
+  void arrive_and_wait(int id) {
+    const uint64_t gen = arrive();
+    std::unique_lock<std::mutex> lk(mu);
+    if (!cv.wait_for(lk, std::chrono::seconds(wait_limit_s()), [&] { return generation != gen; })) {
+      fail("named barrier never completed (arrivals miscounted)", id, count);
+    }
+  }
+};
 struct Cta {
   unsigned char* mem = nullptr;  // shared address 0
   unsigned char* dyn = nullptr;  // the kernel's dynamic shared memory (16-byte aligned, as on a GPU)
@@ -107,8 +140,8 @@ struct Cta {
   std::mutex mu;
   std::condition_variable cv;
   std::map<uint32_t, MBar> bars;
-  std::unique_ptr<std::barrier<>> cta_bar, warp_bar[32], named[16];
-  int named_count[16] = {};
+  std::unique_ptr<std::barrier<>> cta_bar, warp_bar[32];
+  std::unique_ptr<NamedBarrier> named[16];
   float xchg[32][32];
   Warpgroup wg[8];
 };
@@ -194,12 +227,7 @@ inline void arrive(uint32_t addr, int64_t tx) {
 inline void wait(uint32_t addr, uint32_t parity) {
   std::unique_lock<std::mutex> lk(cta().mu);
   MBar& b = bar_locked(addr);
-  // ALLMEM_EMU_WAIT_S: how long a wait may last before it counts as a hang (default 20 s).
-  static const int limit_s = [] {
-    const char* v = std::getenv("ALLMEM_EMU_WAIT_S");
-    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 20;
-  }();
-  if (!cta().cv.wait_for(lk, std::chrono::seconds(limit_s), [&] { return (b.phase & 1u) != parity; })) {
+  if (!cta().cv.wait_for(lk, std::chrono::seconds(wait_limit_s()), [&] { return (b.phase & 1u) != parity; })) {
     fail("mbarrier wait never completed (lost arrival or TMA byte count mismatch)", addr, long(parity));
   }
 }
@@ -350,22 +378,20 @@ inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
   emu::try_complete(b);  // lands now if the barrier's arrivals are all in, else with the last one
 }
 inline void tma_prefetch_desc(const CUtensorMap*) {}
-inline void named_barrier_sync(int id, int threads) {
+inline emu::NamedBarrier* named_barrier(int id, int threads) {
   if (id < 1 || id >= 16 || threads % 32 != 0) emu::fail("named barrier id / thread count", id, threads);
-  std::barrier<>* bar;
-  {
-    std::lock_guard<std::mutex> lk(emu::cta().mu);
-    auto& slot = emu::cta().named[id];
-    if (!slot) {
-      slot = std::make_unique<std::barrier<>>(threads);
-      emu::cta().named_count[id] = threads;
-    } else if (emu::cta().named_count[id] != threads) {
-      emu::fail("named barrier used with two thread counts", id, threads);
-    }
-    bar = slot.get();
+  std::lock_guard<std::mutex> lk(emu::cta().mu);
+  auto& slot = emu::cta().named[id];
+  if (!slot) {
+    slot = std::make_unique<emu::NamedBarrier>();
+    slot->count = threads;
+  } else if (slot->count != threads) {
+    emu::fail("named barrier used with two thread counts", id, threads);
   }
-  bar->arrive_and_wait();
+  return slot.get();
 }
+inline void named_barrier_sync(int id, int threads) { named_barrier(id, threads)->arrive_and_wait(id); }
+inline void named_barrier_arrive(int id, int threads) { (void)named_barrier(id, threads)->arrive(); }
 inline void fence_proxy_async_shared() {}
 inline void red_add_v2(float* p, float a, float b) {
   std::atomic_ref<float>(p[0]).fetch_add(a);
