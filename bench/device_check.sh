@@ -38,21 +38,24 @@
 # tests 56 s, tests-build 12 s, tests-ttt 10 s, tests-tc 21 s, tests-errors 7 s, bench (SWA) 47 s,
 # bench-ttt all rows > 150 s (d=64 only with --skip allmem,ref_eager,fla_gdn: 32 s), each SWA
 # sanitizer 6-9 s, TTT tensor-core memcheck/racecheck/synccheck 4/18/4 s; a machine start costs
-# 30-90 s of the lease. For the next 15-minute lease, one call (timeout_s 600) that checks what
-# is new and unverified, most important first: the Hopper SWA backward (swa_bwd_sm90.cuh, opt-in
-# ALLMEM_SWA_SM90_BWD; emulator-verified only: tests/test_swa_sm90_emu.py) through the SWA GPU
-# tests (hopper_path runs it under "require"), its sanitizers and the SWA benchmark's bwd rows;
-# then what run d left (TTT: split mode by default, the d = 128 forward on tensor cores, cp.async
-# prefetch, 16-byte cluster reductions, the composite backward; the Hopper SWA forward as default):
-#   ALLMEM_COMMIT=<sha> STAGES="build tests sanitize-sm90 bench-swa tests-tc bench-ttt sanitize-tc tests-sm90" \
-#   SM90_REPS=2 BENCH_SWA_ARGS="--skip sdpa,decode" BENCH_TTT_BUDGET=120 \
+# 30-90 s of the lease. For the next 15-minute lease, two calls. First (timeout_s 600) what is new
+# and unverified in the SWA kernels, most important first: the Hopper backward (swa_bwd_sm90.cuh:
+# two-kernel ALLMEM_SWA_SM90_BWD=1 and one-kernel atomic-dQ =atomic) and the ping-pong forward
+# (ALLMEM_SWA_SM90=pingpong), all emulator-verified only (tests/test_swa_sm90_emu.py), through the
+# SWA GPU tests (hopper_path runs every test on portable / sm90 / sm90-alt), their sanitizers and
+# the SWA benchmark (allmem, allmem_sm90, allmem_sm90_alt rows: fwd, bwd, fwd+bwd vs Flex):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests sanitize-sm90 bench-swa tests-sm90" SM90_REPS=1 \
+#   BENCH_SWA_ARGS="--skip sdpa,decode" BUDGET_S=575 bash bench/device_check.sh
+# with carry [".whl"], timeout_s 600. Expected: build 50 s, tests 300 (op tests on three paths,
+# build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90 5 x 10, bench-swa 120,
+# tests-sm90 gets what is left. Second, on the warm machine (the build is kept), what run d left
+# for the TTT kernels (split mode by default, the d = 128 forward on tensor cores, cp.async
+# prefetch, 16-byte cluster reductions, the composite backward):
+#   ALLMEM_COMMIT=<sha> STAGES="tests-tc bench-ttt sanitize-tc" BENCH_TTT_BUDGET=120 \
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_gdn,fla_dr" \
-#   BUDGET_S=575 bash bench/device_check.sh
-# with carry [".whl"], timeout_s 600, then give_back at once (idle release is 30 s). Expected: build
-# 45 s, tests 190 (op tests with the Hopper paths, build checks, TTT SIMT and tensor-core tests, error
-# paths), sanitize-sm90 5 x 10, bench-swa 110 (portable and Hopper fwd / bwd / fwd+bwd, Flex), tests-tc 40, bench-ttt 120,
-# sanitize-tc 80; tests-sm90 gets what is left (stages are cut to the budget). Compare the TTT
-# d = 64 rows with run d and the SWA rows with run b (same H200 kind).
+#   BUDGET_S=250 bash bench/device_check.sh
+# then give_back at once (idle release is 30 s). Compare the TTT d = 64 rows with run d and the SWA
+# rows with run b (same H200 kind).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -143,7 +146,7 @@ for f in tests/test_swa.py tests/test_swa_gpu.py; do [[ -f $REPO/$f ]] && op_tes
 NOT_ERR="not reject and not unsupported and not bad and not error"
 if want tests; then
   # The gpu-marked op tests; then the static build checks (not gpu-marked: CI runs them too).
-  run_stage tests 150 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu -k "$1" "${@:2}"' \
+  run_stage tests 240 "$OUT/tests.log" bash -c '"$0" -m pytest -q -ra -p no:cacheprovider -m gpu -k "$1" "${@:2}"' \
     "$PY" "$NOT_ERR" "${op_tests[@]}"
   run_stage tests-build 60 "$OUT/tests.log" $PY -m pytest -q -ra -p no:cacheprovider "$REPO/tests/test_swa_cuda_build.py" \
     "$REPO/tests/test_ttt_cuda_build.py"
