@@ -84,11 +84,20 @@ bool is_aligned(const at::Tensor& t) {
   return true;
 }
 
+// A dimension of extent > 1 with stride 0 (an expanded view): TMA descriptors cannot express it.
+bool has_zero_stride(const at::Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) == 0) return true;
+  }
+  return false;
+}
+
 // Inputs the kernels only read: a misaligned view (e.g. a slice of a fused projection at an odd
-// offset) is copied rather than rejected.
+// offset) or an expanded one (a stride of 0, which the Hopper kernels' TMA cannot read; autograd
+// hands over expanded gradients) is copied rather than rejected.
 at::Tensor readable(const at::Tensor& t, const char* name) {
   check_last_dim_contiguous(t, name);
-  return is_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+  return is_aligned(t) && !has_zero_stride(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 TensorRef ref_of(const at::Tensor& t, bool varlen) {
@@ -212,7 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   const at::Tensor out = readable(out_in, "out");
   // Autograd hands over whatever gradient layout the graph produced (expanded, transposed), so
   // dout is made contiguous instead of rejected.
-  const at::Tensor dout = dout_in.stride(-1) == 1 && is_aligned(dout_in) ? dout_in : dout_in.contiguous();
+  const at::Tensor dout =
+      dout_in.stride(-1) == 1 && is_aligned(dout_in) && !has_zero_stride(dout_in) ? dout_in : dout_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty(lse_shape(p), lse.options());
 
