@@ -160,6 +160,9 @@ CASES = [
     (1, 1, 2, 1, 64, 8, 0, None),
     (1, 0, 2, 1, 64, 40, 3, [150, 1, 77]),
     (1, 0, 4, 2, 128, 70, 0, [65, 190]),
+    # Long bands: the rings wrap many times (dK/dV's sink block walks 4 heads x 18 query blocks).
+    (1, 1100, 4, 1, 64, 300, 130, None),
+    (1, 700, 4, 2, 128, 200, 64, None),
 ]
 IDS = [f"B{c[0]}L{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}W{c[5]}S{c[6]}" + ("varlen" if c[7] else "") for c in CASES]
 
