@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(DecodeTraits::kThreads) swa_decode_split_kerne
   const int b = bt / p.new_len, t = bt % p.new_len;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const long long cached = p.cache_seqlens[b];
+  if (cached < 0) return;  // unchecked negative length (ALLMEM_SWA_DECODE_CHECK=0): the combine writes NaN
   const DecodeBand band(cached, cached + t, p.window, p.sinks);
   const long long v_lo = static_cast<long long>(split) * p.split_keys;
   const int n = static_cast<int>(max(0LL, min(band.count - v_lo, static_cast<long long>(p.split_keys))));
@@ -170,13 +171,17 @@ __global__ void __launch_bounds__(DecodeTraits::kThreads) swa_decode_combine_ker
   const int64_t row = blockIdx.x;  // (token, head)
   const int bt = static_cast<int>(row / p.hq), h = static_cast<int>(row % p.hq);
   const int b = bt / p.new_len, t = bt % p.new_len;
+  T* out = head_ptr<T>(p.out, b, t, h);
+  if (p.cache_seqlens[b] < 0) {  // unchecked negative length: no partials were written
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = ElemTraits<T>::from_float(NAN);
+    return;
+  }
   const float* lse = p.lse_partial + row * p.num_splits;
   float mx = -INFINITY;
   for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse[s]);
   float total = 0.f;
   for (int s = 0; s < p.num_splits; ++s) total += exp2f(lse[s] - mx);
   const float inv = 1.f / total;
-  T* out = head_ptr<T>(p.out, b, t, h);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.f;
     for (int s = 0; s < p.num_splits; ++s) {
@@ -194,6 +199,7 @@ __global__ void swa_decode_write_cache_kernel(const DecodeParams p) {
   constexpr int kVecs = D / kChunkElems;
   const int bt = blockIdx.x, hk = blockIdx.y;
   const int b = bt / p.new_len, t = bt % p.new_len;
+  if (p.cache_seqlens[b] < 0) return;  // unchecked negative length: the cache stays as it was
   const long long pos = static_cast<long long>(p.cache_seqlens[b]) + t;
   const bool last_writer = pos < p.sinks || t + static_cast<long long>(p.window) >= p.new_len;
   if (!last_writer) return;
