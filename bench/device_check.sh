@@ -47,7 +47,7 @@
 #   ALLMEM_COMMIT=<sha> STAGES="build tests sanitize-sm90 bench-swa tests-sm90" SM90_REPS=1 \
 #   BENCH_SWA_ARGS="--skip sdpa,decode" BUDGET_S=575 bash bench/device_check.sh
 # with carry [".whl"], timeout_s 600. Expected: build 50 s, tests 300 (op tests on three paths,
-# build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90 5 x 10, bench-swa 120,
+# build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90 6 x 10, bench-swa 120,
 # tests-sm90 gets what is left. Second, on the warm machine (the build is kept), what run d left
 # for the TTT kernels (split mode by default, the d = 128 forward on tensor cores, cp.async
 # prefetch, 16-byte cluster reductions, the composite backward):
@@ -272,9 +272,9 @@ EOF
     run_stage "sanitize-sm90-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require ALLMEM_SWA_SM90_BWD=require \
       "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
-  # And the one-kernel Hopper backward (dQ by atomics).
-  for tool in memcheck racecheck; do
-    run_stage "sanitize-sm90-atomic-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=require \
+  # And the alternative variants: the ping-pong forward, the one-kernel backward (dQ by atomics).
+  for tool in memcheck racecheck synccheck; do
+    run_stage "sanitize-sm90-alt-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=pingpong \
       ALLMEM_SWA_SM90_BWD=atomic "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
 fi
