@@ -20,7 +20,6 @@ after every stage (so a time-out keeps what finished) to --out, and a table is p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -32,6 +31,9 @@ import traceback
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _envvars import env_vars  # noqa: E402
 
 D, HQ, HKV, WINDOW, SINKS = 128, 32, 8, 4096, 128
 TOKENS = 64 * 1024
@@ -143,22 +145,6 @@ def make_inputs(length: int, layout: str, requires_grad: bool):
             t = t.repeat_interleave(HQ // HKV, dim=1)
         out[name] = t.requires_grad_(requires_grad and name != "do")
     return out
-
-
-@contextlib.contextmanager
-def env_vars(env: dict | None):
-    """Sets environment variables for the duration (the C++ dispatch reads ALLMEM_SWA_SM90 and
-    ALLMEM_SWA_SM90_BWD at every call, the backward's when autograd runs it)."""
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_impl(rec: Recorder, impl: str, length: int, fwd: Callable, layout: str, env: dict | None = None) -> None:

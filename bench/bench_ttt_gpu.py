@@ -60,7 +60,6 @@ Each stage is isolated: a failure is recorded in the JSON and the run goes on; s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -74,6 +73,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _envvars import env_vars  # noqa: E402
 
 DTYPE = torch.bfloat16
 CHUNK = 2048
@@ -288,22 +290,8 @@ IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0"}, "allmem_tc": {"ALLMEM_TTT_TC": "1"
             "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units"}}
 
 
-@contextlib.contextmanager
 def impl_env(impl: str):
-    saved = {k: os.environ.get(k) for k in IMPL_ENV.get(impl, {})}
-    for k, v in IMPL_ENV.get(impl, {}).items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return env_vars(IMPL_ENV.get(impl, {}))
 
 
 def eager_impl(q, k, v, eta, mu, wg, wu, wd, C):

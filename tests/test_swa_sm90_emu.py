@@ -41,7 +41,7 @@ TUS = [os.path.join(EMU, "emu_sm90.cpp")] + [
                                    "swa_bwd_dkdvq_sm90.cu")
 ]
 SOURCES = TUS + [os.path.join(SWA, f) for f in ("swa_fwd_sm90.cuh", "swa_bwd_sm90.cuh", "swa_sm90_utils.cuh",
-                                                 "swa_tile_math.cuh", "swa_cuda.h")] + [
+                                                 "swa_tile_math.cuh", "swa_warp_math.cuh", "swa_cuda.h")] + [
     os.path.join(root, f) for root, _, files in os.walk(os.path.join(EMU, "inc")) for f in files
 ] + [os.path.join(EMU, "run.py")]
 CXX = shutil.which("g++")

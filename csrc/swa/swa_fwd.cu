@@ -106,15 +106,7 @@ __global__ void __launch_bounds__(FwdTraits<D>::kThreads) swa_fwd_kernel(const F
   // Epilogue: normalize, stage this warp's rows through its own slice of sQ (only this warp read
   // those rows), write 16-byte chunks.
   float inv[2];
-  float* gLse = stat_ptr(p.lse, b, seq.start, h);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
-    inv[r] = total > 0.f ? 1.f / total : 0.f;
-    if (lane % 4 == 0 && row_of[r] < seq.len) {
-      gLse[row_of[r]] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
-    }
-  }
+  finish_rows(inv, row_sum, row_max, row_of, stat_ptr(p.lse, b, seq.start, h), seq.len, lane);
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt) {
     o[dt][0] *= inv[0];

@@ -302,15 +302,7 @@ __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
   // Epilogue: normalize, LSE, stage the warpgroup's 64 rows through its own rows of the Q tile
   // (only this warpgroup's wgmmas read them, and they are complete), then 16-byte stores.
   float inv[2];
-  float* gLse = stat_ptr(p.lse, b, seq.start, h);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
-    inv[r] = total > 0.f ? 1.f / total : 0.f;
-    if (lane % 4 == 0 && row_of[r] < seq.len) {
-      gLse[row_of[r]] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
-    }
-  }
+  finish_rows(inv, row_sum, row_max, row_of, stat_ptr(p.lse, b, seq.start, h), seq.len, lane);
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     const int col = 8 * i + 2 * (lane % 4);

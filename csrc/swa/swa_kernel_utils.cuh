@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "swa/swa_tile_math.cuh"
+#include "swa/swa_warp_math.cuh"
 
 namespace allmem::swa::cuda {
 
@@ -259,15 +260,6 @@ __device__ __forceinline__ void store_tile(T* dst, int64_t row_stride, const T* 
           *reinterpret_cast<const uint4*>(tile + Tile::offset(r, c));
     }
   }
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 }  // namespace allmem::swa::cuda

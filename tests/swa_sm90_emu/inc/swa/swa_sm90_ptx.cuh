@@ -337,14 +337,13 @@ inline float __shfl_xor_sync(unsigned, float x, int off) {
   __syncwarp();
   return r;
 }
-inline float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-inline float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
+}  // namespace
+}  // namespace allmem::swa::cuda
+
+#include "swa/swa_warp_math.cuh"  // quad_max, quad_sum, finish_rows: the real ones, on the shuffle above
+
+namespace allmem::swa::cuda {
+namespace {
 
 // ----------------------------------------------------------------------------- PTX layer
 inline void mbar_init(uint32_t bar, uint32_t count) {
