@@ -242,6 +242,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_swa_bwd_preprocess(bp, dtype, d, stream);
   const Sm90Mode mode = sm90_mode_of("ALLMEM_SWA_SM90_BWD");
+  at::Tensor sink_partial, sink_counter;  // the Hopper dK/dV kernels' split sink walks
+  if (mode != Sm90Mode::kOff && is_hopper_device()) {
+    const SinkPlan plan = swa_bwd_sm90_sink_plan(shape, d, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    if (plan.parts > 1) {
+      sink_partial = at::empty({plan.workspace_floats}, q_in.options().dtype(at::kFloat));
+      sink_counter = at::zeros({int64_t{shape.batch} * shape.hkv * plan.blocks}, q_in.options().dtype(at::kInt));
+      bp.sink_parts = plan.parts;
+      bp.sink_blocks = plan.blocks;
+      bp.sink_partial = sink_partial.data_ptr<float>();
+      bp.sink_counter = sink_counter.data_ptr<int>();
+    }
+  }
   if (mode == Sm90Mode::kAtomic) {
     const int64_t total_rows = p.varlen ? q.size(0) : 0;
     at::Tensor dq_accum = at::zeros(q_in.sizes(), q_in.options().dtype(at::kFloat));

@@ -9,4 +9,8 @@ bool launch_swa_bwd_dkdv_sm90(const BwdParams& p, int64_t total_rows, DType dtyp
   return launch_bwd_sm90<true>(p, total_rows, dtype, head_dim, stream);
 }
 
+SinkPlan swa_bwd_sm90_sink_plan(const AttnShape& s, int head_dim, int num_sms) {
+  return sink_plan(s, head_dim, num_sms);
+}
+
 }  // namespace allmem::swa::cuda

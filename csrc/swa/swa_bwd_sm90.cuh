@@ -47,14 +47,17 @@ struct Sm90BwdTraits {
   static constexpr int kStages =
       2 * kResBytes + 3 * kStageBytes + (kDqAtomic ? 4 * kBlockM * kBlockN : 0) + 2048 <= 227 * 1024 ? 3 : 2;
   static constexpr int kThreads = (1 + kConsumerWarpgroups) * 128;
-  static constexpr int kStatFloats = kKeySide ? 2 * kBlockN : 0;  // lse * log2e, delta of the step's queries
+  // dK/dV: per stage, the step's queries' lse * log2e and delta, then its first query row and query
+  // head (ints; the consumers read them instead of walking the step order themselves: registers).
+  static constexpr int kStatFloats = kKeySide ? 2 * kBlockN + 4 : 0;
   // Barriers: resident tiles full; per stage: streamed tiles (and stats) full / empty.
   static constexpr int kBarriers = 1 + 2 * kStages;
   // kDqAtomic: dS^T of the step as 16 bits, [128 keys][64 queries] (one 128-byte line per key),
   // double-buffered: the A operand of dQ = dS K.
   static constexpr int kDsBytes = kDqAtomic ? kBlockM * kBlockN * 2 : 0;
   static constexpr int kTileBytes = 2 * kResBytes + kStages * kStageBytes + 2 * kDsBytes;
-  static constexpr size_t kSmemBytes = kAtomBytes + kTileBytes + kStages * kStatFloats * 4 + kBarriers * 8;
+  // + 16: the sink-split "last part" flag after the barriers.
+  static constexpr size_t kSmemBytes = kAtomBytes + kTileBytes + kStages * kStatFloats * 4 + kBarriers * 8 + 16;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   // The producer warp: its 32 lanes each arrive on a stage's full barrier (after writing their
   // share of the stats; lane 0's arrival also carries the TMA byte count).
@@ -85,12 +88,28 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
   const AttnShape& s = p.shape;
   const int group = s.hq / s.hkv;
 
-  const int blk = kKeySide ? static_cast<int>(blockIdx.y) : static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  // dK/dV: blockIdx.y < n_blocks is key block y (part 0 of its walk); above, the further parts of
+  // the sink blocks' walks (BwdParams::sink_parts), part = 1 + e % (parts - 1) of block e / (parts - 1).
+  // (Recomputed after the main loop rather than kept live through it: registers.)
+  auto block_and_part = [&]() {
+    int blk_ = kKeySide ? static_cast<int>(blockIdx.y) : static_cast<int>(gridDim.x - 1 - blockIdx.x), part_ = 0;
+    if constexpr (kKeySide) {
+      const int n_blocks = (s.seqlen + kBM - 1) / kBM;
+      if (blk_ >= n_blocks) {
+        const int e = blk_ - n_blocks;
+        blk_ = e / (p.sink_parts - 1);
+        part_ = 1 + e % (p.sink_parts - 1);
+      }
+    }
+    return make_int2(blk_, part_);
+  };
+  const int blk = block_and_part().x;
   const int h_res = kKeySide ? blockIdx.x : blockIdx.y;  // head of the resident tiles (kv head / query head)
   const int b = blockIdx.z;
   const SeqSpan seq = seq_span(s, b);
   const int r0 = blk * kBM;  // first resident row: query i0 (dQ) or key j0 (dK/dV)
   if (r0 >= seq.len) return;  // varlen: grid sized for the longest sequence (whole CTA leaves)
+  auto is_split = [&]() { return kKeySide && p.sink_parts > 1 && r0 < s.sinks; };  // a split sink walk
   const bool varlen = s.cu_seqlens != nullptr;
   const int row_base = varlen ? static_cast<int>(seq.start) : 0;
   const int batch_coord = varlen ? 0 : b;
@@ -107,9 +126,17 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
     kr = key_blocks_for_query_block(r0, kBM, kBN, seq.len, s.window, s.sinks);
     n_steps = kr.count();  // >= 1: the diagonal block always exists
   }
+  // A split walk: this CTA's part is steps [t_lo, t_lo + n_steps) of the whole (possibly none, for
+  // a varlen sequence shorter than the longest); t below counts from t_lo.
+  int t_lo = 0;
+  if (is_split()) {
+    const int total = n_steps, part = block_and_part().y, parts = p.sink_parts;
+    t_lo = static_cast<int>(int64_t{total} * part / parts);
+    n_steps = static_cast<int>(int64_t{total} * (part + 1) / parts) - t_lo;
+  }
   const int nq = qb.y - qb.x + 1;
-  auto step_row0 = [&](int t) { return kKeySide ? (qb.x + t % nq) * kBN : kr.block(t) * kBN; };
-  auto step_head = [&](int t) { return kKeySide ? h_res * group + t / nq : h_res / group; };
+  auto step_row0 = [&](int t) { return kKeySide ? (qb.x + (t_lo + t) % nq) * kBN : kr.block(t) * kBN; };
+  auto step_head = [&](int t) { return kKeySide ? h_res * group + (t_lo + t) / nq : h_res / group; };
 
   ALLMEM_SWA_DYNAMIC_SMEM(smem_raw);
   const uint32_t smem_base = (smem_u32(smem_raw) + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1);
@@ -169,6 +196,11 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
         }
         const uint32_t stage = sB0 + st * Tr::kStageBytes;
         if (lane == 0) {
+          if constexpr (kKeySide) {
+            int* where = reinterpret_cast<int*>(sStat + st * Tr::kStatFloats + 2 * kBN);
+            where[0] = c0;
+            where[1] = hs;
+          }
           mbar_arrive_expect_tx(bar_full(st), Tr::kStageBytes);
           tma_load_tile<D, kBN>(stage, &params.tm_b1, bar_full(st), row_base + c0, hs, batch_coord);
           tma_load_tile<D, kBN>(stage + Tr::kStreamBytes, &params.tm_b2, bar_full(st), row_base + c0, hs,
@@ -180,7 +212,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       // The consumers' last release (nothing reuses that stage afterwards): a consumer stuck on a
       // load ends in mbar_wait_or_trap's trap instead of hanging.
       const int last = n_steps - 1;
-      mbar_wait_or_trap(bar_empty(last % kStages), (last / kStages) & 1);
+      if (n_steps > 0) mbar_wait_or_trap(bar_empty(last % kStages), (last / kStages) & 1);
     }
     return;
   }
@@ -230,11 +262,14 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
   // P and dS of step t in place of X and Y, then packed into the RS products' A fragments.
   // Element 4 i + e: resident row res_row[e / 2], streamed column c0 + 8 i + 2 (lane % 4) + e % 2
   // (swa_sm90_utils.cuh, accumulator layout).
+  // Returns the step's first streamed row and (dK/dV) query head.
   auto p_and_ds = [&](int t) {
-    const int c0 = step_row0(t);  // first streamed row: key j0 (dQ) or query i0 (dK/dV)
+    const float* stat = sStat + (t % kStages) * Tr::kStatFloats;
+    const int* where = reinterpret_cast<const int*>(stat + 2 * kBN);
+    // First streamed row: key j0 (dQ) or query i0 (dK/dV, staged by the producer).
+    const int c0 = kKeySide ? where[0] : step_row0(t);
     const bool full = kKeySide ? tile_fully_visible(c0, kBN, r0 + warp_row0, kMmaM, len, window, sinks)
                                : tile_fully_visible(r0 + warp_row0, kMmaM, c0, kBN, len, window, sinks);
-    const float* stat = sStat + (t % kStages) * Tr::kStatFloats;
 #pragma unroll
     for (int i = 0; i < kBN / 8; ++i) {
 #pragma unroll
@@ -257,6 +292,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
     }
     if constexpr (kKeySide) pack_a_frags<T, kBN>(pf, x);
     pack_a_frags<T, kBN>(dsf, y);
+    return make_int2(c0, kKeySide ? where[1] : 0);
   };
   auto issue_products = [&](int t) {
     const uint32_t b1 = sB0 + (t % kStages) * Tr::kStageBytes;
@@ -304,9 +340,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       issue_ss_mn<T, kHalf, kBM, kBM>(dqa, sDs + (t & 1) * Tr::kDsBytes, b_start);
     }
   };
-  auto add_dq = [&](int t) {
-    const int i0 = step_row0(t);
-    float* g = head_ptr<float>(p.dq_accum, b, seq.start, step_head(t));
+  auto add_dq = [&](int2 step) {  // step: p_and_ds's (first query row, query head)
+    const int i0 = step.x;
+    float* g = head_ptr<float>(p.dq_accum, b, seq.start, step.y);
 #pragma unroll
     for (int i = 0; i < D / 16; ++i) {
       const int col = cwg * (D / 2) + 8 * i + 2 * (lane % 4);
@@ -331,7 +367,9 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
   // A wait loop between two wgmma issues made ptxas fence them (forward), so the mbarrier waits
   // come before the issues.
   mbar_wait(bar_res, 0);
-  if constexpr (kOverlap) {
+  if (n_steps == 0) {
+    // An empty part of a split walk: zero partials below.
+  } else if constexpr (kOverlap) {
     mbar_wait(bar_full(0), 0);
     fence_all();
     warpgroup_arrive();
@@ -340,7 +378,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
     warpgroup_wait<0>();
     fence_all();
     for (int t = 0; t + 1 < n_steps; ++t) {
-      p_and_ds(t);
+      const int2 step = p_and_ds(t);
       if constexpr (kDqAtomic) store_ds(t);
       mbar_wait(bar_full((t + 1) % kStages), ((t + 1) / kStages) & 1);
       fence_all();
@@ -353,11 +391,11 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       warpgroup_wait<1>();  // step t's products done (groups retire in order)
       fence_all();
       release(t);
-      if constexpr (kDqAtomic) add_dq(t);
+      if constexpr (kDqAtomic) add_dq(step);
       warpgroup_wait<0>();  // S and dP of step t + 1
       fence_all();
     }
-    p_and_ds(n_steps - 1);
+    const int2 step = p_and_ds(n_steps - 1);
     if constexpr (kDqAtomic) store_ds(n_steps - 1);
     fence_all();
     warpgroup_arrive();
@@ -367,7 +405,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
     warpgroup_wait<0>();
     fence_all();
     release(n_steps - 1);
-    if constexpr (kDqAtomic) add_dq(n_steps - 1);
+    if constexpr (kDqAtomic) add_dq(step);
   } else {
     for (int t = 0; t < n_steps; ++t) {
       mbar_wait(bar_full(t % kStages), (t / kStages) & 1);
@@ -377,7 +415,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       warpgroup_commit();
       warpgroup_wait<0>();
       fence_all();
-      p_and_ds(t);
+      const int2 step = p_and_ds(t);
       if constexpr (kDqAtomic) store_ds(t);
       fence_all();
       warpgroup_arrive();
@@ -387,7 +425,7 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       warpgroup_wait<0>();
       fence_all();
       release(t);
-      if constexpr (kDqAtomic) add_dq(t);
+      if constexpr (kDqAtomic) add_dq(step);
     }
   }
 
@@ -423,6 +461,69 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       }
     }
   };
+  // A split sink walk: every part writes its float32 partial dK / dV; the last part to finish (an
+  // atomic counter) sums all of them in part order, so the result does not depend on which one that
+  // is, and writes dK / dV; the others are done.
+  if constexpr (kKeySide) {
+    if (is_split()) {
+      const int part = block_and_part().y, parts = p.sink_parts;
+      const int64_t block_slot = (int64_t{b} * s.hkv + h_res) * p.sink_blocks + blk;
+      float* base = p.sink_partial + block_slot * parts * 2 * kBM * D;
+      float* mine = base + int64_t{part} * 2 * kBM * D;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int off = (warp_row0 + lane / 4 + 8 * r) * D + 8 * i + 2 * (lane % 4), a = 4 * i + 2 * r;
+          *reinterpret_cast<float2*>(mine + off) = make_float2(acc1[a], acc1[a + 1]);
+          *reinterpret_cast<float2*>(mine + kBM * D + off) = make_float2(acc2[a], acc2[a + 1]);
+        }
+      }
+      threadfence_gpu();
+      named_barrier_sync(3, 2 * 128);
+      int* flag = reinterpret_cast<int*>(smem_gen + Tr::kSmemBytes - kAtomBytes - 16);
+      if (cwg == 0 && ctid == 0) {
+        int* counter = p.sink_counter + block_slot;
+        const bool last_part = atomic_add_global(counter, 1) == parts - 1;
+        if (last_part) *counter = 0;  // every part has counted: ready for the next launch
+        *flag = last_part;
+      }
+      named_barrier_sync(3, 2 * 128);
+      if (!*flag) return;
+      // The last part: dK = scale * sum, dV = sum of the partials in part order, 8 columns a
+      // thread, straight to global memory (nothing of this CTA's accumulators is needed any more).
+      threadfence_gpu();
+      T* gk = head_ptr<T>(p.dk, b, seq.start, h_res);
+      T* gv = head_ptr<T>(p.dv, b, seq.start, h_res);
+      for (int idx = cwg * 128 + ctid; idx < kBM * D / 8; idx += 2 * 128) {
+        const int r = idx / (D / 8), c = (idx % (D / 8)) * 8;
+        if (r0 + r >= len) continue;
+        float sk[8] = {}, sv[8] = {};
+        for (int q = 0; q < parts; ++q) {
+          const float* src = base + int64_t{q} * 2 * kBM * D + r * D + c;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float4 k4 = load_global_cg(reinterpret_cast<const float4*>(src) + h);
+            const float4 v4 = load_global_cg(reinterpret_cast<const float4*>(src + kBM * D) + h);
+            sk[4 * h] += k4.x, sk[4 * h + 1] += k4.y, sk[4 * h + 2] += k4.z, sk[4 * h + 3] += k4.w;
+            sv[4 * h] += v4.x, sv[4 * h + 1] += v4.y, sv[4 * h + 2] += v4.z, sv[4 * h + 3] += v4.w;
+          }
+        }
+        uint4 ok, ov;
+        ok.x = ElemTraits<T>::pack(sk[0] * s.scale, sk[1] * s.scale);
+        ok.y = ElemTraits<T>::pack(sk[2] * s.scale, sk[3] * s.scale);
+        ok.z = ElemTraits<T>::pack(sk[4] * s.scale, sk[5] * s.scale);
+        ok.w = ElemTraits<T>::pack(sk[6] * s.scale, sk[7] * s.scale);
+        ov.x = ElemTraits<T>::pack(sv[0], sv[1]);
+        ov.y = ElemTraits<T>::pack(sv[2], sv[3]);
+        ov.z = ElemTraits<T>::pack(sv[4], sv[5]);
+        ov.w = ElemTraits<T>::pack(sv[6], sv[7]);
+        *reinterpret_cast<uint4*>(gk + (int64_t)(r0 + r) * p.dk.row_stride + c) = ok;
+        *reinterpret_cast<uint4*>(gv + (int64_t)(r0 + r) * p.dv.row_stride + c) = ov;
+      }
+      return;
+    }
+  }
   // kDqAtomic: the other warpgroup's dQ products read every row of K (this warpgroup's too), so
   // both must have retired them before either overwrites its rows (the emulator caught this race).
   if constexpr (kDqAtomic) named_barrier_sync(3, 2 * 128);
@@ -438,7 +539,9 @@ template <typename T, int D, bool kKeySide, bool kDqAtomic>
 void run_bwd_sm90(const Sm90BwdParams& sp, cudaStream_t stream) {
   using Tr = Sm90BwdTraits<D, kKeySide, kDqAtomic>;
   const int blocks = (sp.p.shape.seqlen + Tr::kBlockM - 1) / Tr::kBlockM;
-  const dim3 grid = kKeySide ? dim3(sp.p.shape.hkv, blocks, sp.p.shape.batch)
+  // dK/dV: the further parts of the split sink walks after the key blocks.
+  const int extra = sp.p.sink_parts > 1 ? sp.p.sink_blocks * (sp.p.sink_parts - 1) : 0;
+  const dim3 grid = kKeySide ? dim3(sp.p.shape.hkv, blocks + extra, sp.p.shape.batch)
                              : dim3(blocks, sp.p.shape.hq, sp.p.shape.batch);
   launch_sm90(swa_bwd_sm90_kernel<T, D, kKeySide, kDqAtomic>, grid, Tr::kThreads, Tr::kSmemBytes, stream, sp);
 }
@@ -469,6 +572,28 @@ bool launch_bwd_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int he
     if (ok) run_bwd_sm90<T, D, kKeySide, kDqAtomic>(sp, stream);
   });
   return ok;
+}
+
+// BwdParams::sink_parts for the Hopper dK/dV kernels: steps of a sink block's walk at the longest
+// length over an SM's fair share of all key blocks' steps (every walk about group * ((128 + W) / 64
+// + 2) steps: the window's query blocks).
+inline SinkPlan sink_plan(const AttnShape& s, int head_dim, int num_sms) {
+  using Tr = Sm90BwdTraits<64, true>;  // tile shapes do not depend on D
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN;
+  SinkPlan plan;
+  const int64_t n_blocks = (int64_t{s.seqlen} + kBM - 1) / kBM;
+  plan.blocks = static_cast<int>(std::min<int64_t>((int64_t{s.sinks} + kBM - 1) / kBM, n_blocks));
+  if (plan.blocks == 0 || s.seqlen == 0 || num_sms <= 0) return plan;
+  const int64_t group = s.hq / std::max(s.hkv, 1);
+  const int64_t win_steps = group * ((int64_t{kBM} + s.window) / kBN + 2);
+  const int64_t sink_steps = group * ((int64_t{s.seqlen} + kBN - 1) / kBN);
+  const int64_t fair = std::max<int64_t>(1, int64_t{s.batch} * s.hkv * n_blocks * win_steps / num_sms);
+  constexpr int64_t kMaxParts = 64;
+  plan.parts = static_cast<int>(std::clamp<int64_t>((sink_steps + fair - 1) / fair, 1, kMaxParts));
+  if (plan.parts > 1) {
+    plan.workspace_floats = int64_t{s.batch} * s.hkv * plan.blocks * plan.parts * 2 * kBM * head_dim;
+  }
+  return plan;
 }
 
 }  // namespace

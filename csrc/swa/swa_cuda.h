@@ -46,6 +46,13 @@ struct BwdParams {
   // float32 dQ / scale accumulated by atomics (launch_swa_bwd_dkdvq_sm90 only; zeroed by the caller,
   // q's logical layout).
   TensorRef dq_accum;
+  // Hopper dK/dV kernels only: a sink key block walks every query block to the end of the sequence
+  // (L / 64 steps per query head, against about (W + 128) / 64 for a window block), so its walk is
+  // split over sink_parts CTAs (swa_bwd_sm90_sink_plan), whose float32 partial dK/dV the last one to
+  // finish sums in part order: deterministic. sink_parts <= 1: no split, no workspace.
+  int sink_parts = 1, sink_blocks = 0;
+  float* sink_partial = nullptr;  // [batch][hkv][sink_blocks][sink_parts][2][128][D]
+  int* sink_counter = nullptr;    // [batch][hkv][sink_blocks]: zero before the launch, left zero
 };
 
 // Decode against the S + W slot cache. The kernels read the cache as it was before the call (and
@@ -81,6 +88,13 @@ bool launch_swa_fwd_sm90(const FwdParams& p, int64_t total_rows, DType dtype, in
 bool launch_swa_bwd_dq_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim, cudaStream_t stream);
 bool launch_swa_bwd_dkdv_sm90(const BwdParams& p, int64_t total_rows, DType dtype, int head_dim,
                               cudaStream_t stream);
+// How the Hopper dK/dV kernels split the sink key blocks' walks (BwdParams::sink_parts): enough
+// parts that one is no longer than an SM's fair share of the whole backward; 1 when that is one.
+struct SinkPlan {
+  int parts = 1, blocks = 0;
+  int64_t workspace_floats = 0;  // sink_partial's size
+};
+SinkPlan swa_bwd_sm90_sink_plan(const AttnShape& s, int head_dim, int num_sms);
 // The Hopper dK/dV kernel that also accumulates dQ / scale into p.dq_accum with float atomics
 // (no dQ kernel: 5 matmuls instead of 7, but the order of the additions, so dQ's last bits, vary
 // from run to run). Same return convention.

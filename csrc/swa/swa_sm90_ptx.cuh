@@ -116,6 +116,11 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// Cross-CTA hand-off (the sink-block split of the dK/dV kernels): a gpu-scope fence, an integer
+// atomic add that returns the old value, and an L2 load that does not trust this SM's L1.
+__device__ __forceinline__ void threadfence_gpu() { __threadfence(); }
+__device__ __forceinline__ int atomic_add_global(int* p, int v) { return atomicAdd(p, v); }
+__device__ __forceinline__ float4 load_global_cg(const float4* p) { return __ldcg(p); }
 // p[0] += a, p[1] += b in global memory, one vector reduction (sm_90), relaxed, gpu scope.
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");

@@ -8,6 +8,7 @@
 // declined (the portable fallback would run), -1 on a bad argument.
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "swa/swa_cuda.h"
 
@@ -63,9 +64,12 @@ extern "C" int emu_swa_fwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, 
 
 // dq_accum != null: the one-kernel backward (launch_swa_bwd_dkdvq_sm90) accumulating dQ / scale
 // there (zeroed by the caller, float32, q's layout); dq is then left alone.
+// num_sms > 0: the sink walks split as swa_api_cuda.cpp plans them for a GPU with that many SMs
+// (swa_bwd_sm90_sink_plan), with the workspace allocated here; 0: no split.
 extern "C" int emu_swa_bwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, int window, int sinks, float scale,
                                 const int* cu_seqlens, int64_t total_rows, void* q, void* k, void* v, void* dout,
-                                float* lse, float* delta, void* dq, void* dk, void* dv, float* dq_accum) {
+                                float* lse, float* delta, void* dq, void* dk, void* dv, float* dq_accum,
+                                int num_sms) {
   const bool varlen = cu_seqlens != nullptr;
   BwdParams p;
   p.shape = make_shape(B, L, hq, hkv, window, sinks, scale, cu_seqlens);
@@ -79,11 +83,31 @@ extern "C" int emu_swa_bwd_sm90(int fp16, int D, int B, int L, int hq, int hkv, 
   p.lse = stat(lse, L, hq, total_rows, varlen);
   p.delta = stat(delta, L, hq, total_rows, varlen);
   const DType dt = fp16 ? DType::kFloat16 : DType::kBFloat16;
+  std::vector<float> partial;
+  std::vector<int> counter;
+  if (num_sms > 0) {
+    const SinkPlan plan = swa_bwd_sm90_sink_plan(p.shape, D, num_sms);
+    if (plan.parts > 1) {
+      partial.assign(plan.workspace_floats, std::nanf(""));
+      counter.assign(static_cast<size_t>(B) * hkv * plan.blocks, 0);
+      p.sink_parts = plan.parts;
+      p.sink_blocks = plan.blocks;
+      p.sink_partial = partial.data();
+      p.sink_counter = counter.data();
+    }
+  }
   if (dq_accum != nullptr) {
     p.dq_accum = ref(dq_accum, L, hq, D, varlen);
-    return launch_swa_bwd_dkdvq_sm90(p, total_rows, dt, D, nullptr) ? 1 : 0;
+    const bool ran = launch_swa_bwd_dkdvq_sm90(p, total_rows, dt, D, nullptr);
+    for (int c : counter) {
+      if (c != 0) return -2;
+    }
+    return ran ? 1 : 0;
   }
   const bool a = launch_swa_bwd_dkdv_sm90(p, total_rows, dt, D, nullptr);
   const bool b = launch_swa_bwd_dq_sm90(p, total_rows, dt, D, nullptr);
+  for (int c : counter) {
+    if (c != 0) return -2;  // the last part of every split walk resets its counter
+  }
   return a && b ? 1 : (a || b ? -1 : 0);
 }

@@ -32,7 +32,7 @@ def main(lib_path, in_path, out_path):
         # "atomic": the one-kernel backward; dq = dq_accum * scale in the input dtype, as the op does.
         accum = torch.zeros(q.shape, dtype=torch.float32) if a.get("atomic") else None
         rc = lib.emu_swa_bwd_sm90(*args, ptr(q), ptr(k), ptr(v), ptr(a["dout"]), ptr(a["lse"]), ptr(a["delta"]),
-                                  ptr(dq), ptr(dk), ptr(dv), ptr(accum))
+                                  ptr(dq), ptr(dk), ptr(dv), ptr(accum), ctypes.c_int(a.get("num_sms", 0)))
         if accum is not None:
             dq = (accum * a["scale"]).to(q.dtype)
         torch.save({"rc": rc, "dq": dq, "dk": dk, "dv": dv}, out_path)

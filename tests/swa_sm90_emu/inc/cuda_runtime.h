@@ -24,6 +24,8 @@ struct int2 { int x, y; };
 inline int2 make_int2(int x, int y) { return {x, y}; }
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 inline thread_local uint3 threadIdx, blockIdx;
 inline thread_local dim3 gridDim, blockDim;
 using std::max;

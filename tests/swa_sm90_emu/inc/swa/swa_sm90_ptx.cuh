@@ -392,6 +392,9 @@ inline emu::NamedBarrier* named_barrier(int id, int threads) {
 inline void named_barrier_sync(int id, int threads) { named_barrier(id, threads)->arrive_and_wait(id); }
 inline void named_barrier_arrive(int id, int threads) { (void)named_barrier(id, threads)->arrive(); }
 inline void fence_proxy_async_shared() {}
+inline void threadfence_gpu() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomic_add_global(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline float4 load_global_cg(const float4* p) { return *p; }
 inline void red_add_v2(float* p, float a, float b) {
   std::atomic_ref<float>(p[0]).fetch_add(a);
   std::atomic_ref<float>(p[1]).fetch_add(b);
