@@ -429,38 +429,6 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
     }
   }
 
-  // Epilogue: stage the warpgroup's 64 rows through its own rows of the resident tiles (only its
-  // own wgmmas read them, and they are complete), then 16-byte stores of the rows inside the
-  // sequence. dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
-  auto stage_rows = [&](uint32_t tile_off, const float (&acc)[D / 2], float scale) {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = 8 * i + 2 * (lane % 4);
-      const int cb = col / kLineElems, chunk = (col % kLineElems) / 8;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp_row0 + lane / 4 + 8 * r;  // tile row
-        const uint32_t off = tile_off + cb * kBM * kLineBytes + row * kLineBytes + ((chunk ^ (row % 8)) * 16) +
-                             (col % 8) * 2;
-        *reinterpret_cast<uint32_t*>(smem_gen + off) =
-            ElemTraits<T>::pack(acc[4 * i + 2 * r] * scale, acc[4 * i + 2 * r + 1] * scale);
-      }
-    }
-  };
-  auto store_rows = [&](uint32_t tile_off, const TensorRef& dst) {
-    T* g = head_ptr<T>(dst, b, seq.start, h_res);
-    constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-    for (int idx = ctid; idx < Tr::kRowsPerWarpgroup * kChunksPerRow; idx += 128) {
-      const int r = cwg * Tr::kRowsPerWarpgroup + idx / kChunksPerRow, c = idx % kChunksPerRow;
-      const int cb = c / 8, chunk = c % 8;
-      if (r0 + r < len) {
-        const uint32_t off = tile_off + cb * kBM * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) * 16);
-        *reinterpret_cast<uint4*>(g + (int64_t)(r0 + r) * dst.row_stride + c * 8) =
-            *reinterpret_cast<const uint4*>(smem_gen + off);
-      }
-    }
-  };
   // A split sink walk: every part writes its float32 partial dK / dV; the last part to finish (an
   // atomic counter) sums all of them in part order, so the result does not depend on which one that
   // is, and writes dK / dV; the others are done.
@@ -524,14 +492,23 @@ __global__ void __launch_bounds__(Sm90BwdTraits<D, kKeySide, kDqAtomic>::kThread
       return;
     }
   }
+  // Epilogue: stage the warpgroup's 64 rows through its own rows of the resident tiles (only its
+  // own wgmmas read them, and they are complete), then 16-byte stores of the rows inside the
+  // sequence. dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO.
   // kDqAtomic: the other warpgroup's dQ products read every row of K (this warpgroup's too), so
   // both must have retired them before either overwrites its rows (the emulator caught this race).
   if constexpr (kDqAtomic) named_barrier_sync(3, 2 * 128);
-  stage_rows(0, acc1, s.scale);
-  if constexpr (kKeySide) stage_rows(Tr::kResBytes, acc2, 1.f);
+  const float scale1[2] = {s.scale, s.scale}, unit[2] = {1.f, 1.f};
+  stage_acc_rows<T, D, kBM>(smem_gen, 0, acc1, scale1, warp_row0, lane);
+  if constexpr (kKeySide) stage_acc_rows<T, D, kBM>(smem_gen, Tr::kResBytes, acc2, unit, warp_row0, lane);
   named_barrier_sync(1 + cwg, 128);
-  store_rows(0, kKeySide ? p.dk : p.dq);
-  if constexpr (kKeySide) store_rows(Tr::kResBytes, p.dv);
+  const TensorRef& out1 = kKeySide ? p.dk : p.dq;
+  store_staged_rows<T, D, kBM>(head_ptr<T>(out1, b, seq.start, h_res), out1.row_stride, smem_gen, 0, cwg, ctid, r0,
+                               len);
+  if constexpr (kKeySide) {
+    store_staged_rows<T, D, kBM>(head_ptr<T>(p.dv, b, seq.start, h_res), p.dv.row_stride, smem_gen, Tr::kResBytes,
+                                 cwg, ctid, r0, len);
+  }
 #endif  // ALLMEM_SWA_SM90A_DEVICE
 }
 

@@ -303,31 +303,10 @@ __global__ void __launch_bounds__(Sm90FwdTraits<D>::kThreads, 1)
   // (only this warpgroup's wgmmas read them, and they are complete), then 16-byte stores.
   float inv[2];
   finish_rows(inv, row_sum, row_max, row_of, stat_ptr(p.lse, b, seq.start, h), seq.len, lane);
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    const int col = 8 * i + 2 * (lane % 4);
-    const int cb = col / kLineElems, chunk = (col % kLineElems) / 8;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp_row0 + lane / 4 + 8 * r;  // tile row
-      const uint32_t off = cb * kBM * kLineBytes + row * kLineBytes + ((chunk ^ (row % 8)) * 16) + (col % 8) * 2;
-      *reinterpret_cast<uint32_t*>(smem_gen + off) =
-          ElemTraits<T>::pack(o[4 * i + 2 * r] * inv[r], o[4 * i + 2 * r + 1] * inv[r]);
-    }
-  }
+  stage_acc_rows<T, D, kBM>(smem_gen, 0, o, inv, warp_row0, lane);
   named_barrier_sync(1 + cwg, 128);
-  T* gO = head_ptr<T>(p.out, b, seq.start, h);
-  constexpr int kChunksPerRow = D / 8;
-#pragma unroll
-  for (int idx = ctid; idx < Tr::kRowsPerWarpgroup * kChunksPerRow; idx += 128) {
-    const int r = cwg * Tr::kRowsPerWarpgroup + idx / kChunksPerRow, c = idx % kChunksPerRow;
-    const int cb = c / 8, chunk = c % 8;
-    if (i0 + r < seq.len) {
-      const uint32_t off = cb * kBM * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) * 16);
-      *reinterpret_cast<uint4*>(gO + (int64_t)(i0 + r) * p.out.row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem_gen + off);
-    }
-  }
+  store_staged_rows<T, D, kBM>(head_ptr<T>(p.out, b, seq.start, h), p.out.row_stride, smem_gen, 0, cwg, ctid, i0,
+                               seq.len);
 #endif  // ALLMEM_SWA_SM90A_DEVICE
 }
 

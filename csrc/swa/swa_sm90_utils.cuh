@@ -120,6 +120,45 @@ __device__ __forceinline__ void issue_ss_mn(float (&acc)[N / 2], uint32_t a_tile
     gmma_ss<Op>(da, db, acc, kk == 0 ? gmma::ScaleOut::Zero : gmma::ScaleOut::One, std::make_index_sequence<N / 2>{});
   }
 }
+
+// Epilogue, step 1: this thread's share of a warpgroup's 64 x D fp32 accumulator, times
+// scale[r] for its row half r, rounded to T into the swizzled tile at tile_off (kRows rows per
+// column block; warp_row0 = the tile row of this warp's first row). The caller owns those rows.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void stage_acc_rows(unsigned char* smem, uint32_t tile_off, const float (&acc)[D / 2],
+                                               const float (&scale)[2], int warp_row0, int lane) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = 8 * i + 2 * (lane % 4);
+    const int cb = col / kLineElems, chunk = (col % kLineElems) / 8;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + lane / 4 + 8 * r;  // tile row
+      const uint32_t off = tile_off + cb * kRows * kLineBytes + row * kLineBytes + ((chunk ^ (row % 8)) * 16) +
+                           (col % 8) * 2;
+      *reinterpret_cast<uint32_t*>(smem + off) =
+          ElemTraits<T>::pack(acc[4 * i + 2 * r] * scale[r], acc[4 * i + 2 * r + 1] * scale[r]);
+    }
+  }
+}
+
+// Epilogue, step 2 (after the warpgroup's barrier): its 64 staged rows (tile rows 64 wg ..) to
+// global memory as 16-byte chunks, rows row0 + r < len only; dst points at row 0 of the head.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void store_staged_rows(T* dst, int64_t row_stride, const unsigned char* smem,
+                                                  uint32_t tile_off, int wg, int wg_tid, int row0, int len) {
+  constexpr int kChunksPerRow = D / 8;
+#pragma unroll
+  for (int idx = wg_tid; idx < 64 * kChunksPerRow; idx += 128) {
+    const int r = wg * 64 + idx / kChunksPerRow, c = idx % kChunksPerRow;
+    const int cb = c / 8, chunk = c % 8;
+    if (row0 + r < len) {
+      const uint32_t off = tile_off + cb * kRows * kLineBytes + r * kLineBytes + ((chunk ^ (r % 8)) * 16);
+      *reinterpret_cast<uint4*>(dst + (int64_t)(row0 + r) * row_stride + c * 8) =
+          *reinterpret_cast<const uint4*>(smem + off);
+    }
+  }
+}
 #endif  // ALLMEM_SWA_SM90A_DEVICE
 
 // Accumulator layout of wgmma m64nN (per warpgroup; warp w of the group owns rows 16 w .. 16 w + 15):
