@@ -8,8 +8,9 @@
 //  * mbarriers: arrival count, transaction bytes, phase parity (try_wait.parity P succeeds once
 //    the phase of parity P has completed; a fresh barrier counts the phase before 0 as complete);
 //  * TMA (cp.async.bulk.tensor.4d with SWIZZLE_128B, zero fill out of bounds): the copy lands at
-//    the latest moment the PTX memory model allows (when the barrier's last expected arrival is
-//    in, or at issue if that is past), so reading a tile before waiting for it reads NaN;
+//    the latest moment the PTX memory model allows, when a thread waits on its mbarrier, so
+//    reading a tile without waiting for it reads NaN (or the stage's previous tile), whatever the
+//    timing of the threads;
 //  * tensor-map encoding with the driver's checks (16-byte-aligned base and strides, box sizes,
 //    inner box = 128 bytes under the 128-byte swizzle);
 //  * wgmma m64nNk16, SS (both operands from shared memory through K-major descriptors) and RS (A
@@ -203,19 +204,31 @@ inline void do_copy(const Copy& c) {
     }
   }
 }
+// Completes the phase once every arrival is in and the transaction count is back to zero. TMA
+// copies land only when a thread waits on the barrier (land_copies from wait): the latest moment
+// the memory model allows, so a thread that reads a tile without waiting for it reads NaN, and a
+// phase nobody waits for never completes (its next arrivals then exceed the count: an error).
 inline void try_complete(MBar& b) {
   if (b.pending != 0) return;
-  for (const Copy& c : b.copies) {
-    do_copy(c);
-    b.tx -= c.bytes;
+  if (!b.copies.empty()) {  // every arrival is in: wake the waiters, who land the copies
+    cta().cv.notify_all();
+    return;
   }
-  b.copies.clear();
   if (b.tx < 0) fail("TMA delivered more bytes than the barrier expected", long(b.tx));
   if (b.tx == 0) {
     ++b.phase;
     b.pending = b.count;
     cta().cv.notify_all();
   }
+}
+inline void land_copies(MBar& b) {
+  if (b.pending != 0 || b.copies.empty()) return;
+  for (const Copy& c : b.copies) {
+    do_copy(c);
+    b.tx -= c.bytes;
+  }
+  b.copies.clear();
+  try_complete(b);
 }
 inline void arrive(uint32_t addr, int64_t tx) {
   std::lock_guard<std::mutex> lk(cta().mu);
@@ -227,8 +240,19 @@ inline void arrive(uint32_t addr, int64_t tx) {
 inline void wait(uint32_t addr, uint32_t parity) {
   std::unique_lock<std::mutex> lk(cta().mu);
   MBar& b = bar_locked(addr);
-  if (!cta().cv.wait_for(lk, std::chrono::seconds(wait_limit_s()), [&] { return (b.phase & 1u) != parity; })) {
-    fail("mbarrier wait never completed (lost arrival or TMA byte count mismatch)", addr, long(parity));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(wait_limit_s());
+  while (true) {
+    land_copies(b);
+    if ((b.phase & 1u) != parity) return;
+    if (cta().cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+      land_copies(b);
+      if ((b.phase & 1u) != parity) return;
+      for (const auto& [a, m] : cta().bars) {
+        std::fprintf(stderr, "swa_sm90_emu:   mbarrier %u: count %d pending %d tx %lld phase %u copies %zu\n", a,
+                     m.count, m.pending, static_cast<long long>(m.tx), m.phase, m.copies.size());
+      }
+      fail("mbarrier wait never completed (lost arrival or TMA byte count mismatch)", addr, long(parity));
+    }
   }
 }
 
@@ -358,7 +382,9 @@ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) { emu::arrive(ba
 inline void mbar_arrive(uint32_t bar) { emu::arrive(bar, 0); }
 inline bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   std::lock_guard<std::mutex> lk(emu::cta().mu);
-  return (emu::bar_locked(bar).phase & 1u) != parity;
+  emu::MBar& b = emu::bar_locked(bar);
+  emu::land_copies(b);
+  return (b.phase & 1u) != parity;
 }
 inline void mbar_wait(uint32_t bar, uint32_t parity) { emu::wait(bar, parity); }
 inline void mbar_wait_or_trap(uint32_t bar, uint32_t parity) { emu::wait(bar, parity); }
@@ -374,7 +400,7 @@ inline void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int 
   std::lock_guard<std::mutex> lk(emu::cta().mu);
   emu::MBar& b = emu::bar_locked(bar);
   b.copies.push_back(c);
-  emu::try_complete(b);  // lands now if the barrier's arrivals are all in, else with the last one
+  emu::cta().cv.notify_all();  // a waiter lands it (emu::land_copies)
 }
 inline void tma_prefetch_desc(const CUtensorMap*) {}
 inline emu::NamedBarrier* named_barrier(int id, int threads) {
