@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "swa/swa_common.h"
@@ -242,8 +243,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_swa_bwd_preprocess(bp, dtype, d, stream);
   const Sm90Mode mode = sm90_mode_of("ALLMEM_SWA_SM90_BWD");
+  const bool hopper = mode != Sm90Mode::kOff && is_hopper_device();
+  const int64_t total_rows = p.varlen ? q.size(0) : 0;
+  auto cannot_run = [](const char* value) {
+    return std::string("ALLMEM_SWA_SM90_BWD=") + value +
+           ": the Hopper SWA backward cannot run here (needs an sm_90 device, a build with the 90a target, and "
+           "q/k/v/dout strides that are multiples of 16 bytes)";
+  };
   at::Tensor sink_partial, sink_counter;  // the Hopper dK/dV kernels' split sink walks
-  if (mode != Sm90Mode::kOff && is_hopper_device()) {
+  if (hopper) {
     const SinkPlan plan = swa_bwd_sm90_sink_plan(shape, d, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     if (plan.parts > 1) {
       sink_partial = at::empty({plan.workspace_floats}, q_in.options().dtype(at::kFloat));
@@ -255,28 +263,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd_cuda(const at::Tensor& do
     }
   }
   if (mode == Sm90Mode::kAtomic) {
-    const int64_t total_rows = p.varlen ? q.size(0) : 0;
     at::Tensor dq_accum = at::zeros(q_in.sizes(), q_in.options().dtype(at::kFloat));
     bp.dq_accum = ref_of(dq_accum, p.varlen);
-    const bool ran = is_hopper_device() && launch_swa_bwd_dkdvq_sm90(bp, total_rows, dtype, d, stream);
-    ALLMEM_CHECK(ran, "ALLMEM_SWA_SM90_BWD=atomic: the Hopper SWA backward cannot run here (needs an sm_90 device, a ",
-                 "build with the 90a target, and q/k/v/dout strides that are multiples of 16 bytes)");
+    ALLMEM_CHECK(hopper && launch_swa_bwd_dkdvq_sm90(bp, total_rows, dtype, d, stream), cannot_run("atomic"));
     dq.copy_(dq_accum.mul_(shape.scale));
     return {dq, dk, dv};
   }
-  if (mode != Sm90Mode::kOff) {
-    const int64_t total_rows = p.varlen ? q.size(0) : 0;
-    // Both or neither: the two kernels need the same tensor maps (q/k/v/dout), so when the first
-    // one runs the second does too.
-    const bool ran = is_hopper_device() && launch_swa_bwd_dkdv_sm90(bp, total_rows, dtype, d, stream);
-    ALLMEM_CHECK(ran || mode != Sm90Mode::kRequire,
-                 "ALLMEM_SWA_SM90_BWD=require: the Hopper SWA backward cannot run here (needs an sm_90 device, a ",
-                 "build with the 90a target, and q/k/v/dout strides that are multiples of 16 bytes)");
-    if (ran) {
-      const bool ran_dq = launch_swa_bwd_dq_sm90(bp, total_rows, dtype, d, stream);
-      if (!ran_dq) launch_swa_bwd_dq(bp, dtype, d, stream);
-      return {dq, dk, dv};
-    }
+  // Both kernels or neither: they need the same tensor maps (q/k/v/dout), so when the first one runs
+  // the second does too.
+  const bool ran = hopper && launch_swa_bwd_dkdv_sm90(bp, total_rows, dtype, d, stream);
+  ALLMEM_CHECK(ran || mode != Sm90Mode::kRequire, cannot_run("require"));
+  if (ran) {
+    if (!launch_swa_bwd_dq_sm90(bp, total_rows, dtype, d, stream)) launch_swa_bwd_dq(bp, dtype, d, stream);
+    return {dq, dk, dv};
   }
   launch_swa_bwd_dkdv(bp, dtype, d, stream);
   launch_swa_bwd_dq(bp, dtype, d, stream);
