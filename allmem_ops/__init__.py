@@ -9,7 +9,7 @@ _library.load()
 
 from ._library import build_info  # noqa: E402
 from .swa import SWAKVCache, sliding_window_attention, sliding_window_attention_decode  # noqa: E402
-from .ttt import TTTState, ttt_memory  # noqa: E402
+from .ttt import TTTState, ttt_memory, ttt_memory_decode_  # noqa: E402
 
 __all__ = [
     "build_info",
@@ -18,4 +18,5 @@ __all__ = [
     "SWAKVCache",
     "TTTState",
     "ttt_memory",
+    "ttt_memory_decode_",
 ]

@@ -6,11 +6,13 @@ reach every state field through ordinary autograd of the packing.
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from .reference.ttt import TTTState, state_dtype
 
-__all__ = ["TTTState", "ttt_memory"]
+__all__ = ["TTTState", "ttt_memory", "ttt_memory_decode_"]
 
 _FAST_ROWS = 6  # gate, up, down, then their momenta
 
@@ -152,3 +154,92 @@ def ttt_memory(
     if packed_batch:
         o = o.unsqueeze(0)
     return o, (_unpack(fast_out, pend_out, plen_out, h, d) if output_final_state else None)
+
+
+_DECODE_STEP_FIELDS = ("pending_k", "pending_v", "pending_eta", "pending_mu")
+
+
+def ttt_memory_decode_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    mu: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    state: TTTState,
+    chunk_size: int,
+    lact_order: bool = False,
+    residual: bool = True,
+) -> torch.Tensor:
+    """One decode step of the TTT memory that updates ``state`` in place; returns o [B, 1, H, d].
+
+    q, k, v [B, 1, H, d], eta [B, 1, H, 3], mu [B, 1, H]: one token for each of the B sequences of
+    ``state`` (a TTTState from ``ttt_memory(..., output_final_state=True)``). The same answer as
+    ``ttt_memory(q, ..., initial_state=state, output_final_state=True)`` (SPEC.md "Decoding"), but
+    a step that does not complete a chunk moves only what it needs: the read o = f(W; q) as a
+    batched GEMV over the B * H fast weights in the state's precision, and the token's k, v, eta,
+    mu written into row pending_len of the chunk buffer; the functional call copies the whole
+    C-token chunk buffer (B * C * H * (2d + 4) floats) in and out at every token. A step in which
+    some sequence completes its chunk runs the prefill op (the chunk update, exactly as in prefill)
+    and copies its result into the state's tensors. One host sync per step (pending lengths).
+    Inference only: no autograd (use ``ttt_memory`` to differentiate through decoding).
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(state, TTTState):
+        raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
+    B, _, H, d = q.shape
+    want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H])}
+    for name, (t, shape) in want.items():
+        if list(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (B, H, d of q), got {list(t.shape)}")
+    if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
+        raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
+    h = w_gate.shape[1]
+    for name, w, shape in (("w_up", w_up, [H, h, d]), ("w_down", w_down, [H, d, h])):
+        if list(w.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (H, h, d of q and w_gate), got {list(w.shape)}")
+    sdt = state_dtype(q.dtype)
+    _check_state(state, B, chunk_size, H, d, h, sdt)
+    tensors = {"q": q, "k": k, "v": v, "eta": eta, "mu": mu, "w_gate": w_gate, "w_up": w_up, "w_down": w_down,
+               "state.w_gate": state.w_gate, "state.pending_k": state.pending_k,
+               "state.pending_len": state.pending_len}
+    for name, t in tensors.items():
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: all tensors must be on one device")
+    for name in ("k", "v", "eta", "mu"):
+        if tensors[name].dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {tensors[name].dtype}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        raise RuntimeError("ttt_memory_decode_ updates the state in place and has no autograd: call it under "
+                           "torch.no_grad(), or use ttt_memory(..., initial_state=state) to differentiate")
+    plen = state.pending_len
+    if plen.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"state.pending_len must be int64 (or int32), got {plen.dtype}")
+    lo, hi = (int(x) for x in torch.stack([plen.min(), plen.max()]).tolist()) if B > 0 else (0, 0)
+    if lo < 0 or hi >= chunk_size:
+        raise ValueError(f"state.pending_len must lie in [0, chunk_size - 1] = [0, {chunk_size - 1}], "
+                         f"got values in [{lo}, {hi}]")
+    with torch.no_grad():
+        if hi + 1 == chunk_size:  # some sequence completes its chunk: the update, as in prefill
+            o, new = ttt_memory(q, k, v, eta, mu, w_gate, w_up, w_down, chunk_size, initial_state=state,
+                                output_final_state=True, lact_order=lact_order, residual=residual)
+            for f in fields(TTTState):
+                getattr(state, f.name).copy_(getattr(new, f.name))
+            return o
+        x = q[:, 0].to(sdt).unsqueeze(-1)  # [B, H, d, 1]
+        a = torch.matmul(state.w_gate, x)  # [B, H, h, 1]
+        s = torch.nn.functional.silu(a).mul_(torch.matmul(state.w_up, x))
+        o = torch.matmul(state.w_down, s)  # [B, H, d, 1]
+        if residual:
+            o = o.add_(x)
+        rows = torch.arange(B, device=q.device)
+        at = plen.to(torch.long)
+        for name, t in zip(_DECODE_STEP_FIELDS, (k, v, eta, mu)):
+            getattr(state, name)[rows, at] = t[:, 0].to(sdt)
+        plen.add_(1)
+        return o.squeeze(-1).unsqueeze(1).to(q.dtype)

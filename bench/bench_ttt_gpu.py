@@ -4,20 +4,21 @@ Cases: C=2048, L in {8k, 32k, 128k}, B in {1, 8}, with H=8, d=h=64 (AllMem's def
 d=h=128; bf16 inputs, float32 state; default variant (residual, normalize before the update).
 Forward (under no_grad) and forward+backward (gradients of q, k, v, eta, mu and the three initial
 weights; FLA: of q, k, v, g, beta) of:
-  * allmem     - allmem_ops.ttt_memory with ALLMEM_TTT_TC=0: the SIMT CUDA kernels;
+  * allmem     - allmem_ops.ttt_memory with ALLMEM_TTT_TC=0 ALLMEM_TTT_BWD=kernel: the SIMT CUDA kernels;
   * allmem_tc  - the default on sm_90 (ALLMEM_TTT_TC=1, ALLMEM_TTT_TC_SPLIT unset): the tensor-core
                  kernels where they apply, else the SIMT ones; d = h = 64: split mode when the
                  longest sequence has >= 8 chunks, else fused; d = h = 128: split mode's forward
-                 (units chain + read), the SIMT backward;
+                 (units chain + read), the composite backward (the default where the tensor-core
+                 backward does not apply; the SIMT one took 2.0 s at B=1 L=128k in run e);
   * allmem_tc_fused - the same with ALLMEM_TTT_TC_SPLIT=0: the fused cluster kernels always;
   * allmem_tc_split - the same with ALLMEM_TTT_TC_SPLIT=1: the cluster kernel runs only
                  the sequential updates, then all segment reads in parallel (ttt_read_tc.cuh); the
                  backward likewise; at d = h = 128 the forward chain is the hidden-unit one;
   * allmem_tc_units - split mode with ALLMEM_TTT_TC_CHAIN=units: the hidden-unit chain
                  (ttt_chain_tc.cuh) at d = 64 too;
-  * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite (opt-in): the
+  * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite: the
                  batched-ATen backward (ttt_bwd_composite.cpp, cuBLAS matmuls over the heads of
-                 a sequence per chunk), meant for d = 128 (fwd rows: the same as allmem_tc);
+                 a sequence per chunk), the default at d = 128 (fwd rows: the same as allmem_tc);
   * ref_comp   - the chunked PyTorch reference (allmem_ops.reference.ttt), torch.compile'd the way
                  LaCT does it: the per-chunk read + update (reference.ttt.swiglu / chunk_update) as
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
@@ -60,6 +61,7 @@ Each stage is isolated: a failure is recorded in the JSON and the run goes on; s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -283,11 +285,14 @@ allmem_tc_impl = allmem_impl  # the same op; run_case sets ALLMEM_TTT_TC around 
 # ALLMEM_TTT_TC is read by the C++ dispatch at every call (forward and backward), so it is set
 # around everything a case times: "0" the SIMT kernels, "1" the tensor-core ones where they apply.
 # None: the variable is unset (the library's default).
-IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0"}, "allmem_tc": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None},
-            "allmem_tc_fused": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "0"},
+IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
+            "allmem_tc": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": None},
+            "allmem_tc_fused": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "0", "ALLMEM_TTT_BWD": None},
             "allmem_comp": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": "composite"},
-            "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens"},
-            "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units"}}
+            "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens",
+                                "ALLMEM_TTT_BWD": None},
+            "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units",
+                                "ALLMEM_TTT_BWD": None}}
 
 
 def impl_env(impl: str):
@@ -421,7 +426,8 @@ DECODE_BATCHES = (1, 8, 64)
 def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) -> None:
     """One decode step (one token per sequence, no grad) from a state whose chunk buffer holds
     C - 2 tokens (the step reads and buffers) or C - 1 (it also completes the chunk: the update and
-    a new checkpoint); the op (default kernels) vs the chunked reference, eager, on the same state.
+    a new checkpoint); the functional op (default kernels, allmem_tc), the in-place step
+    allmem_ops.ttt_memory_decode_ (allmem_inplace) and the chunked reference, eager, on the same state.
     Bytes: what a step must move at least (the read's three float32 weight matrices per sequence
     and head, the token in, o out; `need_bytes`) and what the functional state API makes the op
     move (the whole fast state and chunk buffer in, their copies out; `state_bytes`); both at the
@@ -443,10 +449,20 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
             state.pending_len = torch.full((B,), filled, device=rec.dev, dtype=torch.long)
             need = B * H * (3 * d * d * 4 + (4 * d + 4) * 2)
             have = 2 * state.nbytes
-            for impl, fn in (("allmem_tc", allmem_ops.ttt_memory), ("ref_eager", ttt_memory_chunked)):
+            # allmem_inplace: ttt_memory_decode_ on a copy of the state, its pending length set back
+            # before every step (one fill kernel, timed with it) so each step does the same work.
+            inplace_state = TTTState(*[getattr(state, f.name).clone() for f in dataclasses.fields(TTTState)])
+
+            def inplace(*args, initial_state, output_final_state):
+                initial_state.pending_len.fill_(filled)
+                return allmem_ops.ttt_memory_decode_(*args[:-1], initial_state, args[-1])
+
+            for impl, fn in (("allmem_tc", allmem_ops.ttt_memory), ("allmem_inplace", inplace),
+                             ("ref_eager", ttt_memory_chunked)):
                 def run():
                     with torch.no_grad():
-                        fn(*ins, C, initial_state=state, output_final_state=True)
+                        fn(*ins, C, initial_state=inplace_state if impl == "allmem_inplace" else state,
+                           output_final_state=True)
 
                 with impl_env(impl):
                     ms, n, _ = time_ms(run, rec.dev, warmup=3, reps=20, max_s=0.5)
@@ -466,7 +482,7 @@ def print_decode(data: dict) -> None:
           "functional state makes it move, at the HBM rate)")
     for r in rows:
         fl = (f"  floor {r['need_floor_ms']:.4f} / {r['state_floor_ms']:.4f}" if "need_floor_ms" in r else "")
-        print(f"  {r['impl']:10} d={r['d']} H={r['H']} B={r['B']:>2} C={r['C']} buffer {r['filled']:>4} -> "
+        print(f"  {r['impl']:14} d={r['d']} H={r['H']} B={r['B']:>2} C={r['C']} buffer {r['filled']:>4} -> "
               f"{r['filled'] + 1:>4}: {r['ms']:.3f}{fl}")
 
 

@@ -38,24 +38,17 @@
 # tests 56 s, tests-build 12 s, tests-ttt 10 s, tests-tc 21 s, tests-errors 7 s, bench (SWA) 47 s,
 # bench-ttt all rows > 150 s (d=64 only with --skip allmem,ref_eager,fla_gdn: 32 s), each SWA
 # sanitizer 6-9 s, TTT tensor-core memcheck/racecheck/synccheck 4/18/4 s; a machine start costs
-# 30-90 s of the lease. For the next 15-minute lease, two calls. First (timeout_s 600) what is new
-# and unverified in the SWA kernels, most important first: the Hopper backward (swa_bwd_sm90.cuh:
-# two-kernel ALLMEM_SWA_SM90_BWD=1 and one-kernel atomic-dQ =atomic) and the ping-pong forward
-# (ALLMEM_SWA_SM90=pingpong), all emulator-verified only (tests/test_swa_sm90_emu.py), through the
-# SWA GPU tests (hopper_path runs every test on portable / sm90 / sm90-alt), their sanitizers and
-# the SWA benchmark (allmem, allmem_sm90, allmem_sm90_alt rows: fwd, bwd, fwd+bwd vs Flex):
-#   ALLMEM_COMMIT=<sha> STAGES="build tests sanitize-sm90 bench-swa tests-sm90" SM90_REPS=1 \
-#   BENCH_SWA_ARGS="--skip sdpa,decode" BUDGET_S=575 bash bench/device_check.sh
-# with carry [".whl"], timeout_s 600. Expected: build 50 s, tests 300 (op tests on three paths,
-# build checks, TTT SIMT and tensor-core tests, error paths), sanitize-sm90 6 x 10, bench-swa 120,
-# tests-sm90 gets what is left. Second, on the warm machine (the build is kept), what run d left
-# for the TTT kernels (split mode by default, the d = 128 forward on tensor cores, cp.async
-# prefetch, 16-byte cluster reductions, the composite backward):
+# 30-90 s of the lease. On an H100 (run e, gpu_2026-11-26e_h100): build 42 s, tests (three SWA
+# paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
+# each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
+# A whole check on a 15-minute lease, two calls. First (timeout_s 600):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize sanitize-sm90 bench-swa" \
+#   BENCH_SWA_ARGS="--skip sdpa" BUDGET_S=575 bash bench/device_check.sh
+# with carry [".whl"]; then on the warm machine (the build is kept):
 #   ALLMEM_COMMIT=<sha> STAGES="tests-tc bench-ttt sanitize-tc" BENCH_TTT_BUDGET=120 \
-#   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_gdn,fla_dr" \
+#   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_dr" \
 #   BUDGET_S=250 bash bench/device_check.sh
-# then give_back at once (idle release is 30 s). Compare the TTT d = 64 rows with run d and the SWA
-# rows with run b (same H200 kind).
+# then give_back at once (idle release is 30 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -166,6 +159,16 @@ fi
 if want tests-tc; then
   run_stage tests-tc 120 "$OUT/tests.log" $PY -m pytest -q -ra -s -p no:cacheprovider \
     "$REPO/tests/test_ttt_tc_gpu.py" "$REPO/tests/test_ttt_cuda_build.py" "$REPO/tests/test_ttt_composite.py"
+fi
+
+# The library's defaults, nothing set (not in the default set): the SWA op tests (on sm_90 the
+# Hopper forward and backward), the default-selection tests, the in-place TTT decode, the TTT GPU
+# tests (their fixtures pin the hand-written backward; test_ttt_composite checks the default's).
+if want tests-defaults; then
+  run_stage tests-defaults 180 "$OUT/tests.log" env -u ALLMEM_SWA_SM90 -u ALLMEM_SWA_SM90_BWD -u ALLMEM_TTT_BWD \
+    -u ALLMEM_TTT_TC -u ALLMEM_TTT_TC_SPLIT $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k "$NOT_ERR" \
+    "$REPO/tests/test_swa.py" "$REPO/tests/test_swa_gpu.py::test_default_kernels" "$REPO/tests/test_ttt_decode.py" \
+    "$REPO/tests/test_ttt_composite.py" "$REPO/tests/test_ttt_gpu.py" "$REPO/tests/test_ttt_tc_gpu.py"
 fi
 
 # The SWA op tests with the Hopper forward as the default (ALLMEM_SWA_SM90=1), SM90_REPS times

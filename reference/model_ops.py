@@ -71,7 +71,17 @@ def ttt_memory(
     if backend == "reference":
         from .ttt import ttt_memory_chunked as fn
     else:
-        fn = _kernels().ttt_memory
+        kernels = _kernels()
+        fn = kernels.ttt_memory
+        # One decode token per sequence, no autograd: the in-place step (the state advanced as the
+        # SWA cache is; AllMemForCausalLM.decode documents it), which does not copy the chunk buffer.
+        if (initial_state is not None and output_final_state and cu_seqlens is None and q.dim() == 4
+                and q.shape[1] == 1 and not (torch.is_grad_enabled() and any(
+                    t.requires_grad for t in (q, k, v, eta, mu, w_gate, w_up, w_down, initial_state.w_gate,
+                                              initial_state.pending_k)))):
+            o = kernels.ttt_memory_decode_(q, k, v, eta, mu, w_gate, w_up, w_down, initial_state, chunk_size,
+                                          lact_order=lact_order, residual=residual)
+            return o, initial_state
     return fn(
         q, k, v, eta, mu, w_gate, w_up, w_down, chunk_size,
         initial_state=initial_state, output_final_state=output_final_state,

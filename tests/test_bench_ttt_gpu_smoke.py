@@ -43,10 +43,10 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
     ours = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp")
     assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
-    # The decode step: both contenders, both buffer fills, every batch of the smoke run, with floors.
+    # The decode step: the three contenders, both buffer fills, every batch of the smoke run, with floors.
     dec = data["decode"]
-    assert len(dec) == len(cfg["heads"]) * 2 * 2 * 2 and all(r["ms"] > 0 for r in dec), dec
-    assert {r["impl"] for r in dec} == {"allmem_tc", "ref_eager"}
+    assert len(dec) == len(cfg["heads"]) * 3 * 2 * 2 and all(r["ms"] > 0 for r in dec), dec
+    assert {r["impl"] for r in dec} == {"allmem_tc", "allmem_inplace", "ref_eager"}
     assert all(0 < r["need_floor_ms"] < r["state_floor_ms"] for r in dec), dec
     assert all(t["value"] is not None for t in data["targets"] if t["target"].startswith("allmem "))
     table = subprocess.run([sys.executable, BENCH, "--table", str(out)], capture_output=True, text=True, timeout=60)

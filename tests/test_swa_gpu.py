@@ -226,6 +226,34 @@ def test_sm90_env_var_on_any_device(monkeypatch):
         torch.testing.assert_close(g.float(), r.float(), atol=3e-2, rtol=3e-2)
 
 
+
+def test_default_kernels(monkeypatch):
+    """With ALLMEM_SWA_SM90 / ALLMEM_SWA_SM90_BWD unset, an sm_90 device with the 90a build runs the
+    Hopper forward and backward (bitwise the answers of "require"), any other the portable ones
+    (bitwise "0")."""
+    gen = torch.Generator(device=DEV).manual_seed(31)
+    q, k, v = make_qkv(2, 333, 4, 2, 128, torch.bfloat16, gen)
+    dout = rand(q.shape, torch.bfloat16, gen)
+
+    def run():
+        out, lse = torch.ops.allmem.swa_fwd(q, k, v, 100, 5, None, None, 0)
+        return (out, lse, *torch.ops.allmem.swa_bwd(dout, q, k, v, out, lse, 100, 5, None, None, 0))
+
+    monkeypatch.delenv("ALLMEM_SWA_SM90", raising=False)
+    monkeypatch.delenv("ALLMEM_SWA_SM90_BWD", raising=False)
+    default = run()
+    hopper = torch.cuda.get_device_capability() == (9, 0) and SM90A_BUILT
+    monkeypatch.setenv("ALLMEM_SWA_SM90", "require" if hopper else "0")
+    monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", "require" if hopper else "0")
+    want = run()
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), default, want):
+        assert torch.equal(a, b), name
+    if hopper:  # and the two kernels differ somewhere, so the comparison above could fail
+        monkeypatch.setenv("ALLMEM_SWA_SM90", "0")
+        monkeypatch.setenv("ALLMEM_SWA_SM90_BWD", "0")
+        portable = run()
+        assert any(not torch.equal(a, b) for a, b in zip(portable, want)), "Hopper and portable kernels agree bitwise"
+
 def test_backward_is_deterministic(hopper_path):
     gen = torch.Generator(device=DEV).manual_seed(7)
     q, k, v = make_qkv(2, 600, 8, 2, 128, torch.bfloat16, gen, requires_grad=True)

@@ -131,6 +131,12 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype):
         assert torch.isfinite(a).all(), name
         err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         assert err < 4 * u, (name, err)
-    monkeypatch.delenv("ALLMEM_TTT_BWD")  # the hand-written kernels: 16-bit operands, other bits
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "kernel")  # the hand-written kernels: 16-bit operands, other bits
+    kernel = _bwd(dev, outs, grads, C, lact, res)
+    assert any(not torch.equal(a, b) for a, b in zip(got, kernel)), "the composite backward was not taken"
+    # Unset: the tensor-core backward where it applies (d = h = 64 on sm_90), else the composite.
+    monkeypatch.delenv("ALLMEM_TTT_BWD")
     default = _bwd(dev, outs, grads, C, lact, res)
-    assert any(not torch.equal(a, b) for a, b in zip(got, default)), "the composite backward was not taken"
+    want_default = kernel if d == 64 else got
+    for name, a, b in zip(NAMES, default, want_default):
+        assert torch.equal(a, b), (name, "default backward")

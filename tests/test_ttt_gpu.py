@@ -33,8 +33,11 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def _simt_kernels(monkeypatch):
     """This file checks the SIMT kernels: ALLMEM_TTT_TC=0 keeps d = h = 64 bf16/fp16 cases off the
-    tensor-core path (the default on sm_90; tests/test_ttt_tc_gpu.py checks that one)."""
+    tensor-core path (the default on sm_90; tests/test_ttt_tc_gpu.py checks that one), and
+    ALLMEM_TTT_BWD=kernel keeps the SIMT backward, which 16-bit inputs off the tensor cores
+    otherwise leave for the composite one (tests/test_ttt_composite.py checks that one)."""
     monkeypatch.setenv("ALLMEM_TTT_TC", "0")
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "kernel")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

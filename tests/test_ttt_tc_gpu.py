@@ -29,6 +29,14 @@ def _sm90() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 device and the CUDA kernels")]
 
 
+@pytest.fixture(autouse=True)
+def _kernel_backward(monkeypatch):
+    """The hand-written backwards throughout (ALLMEM_TTT_BWD=kernel): tests here compare the
+    tensor-core backward with the SIMT one (ALLMEM_TTT_TC=0), which by default would be the
+    composite backward for 16-bit inputs (tests/test_ttt_composite.py checks that choice)."""
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "kernel")
+
+
 @pytest.fixture
 def tc(monkeypatch):
     """The tensor-core kernels, fused (split mode off: it is chosen by length when unset; tests

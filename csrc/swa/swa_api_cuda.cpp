@@ -27,23 +27,23 @@ constexpr int64_t kMaxSeqlen = INT_MAX / 4;  // band arithmetic runs in int (i +
 constexpr int kKeyBlockRows = kBwdKeyBlockRows;
 constexpr double kLog2eD = 1.4426950408889634;
 
-// ALLMEM_SWA_SM90 selects the forward kernel on sm_90 devices: "1" the Hopper kernel
-// (swa_fwd_sm90.cu) when it can run this problem, else the portable one; unset/"0" the portable
-// kernel; "require" the Hopper kernel or an error (tests). Opt-in: it passed its GPU tests
-// (bench/results/gpu_2026-11-26b_h200); the two test failures seen with it as the default were
-// explained in gpu_2026-11-26d_h200 (test criteria, since changed); it becomes the default once
-// the SWA tests pass with it three times in a row (device_check.sh stage tests-sm90).
+// ALLMEM_SWA_SM90 selects the forward kernel on sm_90 devices: unset/"1" the Hopper kernel
+// (swa_fwd_sm90.cu) when it can run this problem, else the portable one (the default since it
+// passed every GPU test on an H100 and two H200s: bench/results/gpu_2026-11-26e_h100); "0" the
+// portable kernel; "require" the Hopper kernel or an error (tests).
 // ALLMEM_SWA_SM90_BWD selects the backward kernels the same way (the Hopper dQ and dK/dV kernels
-// of swa_bwd_sm90.cuh, both or neither), plus "atomic": the Hopper dK/dV kernel that also sums dQ
-// with float atomics (no dQ kernel; dQ's last bits vary from run to run), or an error. Opt-in:
-// new, not yet run on a GPU.
+// of swa_bwd_sm90.cuh, both or neither; the default since run e: 1.7x the portable backward),
+// plus "atomic": the Hopper dK/dV kernel that also sums dQ with float atomics (no dQ kernel; dQ's
+// last bits vary from run to run; measured 5-12% slower than the two kernels in run e), or an error.
 // Both are read at every call (one getenv), so a process can switch them at run time.
 // ALLMEM_SWA_SM90=pingpong: the Hopper forward whose consumer warpgroups take turns issuing their
-// wgmmas (FlashAttention-3's ping-pong), or an error; same results, new, not yet run on a GPU.
+// wgmmas (FlashAttention-3's ping-pong), or an error; same results, within +-4% of the default
+// schedule in run e, so not the default.
 enum class Sm90Mode { kOff, kOn, kRequire, kAtomic, kPingPong };
 Sm90Mode sm90_mode_of(const char* var) {
   const char* v = std::getenv(var);
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
+  if (v == nullptr || v[0] == '\0') return Sm90Mode::kOn;  // the default: Hopper where it can run
+  if (std::strcmp(v, "0") == 0) return Sm90Mode::kOff;
   if (std::strcmp(v, "atomic") == 0) return Sm90Mode::kAtomic;
   if (std::strcmp(v, "pingpong") == 0) return Sm90Mode::kPingPong;
   return std::strcmp(v, "require") == 0 ? Sm90Mode::kRequire : Sm90Mode::kOn;

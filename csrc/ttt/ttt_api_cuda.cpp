@@ -222,13 +222,6 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order, bool residual) {
   const Layout lay = check_cuda(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size);
   const c10::cuda::CUDAGuard guard(q.device());
-  // ALLMEM_TTT_BWD=composite: the batched-ATen backward (ttt_bwd_composite.h), cuBLAS matmuls
-  // over all heads of a sequence per chunk. Opt-in until it has run on a GPU; meant for
-  // d = h = 128, whose only hand-written backward is the SIMT kernel (one CTA per head chain).
-  if (composite_bwd_requested()) {
-    return ttt_memory_bwd_composite(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending,
-                                    pending_len, checkpoints, cu_seqlens, chunk_size, lact_order, residual);
-  }
   const InDType dt = cuda_dtype(q);
   const int64_t d = lay.d, h = lay.h;
   ALLMEM_CHECK(grad_o.sizes() == q.sizes(), "grad_o must have the shape of q ", shape_str(q), ", got ",
@@ -242,6 +235,17 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
   auto f32 = q.options().dtype(at::kFloat);
   auto go = grad_o.to(q.scalar_type()).contiguous();
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
+  // The batched-ATen backward (ttt_bwd_composite.h: cuBLAS matmuls over all heads of a sequence
+  // per chunk) when asked for (ALLMEM_TTT_BWD=composite), and by default where the tensor-core
+  // backward does not apply to 16-bit inputs (d = h = 128, or ALLMEM_TTT_TC=0): the SIMT kernel,
+  // one CTA per head chain, took 2.0 s at d = 128 B=1 L=128k H=4 against the composite's 0.10 s on
+  // an H100 (bench/results/gpu_2026-11-26e_h100). ALLMEM_TTT_BWD=kernel keeps the SIMT kernel.
+  const BwdChoice choice = bwd_choice();
+  const bool tc = use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go});
+  if (choice == BwdChoice::kComposite || (choice == BwdChoice::kAuto && !tc && dt != InDType::kFloat32)) {
+    return ttt_memory_bwd_composite(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending,
+                                    pending_len, checkpoints, cu_seqlens, chunk_size, lact_order, residual);
+  }
   auto wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
   auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
   auto d_fast = grad_fast.has_value() ? grad_fast->contiguous().clone() : at::zeros(fast_shape, f32);
@@ -283,7 +287,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go})) {
+    if (tc) {
       at::Tensor work, dw_read;
       if (use_split_read(lay)) {  // the reads' backward in parallel first, then the chain without it
         work = read_work(lay, q.device());

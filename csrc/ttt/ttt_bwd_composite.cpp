@@ -17,9 +17,12 @@
 
 namespace allmem::ttt {
 
-bool composite_bwd_requested() {
+BwdChoice bwd_choice() {
   const char* env = std::getenv("ALLMEM_TTT_BWD");
-  return env != nullptr && std::strcmp(env, "composite") == 0;
+  if (env == nullptr) return BwdChoice::kAuto;
+  if (std::strcmp(env, "composite") == 0) return BwdChoice::kComposite;
+  if (std::strcmp(env, "kernel") == 0) return BwdChoice::kKernel;
+  return BwdChoice::kAuto;
 }
 
 namespace {

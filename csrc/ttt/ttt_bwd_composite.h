@@ -23,7 +23,13 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
                                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
                                     bool lact_order, bool residual);
 
-// ALLMEM_TTT_BWD=composite (read at every call) selects it on any backend.
-bool composite_bwd_requested();
+// ALLMEM_TTT_BWD (read at every call): "composite" selects it on any backend, "kernel" the
+// hand-written backward of the backend; unset (or anything else) is kAuto: the CPU kernel on the
+// CPU; on CUDA the tensor-core backward where it applies, else, for bfloat16/float16 inputs, this
+// one (the SIMT kernel measured 6-20x slower, bench/results/gpu_2026-11-26e_h100), and the SIMT
+// kernel for float32 inputs (exact float32 FMAs, independent of the TF32 setting).
+enum class BwdChoice { kAuto, kComposite, kKernel };
+BwdChoice bwd_choice();
+inline bool composite_bwd_requested() { return bwd_choice() == BwdChoice::kComposite; }
 
 }  // namespace allmem::ttt

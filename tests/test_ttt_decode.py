@@ -1,0 +1,147 @@
+"""allmem_ops.ttt_memory_decode_: one decode token per sequence, the state updated in place.
+
+Checked against one ttt_memory prefill over the whole sequences (SPEC.md "Decoding": prefill then
+decoding gives the outputs and state of one prefill), with sequences whose chunk buffers fill at
+different steps, so the in-place steps (read as a GEMV + one buffer row) and the chunk-completing
+ones (the prefill op, copied into the state) alternate and mix; against the functional decode
+(ttt_memory with L = 1); in place (the same tensors); and one test per kind of bad input."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import allmem_ops
+from allmem_ops import ttt_memory, ttt_memory_decode_
+from allmem_ops.reference.ttt import TTTState
+from test_ttt import make_inputs
+
+FIELDS = [f.name for f in dataclasses.fields(TTTState)]
+
+
+def split_case(prefill_lens, steps, H, d, h, dtype, device="cpu", seed=0):
+    """Inputs of len(prefill_lens) sequences of prefill_lens[n] + steps tokens, as (the packed
+    prefill part, its cu_seqlens), the decode part [B, steps, ...] and the whole (packed, cu)."""
+    full_lens = [p + steps for p in prefill_lens]
+    ins, cu_full = make_inputs(None, None, H, d, h, dtype=dtype, device=device, lens=full_lens, seed=seed)
+    toks, weights = ins[:5], ins[5:]
+    starts = [0]
+    for n in full_lens:
+        starts.append(starts[-1] + n)
+    pre_rows = torch.cat([torch.arange(s, s + p) for s, p in zip(starts, prefill_lens)]).to(device)
+    dec_rows = torch.stack([torch.arange(s + p, s + p + steps) for s, p in zip(starts, prefill_lens)]).to(device)
+    pre = [t[pre_rows] for t in toks]
+    dec = [t[dec_rows] for t in toks]  # [B, steps, H, ...]
+    cu_pre = torch.tensor([0] + torch.tensor(prefill_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return pre, cu_pre, dec, dec_rows, toks, cu_full, weights
+
+
+def decode_all(prefill_lens, steps, H, d, h, C, dtype, device="cpu", lact_order=False, residual=True, seed=0):
+    pre, cu_pre, dec, dec_rows, toks, cu_full, weights = split_case(prefill_lens, steps, H, d, h, dtype, device, seed)
+    flags = dict(lact_order=lact_order, residual=residual)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre, **flags)
+    ptrs = {n: getattr(state, n).data_ptr() for n in FIELDS}
+    outs = []
+    with torch.no_grad():
+        for s in range(steps):
+            outs.append(ttt_memory_decode_(*[t[:, s:s + 1] for t in dec], *weights, state, C, **flags))
+    for n in FIELDS:
+        assert getattr(state, n).data_ptr() == ptrs[n], f"state.{n} was replaced, not updated in place"
+    o_full, state_full = ttt_memory(*toks, *weights, C, output_final_state=True, cu_seqlens=cu_full, **flags)
+    return torch.cat(outs, 1), state, o_full[dec_rows], state_full, (pre, cu_pre, dec, weights)
+
+
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+@pytest.mark.parametrize("prefill_lens,steps,C", [([0, 3, 6, 9], 9, 4), ([5], 12, 3), ([0, 0], 1, 2), ([7, 2], 5, 1)])
+def test_float64_equals_one_prefill(prefill_lens, steps, C, lact_order, residual):
+    got, state, want, want_state, _ = decode_all(prefill_lens, steps, 2, 3, 5, C, torch.float64,
+                                                 lact_order=lact_order, residual=residual)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(want_state, n), rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_float32_and_bf16_match_functional_decode():
+    """Against the functional step (ttt_memory with L = 1 from the same state): the same up to the
+    rounding of o to the input dtype (bf16) or float32 sums in another order."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        pre, cu_pre, dec, dec_rows, _, _, weights = split_case([2, 5, 0], 6, 2, 4, 4, dtype, seed=3)
+        C = 4
+        _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+        _, ref_state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+        with torch.no_grad():
+            for s in range(6):
+                step = [t[:, s:s + 1] for t in dec]
+                got = ttt_memory_decode_(*step, *weights, state, C)
+                want, ref_state = ttt_memory(*step, *weights, C, initial_state=ref_state, output_final_state=True)
+                assert got.dtype == dtype and got.shape == want.shape
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        for n in FIELDS:
+            torch.testing.assert_close(getattr(state, n), getattr(ref_state, n), rtol=1e-5, atol=1e-6, msg=n)
+
+
+HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_bf16_within_prefill_error(d):
+    """On the GPU (default kernels for the chunk-completing steps), bf16, chunks of 64 filled at
+    different steps: the decode outputs' error vs float64 (the CPU op over the whole sequences)
+    is no larger than the GPU prefill's on the same tokens (x 1.25: the GEMV reads in float32, the
+    tensor-core prefill with bf16 operands), and the final state matches the prefill's."""
+    C, H = 64, 2
+    lens, steps = [0, 30, 70, 127], 70
+    got, state, want, want_state, _ = decode_all(lens, steps, H, d, d, C, torch.bfloat16, device="cuda", seed=5)
+    _, _, _, dec_rows, toks, cu_full, weights = split_case(lens, steps, H, d, d, torch.bfloat16, seed=5)
+    ref, ref_state = ttt_memory(*[t.double() for t in toks], *[w.double() for w in weights], C,
+                                output_final_state=True, cu_seqlens=cu_full.cpu())
+    ref = ref[dec_rows]
+
+    def err(x, r):
+        return ((x.double().cpu() - r).norm() / r.norm()).item()
+
+    assert torch.isfinite(got).all()
+    assert err(got, ref) <= 1.25 * err(want, ref), (err(got, ref), err(want, ref))
+    for n in FIELDS[:-1]:
+        assert err(getattr(state, n), getattr(ref_state, n)) <= 1.25 * err(getattr(want_state, n),
+                                                                             getattr(ref_state, n)) + 1e-6, n
+    assert torch.equal(state.pending_len.cpu(), want_state.pending_len.cpu())
+
+
+def _one_step_args(C=4):
+    pre, cu_pre, dec, _, _, _, weights = split_case([1, 2], 1, 2, 3, 3, torch.float64)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    return [t[:, :1] for t in dec], weights, state, C
+
+
+def test_bad_inputs():
+    step, weights, state, C = _one_step_args()
+    q, k, v, eta, mu = step
+    before = {n: getattr(state, n).clone() for n in FIELDS}
+    with pytest.raises(ValueError, match=r"q must be \[B, 1, H, d\]"):
+        ttt_memory_decode_(torch.cat([q, q], 1), k, v, eta, mu, *weights, state, C)
+    with pytest.raises(ValueError, match=r"eta must have shape \[2, 1, 2, 3\]"):
+        ttt_memory_decode_(q, k, v, eta[..., :2], mu, *weights, state, C)
+    with pytest.raises(ValueError, match="k must have q's dtype"):
+        ttt_memory_decode_(q, k.float(), v, eta, mu, *weights, state, C)
+    with pytest.raises(ValueError, match="w_down must have shape"):
+        ttt_memory_decode_(q, k, v, eta, mu, weights[0], weights[1], weights[2][:, :, :2], state, C)
+    with pytest.raises(ValueError, match="initial_state.pending_k must have shape"):
+        ttt_memory_decode_(q, k, v, eta, mu, *weights, state, C + 1)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        ttt_memory_decode_(q, k, v, eta, mu, *weights, state, 0)
+    with pytest.raises(TypeError, match="state must be a TTTState"):
+        ttt_memory_decode_(q, k, v, eta, mu, *weights, dataclasses.astuple(state), C)
+    bad = dataclasses.replace(state, pending_len=torch.tensor([1, C]))
+    with pytest.raises(ValueError, match=r"pending_len must lie in \[0, chunk_size - 1\]"):
+        ttt_memory_decode_(q, k, v, eta, mu, *weights, bad, C)
+    bad = dataclasses.replace(state, pending_len=torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="pending_len must lie in"):
+        ttt_memory_decode_(q, k, v, eta, mu, *weights, bad, C)
+    with pytest.raises(RuntimeError, match="no autograd"):
+        ttt_memory_decode_(q.clone().requires_grad_(), k, v, eta, mu, *weights, state, C)
+    for n in FIELDS:  # nothing was written by the failed calls
+        assert torch.equal(getattr(state, n), before[n]), n
