@@ -156,7 +156,34 @@ def ttt_memory(
     return o, (_unpack(fast_out, pend_out, plen_out, h, d) if output_final_state else None)
 
 
-_DECODE_STEP_FIELDS = ("pending_k", "pending_v", "pending_eta", "pending_mu")
+@torch.library.register_fake("allmem::ttt_memory_decode_step")
+def _decode_step_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, chunk_size, lact_order,
+                      residual):
+    return torch.empty_like(q)
+
+
+def _packed_views(state: TTTState, h: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(fast [N, H, 6, h*d], pending [N, C, H, 2d+4]) whose views the state's float fields are (as
+    ttt_memory leaves them: _unpack of the op's outputs), or None if they are not."""
+    fields6 = ("w_gate", "w_up", "w_down", "m_gate", "m_up", "m_down")
+    N, C, H = state.pending_k.shape[:3]
+    hd, pw = h * d, 2 * d + 4
+    wg, pk = state.w_gate, state.pending_k
+    for t, numel in ((wg, N * H * 6 * hd), (pk, N * C * H * pw)):  # the packed tensor fits the storage
+        if (t.storage_offset() + numel) * t.element_size() > t.untyped_storage().nbytes():
+            return None
+    fast = wg.as_strided((N, H, 6, hd), (H * 6 * hd, 6 * hd, hd, 1), wg.storage_offset())
+    pending = pk.as_strided((N, C, H, pw), (C * H * pw, H * pw, pw, 1), pk.storage_offset())
+    want = {n: (fast, fast[:, :, i].reshape(getattr(state, n).shape)) for i, n in enumerate(fields6)}
+    for name, lo, width in (("pending_k", 0, d), ("pending_v", d, d), ("pending_eta", 2 * d, 3)):
+        want[name] = (pending, pending[..., lo:lo + width])
+    want["pending_mu"] = (pending, pending[..., 2 * d + 3])
+    for name, (base, view) in want.items():
+        t = getattr(state, name)
+        if (t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr() or t.shape != view.shape
+                or t.storage_offset() != view.storage_offset() or t.stride() != view.stride()):
+            return None
+    return fast, pending
 
 
 def ttt_memory_decode_(
@@ -176,15 +203,18 @@ def ttt_memory_decode_(
     """One decode step of the TTT memory that updates ``state`` in place; returns o [B, 1, H, d].
 
     q, k, v [B, 1, H, d], eta [B, 1, H, 3], mu [B, 1, H]: one token for each of the B sequences of
-    ``state`` (a TTTState from ``ttt_memory(..., output_final_state=True)``). The same answer as
-    ``ttt_memory(q, ..., initial_state=state, output_final_state=True)`` (SPEC.md "Decoding"), but
-    a step that does not complete a chunk moves only what it needs: the read o = f(W; q) as a
-    batched GEMV over the B * H fast weights in the state's precision, and the token's k, v, eta,
+    ``state`` (a TTTState, e.g. from ``ttt_memory(..., output_final_state=True)``). The same answer
+    as ``ttt_memory(q, ..., initial_state=state, output_final_state=True)`` (SPEC.md "Decoding"),
+    but a step that does not complete a chunk moves only what it needs: the read o = f(W; q) as
+    batched GEMVs over the B * H fast weights in the state's precision, and the token's k, v, eta,
     mu written into row pending_len of the chunk buffer; the functional call copies the whole
     C-token chunk buffer (B * C * H * (2d + 4) floats) in and out at every token. A step in which
     some sequence completes its chunk runs the prefill op (the chunk update, exactly as in prefill)
-    and copies its result into the state's tensors. One host sync per step (pending lengths).
-    Inference only: no autograd (use ``ttt_memory`` to differentiate through decoding).
+    and copies its result into the state. The op is ``torch.ops.allmem.ttt_memory_decode_step`` on
+    the packed state; a state whose fields are not views of packed tensors (one from
+    ``TTTState.initial``, say) is packed on its first step and its fields rebound to views of the
+    packed tensors. One host sync per step (the pending lengths). Inference only: no autograd
+    (``ttt_memory`` differentiates through decoding).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -193,53 +223,35 @@ def ttt_memory_decode_(
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
     B, _, H, d = q.shape
-    want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H])}
-    for name, (t, shape) in want.items():
-        if list(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (B, H, d of q), got {list(t.shape)}")
     if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
         raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
     h = w_gate.shape[1]
-    for name, w, shape in (("w_up", w_up, [H, h, d]), ("w_down", w_down, [H, d, h])):
-        if list(w.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (H, h, d of q and w_gate), got {list(w.shape)}")
-    sdt = state_dtype(q.dtype)
-    _check_state(state, B, chunk_size, H, d, h, sdt)
-    tensors = {"q": q, "k": k, "v": v, "eta": eta, "mu": mu, "w_gate": w_gate, "w_up": w_up, "w_down": w_down,
-               "state.w_gate": state.w_gate, "state.pending_k": state.pending_k,
-               "state.pending_len": state.pending_len}
-    for name, t in tensors.items():
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}: all tensors must be on one device")
-    for name in ("k", "v", "eta", "mu"):
-        if tensors[name].dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {tensors[name].dtype}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+    want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H]),
+            "w_up": (w_up, [H, h, d]), "w_down": (w_down, [H, d, h])}
+    for name, (t, shape) in want.items():
+        if list(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (B, H, d of q, h of w_gate), got {list(t.shape)}")
+    _check_state(state, B, chunk_size, H, d, h, state_dtype(q.dtype))
+    tensors = (q, k, v, eta, mu, w_gate, w_up, w_down) + tuple(getattr(state, f.name) for f in fields(TTTState))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError("ttt_memory_decode_ updates the state in place and has no autograd: call it under "
                            "torch.no_grad(), or use ttt_memory(..., initial_state=state) to differentiate")
-    plen = state.pending_len
-    if plen.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"state.pending_len must be int64 (or int32), got {plen.dtype}")
-    lo, hi = (int(x) for x in torch.stack([plen.min(), plen.max()]).tolist()) if B > 0 else (0, 0)
-    if lo < 0 or hi >= chunk_size:
-        raise ValueError(f"state.pending_len must lie in [0, chunk_size - 1] = [0, {chunk_size - 1}], "
-                         f"got values in [{lo}, {hi}]")
-    with torch.no_grad():
-        if hi + 1 == chunk_size:  # some sequence completes its chunk: the update, as in prefill
-            o, new = ttt_memory(q, k, v, eta, mu, w_gate, w_up, w_down, chunk_size, initial_state=state,
-                                output_final_state=True, lact_order=lact_order, residual=residual)
+    # The packed tensors of the previous step, while the state still holds the same field tensors
+    # (a field the caller replaced invalidates them): checking is cheaper than rebuilding the views.
+    current = tuple(getattr(state, f.name) for f in fields(TTTState))
+    cached = getattr(state, "_allmem_packed", None)
+    if (cached is not None and all(a is b for a, b in zip(cached[0], current))
+            and all(t.data_ptr() == p for t, p in zip(current, cached[1]))):
+        packed = cached[2]
+    else:
+        packed = _packed_views(state, h, d)
+        if packed is None or state.pending_len.dtype != torch.long or not state.pending_len.is_contiguous():
+            fast, pending, plen = _pack(state)
+            new = _unpack(fast, pending, plen.contiguous(), h, d)
             for f in fields(TTTState):
-                getattr(state, f.name).copy_(getattr(new, f.name))
-            return o
-        x = q[:, 0].to(sdt).unsqueeze(-1)  # [B, H, d, 1]
-        a = torch.matmul(state.w_gate, x)  # [B, H, h, 1]
-        s = torch.nn.functional.silu(a).mul_(torch.matmul(state.w_up, x))
-        o = torch.matmul(state.w_down, s)  # [B, H, d, 1]
-        if residual:
-            o = o.add_(x)
-        rows = torch.arange(B, device=q.device)
-        at = plen.to(torch.long)
-        for name, t in zip(_DECODE_STEP_FIELDS, (k, v, eta, mu)):
-            getattr(state, name)[rows, at] = t[:, 0].to(sdt)
-        plen.add_(1)
-        return o.squeeze(-1).unsqueeze(1).to(q.dtype)
+                setattr(state, f.name, getattr(new, f.name))
+            packed = (fast, pending)
+            current = tuple(getattr(state, f.name) for f in fields(TTTState))
+        state._allmem_packed = (current, tuple(t.data_ptr() for t in current), packed)
+    return torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, w_gate, w_up, w_down, *packed,
+                                                   state.pending_len, chunk_size, lact_order, residual)

@@ -18,6 +18,7 @@ from allmem_ops.reference.ttt import TTTState
 from test_ttt import make_inputs
 
 FIELDS = [f.name for f in dataclasses.fields(TTTState)]
+STATE_FIELDS6 = FIELDS[:6]
 
 
 def split_case(prefill_lens, steps, H, d, h, dtype, device="cpu", seed=0):
@@ -125,7 +126,7 @@ def test_bad_inputs():
         ttt_memory_decode_(torch.cat([q, q], 1), k, v, eta, mu, *weights, state, C)
     with pytest.raises(ValueError, match=r"eta must have shape \[2, 1, 2, 3\]"):
         ttt_memory_decode_(q, k, v, eta[..., :2], mu, *weights, state, C)
-    with pytest.raises(ValueError, match="k must have q's dtype"):
+    with pytest.raises(RuntimeError, match="k and q must have the same dtype"):
         ttt_memory_decode_(q, k.float(), v, eta, mu, *weights, state, C)
     with pytest.raises(ValueError, match="w_down must have shape"):
         ttt_memory_decode_(q, k, v, eta, mu, weights[0], weights[1], weights[2][:, :, :2], state, C)
@@ -136,12 +137,88 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="state must be a TTTState"):
         ttt_memory_decode_(q, k, v, eta, mu, *weights, dataclasses.astuple(state), C)
     bad = dataclasses.replace(state, pending_len=torch.tensor([1, C]))
-    with pytest.raises(ValueError, match=r"pending_len must lie in \[0, chunk_size - 1\]"):
+    with pytest.raises(RuntimeError, match=r"pending_len\[1\] must be in \[0, chunk_size = 4\), got 4"):
         ttt_memory_decode_(q, k, v, eta, mu, *weights, bad, C)
     bad = dataclasses.replace(state, pending_len=torch.tensor([-1, 0]))
-    with pytest.raises(ValueError, match="pending_len must lie in"):
+    with pytest.raises(RuntimeError, match=r"pending_len\[0\] must be in"):
         ttt_memory_decode_(q, k, v, eta, mu, *weights, bad, C)
     with pytest.raises(RuntimeError, match="no autograd"):
         ttt_memory_decode_(q.clone().requires_grad_(), k, v, eta, mu, *weights, state, C)
     for n in FIELDS:  # nothing was written by the failed calls
         assert torch.equal(getattr(state, n), before[n]), n
+
+
+def _packed_op_args(C=4, plens=(1, 2), seed=7):
+    """Arguments of torch.ops.allmem.ttt_memory_decode_step: one token for each of two sequences
+    and a packed state with the given pending lengths."""
+    from test_ttt import random_state
+
+    step, weights, _, _ = _one_step_args(C)
+    st = random_state(2, C, 2, 3, 3, list(plens), seed=seed)
+    fast = torch.stack([getattr(st, n).reshape(2, 2, -1) for n in STATE_FIELDS6], 2)
+    pending = torch.cat([st.pending_k, st.pending_v, st.pending_eta, st.pending_mu[..., None]], -1)
+    return [*step, *weights, fast, pending, st.pending_len.clone(), C, False, True]
+
+
+@pytest.mark.parametrize("plens", [(1, 1), (0, 2), (3, 1)])
+def test_opcheck(plens):
+    """Uniform pending lengths (one row copy), different ones (index_put), one completing its chunk
+    (the prefill op, copied into the state)."""
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default, _packed_op_args(plens=plens))
+
+
+def test_op_rejects_non_contiguous_state():
+    args = _packed_op_args()
+    args[8] = args[8].transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(RuntimeError, match="fast, pending and pending_len must be contiguous"):
+        torch.ops.allmem.ttt_memory_decode_step(*args)
+    args = _packed_op_args()
+    args[8] = args[8][:, :, :5]
+    with pytest.raises(RuntimeError, match="fast must have shape"):
+        torch.ops.allmem.ttt_memory_decode_step(*args)
+
+
+def test_unpacked_state_is_packed_once():
+    """A state of separate tensors (TTTState.initial, then random contents) gets its fields rebound
+    to views of packed tensors on the first step; later steps update those in place; the answers
+    equal the functional steps'."""
+    from test_ttt import random_state
+
+    C, steps = 3, 5
+    _, _, dec, _, _, _, weights = split_case([0, 0], steps, 2, 3, 3, torch.float64, seed=11)
+    state = random_state(2, C, 2, 3, 3, [2, 0], seed=12)
+    ref = TTTState(*[getattr(state, n).clone() for n in FIELDS])
+    before = {n: getattr(state, n) for n in FIELDS}
+    with torch.no_grad():
+        for s in range(steps):
+            step = [t[:, s:s + 1] for t in dec]
+            got = ttt_memory_decode_(*step, *weights, state, C)
+            want, ref = ttt_memory(*step, *weights, C, initial_state=ref, output_final_state=True)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            if s == 0:
+                assert all(getattr(state, n) is not before[n] for n in FIELDS[:-1]), "fields not rebound"
+                ptrs = {n: getattr(state, n).data_ptr() for n in FIELDS}
+            else:
+                assert all(getattr(state, n).data_ptr() == ptrs[n] for n in FIELDS), "not updated in place"
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(ref, n), rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_field_replaced_between_steps():
+    """The packed tensors cached on the state from the previous step are not used once the caller
+    replaces a field: the step packs again and still equals the functional one."""
+    C = 4
+    pre, cu_pre, dec, _, _, _, weights = split_case([1, 2], 3, 2, 3, 3, torch.float64, seed=13)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    _, ref = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    with torch.no_grad():
+        for s in range(3):
+            step = [t[:, s:s + 1] for t in dec]
+            if s == 1:
+                state.w_up = state.w_up * 1.5  # a new tensor, not a view of the packed state
+                ref.w_up = ref.w_up * 1.5
+            got = ttt_memory_decode_(*step, *weights, state, C)
+            want, ref = ttt_memory(*step, *weights, C, initial_state=ref, output_final_state=True)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(ref, n), rtol=1e-10, atol=1e-12, msg=n)

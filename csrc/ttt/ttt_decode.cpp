@@ -1,0 +1,91 @@
+// allmem::ttt_memory_decode_step: one decode token per sequence, the packed state advanced in place
+// (allmem_ops.ttt_memory_decode_ maps TTTState onto it). ttt_memory_fwd is functional, so a decode
+// step through it copies the whole chunk buffer (N * C * H * (2d + 4) floats) in and out; here a
+// step that completes no chunk is the read o = f(W; q) as three batched GEMVs over the N * H fast
+// weights in the state's precision plus one row written into the buffer, and only a step in which
+// some sequence completes its chunk runs ttt_memory_fwd (the update, exactly as in prefill) and
+// copies its state into the caller's tensors. The same ATen code runs on every backend.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "ttt/ttt_common.h"
+
+namespace allmem::ttt {
+namespace {
+
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdOut call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
+                const at::Tensor& fast, const at::Tensor& pending, const at::Tensor& pending_len, int64_t chunk_size,
+                bool lact_order, bool residual) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("allmem::ttt_memory_fwd", "")
+                       .typed<FwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, int64_t, bool, bool)>();
+  return op.call(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, std::nullopt, chunk_size,
+                 lact_order, residual);
+}
+
+at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                  const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                  const at::Tensor& w_down, at::Tensor& fast, at::Tensor& pending,
+                                  at::Tensor& pending_len, int64_t chunk_size, bool lact_order, bool residual) {
+  check_floating(q, "q");
+  ALLMEM_CHECK(!(q.is_cuda() && q.scalar_type() == at::kDouble),
+               "the CUDA TTT kernels take bfloat16, float16 or float32 q, got ", q.scalar_type(),
+               ": run float64 on the CPU");
+  check_dim(q, 4, "q", "[B, 1, H, d] (one decode token per sequence)");
+  ALLMEM_CHECK(q.size(1) == 1, "q must be [B, 1, H, d] (one decode token per sequence), got shape ", shape_str(q));
+  const at::ScalarType st = accumulate_dtype(q.scalar_type());
+  // Shapes, dtypes and devices of everything, and pending_len on the host: the one sync of a step.
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, std::nullopt,
+                                      chunk_size, st);
+  const int64_t B = lay.N, H = lay.H, d = lay.d, h = lay.h;
+  check_state_tensor(fast, "fast", {B, H, kFastRows, h * d}, st, q);
+  ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
+               "fast, pending and pending_len must be contiguous (they are updated in place)");
+  if (B == 0 || H == 0) return at::empty_like(q);
+  const int64_t lo = *std::min_element(lay.p0.begin(), lay.p0.end());
+  const int64_t hi = *std::max_element(lay.p0.begin(), lay.p0.end());
+  if (hi + 1 == chunk_size) {  // some sequence completes its chunk: the update, as in prefill
+    auto [o, fast_out, pend_out, plen_out, ckpt] =
+        call_fwd(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, chunk_size, lact_order, residual);
+    fast.copy_(fast_out);
+    pending.copy_(pend_out);
+    pending_len.copy_(plen_out);
+    return o;
+  }
+  // The read with the weights as they are: W [B*H, rows, cols] views of the packed state.
+  auto mat = [&](int64_t i, int64_t rows, int64_t cols) { return fast.select(2, i).view({B * H, rows, cols}); };
+  const at::Tensor x = q.select(1, 0).to(st).reshape({B * H, d, 1});
+  const at::Tensor s = at::silu(at::bmm(mat(0, h, d), x)).mul_(at::bmm(mat(1, h, d), x));
+  const at::Tensor o = residual ? at::baddbmm(x, mat(2, d, h), s) : at::bmm(mat(2, d, h), s);
+  // The token's k | v | eta | mu into row pending_len of each sequence's buffer.
+  const at::Tensor row =
+      at::cat({k.select(1, 0), v.select(1, 0), eta.select(1, 0), mu.select(1, 0).unsqueeze(-1)}, -1);  // [B, H, 2d+4]
+  if (lo == hi) {
+    pending.select(1, lo).copy_(row);
+  } else {
+    pending.index_put_({at::arange(B, pending_len.options()), pending_len}, row.to(st));
+  }
+  pending_len.add_(1);
+  return o.view({B, 1, H, d}).to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(allmem, CPU, m) { m.impl("ttt_memory_decode_step", TORCH_FN(ttt_memory_decode_step)); }
+#ifdef ALLMEM_WITH_CUDA
+TORCH_LIBRARY_IMPL(allmem, CUDA, m) { m.impl("ttt_memory_decode_step", TORCH_FN(ttt_memory_decode_step)); }
+#endif
+
+}  // namespace allmem::ttt
