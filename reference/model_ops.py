@@ -75,7 +75,9 @@ def ttt_memory(
         fn = kernels.ttt_memory
         # One decode token per sequence, no autograd: the in-place step (the state advanced as the
         # SWA cache is; AllMemForCausalLM.decode documents it), which does not copy the chunk buffer.
+        # (Eager only: the wrapper reads data pointers; a compiled model keeps the functional op.)
         if (initial_state is not None and output_final_state and cu_seqlens is None and q.dim() == 4
+                and not torch.compiler.is_compiling()
                 and q.shape[1] == 1 and not (torch.is_grad_enabled() and any(
                     t.requires_grad for t in (q, k, v, eta, mu, w_gate, w_up, w_down, initial_state.w_gate,
                                               initial_state.pending_k)))):

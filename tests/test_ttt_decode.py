@@ -222,3 +222,21 @@ def test_field_replaced_between_steps():
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for n in FIELDS:
         torch.testing.assert_close(getattr(state, n), getattr(ref, n), rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("plens", [(0, 2), (3, 2)])
+def test_op_torch_compile_fullgraph(plens):
+    """The op under torch.compile(fullgraph=True): no graph break, its in-place updates of fast,
+    pending and pending_len reach the caller's tensors (functionalized and copied back)."""
+    args = _packed_op_args(plens=plens)
+    ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+    def f(*a):
+        return torch.ops.allmem.ttt_memory_decode_step(*a) * 2
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    want = f(*ref)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("fast", "pending", "pending_len"), args[8:11], ref[8:11]):
+        assert torch.equal(a, b), name
+    assert not torch.equal(args[10], torch.tensor(plens)), "pending_len was not advanced"
