@@ -55,6 +55,17 @@ def _backward(ctx, grad_o, grad_fast, grad_pending, _grad_plen, _grad_ckpt):
 torch.library.register_autograd("allmem::ttt_memory_fwd", _backward, setup_context=_setup_context)
 
 
+def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, H: int, d: int) -> int:
+    """Shapes of the learned initial weights against q's H and d; returns h."""
+    if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
+        raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
+    h = w_gate.shape[1]
+    for name, w, want in (("w_up", w_up, [H, h, d]), ("w_down", w_down, [H, d, h])):
+        if list(w.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (H, h, d of q and w_gate), got {list(w.shape)}")
+    return h
+
+
 def _check_state(state: TTTState, N: int, C: int, H: int, d: int, h: int, sdt: torch.dtype) -> None:
     expected = {
         "w_gate": (N, H, h, d), "w_up": (N, H, h, d), "w_down": (N, H, d, h),
@@ -130,13 +141,8 @@ def ttt_memory(
     if q.dim() < 3:
         raise ValueError(f"q must be [B, L, H, d] (or [T, H, d] with cu_seqlens), got {list(q.shape)}")
     H, d = q.shape[-2], q.shape[-1]
-    if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
-        raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
-    h = w_gate.shape[1]
     # Checked here because the initial state is built from them before the op sees them.
-    for name, w, want in (("w_up", w_up, [H, h, d]), ("w_down", w_down, [H, d, h])):
-        if list(w.shape) != want:
-            raise ValueError(f"{name} must have shape {want} (H, h, d of q and w_gate), got {list(w.shape)}")
+    h = _check_weights(w_gate, w_up, w_down, H, d)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     sdt = state_dtype(q.dtype)
     if initial_state is None:
@@ -223,14 +229,11 @@ def ttt_memory_decode_(
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
     B, _, H, d = q.shape
-    if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
-        raise ValueError(f"w_gate must be [H, h, d] with H={H}, d={d} from q, got {list(w_gate.shape)}")
-    h = w_gate.shape[1]
-    want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H]),
-            "w_up": (w_up, [H, h, d]), "w_down": (w_down, [H, d, h])}
+    h = _check_weights(w_gate, w_up, w_down, H, d)
+    want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H])}
     for name, (t, shape) in want.items():
         if list(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} (B, H, d of q, h of w_gate), got {list(t.shape)}")
+            raise ValueError(f"{name} must have shape {shape} (B, H, d of q), got {list(t.shape)}")
     _check_state(state, B, chunk_size, H, d, h, state_dtype(q.dtype))
     tensors = (q, k, v, eta, mu, w_gate, w_up, w_down) + tuple(getattr(state, f.name) for f in fields(TTTState))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
