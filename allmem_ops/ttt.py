@@ -164,7 +164,7 @@ def ttt_memory(
 
 @torch.library.register_fake("allmem::ttt_memory_decode_step")
 def _decode_step_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, chunk_size, lact_order,
-                      residual):
+                      residual, pending_len_host=None):
     return torch.empty_like(q)
 
 
@@ -219,8 +219,10 @@ def ttt_memory_decode_(
     and copies its result into the state. The op is ``torch.ops.allmem.ttt_memory_decode_step`` on
     the packed state; a state whose fields are not views of packed tensors (one from
     ``TTTState.initial``, say) is packed on its first step and its fields rebound to views of the
-    packed tensors. One host sync per step (the pending lengths). Inference only: no autograd
-    (``ttt_memory`` differentiates through decoding).
+    packed tensors. The pending lengths are read on the host at the first step and then kept on
+    the state (checked against the tensor's version counter), so a step that completes no chunk
+    does not wait for the device (inference-mode tensors have no version counter: one sync per
+    step there). Inference only: no autograd (``ttt_memory`` differentiates through decoding).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -256,5 +258,20 @@ def ttt_memory_decode_(
             packed = (fast, pending)
             current = tuple(getattr(state, f.name) for f in fields(TTTState))
         state._allmem_packed = (current, tuple(t.data_ptr() for t in current), packed)
-    return torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, w_gate, w_up, w_down, *packed,
-                                                   state.pending_len, chunk_size, lact_order, residual)
+    # The pending lengths on the host, kept from the previous step while the tensor's version counter
+    # says nobody else wrote it: then a step that completes no chunk never waits for the device.
+    plen = state.pending_len
+    try:
+        version = plen._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: the op reads the lengths
+        version = None
+    host = None
+    if version is not None:
+        mirror = getattr(state, "_allmem_plen_host", None)
+        host = mirror[2] if mirror is not None and mirror[0] is plen and mirror[1] == version else plen.tolist()
+    o = torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, w_gate, w_up, w_down, *packed, plen, chunk_size,
+                                                lact_order, residual, host)
+    if host is not None:  # every length + 1, mod C (a step that completes a chunk for one sequence ran
+        # the prefill op for all, which leaves each at (p + 1) % C)
+        state._allmem_plen_host = (plen, plen._version, [(p + 1) % chunk_size for p in host])
+    return o

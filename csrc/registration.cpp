@@ -53,10 +53,11 @@ TORCH_LIBRARY(allmem, m) {
       "Tensor d_fast, Tensor d_pending)");
   // One decode token per sequence (q/k/v [B, 1, H, d], eta [B, 1, H, 3], mu [B, 1, H]) with the
   // packed state of B sequences advanced in place: fast and pending change only when a sequence
-  // completes its chunk; returns o [B, 1, H, d] (csrc/ttt/ttt_decode.cpp).
+  // completes its chunk; returns o [B, 1, H, d] (csrc/ttt/ttt_decode.cpp). pending_len_host: the
+  // values of pending_len if the caller knows them (saves the step's host sync; must be right).
   m.def(
       "ttt_memory_decode_step(Tensor q, Tensor k, Tensor v, Tensor eta, Tensor mu, Tensor w_gate, Tensor w_up, "
       "Tensor w_down, Tensor(a!) fast, Tensor(b!) pending, Tensor(c!) pending_len, int chunk_size, bool lact_order, "
-      "bool residual) -> Tensor");
+      "bool residual, int[]? pending_len_host=None) -> Tensor");
   // TTT-SCHEMAS-END
 }

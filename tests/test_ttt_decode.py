@@ -165,6 +165,8 @@ def test_opcheck(plens):
     """Uniform pending lengths (one row copy), different ones (index_put), one completing its chunk
     (the prefill op, copied into the state)."""
     torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default, _packed_op_args(plens=plens))
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default,
+                          _packed_op_args(plens=plens) + [list(plens)])
 
 
 def test_op_rejects_non_contiguous_state():
@@ -240,3 +242,43 @@ def test_op_torch_compile_fullgraph(plens):
     for name, a, b in zip(("fast", "pending", "pending_len"), args[8:11], ref[8:11]):
         assert torch.equal(a, b), name
     assert not torch.equal(args[10], torch.tensor(plens)), "pending_len was not advanced"
+
+
+def test_host_lengths_kept_and_invalidated():
+    """The pending lengths the wrapper keeps on the host follow the device tensor step by step; a
+    write to pending_len by the caller (version counter) makes the next step read them again; in
+    inference mode (no version counter) every step reads them. Answers equal the functional steps'."""
+    C, steps = 3, 7
+    pre, cu_pre, dec, _, _, _, weights = split_case([2, 0, 1], steps, 2, 3, 3, torch.float64, seed=17)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    _, ref = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    for s in range(steps):
+        step = [t[:, s:s + 1] for t in dec]
+        if s == 3:  # the caller rewinds a sequence's buffer in place (a valid state: rows past it are zero)
+            for st in (state, ref):
+                keep = st.pending_len[2].item()
+                st.pending_len[2] = 0
+                for name in ("pending_k", "pending_v", "pending_eta", "pending_mu"):
+                    getattr(st, name)[2, :keep] = 0
+        ctx = torch.inference_mode() if s == 5 else torch.no_grad()
+        with ctx:
+            got = ttt_memory_decode_(*step, *weights, state, C)
+        with torch.no_grad():
+            want, ref = ttt_memory(*step, *weights, C, initial_state=ref, output_final_state=True)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        mirror = getattr(state, "_allmem_plen_host", None)
+        if mirror is not None and mirror[1] == state.pending_len._version:
+            assert mirror[2] == state.pending_len.tolist(), s
+    assert state.pending_len.tolist() == ref.pending_len.tolist()
+
+
+def test_op_checks_host_lengths():
+    args = _packed_op_args(plens=(1, 2))
+    with pytest.raises(RuntimeError, match="pending_len_host must hold N = 2 lengths, got 3"):
+        torch.ops.allmem.ttt_memory_decode_step(*args, [1, 2, 0])
+    with pytest.raises(RuntimeError, match=r"pending_len\[1\] must be in \[0, chunk_size = 4\), got 4"):
+        torch.ops.allmem.ttt_memory_decode_step(*args, [1, 4])
+    ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    got = torch.ops.allmem.ttt_memory_decode_step(*args, [1, 2])
+    want = torch.ops.allmem.ttt_memory_decode_step(*ref)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(args[8:11], ref[8:11]))

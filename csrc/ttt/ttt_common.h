@@ -36,11 +36,13 @@ inline void check_state_tensor(const at::Tensor& t, const char* name, at::IntArr
 
 // Validates the inputs common to ttt_memory_fwd and ttt_memory_bwd; `st` is the state dtype the
 // backend keeps (float32, or float64 for float64 inputs on the CPU). Reads cu_seqlens and
-// pending_len on the host (one copy each).
+// pending_len on the host (one copy each); a caller that knows pending_len's values on the host
+// (ttt_memory_decode_step's pending_len_host) passes them instead and saves that sync.
 inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
                                const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
                                const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
-                               const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, at::ScalarType st) {
+                               const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, at::ScalarType st,
+                               std::optional<at::IntArrayRef> pending_len_host = std::nullopt) {
   ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   check_floating(q, "q");
   const bool varlen = cu_seqlens.has_value();
@@ -97,8 +99,16 @@ inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const a
   ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
                "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
                shape_str(pending_len));
-  auto plen = pending_len.to(at::kCPU).contiguous();
-  const int64_t* pl = plen.data_ptr<int64_t>();
+  at::Tensor plen;
+  const int64_t* pl = nullptr;
+  if (pending_len_host.has_value()) {
+    ALLMEM_CHECK(static_cast<int64_t>(pending_len_host->size()) == lay.N, "pending_len_host must hold N = ", lay.N,
+                 " lengths, got ", static_cast<int64_t>(pending_len_host->size()));
+    pl = pending_len_host->data();
+  } else {
+    plen = pending_len.to(at::kCPU).contiguous();
+    pl = plen.data_ptr<int64_t>();
+  }
   int64_t slot = 0;
   for (int64_t n = 0; n < lay.N; ++n) {
     ALLMEM_CHECK(pl[n] >= 0 && pl[n] < lay.C, "pending_len[", n, "] must be in [0, chunk_size = ", lay.C, "), got ",

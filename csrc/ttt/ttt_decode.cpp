@@ -4,7 +4,8 @@
 // step that completes no chunk is the read o = f(W; q) as three batched GEMVs over the N * H fast
 // weights in the state's precision plus one row written into the buffer, and only a step in which
 // some sequence completes its chunk runs ttt_memory_fwd (the update, exactly as in prefill) and
-// copies its state into the caller's tensors. The same ATen code runs on every backend.
+// copies its state into the caller's tensors. The same ATen code runs on every backend. With the
+// pending lengths given on the host, a step that completes no chunk never waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -38,7 +39,8 @@ FwdOut call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
                                   const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
                                   const at::Tensor& w_down, at::Tensor& fast, at::Tensor& pending,
-                                  at::Tensor& pending_len, int64_t chunk_size, bool lact_order, bool residual) {
+                                  at::Tensor& pending_len, int64_t chunk_size, bool lact_order, bool residual,
+                                  at::OptionalIntArrayRef pending_len_host) {
   check_floating(q, "q");
   ALLMEM_CHECK(!(q.is_cuda() && q.scalar_type() == at::kDouble),
                "the CUDA TTT kernels take bfloat16, float16 or float32 q, got ", q.scalar_type(),
@@ -46,9 +48,14 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   check_dim(q, 4, "q", "[B, 1, H, d] (one decode token per sequence)");
   ALLMEM_CHECK(q.size(1) == 1, "q must be [B, 1, H, d] (one decode token per sequence), got shape ", shape_str(q));
   const at::ScalarType st = accumulate_dtype(q.scalar_type());
-  // Shapes, dtypes and devices of everything, and pending_len on the host: the one sync of a step.
+  // Shapes, dtypes and devices of everything, and pending_len on the host: the one sync of a step,
+  // unless the caller passes the values it knows (pending_len_host, checked the same way; they must
+  // equal pending_len's, which the Python wrapper ensures by the tensor's version counter). A step
+  // that completes a chunk syncs in ttt_memory_fwd either way.
+  std::optional<at::IntArrayRef> host;
+  if (pending_len_host.has_value()) host = *pending_len_host;
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, std::nullopt,
-                                      chunk_size, st);
+                                      chunk_size, st, host);
   const int64_t B = lay.N, H = lay.H, d = lay.d, h = lay.h;
   check_state_tensor(fast, "fast", {B, H, kFastRows, h * d}, st, q);
   ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
