@@ -35,7 +35,8 @@ def _swa_bwd_fake(dout, q, k, v, out, lse, window, sinks, softmax_scale, cu_seql
 
 
 @torch.library.register_fake("allmem::swa_decode")
-def _swa_decode_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, softmax_scale):
+def _swa_decode_fake(q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, softmax_scale,
+                     check_lengths=True):
     return q.new_empty(q.shape)
 
 
@@ -109,6 +110,7 @@ def sliding_window_attention_decode(
     window: int,
     sinks: int = 0,
     softmax_scale: float | None = None,
+    check_lengths: bool = True,
 ) -> Tensor:
     """Appends Lnew tokens per sequence to an S + W slot KV cache and attends, token by token.
 
@@ -121,13 +123,16 @@ def sliding_window_attention_decode(
         cache_seqlens: int32 [B], tokens already in the cache per sequence (may differ per
             sequence); read only: the caller advances it (SWAKVCache does).
         window, sinks, softmax_scale: as in sliding_window_attention.
+        check_lengths: False when the caller knows cache_seqlens >= 0: the CUDA op then skips
+            reading them on the host (its one sync per call; a negative length gives NaN outputs
+            for that sequence instead of an error). The CPU op always checks.
 
     Returns:
         out [B, Lnew, Hq, D]: new token t of sequence b attends as position cache_seqlens[b] + t
         of one long sequence would.
     """
     return torch.ops.allmem.swa_decode(
-        q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, softmax_scale
+        q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks, softmax_scale, check_lengths
     )
 
 
@@ -154,6 +159,19 @@ class SWAKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # the op's cache_seqlens
+        self._vouch()
+
+    def _seqlens_version(self) -> int | None:
+        try:
+            return self.seqlens._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return None
+
+    def _vouch(self) -> None:
+        """Records that the lengths, as they are now, are >= 0 (this class wrote or checked them), so
+        the next decode can tell the op to skip its check (a host sync on CUDA) unless someone else
+        writes them first (the tensor's version counter changes, or the tensor is replaced)."""
+        self._vouched = (self.seqlens, self._seqlens_version())
 
     @property
     def nbytes(self) -> int:
@@ -169,10 +187,13 @@ class SWAKVCache:
     def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
         """Decodes Lnew tokens for every sequence: q [B, Lnew, Hq, D], k/v [B, Lnew, Hkv, D]
         -> out [B, Lnew, Hq, D]; then advances the lengths by Lnew."""
+        version = self._seqlens_version()
+        vouched = version is not None and self._vouched[0] is self.seqlens and self._vouched[1] == version
         out = sliding_window_attention_decode(
-            q, k, v, self.k, self.v, self.seqlens, self.window, self.sinks, softmax_scale
+            q, k, v, self.k, self.v, self.seqlens, self.window, self.sinks, softmax_scale, check_lengths=not vouched
         )
         self.seqlens += q.shape[1]
+        self._vouch()
         return out
 
     @torch.no_grad()
@@ -222,3 +243,4 @@ class SWAKVCache:
             self.k[b, slots] = kb[pos].to(self.k.dtype)
             self.v[b, slots] = vb[pos].to(self.v.dtype)
         self.seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        self._vouch()

@@ -27,10 +27,12 @@ TORCH_LIBRARY(allmem, m) {
   // Decode against an S + W slot cache (S sink slots, then a ring of W). q [B, Lnew, Hq, D],
   // k_new/v_new [B, Lnew, Hkv, D], k_cache/v_cache [B, S + W, Hkv, D], cache_seqlens int32 [B]
   // (tokens already in the cache per sequence). Writes the new tokens into the cache, one at a
-  // time, each attending after it is written; returns out [B, Lnew, Hq, D].
+  // time, each attending after it is written; returns out [B, Lnew, Hq, D]. check_lengths=False:
+  // the caller vouches that cache_seqlens >= 0, so the CUDA op skips reading them on the host (its
+  // one sync; the kernels still guard on the device); the CPU op always checks (no sync there).
   m.def(
       "swa_decode(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor cache_seqlens, int window, int sinks, float? softmax_scale) -> Tensor");
+      "Tensor cache_seqlens, int window, int sinks, float? softmax_scale, bool check_lengths=True) -> Tensor");
 
   // ---- TTT memory (SPEC.md "The memory branch, exactly") ----
   // TTT-SCHEMAS-BEGIN (owned by csrc/ttt)

@@ -388,6 +388,43 @@ def test_fill_from_prefill_uneven_prompts(packed, seed):
         assert maxerr(got[i], want) < F64_TOL, f"sequence {i} seed {seed}"
 
 
+def test_cache_vouches_for_its_own_lengths(monkeypatch):
+    """SWAKVCache tells the op to skip its length check (a host sync on CUDA) only while it alone
+    has written its lengths: after __init__, a decode or fill_from_prefill; not after the caller
+    writes them in place or replaces the tensor, nor for inference-mode tensors."""
+    import allmem_ops.swa as swa_mod
+
+    seen = []
+    real = swa_mod.sliding_window_attention_decode
+
+    def spy(*args, check_lengths=True, **kw):
+        seen.append(check_lengths)
+        return real(*args, check_lengths=check_lengths, **kw)
+
+    monkeypatch.setattr(swa_mod, "sliding_window_attention_decode", spy)
+    cache = SWAKVCache(2, 1, 8, 4, 1, dtype=torch.float64)
+    q, k = rand(2, 1, 2, 8), rand(2, 1, 1, 8)
+    cache.update_and_attend(q, k, k)
+    cache.update_and_attend(q, k, k)
+    cache.seqlens[1] = 0  # the caller's write: checked once, then vouched again
+    cache.update_and_attend(q, k, k)
+    cache.update_and_attend(q, k, k)
+    cache.seqlens = torch.zeros(2, dtype=torch.int32)  # replaced
+    cache.update_and_attend(q, k, k)
+    cache.fill_from_prefill(rand(2, 3, 1, 8), rand(2, 3, 1, 8))
+    cache.update_and_attend(q, k, k)
+    assert seen == [False, False, True, False, True, False]
+    with torch.inference_mode():
+        inf_cache = SWAKVCache(2, 1, 8, 4, 1, dtype=torch.float64)
+        inf_cache.update_and_attend(q, k, k)
+        inf_cache.update_and_attend(q, k, k)
+    assert seen[-2:] == [True, True]
+    # A negative length written by the caller is still rejected (the op checks it again).
+    cache.seqlens[0] = -1
+    with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
+        cache.update_and_attend(q, k, k)
+
+
 def test_fill_from_prefill_rejects_bad_lengths():
     cache = SWAKVCache(2, 1, 8, 4, 1, dtype=torch.float64)
     k = rand(2, 5, 1, 8)

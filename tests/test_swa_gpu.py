@@ -377,10 +377,12 @@ def test_decode_matches_full_sequence(d, dtype):
         done += n
 
 
-def test_decode_unchecked_lengths_and_cuda_graph(monkeypatch):
-    """ALLMEM_SWA_DECODE_CHECK=0 drops the one host sync of a decode call: the same results as the
-    checked call, a CUDA graph can capture the step, and a negative length (no longer an error)
-    gives NaN outputs for its sequence only and leaves that sequence's cache alone."""
+@pytest.mark.parametrize("how", ["env", "arg"])
+def test_decode_unchecked_lengths_and_cuda_graph(monkeypatch, how):
+    """ALLMEM_SWA_DECODE_CHECK=0 or check_lengths=False drops the one host sync of a decode call:
+    the same results as the checked call, a CUDA graph can capture the step, and a negative length
+    (no longer an error) gives NaN outputs for its sequence only and leaves that sequence's cache
+    alone."""
     gen = torch.Generator(device=DEV).manual_seed(41)
     d, hq, hkv, window, sinks = 64, 4, 2, 16, 3
     q, k_new, v_new = rand((2, 1, hq, d), torch.bfloat16, gen), rand((2, 1, hkv, d), torch.bfloat16, gen), \
@@ -390,9 +392,14 @@ def test_decode_unchecked_lengths_and_cuda_graph(monkeypatch):
     lens = torch.tensor([40, 7], dtype=torch.int32, device=DEV)
     kc, vc = k_cache.clone(), v_cache.clone()
     ref = sliding_window_attention_decode(q, k_new, v_new, kc, vc, lens, window, sinks)
-    monkeypatch.setenv("ALLMEM_SWA_DECODE_CHECK", "0")
+    if how == "env":
+        monkeypatch.setenv("ALLMEM_SWA_DECODE_CHECK", "0")
+
+    def unchecked(*args):
+        return sliding_window_attention_decode(*args, check_lengths=how == "env")
+
     kc2, vc2 = k_cache.clone(), v_cache.clone()
-    out = sliding_window_attention_decode(q, k_new, v_new, kc2, vc2, lens, window, sinks)
+    out = unchecked(q, k_new, v_new, kc2, vc2, lens, window, sinks)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     torch.testing.assert_close(kc2, kc, atol=0, rtol=0)
     # Captured in a CUDA graph (a host sync inside would make the capture fail).
@@ -400,18 +407,18 @@ def test_decode_unchecked_lengths_and_cuda_graph(monkeypatch):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the capture (allocations, attributes)
-        sliding_window_attention_decode(q, k_new, v_new, kc3.clone(), vc3.clone(), lens, window, sinks)
+        unchecked(q, k_new, v_new, kc3.clone(), vc3.clone(), lens, window, sinks)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = sliding_window_attention_decode(q, k_new, v_new, kc3, vc3, lens, window, sinks)
+        captured = unchecked(q, k_new, v_new, kc3, vc3, lens, window, sinks)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, ref, atol=0, rtol=0)
     # A negative length: NaN for that sequence, the other one unchanged, its cache untouched.
     bad = torch.tensor([40, -5], dtype=torch.int32, device=DEV)
     kc4, vc4 = k_cache.clone(), v_cache.clone()
-    out = sliding_window_attention_decode(q, k_new, v_new, kc4, vc4, bad, window, sinks)
+    out = unchecked(q, k_new, v_new, kc4, vc4, bad, window, sinks)
     assert torch.isnan(out[1]).all()
     torch.testing.assert_close(out[0], ref[0], atol=0, rtol=0)
     torch.testing.assert_close(kc4[1], k_cache[1], atol=0, rtol=0)

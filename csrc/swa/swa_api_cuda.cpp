@@ -297,7 +297,7 @@ void plan_decode_splits(DecodeParams& dp, int64_t band_keys, int num_sms) {
 
 at::Tensor swa_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, const at::Tensor& v_new_in,
                            at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window,
-                           int64_t sinks, std::optional<double> softmax_scale) {
+                           int64_t sinks, std::optional<double> softmax_scale, bool check_lengths) {
   const DecodeProblem shape = check_decode_args(q_in, k_new_in, v_new_in, k_cache, v_cache, cache_seqlens, window,
                                                 sinks, softmax_scale);
   check_on_cuda(q_in, "q");
@@ -319,12 +319,13 @@ at::Tensor swa_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_new_in, c
   at::Tensor out = at::empty(q_in.sizes(), q_in.options());
   if (q_in.numel() == 0) return out;
   // Same contract as the CPU kernel. Reading the lengths costs one host sync per call (and makes
-  // the op impossible to capture in a CUDA graph); ALLMEM_SWA_DECODE_CHECK=0 (read at every call)
-  // skips it: the kernels then guard on the device, a negative length giving NaN outputs for that
-  // sequence and leaving its cache untouched instead of an error. Never an out-of-bounds access.
+  // the op impossible to capture in a CUDA graph); check_lengths=False (SWAKVCache passes it while
+  // it alone has written its lengths) or ALLMEM_SWA_DECODE_CHECK=0 (read at every call) skips it:
+  // the kernels then guard on the device, a negative length giving NaN outputs for that sequence
+  // and leaving its cache untouched instead of an error. Never an out-of-bounds access.
   const at::Tensor seqlens = cache_seqlens.contiguous();
   const char* check_env = std::getenv("ALLMEM_SWA_DECODE_CHECK");
-  if (check_env == nullptr || std::strcmp(check_env, "0") != 0) {
+  if (check_lengths && (check_env == nullptr || std::strcmp(check_env, "0") != 0)) {
     const int min_len = seqlens.min().item<int>();
     ALLMEM_CHECK(min_len >= 0, "cache_seqlens must be >= 0, got a minimum of ", min_len);
   }

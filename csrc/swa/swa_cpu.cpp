@@ -351,7 +351,7 @@ void decode_kv_head(const DecodeArgs<scalar_t>& a, int64_t b, int64_t hk, int64_
 
 at::Tensor swa_decode_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new, at::Tensor& k_cache,
                           at::Tensor& v_cache, const at::Tensor& cache_seqlens, int64_t window, int64_t sinks,
-                          std::optional<double> softmax_scale) {
+                          std::optional<double> softmax_scale, bool /*check_lengths: always checked here*/) {
   const DecodeProblem dp = check_decode_args(q, k_new, v_new, k_cache, v_cache, cache_seqlens, window, sinks,
                                              softmax_scale);
   check_cpu(q, "q");
