@@ -427,7 +427,9 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
     """One decode step (one token per sequence, no grad) from a state whose chunk buffer holds
     C - 2 tokens (the step reads and buffers) or C - 1 (it also completes the chunk: the update and
     a new checkpoint); the functional op (default kernels, allmem_tc), the in-place step
-    allmem_ops.ttt_memory_decode_ (allmem_inplace) and the chunked reference, eager, on the same state.
+    allmem_ops.ttt_memory_decode_ (allmem_inplace; on a GPU also with its fused kernel,
+    ALLMEM_TTT_DECODE_KERNEL=1: allmem_inplace_kernel) and the chunked reference, eager, on the same
+    state.
     Bytes: what a step must move at least (the read's three float32 weight matrices per sequence
     and head, the token in, o out; `need_bytes`) and what the functional state API makes the op
     move (the whole fast state and chunk buffer in, their copies out; `state_bytes`); both at the
@@ -457,14 +459,18 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
                 initial_state.pending_len.fill_(filled)
                 return allmem_ops.ttt_memory_decode_(*args[:-1], initial_state, args[-1])
 
-            for impl, fn in (("allmem_tc", allmem_ops.ttt_memory), ("allmem_inplace", inplace),
-                             ("ref_eager", ttt_memory_chunked)):
+            contenders = [("allmem_tc", allmem_ops.ttt_memory), ("allmem_inplace", inplace),
+                          ("ref_eager", ttt_memory_chunked)]
+            if rec.dev == "cuda":  # the fused kernel of a step (ALLMEM_TTT_DECODE_KERNEL=1)
+                contenders.insert(2, ("allmem_inplace_kernel", inplace))
+            for impl, fn in contenders:
                 def run():
                     with torch.no_grad():
-                        fn(*ins, C, initial_state=inplace_state if impl == "allmem_inplace" else state,
+                        fn(*ins, C, initial_state=inplace_state if impl.startswith("allmem_inplace") else state,
                            output_final_state=True)
 
-                with impl_env(impl):
+                kernel_env = {"ALLMEM_TTT_DECODE_KERNEL": "1" if impl.endswith("kernel") else None}
+                with impl_env(impl), env_vars(kernel_env):
                     ms, n, _ = time_ms(run, rec.dev, warmup=3, reps=20, max_s=0.5)
                 row = dict(impl=impl, d=d, H=H, B=B, C=C, filled=filled, ms=ms, reps=n, need_bytes=need,
                            state_bytes=have)
@@ -482,7 +488,7 @@ def print_decode(data: dict) -> None:
           "functional state makes it move, at the HBM rate)")
     for r in rows:
         fl = (f"  floor {r['need_floor_ms']:.4f} / {r['state_floor_ms']:.4f}" if "need_floor_ms" in r else "")
-        print(f"  {r['impl']:14} d={r['d']} H={r['H']} B={r['B']:>2} C={r['C']} buffer {r['filled']:>4} -> "
+        print(f"  {r['impl']:21} d={r['d']} H={r['H']} B={r['B']:>2} C={r['C']} buffer {r['filled']:>4} -> "
               f"{r['filled'] + 1:>4}: {r['ms']:.3f}{fl}")
 
 

@@ -272,6 +272,21 @@ for i, (d, h, dt) in enumerate(((64, 64, torch.bfloat16), (128, 128, torch.float
         o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+# The fused decode step (csrc/ttt/ttt_decode_kernel.cu): three in-place steps of two sequences whose
+# buffers fill at different steps (the last one completes a chunk: the prefill op).
+os.environ["ALLMEM_TTT_DECODE_KERNEL"] = "1"
+with torch.no_grad():
+    d, H, C = 64, 2, 8
+    mk = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=dev), dim=-1).to(torch.bfloat16)
+    w = [torch.randn(H, d, d, device=dev) / d**0.5 for _ in range(3)]
+    _, st = allmem_ops.ttt_memory(mk(2, 5, H, d), mk(2, 5, H, d), mk(2, 5, H, d),
+                                  (torch.rand(2, 5, H, 3, device=dev) * 0.1).to(torch.bfloat16),
+                                  torch.rand(2, 5, H, device=dev).to(torch.bfloat16), *w, C, output_final_state=True)
+    st.pending_len[1] = 3
+    for _ in range(3):
+        allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
+                                      (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
+                                      torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C)
 torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
 EOF

@@ -56,3 +56,16 @@ def test_tc_kernels_have_no_stack_or_local_memory(kernel):
     assert len(found) == TC_KERNELS[kernel], usage[:2000]
     for name, _regs, stack, local in found:
         assert stack == "0" and local == "0", f"{name}: STACK {stack} LOCAL {local}"
+
+
+def test_decode_kernel_compiled_without_local_memory():
+    """The fused decode step (csrc/ttt/ttt_decode_kernel.cu): one non-template kernel per target, warp
+    shuffle sums (SHFL.BFLY), no stack or local memory."""
+    body = [b for n, b in _sass_by_function("90a").items() if "ttt_decode_kernel" in n]
+    assert len(body) == 1, "ttt_decode_kernel not found (or more than once) in the sm_90a code"
+    assert re.search(r"\bSHFL\.BFLY\b", body[0]) and not re.search(r"\b(LDL|STL)\b", body[0])
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
+                           capture_output=True, text=True, check=True).stdout
+    found = re.findall(r"Function (\S*ttt_decode_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                       usage)
+    assert len(found) == 1 and found[0][2] == "0" and found[0][3] == "0", found

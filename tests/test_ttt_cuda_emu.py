@@ -24,12 +24,16 @@ from allmem_ops.ttt import _pack
 from test_ttt import make_inputs, random_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = {name: os.path.join(HERE, "..", "csrc", "ttt", f"ttt_{name}.cu") for name in ("fwd", "bwd")}
+KERNELS = {name: os.path.join(HERE, "..", "csrc", "ttt", f"ttt_{stem}.cu")
+           for name, stem in (("fwd", "fwd"), ("bwd", "bwd"), ("decode", "decode_kernel"))}
+# Where each file's launch code starts (cut off: emu.cpp runs the kernels itself).
+LAUNCH_CODE = {"fwd": "template <int D, int Hd>\nvoid launch(", "bwd": "template <int D, int Hd>\nvoid launch(",
+               "decode": "}  // namespace\n\nvoid launch_ttt_decode("}
 UTILS = os.path.join(HERE, "..", "csrc", "ttt", "ttt_kernel_utils.cuh")
 CXX = shutil.which("g++")
 
 
-def _emulated_source(path: str) -> str:
+def _emulated_source(path: str, launch_code: str) -> str:
     """A kernel file with its CUDA header, dynamic shared memory and launch code swapped out."""
     src = open(path).read()
     swaps = [
@@ -39,7 +43,7 @@ def _emulated_source(path: str) -> str:
     for old, new in swaps:
         assert old in src, f"{path} changed: {old!r} not found; update tests/test_ttt_cuda_emu.py"
         src = src.replace(old, new)
-    cut = src.find("template <int D, int Hd>\nvoid launch(")
+    cut = src.find(launch_code)
     assert cut > 0, f"{path} changed: the launch code was not found; update tests/test_ttt_cuda_emu.py"
     return src[:cut] + "}  // namespace\n}  // namespace allmem::ttt::cuda\n"
 
@@ -48,7 +52,7 @@ def _emulated_source(path: str) -> str:
 def emu():
     if CXX is None:
         pytest.skip("needs g++")
-    srcs = {name: _emulated_source(path) for name, path in KERNELS.items()}
+    srcs = {name: _emulated_source(path, LAUNCH_CODE[name]) for name, path in KERNELS.items()}
     parts = list(srcs.values()) + [open(p).read() for p in (UTILS, os.path.join(HERE, "ttt_cuda_emu", "shim.h"),
                                              os.path.join(HERE, "ttt_cuda_emu", "emu.cpp"))]
     key = hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
@@ -209,3 +213,51 @@ def test_emulated_backward_matches_cpu_op(emu, case):
     for name, a, b in zip(names, got, want):
         assert not torch.isnan(a).any(), f"{name}: elements left unwritten"
         assert rel_err(a, b) < (1e-2 if (a.dtype == torch.bfloat16) else 1e-5), name
+
+
+class DecodeParams(ctypes.Structure):
+    """csrc/ttt/ttt_cuda.h DecodeParams, field by field."""
+    _fields_ = (
+        [(n, ctypes.c_void_p) for n in ("q", "k", "v", "eta", "mu", "o")]
+        + [("dtype", ctypes.c_int)]
+        + [(n, ctypes.c_void_p) for n in ("fast", "pending", "pending_len")]
+        + [("n_seqs", ctypes.c_int64), ("heads", ctypes.c_int64), ("chunk", ctypes.c_int64),
+           ("d", ctypes.c_int), ("h", ctypes.c_int), ("residual", ctypes.c_bool)]
+    )
+
+
+# (B, H, d, h, C, pending lengths, residual, dtype): lengths < C - 1 (the kernel's steps)
+DECODE_CASES = [
+    (2, 2, 64, 64, 16, [0, 14], True, torch.float32),
+    (3, 1, 128, 64, 8, [5, 5, 2], False, torch.bfloat16),
+    (1, 3, 64, 128, 4, [1], True, torch.float16),
+    (2, 1, 128, 128, 32, [30, 0], True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_emulated_decode_matches_op(emu, case):
+    """ttt_decode_kernel.cu's kernel (one launch per non-chunk-completing step) against the op's ATen path
+    on the same packed state: o within float32 summation order (bf16/fp16: one rounding of the same
+    value), the buffer row an exact copy, every other row and the weights untouched."""
+    B, H, d, h, C, plens, res, dtype = case
+    ins, _ = make_inputs(B, 1, H, d, h, dtype=dtype, seed=B + d)
+    q, k, v, eta, mu, wg, wu, wd = ins
+    fast, pend, plen = packed_state(B, C, H, d, h, wg, wu, wd, plens)
+    want_pend, want_plen = pend.clone(), plen.clone()
+    want = torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, wg, wu, wd, fast, want_pend, want_plen, C,
+                                                   False, res)
+    toks = [t.contiguous() for t in (q, k, v, eta, mu)]
+    o = torch.full_like(toks[0], float("nan"))
+    got_pend = pend.clone()
+    dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
+    fast_before = fast.clone()
+    p = DecodeParams(*[t.data_ptr() for t in (*toks, o)], dt, fast.data_ptr(), got_pend.data_ptr(), plen.data_ptr(),
+                     B, H, C, d, h, res)
+    emu.emu_decode(ctypes.byref(p))
+    assert not torch.isnan(o).any(), "o elements left unwritten"
+    assert rel_err(o, want) < (1e-2 if dtype != torch.float32 else 1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_pend, want_pend, rtol=0, atol=0)  # the row copied exactly, nothing else written
+    assert torch.equal(fast, fast_before)

@@ -88,11 +88,15 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_bf16_within_prefill_error(d):
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_bf16_within_prefill_error(d, fused, monkeypatch):
     """On the GPU (default kernels for the chunk-completing steps), bf16, chunks of 64 filled at
     different steps: the decode outputs' error vs float64 (the CPU op over the whole sequences)
     is no larger than the GPU prefill's on the same tokens (x 1.25: the GEMV reads in float32, the
-    tensor-core prefill with bf16 operands), and the final state matches the prefill's."""
+    tensor-core prefill with bf16 operands), and the final state matches the prefill's; with the
+    ATen steps and with the fused kernel."""
+    if fused:  # the read and row write of a step in one kernel (csrc/ttt/ttt_decode_kernel.cu)
+        monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
     C, H = 64, 2
     lens, steps = [0, 30, 70, 127], 70
     got, state, want, want_state, _ = decode_all(lens, steps, H, d, d, C, torch.bfloat16, device="cuda", seed=5)

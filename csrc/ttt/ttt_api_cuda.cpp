@@ -18,6 +18,7 @@
 
 #include "common/checks.h"
 #include "ttt/ttt_bwd_composite.h"
+#include "ttt/ttt_decode_cuda.h"
 #include "ttt/ttt_common.h"
 #include "ttt/ttt_cuda.h"
 
@@ -329,6 +330,44 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
 }
 
 }  // namespace
+
+}  // namespace allmem::ttt::cuda
+
+namespace allmem::ttt {
+
+at::Tensor ttt_decode_step_kernel_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& fast,
+                                       at::Tensor& pending, const at::Tensor& pending_len, int64_t chunk_size,
+                                       int64_t h, bool residual) {
+  using namespace allmem::ttt::cuda;
+  const c10::cuda::CUDAGuard guard(q.device());
+  ALLMEM_CHECK(q.size(0) * q.size(2) <= INT32_MAX, "B * H must fit the grid (2^31 - 1), got ", q.size(0) * q.size(2));
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
+  auto o = at::empty_like(qc);
+  DecodeParams p{};
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.v = vc.data_ptr();
+  p.eta = etac.data_ptr();
+  p.mu = muc.data_ptr();
+  p.o = o.data_ptr();
+  p.dtype = cuda_dtype(q);
+  p.fast = fast.data_ptr<float>();
+  p.pending = pending.data_ptr<float>();
+  p.pending_len = pending_len.data_ptr<int64_t>();
+  p.n_seqs = q.size(0);
+  p.heads = q.size(2);
+  p.chunk = chunk_size;
+  p.d = static_cast<int>(q.size(3));
+  p.h = static_cast<int>(h);
+  p.residual = residual;
+  launch_ttt_decode(p, at::cuda::getCurrentCUDAStream());
+  return o;
+}
+
+}  // namespace allmem::ttt
+
+namespace allmem::ttt::cuda {
 
 TORCH_LIBRARY_IMPL(allmem, CUDA, m) {
   m.impl("ttt_memory_fwd", &ttt_memory_fwd_cuda);

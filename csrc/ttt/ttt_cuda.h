@@ -149,4 +149,21 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream);
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);
 void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream);
 
+// One decode step that completes no chunk (ttt_decode.cpp, ALLMEM_TTT_DECODE_KERNEL=1): block
+// (sequence n, head) reads o = f(W; q) with the state's float32 weights and writes the token's
+// k | v | eta | mu into row pending_len[n] of its chunk buffer. Tokens [N, 1, H, x] contiguous;
+// fast [N, H, 6, h*d]; pending [N, C, H, 2d+4]; pending_len is advanced by the caller afterwards.
+struct DecodeParams {
+  const void *q, *k, *v, *eta, *mu;
+  void* o;
+  InDType dtype;
+  const float* fast;
+  float* pending;
+  const int64_t* pending_len;
+  int64_t n_seqs, heads, chunk;
+  int d, h;
+  bool residual;
+};
+void launch_ttt_decode(const DecodeParams& p, cudaStream_t stream);
+
 }  // namespace allmem::ttt::cuda

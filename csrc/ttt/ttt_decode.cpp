@@ -11,16 +11,26 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "common/checks.h"
 #include "ttt/ttt_common.h"
+#ifdef ALLMEM_WITH_CUDA
+#include "ttt/ttt_decode_cuda.h"
+#endif
 
 namespace allmem::ttt {
 namespace {
 
 using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+[[maybe_unused]] bool decode_kernel_requested() {
+  const char* env = std::getenv("ALLMEM_TTT_DECODE_KERNEL");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
 
 FwdOut call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
                 const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& w_down,
@@ -71,6 +81,15 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
     pending_len.copy_(plen_out);
     return o;
   }
+#ifdef ALLMEM_WITH_CUDA
+  // ALLMEM_TTT_DECODE_KERNEL=1 (read at every call; opt-in until it has run on a GPU): the read and
+  // the row write in one launch (ttt_decode_kernel.cu) instead of the ATen sequence below.
+  if (q.is_cuda() && st == at::kFloat && decode_kernel_requested()) {
+    at::Tensor o = ttt_decode_step_kernel_cuda(q, k, v, eta, mu, fast, pending, pending_len, chunk_size, h, residual);
+    pending_len.add_(1);
+    return o;
+  }
+#endif
   // The read with the weights as they are: W [B*H, rows, cols] views of the packed state.
   auto mat = [&](int64_t i, int64_t rows, int64_t cols) { return fast.select(2, i).view({B * H, rows, cols}); };
   const at::Tensor x = q.select(1, 0).to(st).reshape({B * H, d, 1});

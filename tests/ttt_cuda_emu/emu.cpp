@@ -1,12 +1,13 @@
-// Runs ttt_fwd_kernel and ttt_bwd_kernel on the CPU under shim.h. `fwd_emu.inc`, `bwd_emu.inc` are
-// csrc/ttt/ttt_fwd.cu, ttt_bwd.cu with their CUDA include, dynamic shared memory declaration and
-// launch code rewritten by tests/test_ttt_cuda_emu.py (see there).
+// Runs ttt_fwd_kernel, ttt_bwd_kernel and ttt_decode_kernel on the CPU under shim.h. `fwd_emu.inc`,
+// `bwd_emu.inc`, `decode_emu.inc` are csrc/ttt/ttt_fwd.cu, ttt_bwd.cu, ttt_decode_kernel.cu with their CUDA
+// include, dynamic shared memory declaration and launch code rewritten by tests/test_ttt_cuda_emu.py.
 #include <memory>
 #include <thread>
 #include <vector>
 
 #include "fwd_emu.inc"
 #include "bwd_emu.inc"
+#include "decode_emu.inc"
 
 using namespace allmem::ttt::cuda;
 
@@ -60,4 +61,29 @@ extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void*
 // BwdParams is passed by pointer (ctypes builds it field by field).
 extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
   dispatch<BwdTraits>(*p, d, h, [](auto tr) { return &ttt_bwd_kernel<decltype(tr)::D, decltype(tr)::Hd>; });
+}
+
+// One block per (sequence, head), kDecodeThreads threads, d + h floats of shared memory.
+extern "C" void emu_decode(const DecodeParams* p) {
+  std::vector<float4> smem((p->d + p->h) / 4 + 1);
+  for (int64_t b = 0; b < p->n_seqs * p->heads; ++b) {
+    for (auto& f : smem) f = float4{NAN, NAN, NAN, NAN};
+    g_smem = smem.data();
+    std::barrier<> bar(kDecodeThreads);
+    g_bar = &bar;
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    for (int w = 0; w < 8; ++w) {
+      warp_bars.emplace_back(new std::barrier<>(32));
+      g_warp_bar[w] = warp_bars.back().get();
+    }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kDecodeThreads; ++t) {
+      threads.emplace_back([&, t] {
+        threadIdx.x = t;
+        blockIdx.x = static_cast<unsigned>(b);
+        ttt_decode_kernel(*p);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
 }
