@@ -51,19 +51,7 @@ __global__ void __launch_bounds__(kDecodeThreads) ttt_decode_kernel(const Decode
   if (row < 0 || row >= p.chunk) return;
   const int pw = 2 * d + 4;
   float* dst = p.pending + ((n * p.chunk + row) * p.heads + hh) * pw;
-  for (int j = tid; j < pw; j += kDecodeThreads) {
-    float val;
-    if (j < d) {
-      val = load_in(p.k, job * d + j, p.dtype);
-    } else if (j < 2 * d) {
-      val = load_in(p.v, job * d + j - d, p.dtype);
-    } else if (j < 2 * d + 3) {
-      val = load_in(p.eta, job * 3 + j - 2 * d, p.dtype);
-    } else {
-      val = load_in(p.mu, job, p.dtype);
-    }
-    dst[j] = val;
-  }
+  for (int j = tid; j < pw; j += kDecodeThreads) dst[j] = pending_column(p.k, p.v, p.eta, p.mu, job, j, d, p.dtype);
 }
 
 }  // namespace

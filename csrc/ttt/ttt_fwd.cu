@@ -192,18 +192,7 @@ __global__ void __launch_bounds__(FwdTraits<D, Hd>::kThreads, 1) ttt_fwd_kernel(
       for (int64_t i = tid; i < seg * PW; i += kT) {
         const int64_t t = i / PW;
         const int c = static_cast<int>(i % PW);
-        const int64_t row = tok(first + t);
-        float x;
-        if (c < D) {
-          x = load_in(p.k, row * D + c, p.dtype);
-        } else if (c < 2 * D) {
-          x = load_in(p.v, row * D + c - D, p.dtype);
-        } else if (c < 2 * D + 3) {
-          x = load_in(p.eta, row * 3 + c - 2 * D, p.dtype);
-        } else {
-          x = load_in(p.mu, row, p.dtype);
-        }
-        pend[(pb + t) * pstride + c] = x;
+        pend[(pb + t) * pstride + c] = pending_column(p.k, p.v, p.eta, p.mu, tok(first + t), c, D, p.dtype);
       }
     }
     __syncthreads();

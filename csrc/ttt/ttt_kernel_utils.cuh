@@ -40,6 +40,16 @@ __device__ __forceinline__ void store_out(void* p, int64_t i, float x, InDType d
 
 __device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + __expf(-x)); }
 
+// Column c of a chunk-buffer row (k | v | eta (3) | mu, width 2d + 4) for the token at packed row
+// `row` of the [T, H, x] inputs.
+__device__ __forceinline__ float pending_column(const void* k, const void* v, const void* eta, const void* mu,
+                                                int64_t row, int c, int d, InDType dt) {
+  if (c < d) return load_in(k, row * d + c, dt);
+  if (c < 2 * d) return load_in(v, row * d + c - d, dt);
+  if (c < 2 * d + 3) return load_in(eta, row * 3 + c - 2 * d, dt);
+  return load_in(mu, row, dt);
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);

@@ -11,29 +11,36 @@
 
 using namespace allmem::ttt::cuda;
 
-template <typename Tr, typename Params>
-void run(void (*kernel)(Params), const Params& p) {
-  std::vector<float4> smem(Tr::kSmemFloats / 4 + 1);
-  for (int64_t b = 0; b < p.n_seqs * p.heads; ++b) {
+// `blocks` blocks of `threads` std::threads, one block after the other, each calling body() with
+// threadIdx/blockIdx set and `smem_floats` floats of NaN-filled shared memory.
+template <typename Body>
+void run_grid(int64_t blocks, int threads, int64_t smem_floats, Body body) {
+  std::vector<float4> smem(smem_floats / 4 + 1);
+  for (int64_t b = 0; b < blocks; ++b) {
     for (auto& f : smem) f = float4{NAN, NAN, NAN, NAN};  // shared memory starts as garbage
     g_smem = smem.data();
-    std::barrier<> bar(Tr::kThreads);
+    std::barrier<> bar(threads);
     g_bar = &bar;
     std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
     for (int w = 0; w < 8; ++w) {
       warp_bars.emplace_back(new std::barrier<>(32));
       g_warp_bar[w] = warp_bars.back().get();
     }
-    std::vector<std::thread> threads;
-    for (int t = 0; t < Tr::kThreads; ++t) {
-      threads.emplace_back([&, t] {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
         threadIdx.x = t;
         blockIdx.x = static_cast<unsigned>(b);
-        kernel(p);
+        body();
       });
     }
-    for (auto& th : threads) th.join();
+    for (auto& th : pool) th.join();
   }
+}
+
+template <typename Tr, typename Params>
+void run(void (*kernel)(Params), const Params& p) {
+  run_grid(p.n_seqs * p.heads, Tr::kThreads, Tr::kSmemFloats, [&] { kernel(p); });
 }
 
 template <int D_, int Hd_>
@@ -65,25 +72,5 @@ extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
 
 // One block per (sequence, head), kDecodeThreads threads, d + h floats of shared memory.
 extern "C" void emu_decode(const DecodeParams* p) {
-  std::vector<float4> smem((p->d + p->h) / 4 + 1);
-  for (int64_t b = 0; b < p->n_seqs * p->heads; ++b) {
-    for (auto& f : smem) f = float4{NAN, NAN, NAN, NAN};
-    g_smem = smem.data();
-    std::barrier<> bar(kDecodeThreads);
-    g_bar = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-    for (int w = 0; w < 8; ++w) {
-      warp_bars.emplace_back(new std::barrier<>(32));
-      g_warp_bar[w] = warp_bars.back().get();
-    }
-    std::vector<std::thread> threads;
-    for (int t = 0; t < kDecodeThreads; ++t) {
-      threads.emplace_back([&, t] {
-        threadIdx.x = t;
-        blockIdx.x = static_cast<unsigned>(b);
-        ttt_decode_kernel(*p);
-      });
-    }
-    for (auto& th : threads) th.join();
-  }
+  run_grid(p->n_seqs * p->heads, kDecodeThreads, p->d + p->h, [&] { ttt_decode_kernel(*p); });
 }
