@@ -286,3 +286,16 @@ def test_op_checks_host_lengths():
     got = torch.ops.allmem.ttt_memory_decode_step(*args, [1, 2])
     want = torch.ops.allmem.ttt_memory_decode_step(*ref)
     assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(args[8:11], ref[8:11]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+def test_cuda_rejects_what_the_cuda_op_rejects():
+    """Sizes and dtypes the CUDA prefill op refuses are refused by every decode step, not only by
+    the chunk-completing ones."""
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _packed_op_args()]  # d = h = 3, float64
+    with pytest.raises(RuntimeError, match="run float64 on the CPU"):
+        torch.ops.allmem.ttt_memory_decode_step(*args)
+    args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with pytest.raises(RuntimeError, match="supports head size d and hidden size h of 64 or 128, got d = 3"):
+        torch.ops.allmem.ttt_memory_decode_step(*args)

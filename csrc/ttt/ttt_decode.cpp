@@ -67,6 +67,11 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, std::nullopt,
                                       chunk_size, st, host);
   const int64_t B = lay.N, H = lay.H, d = lay.d, h = lay.h;
+  if (q.is_cuda()) {  // the CUDA op's limits (its chunk-completing steps run ttt_memory_fwd), up front
+    ALLMEM_CHECK((d == 64 || d == 128) && (h == 64 || h == 128),
+                 "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", d, ", h = ", h,
+                 " (the CPU kernel takes any sizes)");
+  }
   check_state_tensor(fast, "fast", {B, H, kFastRows, h * d}, st, q);
   ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
                "fast, pending and pending_len must be contiguous (they are updated in place)");
