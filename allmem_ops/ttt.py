@@ -55,6 +55,12 @@ def _backward(ctx, grad_o, grad_fast, grad_pending, _grad_plen, _grad_ckpt):
 torch.library.register_autograd("allmem::ttt_memory_fwd", _backward, setup_context=_setup_context)
 
 
+def _state_dtype_weights(sdt: torch.dtype, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """16-bit weights in the state dtype (an exact conversion); any other dtype is left for the op
+    to check."""
+    return [w.to(sdt) if w.dtype in (torch.bfloat16, torch.float16) else w for w in weights]
+
+
 def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, H: int, d: int) -> int:
     """Shapes of the learned initial weights against q's H and d; returns h."""
     if w_gate.dim() != 3 or w_gate.shape[0] != H or w_gate.shape[2] != d:
@@ -124,7 +130,9 @@ def ttt_memory(
     q, k, v: [B, L, H, d]; eta: [B, L, H, 3] (rates of gate, up, down); mu: [B, L, H];
     varlen: [T, H, ...] (or [1, T, H, ...]) with cu_seqlens int32 [N+1], chunks restart at each
     sequence start. w_gate, w_up: [H, h, d], w_down: [H, d, h], the learned initial fast weights
-    (float32, float64 for float64 inputs); their row norms are the normalization targets.
+    (float32, float64 for float64 inputs; bfloat16/float16 weights, as a model cast with
+    .to(torch.bfloat16) has them, are converted to float32 first: exactly, and differentiably);
+    their row norms are the normalization targets.
     initial_state: a TTTState of N sequences (B dense) to continue from: new tokens first fill each
     sequence's pending chunk, so a decode step is the same call with L = 1.
     lact_order: LaCT's order (gradient at the current weights, normalize after the update);
@@ -145,6 +153,7 @@ def ttt_memory(
     h = _check_weights(w_gate, w_up, w_down, H, d)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     sdt = state_dtype(q.dtype)
+    w_gate, w_up, w_down = _state_dtype_weights(sdt, w_gate, w_up, w_down)
     if initial_state is None:
         params = torch.stack([w.reshape(H, -1) for w in (w_gate, w_up, w_down)], 1)
         fast = torch.cat([params, torch.zeros_like(params)], 1).unsqueeze(0).expand(N, -1, -1, -1)
@@ -232,6 +241,7 @@ def ttt_memory_decode_(
         raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
     B, _, H, d = q.shape
     h = _check_weights(w_gate, w_up, w_down, H, d)
+    w_gate, w_up, w_down = _state_dtype_weights(state_dtype(q.dtype), w_gate, w_up, w_down)
     want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H])}
     for name, (t, shape) in want.items():
         if list(t.shape) != shape:

@@ -11,6 +11,8 @@
                 chain vs the parallel reads.
   * decode    - one in-place TTT decode step (ttt_memory_decode_) at B=1, d=64: its launches and
                 the host time between them.
+  * model_decode - one decode token of a small AllMem model (8 layers, hidden 1024) at B=1 and 8:
+                kernel time vs wall time per token.
 
 torch.profiler (CUDA activities) after warm-up; per case the kernels sorted by total CUDA time,
 their count, and the wall time of the profiled calls. Written to --out as JSON and printed.
@@ -154,7 +156,34 @@ def case_decode() -> dict:
     return {"inplace_b1": profile(one, reps=20)}
 
 
-CASES = {"swa_bwd": case_swa_bwd, "ttt_bwd128": case_ttt_bwd128, "ttt_fwd64": case_ttt_fwd64, "decode": case_decode}
+def case_model_decode() -> dict:
+    """One decode token of a small AllMem model (8 layers, hidden 1024, Qwen3 layout, bf16, W=4096,
+    S=128, C=2048, memory width 512 = 8 heads of 64) after a 4096-token prompt, B = 1 and 8: how
+    much of the step is kernels (the rest: host launches and any waits)."""
+    from allmem_ops.reference.model import AllMemForCausalLM
+    from allmem_ops.reference.model_config import AllMemConfig
+
+    cfg = AllMemConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=64, intermediate_size=3072, backend="allmem_ops")
+    torch.manual_seed(0)
+    model = AllMemForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    out = {}
+    for batch in (1, 8):
+        ids = torch.randint(0, cfg.vocab_size, (batch, 4096), device="cuda")
+        with torch.no_grad():
+            _, state = model.prefill(ids, last_only=True)
+            tok = ids[:, -1:]
+
+            def step():
+                with torch.no_grad():
+                    model.decode(tok, state)
+
+            out[f"b{batch}"] = profile(step, reps=10)
+    return out
+
+
+CASES = {"swa_bwd": case_swa_bwd, "ttt_bwd128": case_ttt_bwd128, "ttt_fwd64": case_ttt_fwd64, "decode": case_decode,
+         "model_decode": case_model_decode}
 
 
 def main() -> int:

@@ -392,3 +392,24 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-12, atol=1e-12)
     for gc, ge in zip(grads_c, grads_e):
         torch.testing.assert_close(gc, ge, rtol=1e-12, atol=1e-12)
+
+
+def test_16bit_weights_are_converted():
+    """bf16 initial weights (a model cast with .to(torch.bfloat16)) give the answer of their exact
+    float32 copies, and their gradients come back in bf16; the decode step takes them too."""
+    ins, _ = make_inputs(2, 9, 2, 4, 3, dtype=torch.bfloat16)
+    toks, w32 = ins[:5], [w.to(torch.bfloat16).float() for w in ins[5:]]
+    w16 = [w.to(torch.bfloat16).requires_grad_() for w in ins[5:]]
+    w32 = [w.requires_grad_() for w in w32]
+    o16, s16 = allmem_ops.ttt_memory(*toks, *w16, 4, output_final_state=True)
+    o32, s32 = allmem_ops.ttt_memory(*toks, *w32, 4, output_final_state=True)
+    assert torch.equal(o16, o32)
+    g16 = torch.autograd.grad(o16.float().sum(), w16)
+    g32 = torch.autograd.grad(o32.float().sum(), w32)
+    for a, b in zip(g16, g32):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
+    with torch.no_grad():
+        step = [t[:, :1] for t in toks]
+        a = allmem_ops.ttt_memory_decode_(*step, *[w.detach() for w in w16], s16, 4)
+        b = allmem_ops.ttt_memory_decode_(*step, *[w.detach() for w in w32], s32, 4)
+    assert torch.equal(a, b)
