@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autocast import autocast_inputs
+
 __all__ = ["sliding_window_attention", "sliding_window_attention_decode", "SWAKVCache"]
 
 
@@ -90,8 +92,10 @@ def sliding_window_attention(
             reads the tensor: pass it explicitly under torch.compile). Ignored for dense input.
 
     Returns:
-        out, q's shape and dtype.
+        out, q's shape and dtype (under torch.autocast: q, k, v run in the autocast dtype, as SDPA
+        does, and out has it).
     """
+    q, k, v = autocast_inputs(q, k, v)
     if cu_seqlens is None:
         max_seqlen = 0
     elif max_seqlen is None:
@@ -186,7 +190,10 @@ class SWAKVCache:
     @torch.no_grad()
     def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
         """Decodes Lnew tokens for every sequence: q [B, Lnew, Hq, D], k/v [B, Lnew, Hkv, D]
-        -> out [B, Lnew, Hq, D]; then advances the lengths by Lnew."""
+        -> out [B, Lnew, Hq, D]; then advances the lengths by Lnew. Under torch.autocast the
+        inputs are cast to the cache's dtype."""
+        if torch.is_autocast_enabled(q.device.type):
+            q, k, v = (t.to(self.k.dtype) for t in (q, k, v))
         version = self._seqlens_version()
         vouched = version is not None and self._vouched[0] is self.seqlens and self._vouched[1] == version
         out = sliding_window_attention_decode(

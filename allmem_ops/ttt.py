@@ -10,6 +10,7 @@ from dataclasses import fields
 
 import torch
 
+from ._autocast import autocast_inputs
 from .reference.ttt import TTTState, state_dtype
 
 __all__ = ["TTTState", "ttt_memory", "ttt_memory_decode_"]
@@ -138,6 +139,7 @@ def ttt_memory(
     lact_order: LaCT's order (gradient at the current weights, normalize after the update);
     residual: f(W; x) includes + x.
     Returns o [B, L, H, d] (q's dtype) and, if output_final_state, the TTTState after the last token.
+    Under torch.autocast, q, k, v, eta, mu are cast to the autocast dtype (the state stays float32).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -152,6 +154,7 @@ def ttt_memory(
     # Checked here because the initial state is built from them before the op sees them.
     h = _check_weights(w_gate, w_up, w_down, H, d)
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
+    q, k, v, eta, mu = autocast_inputs(q, k, v, eta, mu)
     sdt = state_dtype(q.dtype)
     w_gate, w_up, w_down = _state_dtype_weights(sdt, w_gate, w_up, w_down)
     if initial_state is None:
@@ -241,6 +244,7 @@ def ttt_memory_decode_(
         raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
     B, _, H, d = q.shape
     h = _check_weights(w_gate, w_up, w_down, H, d)
+    q, k, v, eta, mu = autocast_inputs(q, k, v, eta, mu)
     w_gate, w_up, w_down = _state_dtype_weights(state_dtype(q.dtype), w_gate, w_up, w_down)
     want = {"k": (k, [B, 1, H, d]), "v": (v, [B, 1, H, d]), "eta": (eta, [B, 1, H, 3]), "mu": (mu, [B, 1, H])}
     for name, (t, shape) in want.items():

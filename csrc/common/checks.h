@@ -2,6 +2,7 @@
 // what was given, so a user calling torch.ops.allmem.* directly learns what to fix.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <cstdio>
@@ -56,6 +57,12 @@ std::string message(const Args&... args) {
 
 inline std::string shape_str(c10::ArrayRef<int64_t> sizes) { return detail::int_list(sizes); }
 inline std::string shape_str(const at::Tensor& t) { return detail::int_list(t.sizes()); }
+
+// At the top of an op whose kernel computes with ATen ops (matmuls): torch.autocast has no kernel
+// for the allmem ops, so its dispatch keys stay active inside them and would run those matmuls in
+// 16 bits; the ops define their own precision (float32 state and accumulation).
+#define ALLMEM_NO_AUTOCAST() \
+  const c10::impl::ExcludeDispatchKeyGuard allmem_no_autocast_guard_(c10::autocast_dispatch_keyset)
 
 #define ALLMEM_CHECK(cond, ...) TORCH_CHECK(cond, ::allmem::detail::message("allmem: ", __VA_ARGS__))
 

@@ -123,6 +123,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
                                     const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
                                     bool lact_order, bool residual) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
+  ALLMEM_NO_AUTOCAST();
   BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
              cu_seqlens, chunk_size);
   const Layout& lay = io.lay;

@@ -46,6 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
   // in the worker threads (the guard is thread-local).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
+  ALLMEM_NO_AUTOCAST();
   const auto acc = accumulate_dtype(q.scalar_type());
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
                                       chunk_size, acc);
@@ -65,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
 
   at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_here;
+    ALLMEM_NO_AUTOCAST();
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / lay.H, hh = job % lay.H;
       const Mats targets{tg[hh], tu[hh], td[hh]};
@@ -117,6 +119,7 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
   // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
   // in the worker threads (the guard is thread-local).
   at::AutoDispatchBelowADInplaceOrView no_autograd;
+  ALLMEM_NO_AUTOCAST();
   BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
              cu_seqlens, chunk_size);
   const Layout& lay = io.lay;
@@ -129,6 +132,7 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
 
   at::parallel_for(0, lay.N * lay.H, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd_here;
+    ALLMEM_NO_AUTOCAST();
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / lay.H, hh = job % lay.H;
       const Mats targets{tg[hh], tu[hh], td[hh]};

@@ -51,6 +51,7 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
                                   const at::Tensor& w_down, at::Tensor& fast, at::Tensor& pending,
                                   at::Tensor& pending_len, int64_t chunk_size, bool lact_order, bool residual,
                                   at::OptionalIntArrayRef pending_len_host) {
+  ALLMEM_NO_AUTOCAST();  // the read's matmuls run in the state's precision
   check_floating(q, "q");
   ALLMEM_CHECK(!(q.is_cuda() && q.scalar_type() == at::kDouble),
                "the CUDA TTT kernels take bfloat16, float16 or float32 q, got ", q.scalar_type(),
