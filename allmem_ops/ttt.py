@@ -180,6 +180,13 @@ def _decode_step_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pen
     return torch.empty_like(q)
 
 
+def decode_needs_autograd(state: TTTState, *tensors: torch.Tensor) -> bool:
+    """Whether a decode step with these inputs and state would have to be differentiated (then
+    ttt_memory_decode_ refuses it; the model keeps the functional ttt_memory)."""
+    fields_ = (getattr(state, f.name) for f in fields(TTTState))
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *fields_))
+
+
 def _packed_views(state: TTTState, h: int, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(fast [N, H, 6, h*d], pending [N, C, H, 2d+4]) whose views the state's float fields are (as
     ttt_memory leaves them: _unpack of the op's outputs), or None if they are not."""
@@ -251,8 +258,7 @@ def ttt_memory_decode_(
         if list(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} (B, H, d of q), got {list(t.shape)}")
     _check_state(state, B, chunk_size, H, d, h, state_dtype(q.dtype))
-    tensors = (q, k, v, eta, mu, w_gate, w_up, w_down) + tuple(getattr(state, f.name) for f in fields(TTTState))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if decode_needs_autograd(state, q, k, v, eta, mu, w_gate, w_up, w_down):
         raise RuntimeError("ttt_memory_decode_ updates the state in place and has no autograd: call it under "
                            "torch.no_grad(), or use ttt_memory(..., initial_state=state) to differentiate")
     # The packed tensors of the previous step, while the state still holds the same field tensors

@@ -77,10 +77,8 @@ def ttt_memory(
         # SWA cache is; AllMemForCausalLM.decode documents it), which does not copy the chunk buffer.
         # (Eager only: the wrapper reads data pointers; a compiled model keeps the functional op.)
         if (initial_state is not None and output_final_state and cu_seqlens is None and q.dim() == 4
-                and not torch.compiler.is_compiling()
-                and q.shape[1] == 1 and not (torch.is_grad_enabled() and any(
-                    t.requires_grad for t in (q, k, v, eta, mu, w_gate, w_up, w_down, initial_state.w_gate,
-                                              initial_state.pending_k)))):
+                and q.shape[1] == 1 and not torch.compiler.is_compiling()
+                and not kernels.ttt.decode_needs_autograd(initial_state, q, k, v, eta, mu, w_gate, w_up, w_down)):
             o = kernels.ttt_memory_decode_(q, k, v, eta, mu, w_gate, w_up, w_down, initial_state, chunk_size,
                                           lact_order=lact_order, residual=residual)
             return o, initial_state

@@ -30,10 +30,8 @@ void check_on_cuda(const at::Tensor& t, const char* name) {
 }
 
 InDType cuda_dtype(const at::Tensor& q) {
+  check_cuda_input_dtype(q);
   const auto st = q.scalar_type();
-  ALLMEM_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
-               "the CUDA TTT kernel takes bfloat16, float16 or float32 q, k, v, eta, mu, got ", st,
-               ": run float64 on the CPU kernel (move the tensors to the CPU)");
   return st == at::kBFloat16 ? InDType::kBFloat16 : st == at::kHalf ? InDType::kFloat16 : InDType::kFloat32;
 }
 
@@ -48,9 +46,7 @@ Layout check_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   cuda_dtype(q);
   Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
                                 chunk_size, at::kFloat);
-  ALLMEM_CHECK((lay.d == 64 || lay.d == 128) && (lay.h == 64 || lay.h == 128),
-               "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", lay.d,
-               ", h = ", lay.h, " (the CPU kernel takes any sizes)");
+  check_cuda_sizes(lay);
   ALLMEM_CHECK(lay.N * lay.H <= INT_MAX, "the CUDA TTT kernel runs one CTA per (sequence, head): at most ", INT_MAX,
                " of them, got ", lay.N, " x ", lay.H);
   return lay;

@@ -121,6 +121,21 @@ inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const a
   return lay;
 }
 
+// The CUDA kernels' limits, for ttt_api_cuda.cpp and for ttt_decode.cpp (whose chunk-completing
+// steps run the CUDA forward): checked where either op starts, with the same messages.
+inline void check_cuda_input_dtype(const at::Tensor& q) {
+  const auto st = q.scalar_type();
+  ALLMEM_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+               "the CUDA TTT kernel takes bfloat16, float16 or float32 q, k, v, eta, mu, got ", st,
+               ": run float64 on the CPU kernel (move the tensors to the CPU)");
+}
+
+inline void check_cuda_sizes(const Layout& lay) {
+  ALLMEM_CHECK((lay.d == 64 || lay.d == 128) && (lay.h == 64 || lay.h == 128),
+               "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", lay.d,
+               ", h = ", lay.h, " (the CPU kernel takes any sizes)");
+}
+
 // One sequence is processed as segments: each fills the current chunk (or ends the sequence).
 struct Segment {
   int64_t pending_before;  // rows of the chunk already filled when the segment starts

@@ -53,9 +53,7 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
                                   at::OptionalIntArrayRef pending_len_host) {
   ALLMEM_NO_AUTOCAST();  // the read's matmuls run in the state's precision
   check_floating(q, "q");
-  ALLMEM_CHECK(!(q.is_cuda() && q.scalar_type() == at::kDouble),
-               "the CUDA TTT kernels take bfloat16, float16 or float32 q, got ", q.scalar_type(),
-               ": run float64 on the CPU");
+  if (q.is_cuda()) check_cuda_input_dtype(q);
   check_dim(q, 4, "q", "[B, 1, H, d] (one decode token per sequence)");
   ALLMEM_CHECK(q.size(1) == 1, "q must be [B, 1, H, d] (one decode token per sequence), got shape ", shape_str(q));
   const at::ScalarType st = accumulate_dtype(q.scalar_type());
@@ -68,11 +66,7 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, std::nullopt,
                                       chunk_size, st, host);
   const int64_t B = lay.N, H = lay.H, d = lay.d, h = lay.h;
-  if (q.is_cuda()) {  // the CUDA op's limits (its chunk-completing steps run ttt_memory_fwd), up front
-    ALLMEM_CHECK((d == 64 || d == 128) && (h == 64 || h == 128),
-                 "the CUDA TTT kernel supports head size d and hidden size h of 64 or 128, got d = ", d, ", h = ", h,
-                 " (the CPU kernel takes any sizes)");
-  }
+  if (q.is_cuda()) check_cuda_sizes(lay);  // its chunk-completing steps run the CUDA forward
   check_state_tensor(fast, "fast", {B, H, kFastRows, h * d}, st, q);
   ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
                "fast, pending and pending_len must be contiguous (they are updated in place)");
