@@ -6,7 +6,8 @@
                 preprocess, dK/dV, dQ) by time, for the default two-kernel and the atomic-dQ one,
                 and Flex's backward kernels beside them.
   * ttt_bwd128 - TTT d=h=128 forward+backward at B=1 L=32k H=4 C=2048 (the composite backward,
-                the default there): 27-43 ms, 1.2-1.8x the compiled reference; which ATen kernels.
+                the default there): 27-43 ms in run e, 1.2-1.8x the compiled reference; which
+                kernels, with the fused steps (ttt_composite_kernels.cu) and without them.
   * ttt_fwd64 - TTT d=h=64 forward at B=1 L=128k H=8 (split mode): 12x its floor; the sequential
                 chain vs the parallel reads.
   * decode    - one in-place TTT decode step (ttt_memory_decode_) at B=1, d=64: its launches and
@@ -122,7 +123,10 @@ def case_ttt_bwd128() -> dict:
         torch.autograd.grad(o.float().square().mean(), leaves)
 
     out = {}
-    for name, env in (("default", {"ALLMEM_TTT_BWD": None}), ("composite", {"ALLMEM_TTT_BWD": "composite"})):
+    # The default there (the composite backward with its fused steps), and with the ATen sequences
+    # those steps replaced (the backward run e measured).
+    for name, env in (("composite", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": None}),
+                      ("composite_aten", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "0"})):
         with env_vars(env):
             out[name] = profile(step, reps=2)
     return out

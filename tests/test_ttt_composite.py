@@ -59,6 +59,22 @@ def test_matches_cpu_backward_float64(case, lact_order, residual, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("block", ["1", "2"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 8, 9)] + GROUP_CASES[:1])
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_blocks_of_chunks(case, lact_order, residual, block, monkeypatch):
+    """The walk in blocks of 1 or 2 chunks (ALLMEM_TTT_COMPOSITE_BLOCK; the default fits up to 1 GiB
+    of buffers in one block): block boundaries inside and at the ends of a sequence, a trailing
+    chunk alone in its block, the pending initial rows in the first block."""
+    args = _fwd_bwd_args(case, lact_order, residual)
+    want = torch.ops.allmem.ttt_memory_bwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_BLOCK", block)
+    got = torch.ops.allmem.ttt_memory_bwd(*args)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_float32_matches_cpu_backward(monkeypatch):
     args = _fwd_bwd_args(CASES[8], False, True, dtype=torch.float32)
     want = torch.ops.allmem.ttt_memory_bwd(*args)
@@ -115,7 +131,8 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_matches_float64(composite, monkeypatch, d, dtype):
+@pytest.mark.parametrize("lact_order", [False, True])
+def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
     """On the GPU (cuBLAS matmuls in float32) from the GPU forward's checkpoints, against the
     float64 CPU backward from its own: varlen with an empty sequence and pending state. The
     composite computes in float32 after the 16-bit inputs; the checkpoints it starts from come from
@@ -123,7 +140,7 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype):
     the tensor-core tests' 4 u."""
     from test_ttt_tc_gpu import _bwd, _bwd_case
 
-    case = (None, None, 2, 64, [150, 0, 97], [13, 5, 0], False, True, dtype)
+    case = (None, None, 2, 64, [150, 0, 97], [13, 5, 0], lact_order, not lact_order, dtype)
     dev, outs, grads, want, (C, lact, res, _) = _bwd_case(case, d=d)
     got = _bwd(dev, outs, grads, C, lact, res)
     u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
@@ -131,6 +148,14 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype):
         assert torch.isfinite(a).all(), name
         err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         assert err < 4 * u, (name, err)
+    # Its fused steps (ttt_composite_kernels.cu) against their ATen sequences: float32 rounding apart.
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "0")
+    aten = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_COMPOSITE_KERNELS")
+    for name, a, b in zip(NAMES, got, aten):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert err < 1e-4, (name, err, "fused steps vs ATen")
+    assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"
     monkeypatch.setenv("ALLMEM_TTT_BWD", "kernel")  # the hand-written kernels: 16-bit operands, other bits
     kernel = _bwd(dev, outs, grads, C, lact, res)
     assert any(not torch.equal(a, b) for a, b in zip(got, kernel)), "the composite backward was not taken"

@@ -25,10 +25,12 @@ from test_ttt import make_inputs, random_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS = {name: os.path.join(HERE, "..", "csrc", "ttt", f"ttt_{stem}.cu")
-           for name, stem in (("fwd", "fwd"), ("bwd", "bwd"), ("decode", "decode_kernel"))}
+           for name, stem in (("fwd", "fwd"), ("bwd", "bwd"), ("decode", "decode_kernel"),
+                              ("composite", "composite_kernels"))}
 # Where each file's launch code starts (cut off: emu.cpp runs the kernels itself).
 LAUNCH_CODE = {"fwd": "template <int D, int Hd>\nvoid launch(", "bwd": "template <int D, int Hd>\nvoid launch(",
-               "decode": "}  // namespace\n\nvoid launch_ttt_decode("}
+               "decode": "}  // namespace\n\nvoid launch_ttt_decode(",
+               "composite": "unsigned blocks_for("}
 UTILS = os.path.join(HERE, "..", "csrc", "ttt", "ttt_kernel_utils.cuh")
 CXX = shutil.which("g++")
 
@@ -36,13 +38,10 @@ CXX = shutil.which("g++")
 def _emulated_source(path: str, launch_code: str) -> str:
     """A kernel file with its CUDA header, dynamic shared memory and launch code swapped out."""
     src = open(path).read()
-    swaps = [
-        ("#include <c10/cuda/CUDAException.h>\n", '#include "shim.h"\n'),
-        ("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;"),
-    ]
-    for old, new in swaps:
-        assert old in src, f"{path} changed: {old!r} not found; update tests/test_ttt_cuda_emu.py"
-        src = src.replace(old, new)
+    include = ("#include <c10/cuda/CUDAException.h>\n", '#include "shim.h"\n')
+    assert include[0] in src, f"{path} changed: {include[0]!r} not found; update tests/test_ttt_cuda_emu.py"
+    src = src.replace(*include)
+    src = src.replace("extern __shared__ float4 smem4[];", "float4* smem4 = g_smem;")  # where it has one
     cut = src.find(launch_code)
     assert cut > 0, f"{path} changed: the launch code was not found; update tests/test_ttt_cuda_emu.py"
     return src[:cut] + "}  // namespace\n}  // namespace allmem::ttt::cuda\n"
@@ -261,3 +260,104 @@ def test_emulated_decode_matches_op(emu, case):
         torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_pend, want_pend, rtol=0, atol=0)  # the row copied exactly, nothing else written
     assert torch.equal(fast, fast_before)
+
+
+# The composite backward's fused steps (csrc/ttt/ttt_composite_kernels.cu), against the formulas of
+# ttt_chunk.h written out here in float64. Outputs start as NaN (an element never written fails).
+class UpdateTermsParams(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("p1", "p2", "eta", "f1", "f2", "deta")] + [
+        ("rows", ctypes.c_int64), ("h", ctypes.c_int)]
+
+
+class ReadTermsParams(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("ab", "ds", "f", "s")] + [("rows", ctypes.c_int64), ("h", ctypes.c_int)]
+
+
+class RowNormParams(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("w_batch_stride", ctypes.c_int64)] + [
+        (n, ctypes.c_void_p) for n in ("target", "g", "out", "dtarget")] + [
+        ("batch", ctypes.c_int64), ("d", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+def _silu_parts(a):
+    sig = torch.sigmoid(a)
+    d1 = sig * (1 + a * (1 - sig))
+    d2 = sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+    return a * sig, d1, d2
+
+
+def _nan(*shape):
+    return torch.full(shape, float("nan"), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("rows,h", [(13, 64), (9, 128), (3, 40)])
+def test_emulated_update_terms(emu, rows, h):
+    g = torch.Generator().manual_seed(rows * h)
+    p1 = torch.randn(rows, 4 * h, generator=g) * 2
+    p2 = torch.randn(rows, 2 * h, generator=g)
+    eta = torch.rand(rows, 3, generator=g)
+    f1, f2, deta = _nan(rows, 4 * h), _nan(rows, 2 * h), _nan(rows, 3)
+    p = UpdateTermsParams(*[t.data_ptr() for t in (p1, p2, eta, f1, f2, deta)], rows, h)
+    emu.emu_update_terms(ctypes.byref(p))
+    a, b, pg, pu = p1.double().split(h, -1)
+    e, ps = p2.double().split(h, -1)
+    eg, eu, ed = eta.double().split(1, -1)
+    silu, d1, d2 = _silu_parts(a)
+    s, xu, xg = silu * b, e * silu, e * b * d1
+    rd, ru, rg = ps * ed, pu * eu, pg * eg
+    want_f1 = torch.cat([rd * b * d1 + ru * e * d1 + rg * e * b * d2, rd * silu + rg * e * d1, eg * xg, eu * xu], -1)
+    want_f2 = torch.cat([ru * silu + rg * b * d1, ed * s], -1)
+    want_deta = torch.stack([(pg * xg).sum(-1), (pu * xu).sum(-1), (ps * s).sum(-1)], -1)
+    for got, want in ((f1, want_f1), (f2, want_f2), (deta, want_deta)):
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,h", [(17, 64), (5, 128), (2, 24)])
+def test_emulated_read_terms(emu, rows, h):
+    g = torch.Generator().manual_seed(rows + h)
+    ab = torch.randn(rows, 2 * h, generator=g) * 2
+    ds = torch.randn(rows, h, generator=g)
+    f, s = _nan(rows, 2 * h), _nan(rows, h)
+    p = ReadTermsParams(*[t.data_ptr() for t in (ab, ds, f, s)], rows, h)
+    emu.emu_read_terms(ctypes.byref(p))
+    a, b = ab.double().split(h, -1)
+    silu, d1, _ = _silu_parts(a)
+    dsd = ds.double()
+    torch.testing.assert_close(f.double(), torch.cat([dsd * b * d1, dsd * silu], -1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), silu * b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,d,h", [(3, 64, 64), (2, 64, 128), (2, 128, 64)])
+@pytest.mark.parametrize("backward", [False, True])
+def test_emulated_row_norm(emu, batch, d, h, backward):
+    """Rows of length d (gate, up) and h (down) back to back in [batch, 3, h*d], read through a batch
+    stride of 6hd (the checkpoints' layout); one all-zero row (its norm is 0)."""
+    g = torch.Generator().manual_seed(batch * d + h)
+    hd = h * d
+    big = torch.randn(batch, 6, hd, generator=g)
+    big[0, 2, :h] = 0  # down's first row
+    w = big[:, :3]
+    target = torch.rand(batch, 2 * h + d, generator=g) + 0.5
+    grad = torch.randn(batch, 3, hd, generator=g) if backward else None
+    dtarget = torch.randn(batch, 2 * h + d, generator=g) if backward else None
+    dtarget_before = dtarget.clone() if backward else None
+    out = _nan(batch, 3, hd)
+    p = RowNormParams(w.data_ptr(), 6 * hd, target.data_ptr(), grad.data_ptr() if backward else None, out.data_ptr(),
+                      dtarget.data_ptr() if backward else None, batch, d, h)
+    emu.emu_row_norm(ctypes.byref(p))
+    wd, td = w.double().requires_grad_(), target.double().requires_grad_()
+
+    def normalize(x, t):
+        mats = [x[:, 0].reshape(batch, h, d), x[:, 1].reshape(batch, h, d), x[:, 2].reshape(batch, d, h)]
+        ts = [t[:, :h], t[:, h:2 * h], t[:, 2 * h:]]
+        return torch.cat([(m * (tt / (m.norm(dim=-1) + 1e-5)).unsqueeze(-1)).reshape(batch, 1, hd)
+                          for m, tt in zip(mats, ts)], 1)
+
+    want = normalize(wd, td)
+    if not backward:
+        torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        return
+    gw, gt = torch.autograd.grad(want, (wd, td), grad.double())
+    torch.testing.assert_close(out.double(), gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dtarget.double(), dtarget_before.double() + gt, rtol=1e-5, atol=1e-6)

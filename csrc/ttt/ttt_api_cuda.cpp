@@ -18,6 +18,7 @@
 
 #include "common/checks.h"
 #include "ttt/ttt_bwd_composite.h"
+#include "ttt/ttt_composite_cuda.h"
 #include "ttt/ttt_decode_cuda.h"
 #include "ttt/ttt_common.h"
 #include "ttt/ttt_cuda.h"
@@ -371,3 +372,77 @@ TORCH_LIBRARY_IMPL(allmem, CUDA, m) {
 }
 
 }  // namespace allmem::ttt::cuda
+
+// The composite backward's fused steps (ttt_composite_cuda.h).
+namespace allmem::ttt {
+namespace {
+void check_f32_cuda(const at::Tensor& t, const char* name, bool contiguous = true) {
+  ALLMEM_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat, name, " must be a float32 CUDA tensor, got ",
+               t.scalar_type(), " on ", t.device());
+  if (contiguous) ALLMEM_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+}  // namespace
+
+void composite_update_terms_cuda(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& eta, at::Tensor& f1,
+                                 at::Tensor& f2, at::Tensor& deta) {
+  check_f32_cuda(p1, "p1");
+  check_f32_cuda(p2, "p2");
+  check_f32_cuda(eta, "eta");
+  check_f32_cuda(f1, "f1");
+  check_f32_cuda(f2, "f2");
+  check_f32_cuda(deta, "deta");
+  const int64_t h = p2.size(-1) / 2, rows = h > 0 ? p2.numel() / (2 * h) : 0;
+  ALLMEM_CHECK(p1.numel() == rows * 4 * h && f1.numel() == p1.numel() && f2.numel() == p2.numel() &&
+                   eta.numel() == rows * 3 && deta.numel() == eta.numel(),
+               "composite update terms: inconsistent sizes");
+  const c10::cuda::CUDAGuard guard(p1.device());
+  cuda::UpdateTermsParams p{p1.data_ptr<float>(), p2.data_ptr<float>(), eta.data_ptr<float>(), f1.data_ptr<float>(),
+                            f2.data_ptr<float>(), deta.data_ptr<float>(), rows, static_cast<int>(h)};
+  cuda::launch_update_terms(p, at::cuda::getCurrentCUDAStream());
+}
+
+void composite_read_terms_cuda(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::Tensor& s) {
+  check_f32_cuda(ab, "ab");
+  check_f32_cuda(ds, "ds");
+  check_f32_cuda(f, "f");
+  check_f32_cuda(s, "s");
+  const int64_t h = ds.size(-1), rows = h > 0 ? ds.numel() / h : 0;
+  ALLMEM_CHECK(ab.numel() == rows * 2 * h && f.numel() == ab.numel() && s.numel() == ds.numel(),
+               "composite read terms: inconsistent sizes");
+  const c10::cuda::CUDAGuard guard(ab.device());
+  cuda::ReadTermsParams p{ab.data_ptr<float>(), ds.data_ptr<float>(), f.data_ptr<float>(), s.data_ptr<float>(), rows,
+                          static_cast<int>(h)};
+  cuda::launch_read_terms(p, at::cuda::getCurrentCUDAStream());
+}
+
+void composite_row_norm_cuda(const at::Tensor& w, const at::Tensor& target, const std::optional<at::Tensor>& g,
+                             at::Tensor& out, const std::optional<at::Tensor>& dtarget, int64_t d, int64_t h) {
+  check_f32_cuda(w, "w", false);
+  check_f32_cuda(target, "target");
+  check_f32_cuda(out, "out");
+  const int64_t batch = w.size(0), hd = h * d;
+  ALLMEM_CHECK(w.dim() == 3 && w.size(1) == 3 && w.size(2) == hd && w.stride(2) == 1 && w.stride(1) == hd,
+               "composite row norm: w must be [batch, 3, h*d] with contiguous rows");
+  ALLMEM_CHECK(target.numel() == batch * (2 * h + d) && out.numel() == batch * 3 * hd,
+               "composite row norm: inconsistent sizes");
+  ALLMEM_CHECK(g.has_value() == dtarget.has_value(), "composite row norm: g and dtarget go together");
+  if (g.has_value()) {
+    check_f32_cuda(*g, "g");
+    check_f32_cuda(*dtarget, "dtarget");
+    ALLMEM_CHECK(g->numel() == out.numel() && dtarget->numel() == target.numel(),
+                 "composite row norm: inconsistent sizes");
+  }
+  const c10::cuda::CUDAGuard guard(w.device());
+  cuda::RowNormParams p{w.data_ptr<float>(),
+                        w.stride(0),
+                        target.data_ptr<float>(),
+                        g.has_value() ? g->data_ptr<float>() : nullptr,
+                        out.data_ptr<float>(),
+                        dtarget.has_value() ? dtarget->data_ptr<float>() : nullptr,
+                        batch,
+                        static_cast<int>(d),
+                        static_cast<int>(h)};
+  cuda::launch_row_norm(p, at::cuda::getCurrentCUDAStream());
+}
+
+}  // namespace allmem::ttt

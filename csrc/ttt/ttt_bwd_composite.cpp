@@ -1,9 +1,14 @@
-// The TTT memory backward as batched ATen math: ttt_chunk.h's hand-derived backward with the heads
-// of one sequence as the batch dimension ([H, n, x] tokens, [H, h, d] weights), so each step is one
-// batched matmul or one elementwise op over all heads, on whatever device the tensors are. The
-// walk (sequences, segments in reverse from the checkpoints, the pending chunk) is ttt_cpu.cpp's.
+// The TTT memory backward as batched ATen math: ttt_chunk.h's hand-derived backward with the
+// heads of a group of sequences as the batch dimension ([G*H, C, x] tokens, [G*H, 3, h*d] packed
+// weights), on whatever device the tensors are. Per completed chunk: the row normalization, two
+// products with stacked weights, one step for the per-token terms, four products for dk, dv and the
+// weight gradients, the normalization's backward (on CUDA the three non-matmul steps are single
+// kernels, ttt_composite_kernels.cu). The reads' backward needs only the checkpoints, so it runs
+// for a whole block of chunks at once, outside the chain; tokens are gathered and scattered per
+// block. The walk (segments in reverse from the checkpoints, the pending chunk) is ttt_cpu.cpp's.
 #include "ttt/ttt_bwd_composite.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <map>
@@ -14,6 +19,9 @@
 #include "common/checks.h"
 #include "ttt/ttt_chunk.h"
 #include "ttt/ttt_common.h"
+#ifdef ALLMEM_WITH_CUDA
+#include "ttt/ttt_composite_cuda.h"
+#endif
 
 namespace allmem::ttt {
 
@@ -27,89 +35,156 @@ BwdChoice bwd_choice() {
 
 namespace {
 
-// gate [H, h, d], up [H, h, d], down [H, d, h]
-using BMats = Mats;
+// Buffers of one block of chunks are kept under this many bytes (the gathered tokens, their
+// gradients and the read's temporaries); the walk goes block by block. ALLMEM_TTT_COMPOSITE_BLOCK
+// (a positive integer, read at every call) caps the chunks per block further (tests, tuning).
+constexpr int64_t kBlockBytes = int64_t{1} << 30;
 
-// Rows `first`.. of [H, 6, h*d] state rows as batched matrices (views).
-BMats bmats_of(const at::Tensor& rows6, int64_t first, int64_t h, int64_t d) {
-  const int64_t H = rows6.size(0);
-  return {rows6.select(1, first).view({H, h, d}), rows6.select(1, first + 1).view({H, h, d}),
-          rows6.select(1, first + 2).view({H, d, h})};
+int64_t max_block_chunks(int64_t bytes_per_chunk) {
+  int64_t nb = std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(bytes_per_chunk, 1));
+  if (const char* env = std::getenv("ALLMEM_TTT_COMPOSITE_BLOCK")) {
+    const long long cap = std::atoll(env);
+    if (cap > 0) nb = std::min<int64_t>(nb, cap);
+  }
+  return nb;
 }
 
-at::Tensor tr(const at::Tensor& x) { return x.transpose(-2, -1); }
-
-// Backward of the read o = Wd (silu(Wg q) * (Wu q)) [+ q]: adds to dW, returns dq [H, n, d].
-at::Tensor read_backward_b(const BMats& W, const at::Tensor& q, const at::Tensor& dout, bool residual, BMats& dW) {
-  auto a = at::matmul(q, tr(W[kGate]));
-  auto b = at::matmul(q, tr(W[kUp]));
-  auto sig = at::sigmoid(a);
-  auto silu = a * sig;
-  auto d1 = sig * (1 + a * (1 - sig));
-  auto ds = at::matmul(dout, W[kDown]);  // [H, n, h]
-  auto s = silu * b;
-  auto db = ds * silu;
-  auto da = ds * b * d1;
-  dW[kDown].baddbmm_(tr(dout), s);
-  dW[kGate].baddbmm_(tr(da), q);
-  dW[kUp].baddbmm_(tr(db), q);
-  auto dq = at::matmul(da, W[kGate]).baddbmm_(db, W[kUp]);
-  if (residual) dq.add_(dout);
-  return dq;
+// The fused CUDA steps (ttt_composite_kernels.cu) for float32 CUDA tensors unless
+// ALLMEM_TTT_COMPOSITE_KERNELS=0 (read at every call): then, and on the CPU, the ATen sequences below.
+bool use_kernels(const at::Tensor& t) {
+#ifdef ALLMEM_WITH_CUDA
+  if (!t.is_cuda() || t.scalar_type() != at::kFloat) return false;
+  const char* env = std::getenv("ALLMEM_TTT_COMPOSITE_KERNELS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+#else
+  (void)t;
+  return false;
+#endif
 }
 
-struct Factors {  // the per-token quantities of the update at weights W
-  at::Tensor a, b, e, sig, silu, d1, eg, eu, ed;
-};
+// Packed fast-weight tensors [B, 3, h*d] (gate [h, d], up [h, d], down [d, h], rows back to back;
+// any batch stride): gate and up stacked as [B, 2h, d], down as [B, d, h] (views).
+at::Tensor gate_up(const at::Tensor& t, int64_t h, int64_t d) { return t.narrow(1, 0, 2).view({t.size(0), 2 * h, d}); }
+at::Tensor down(const at::Tensor& t, int64_t h, int64_t d) { return t.select(1, 2).view({t.size(0), d, h}); }
+Mats mats3(const at::Tensor& t, int64_t h, int64_t d) {
+  const int64_t B = t.size(0);
+  return {t.select(1, 0).view({B, h, d}), t.select(1, 1).view({B, h, d}), down(t, h, d)};
+}
+// Targets (row norms) [B, 2h + d] of gate | up | down as per-matrix views.
+Mats targets3(const at::Tensor& t, int64_t h, int64_t d) { return {t.narrow(1, 0, h), t.narrow(1, h, h), t.narrow(1, 2 * h, d)}; }
 
-Factors factors(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta) {
-  Factors f;
-  f.a = at::matmul(k, tr(W[kGate]));
-  f.b = at::matmul(k, tr(W[kUp]));
-  f.e = at::matmul(v, W[kDown]);
-  f.sig = at::sigmoid(f.a);
-  f.silu = f.a * f.sig;
-  f.d1 = f.sig * (1 + f.a * (1 - f.sig));
-  f.eg = eta.narrow(2, kGate, 1);
-  f.eu = eta.narrow(2, kUp, 1);
-  f.ed = eta.narrow(2, kDown, 1);
-  return f;
+// normalize(w) row by row (SPEC.md step 2) -> [B, 3, h*d] contiguous.
+at::Tensor row_normalize3(const at::Tensor& w, const at::Tensor& target, int64_t d, int64_t h) {
+  auto out = at::empty({w.size(0), 3, h * d}, w.options());
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(w)) {
+    composite_row_norm_cuda(w, target, std::nullopt, out, std::nullopt, d, h);
+    return out;
+  }
+#endif
+  const Mats W = mats3(w, h, d), O = mats3(out, h, d), Tg = targets3(target, h, d);
+  for (int m = 0; m < 3; ++m) O[m].copy_(row_normalize(W[m], Tg[m]));
+  return out;
 }
 
-// G of SPEC.md at W (ttt_chunk.h update_grad): Gd = -V^T (eta_d s), Gu = -(eta_u e silu(a))^T K,
-// Gg = -(eta_g e b silu'(a))^T K.
-BMats update_grad_b(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta) {
-  const Factors f = factors(W, k, v, eta);
-  BMats G;
-  G[kGate] = at::matmul(tr(f.eg * f.e * f.b * f.d1), k).neg_();
-  G[kUp] = at::matmul(tr(f.eu * f.e * f.silu), k).neg_();
-  G[kDown] = at::matmul(tr(v), f.ed * f.silu * f.b).neg_();
-  return G;
+// Backward of row_normalize3 for the gradient g of its output: returns the gradient of w, adds the
+// targets' gradient to dtarget [B, 2h + d].
+at::Tensor row_normalize3_backward(const at::Tensor& w, const at::Tensor& target, const at::Tensor& g,
+                                   at::Tensor& dtarget, int64_t d, int64_t h) {
+  auto out = at::empty({w.size(0), 3, h * d}, w.options());
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(w)) {
+    composite_row_norm_cuda(w, target, g.contiguous(), out, dtarget, d, h);
+    return out;
+  }
+#endif
+  const Mats W = mats3(w, h, d), O = mats3(out, h, d), Gr = mats3(g, h, d), Tg = targets3(target, h, d);
+  Mats dT = targets3(dtarget, h, d);
+  for (int m = 0; m < 3; ++m) O[m].copy_(row_normalize_backward(W[m], Tg[m], Gr[m], dT[m]));
+  return out;
 }
 
-// ttt_chunk.h update_grad_backward, batched: returns dL/dW, writes dk, dv [H, n, d], deta [H, n, 3].
-BMats update_grad_backward_b(const BMats& W, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
-                             const BMats& Gam, at::Tensor& dk, at::Tensor& dv, at::Tensor& deta) {
-  const Factors f = factors(W, k, v, eta);
-  auto ps = at::matmul(v, Gam[kDown]);
-  auto pu = at::matmul(k, tr(Gam[kUp]));
-  auto pg = at::matmul(k, tr(Gam[kGate]));
-  auto om = 1 - f.sig;
-  auto d2 = f.sig * om * (2 + f.a * (1 - 2 * f.sig));
-  auto s = f.silu * f.b, xu = f.e * f.silu, xg = f.e * f.b * f.d1;
-  auto rd = ps * f.ed, ru = pu * f.eu, rg = pg * f.eg;
-  deta = at::stack({(pg * xg).sum(-1), (pu * xu).sum(-1), (ps * s).sum(-1)}, -1).neg_();
-  auto de = (ru * f.silu + rg * f.b * f.d1).neg_();
-  auto da = (rd * f.b * f.d1 + ru * f.e * f.d1 + rg * f.e * f.b * d2).neg_();
-  auto db = (rd * f.silu + rg * f.e * f.d1).neg_();
-  dv = at::matmul(de, tr(W[kDown])).sub_(at::matmul(s * f.ed, tr(Gam[kDown])));
-  dk = at::matmul(da, W[kGate]).baddbmm_(db, W[kUp]);
-  dk.sub_(at::matmul(xu * f.eu, Gam[kUp])).sub_(at::matmul(xg * f.eg, Gam[kGate]));
-  BMats dW;
-  dW[kGate] = at::matmul(tr(da), k);
-  dW[kUp] = at::matmul(tr(db), k);
-  dW[kDown] = at::matmul(tr(v), de);
-  return dW;
+// The per-token terms of the update's backward (ttt_chunk.h update_grad_backward) from
+// p1 = [a, b, pg, pu], p2 = [e, ps] (products with the weights Wx and D, the gradient of the new
+// momentum): f1 = [da, db, eta_g xg, eta_u xu], f2 = [de, eta_d s], deta. See UpdateTermsParams.
+void update_terms(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& eta, at::Tensor& f1, at::Tensor& f2,
+                  at::Tensor& deta, int64_t h) {
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(p1)) {
+    composite_update_terms_cuda(p1, p2, eta, f1, f2, deta);
+    return;
+  }
+#endif
+  const auto a = p1.narrow(-1, 0, h), b = p1.narrow(-1, h, h), pg = p1.narrow(-1, 2 * h, h), pu = p1.narrow(-1, 3 * h, h);
+  const auto e = p2.narrow(-1, 0, h), ps = p2.narrow(-1, h, h);
+  const auto eg = eta.narrow(-1, 0, 1), eu = eta.narrow(-1, 1, 1), ed = eta.narrow(-1, 2, 1);
+  const auto sig = at::sigmoid(a), silu = a * sig, om = 1 - sig;
+  const auto d1 = sig * (1 + a * om);
+  const auto d2 = sig * om * (2 + a * (1 - 2 * sig));
+  const auto s = silu * b, xu = e * silu, xg = e * b * d1;
+  const auto rd = ps * ed, ru = pu * eu, rg = pg * eg;
+  deta.select(-1, 0).copy_((pg * xg).sum(-1));
+  deta.select(-1, 1).copy_((pu * xu).sum(-1));
+  deta.select(-1, 2).copy_((ps * s).sum(-1));
+  f1.narrow(-1, 0, h).copy_(rd * b * d1 + ru * e * d1 + rg * e * b * d2);
+  f1.narrow(-1, h, h).copy_(rd * silu + rg * e * d1);
+  f1.narrow(-1, 2 * h, h).copy_(eg * xg);
+  f1.narrow(-1, 3 * h, h).copy_(eu * xu);
+  f2.narrow(-1, 0, h).copy_(ru * silu + rg * b * d1);
+  f2.narrow(-1, h, h).copy_(ed * s);
+}
+
+// The per-token terms of the read's backward from ab = [a, b] (q Wg^T, q Wu^T) and ds = dO Wd:
+// f = [ds b silu'(a), ds silu(a)] (da, db), s = silu(a) b.
+void read_terms(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::Tensor& s, int64_t h) {
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(ab)) {
+    composite_read_terms_cuda(ab, ds, f, s);
+    return;
+  }
+#endif
+  const auto a = ab.narrow(-1, 0, h), b = ab.narrow(-1, h, h);
+  const auto sig = at::sigmoid(a), silu = a * sig;
+  f.narrow(-1, 0, h).copy_(ds * b * sig * (1 + a * (1 - sig)));
+  f.narrow(-1, h, h).copy_(ds * silu);
+  s.copy_(silu * b);
+}
+
+// G of SPEC.md at Wx (ttt_chunk.h update_grad), packed [B, 3, h*d]: Gg = -(eta_g e b silu'(a))^T K,
+// Gu = -(eta_u e silu(a))^T K, Gd = -V^T (eta_d s). (LaCT order only: its normalization backward
+// needs the new weights.)
+at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                        int64_t d, int64_t h) {
+  const int64_t B = Wx.size(0);
+  const auto ab = at::bmm(k, gate_up(Wx, h, d).transpose(1, 2));
+  const auto a = ab.narrow(-1, 0, h), b = ab.narrow(-1, h, h);
+  const auto e = at::bmm(v, down(Wx, h, d));
+  const auto sig = at::sigmoid(a), silu = a * sig;
+  const auto xgu = at::cat({eta.narrow(-1, 0, 1) * e * b * sig * (1 + a * (1 - sig)), eta.narrow(-1, 1, 1) * e * silu}, -1);
+  const auto ggu = at::bmm(xgu.transpose(1, 2), k).neg_();                                   // [B, 2h, d]
+  const auto gd = at::bmm(v.transpose(1, 2), eta.narrow(-1, 2, 1) * silu * b).neg_();        // [B, d, h]
+  return at::cat({ggu.view({B, 2, h * d}), gd.view({B, 1, h * d})}, 1);
+}
+
+// Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D): writes dk,
+// dv, deta of the chunk's rows, returns dL/dWx [B, 3, h*d] of that path. Two products with the
+// weights stacked ([Wg; Wu; Dg; Du] and [Wd | Dd]), one fused step for the per-token terms, then dk,
+// dv and the three weight gradients: 6 matmuls.
+at::Tensor update_grad3_backward(const at::Tensor& Wx, const at::Tensor& D, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& eta, at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d,
+                                 int64_t h) {
+  const int64_t B = Wx.size(0);
+  const auto wk = at::cat({gate_up(Wx, h, d), gate_up(D, h, d)}, 1);  // [B, 4h, d]
+  const auto wv = at::cat({down(Wx, h, d), down(D, h, d)}, 2);        // [B, d, 2h]
+  const auto p1 = at::bmm(k, wk.transpose(1, 2));                    // a, b, pg, pu
+  const auto p2 = at::bmm(v, wv);                                    // e, ps
+  auto f1 = at::empty_like(p1), f2 = at::empty_like(p2);
+  update_terms(p1, p2, eta, f1, f2, deta, h);
+  at::bmm_out(dk, f1, wk);
+  at::bmm_out(dv, f2, wv.transpose(1, 2));
+  const auto dgu = at::bmm(f1.narrow(-1, 0, 2 * h).transpose(1, 2), k);  // [B, 2h, d]
+  const auto dd = at::bmm(v.transpose(1, 2), f2.narrow(-1, 0, h));       // [B, d, h]
+  return at::cat({dgu.view({B, 2, h * d}), dd.view({B, 1, h * d})}, 1);
 }
 
 }  // namespace
@@ -127,96 +202,172 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
              cu_seqlens, chunk_size);
   const Layout& lay = io.lay;
-  const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H;
-  const auto &qa = io.qa, &ka = io.ka, &va = io.va, &etaa = io.etaa, &doa = io.doa, &mua = io.mua;
-  const auto &tg = io.tg, &tu = io.tu, &td = io.td, &pend_in = io.pend_in, &ckpt = io.ckpt;
-  const auto &gfast = io.gfast, &gpend = io.gpend;
-  auto &dq = io.dq, &dk = io.dk, &dv = io.dv, &deta = io.deta, &dmu = io.dmu, &d_fast = io.d_fast, &d_pend = io.d_pend;
-  auto d_targets = at::zeros({H, 2 * h + d}, qa.options());
+  const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H, T = lay.T, hd = h * d;
+  const auto &pend_in = io.pend_in, &ckpt = io.ckpt, &gfast = io.gfast, &gpend = io.gpend;
+  const auto opts = io.qa.options();
+  auto &d_fast = io.d_fast, &d_pend = io.d_pend;
+  // Tokens and their gradients as rows [T*H, x] (row t*H + head).
+  const auto q_r = io.qa.view({T * H, d}), k_r = io.ka.view({T * H, d}), v_r = io.va.view({T * H, d});
+  const auto eta_r = io.etaa.view({T * H, 3}), mu_r = io.mua.view({T * H, 1}), do_r = io.doa.view({T * H, d});
+  auto dq_r = io.dq.view({T * H, d}), dk_r = io.dk.view({T * H, d}), dv_r = io.dv.view({T * H, d});
+  auto deta_r = io.deta.view({T * H, 3}), dmu_r = io.dmu.view({T * H, 1});
+  auto d_targets = at::zeros({H, 2 * h + d}, opts);
+  const auto tgt_h = at::cat({io.tg, io.tu, io.td}, 1);  // [H, 2h + d]
   const int64_t PW = lay.pend_width();
   const auto longs = at::TensorOptions().dtype(at::kLong).device(q.device());
   auto on_device = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(q.device()); };
 
   // Sequences with the same length and pending length have the same segments: each such group runs
-  // as one batch of G * H chains (a dense batch without state is a single group), so a step is one
-  // launch for all of them.
+  // as one batch of G * H chains (a dense batch without state is a single group). In chunk
+  // coordinates (row u = p0 + t for token t) segment c is rows [cC, cC + C) of chunk c: the first
+  // after p0 rows of the initial buffer, the last the trailing partial chunk (only read).
   std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
   for (int64_t n = 0; n < lay.N; ++n) groups[{lay.len[n], lay.p0[n]}].push_back(n);
   for (const auto& entry : groups) {
     const std::vector<int64_t>& ns = entry.second;
     const int64_t G = static_cast<int64_t>(ns.size()), GH = G * H;
+    const int64_t len = entry.first.first, p0 = entry.first.second;
+    const int64_t nseg = static_cast<int64_t>(segments(lay, ns[0]).size());
     std::vector<int64_t> starts, slots;
     for (int64_t n : ns) {
       starts.push_back(lay.start[n]);
       slots.push_back(lay.slot[n]);
     }
     const auto ns_t = on_device(ns), starts_t = on_device(starts), slots_t = on_device(slots);
-    auto clone3 = [](const BMats& m) { return BMats{m[0].clone(), m[1].clone(), m[2].clone()}; };
-    const auto gf = gfast.index_select(0, ns_t).flatten(0, 1);  // [G*H, 6, h*d]
-    BMats dW = clone3(bmats_of(gf, 0, h, d)), dM = clone3(bmats_of(gf, kMomentumRow, h, d));
+    // dW, dM: the gradient of the state after the segment being walked, [G*H, 3, h*d].
+    const auto gf = gfast.index_select(0, ns_t).view({GH, kFastRows, hd});
+    at::Tensor dW = gf.narrow(1, 0, 3).clone(at::MemoryFormat::Contiguous);
+    at::Tensor dM = gf.narrow(1, kMomentumRow, 3).clone(at::MemoryFormat::Contiguous);
     // [N, C, H, 2d + 4] chunk buffers -> the group's, heads folded into the batch: [G*H, C, 2d + 4].
     auto by_head = [&](const at::Tensor& t) { return t.index_select(0, ns_t).permute({0, 2, 1, 3}).reshape({GH, C, PW}); };
     const auto init_pend = by_head(pend_in), gpend_g = by_head(gpend);
     auto d_init_pend = at::zeros_like(init_pend);
-    const BMats tgt{tg.repeat({G, 1}), tu.repeat({G, 1}), td.repeat({G, 1})};
-    auto d_tg = at::zeros({GH, 2 * h + d}, qa.options());
-    BMats d_tgt{d_tg.narrow(1, 0, h), d_tg.narrow(1, h, h), d_tg.narrow(1, 2 * h, d)};
+    const auto tgt = tgt_h.repeat({G, 1});
+    auto d_tg = at::zeros({GH, 2 * h + d}, opts);
 
-    const auto segs = segments(lay, ns[0]);
-    for (int64_t i = static_cast<int64_t>(segs.size()) - 1; i >= 0; --i) {
-      const Segment& s = segs[i];
-      const int64_t nt = s.tokens, pos = s.first_token - lay.start[ns[0]];
-      // Packed rows of this segment's tokens, sequence by sequence: [G * nt].
-      at::Tensor idx;
-      if (nt > 0) idx = (starts_t.unsqueeze(1) + pos + at::arange(nt, longs).unsqueeze(0)).flatten();
-      // [T, H, x] -> [G*H, nt, x] and [T, H] -> [G*H, nt]; scatter is the inverse, into dst.
-      auto gather = [&](const at::Tensor& t) {
-        auto r = t.view({t.size(0), H, -1}).index_select(0, idx).view({G, nt, H, -1}).permute({0, 2, 1, 3});
-        r = r.reshape({GH, nt, -1});
-        return t.dim() == 2 ? r.squeeze(-1) : r;
-      };
-      auto scatter = [&](at::Tensor& dst, const at::Tensor& val) {
-        auto r = val.reshape({G, H, nt, -1}).permute({0, 2, 1, 3}).reshape({G * nt, H, -1});
-        dst.view({dst.size(0), H, -1}).index_copy_(0, idx, r);
-      };
-      const auto ck = ckpt.index_select(0, slots_t + i).flatten(0, 1);  // (W, M) at the segment start
-      const BMats W = bmats_of(ck, 0, h, d), M = bmats_of(ck, kMomentumRow, h, d);
-      ChunkView mine;
-      if (nt > 0) mine = {gather(ka), gather(va), gather(etaa), gather(mua)};
-      ChunkView grad;  // gradient of every row of the chunk
-      if (i + 1 < static_cast<int64_t>(segs.size())) {
-        ChunkView chunk = mine;
-        if (s.pending_before > 0) {
-          auto buf = at::empty({GH, C, PW}, qa.options());
-          buf.narrow(1, 0, s.pending_before).copy_(init_pend.narrow(1, 0, s.pending_before));
-          chunk = ChunkView::of_buffer(buf, d);
-          chunk.rows(s.pending_before, nt).copy_from(mine);
+    // Rows of q_r etc. for chunks [ca, cb) and chunk rows [ra, rb), ordered (chunk, sequence, head,
+    // row), the token clamped into the sequence (callers zero or skip the rows outside it).
+    auto token_rows = [&](int64_t ca, int64_t cb, int64_t ra, int64_t rb) {
+      auto t = (at::arange(ca, cb, longs) * C).view({-1, 1, 1, 1}) + at::arange(ra, rb, longs).view({1, 1, 1, -1}) - p0;
+      t = t.clamp(0, std::max<int64_t>(len - 1, 0));
+      return ((starts_t.view({1, G, 1, 1}) + t) * H + at::arange(H, longs).view({1, 1, H, 1})).flatten();
+    };
+    // Chunk c holds tokens in rows [lo, hi).
+    auto lo_row = [&](int64_t c) { return std::max<int64_t>(0, p0 - c * C); };
+    auto hi_row = [&](int64_t c) { return std::min<int64_t>(C, p0 + len - c * C); };
+
+    const int64_t esize = static_cast<int64_t>(io.qa.element_size());
+    const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize;
+    const int64_t nb_max = max_block_chunks(per_chunk);
+    for (int64_t c1 = nseg; c1 > 0;) {
+      const int64_t c0 = std::max<int64_t>(0, c1 - nb_max), nb = c1 - c0, R = nb * GH;
+      const bool has_tokens = len > 0;  // every chunk but an empty trailing one holds tokens then
+      const bool has_trailing = c1 == nseg;
+      const int64_t n_complete = has_trailing ? nb - 1 : nb;  // chunks [c0, c0 + n_complete) update
+      auto dKb = at::empty({nb, GH, C, d}, opts), dVb = at::empty({nb, GH, C, d}, opts);
+      auto dEb = at::empty({nb, GH, C, 3}, opts), dMUb = at::empty({nb, GH, C, 1}, opts);
+      if (has_trailing) {  // the partial chunk only lands in the state
+        const auto g = gpend_g;
+        dKb[nb - 1].copy_(g.narrow(2, 0, d));
+        dVb[nb - 1].copy_(g.narrow(2, d, d));
+        dEb[nb - 1].copy_(g.narrow(2, 2 * d, 3));
+        dMUb[nb - 1].copy_(g.narrow(2, 2 * d + 3, 1));
+      }
+      at::Tensor dQb, dWr;
+      if (has_tokens) {
+        const auto rows = token_rows(c0, c1, 0, C);
+        const auto ckb = ckpt.index_select(0, (slots_t.view({1, G}) + at::arange(c0, c1, longs).view({nb, 1})).flatten())
+                             .view({R, kFastRows, hd});  // (W, M) at each segment start
+        // The read's backward of every chunk in the block at once (it needs only the weights at the
+        // segment start); rows outside the sequence get dO = 0, so they add nothing.
+        const auto Qb = q_r.index_select(0, rows).view({R, C, d});
+        auto DOb = do_r.index_select(0, rows).view({nb, GH, C, d});
+        if (p0 > 0 && c0 == 0) DOb[0].narrow(1, 0, p0).zero_();
+        if (has_trailing && hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, hi_row(c1 - 1), C - hi_row(c1 - 1)).zero_();
+        DOb = DOb.view({R, C, d});
+        const auto wgu = gate_up(ckb, h, d), wd = down(ckb, h, d);
+        const auto ab = at::bmm(Qb, wgu.transpose(1, 2));
+        const auto ds = at::bmm(DOb, wd);
+        auto f = at::empty_like(ab), s = at::empty_like(ds);
+        read_terms(ab, ds, f, s, h);
+        dWr = at::cat({at::bmm(f.transpose(1, 2), Qb).view({R, 2, hd}), at::bmm(DOb.transpose(1, 2), s).view({R, 1, hd})}, 1)
+                  .view({nb, GH, 3, hd});
+        dQb = at::bmm(f, wgu);
+        if (residual) dQb.add_(DOb);
+
+        // The update's inputs of the complete chunks: rows before p0 of chunk 0 are the initial buffer's.
+        const auto Kb = k_r.index_select(0, rows).view({nb, GH, C, d});
+        const auto Vb = v_r.index_select(0, rows).view({nb, GH, C, d});
+        const auto Eb = eta_r.index_select(0, rows).view({nb, GH, C, 3});
+        const auto MUb = mu_r.index_select(0, rows).view({nb, GH, C, 1});
+        if (p0 > 0 && c0 == 0 && n_complete > 0) {
+          Kb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 0, d));
+          Vb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, d, d));
+          Eb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 2 * d, 3));
+          MUb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 2 * d + 3, 1));
         }
-        auto gmu = chunk_update_backward_impl(W, M, tgt, chunk.k, chunk.v, chunk.eta, chunk.mu.mean(1).view({-1, 1, 1}),
-                                              lact_order, dW, dM, d_tgt, grad.k, grad.v, grad.eta, update_grad_b,
-                                              update_grad_backward_b);
-        grad.mu = (gmu / static_cast<double>(C)).unsqueeze(1).expand({GH, C});
-      } else {
-        grad = ChunkView::of_buffer(gpend_g, d);  // the partial chunk only lands in the state
+        const auto mu_chunk = MUb.mean(2);  // [nb, GH, 1]: each chunk's momentum
+        const auto ckv = ckb.view({nb, GH, kFastRows, hd});
+
+        for (int64_t j = nb - 1; j >= 0; --j) {
+          if (j < n_complete) {  // backward of the update of chunk c0 + j
+            const auto W = ckv[j].narrow(1, 0, 3), M = ckv[j].narrow(1, kMomentumRow, 3);
+            const auto mu_j = mu_chunk[j].view({GH, 1, 1});
+            at::Tensor D;  // dL/dM_new
+            if (lact_order) {  // W_new = normalize(W + mu M - G(W))
+              auto Z = M * mu_j;
+              Z.add_(W).sub_(update_grad3(W, Kb[j], Vb[j], Eb[j], d, h));
+              auto dZ = row_normalize3_backward(Z, tgt, dW, d_tg, d, h);
+              D = dM + dZ;
+              dW = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h));
+            } else {  // W_new = normalize(W) + mu M - G(normalize(W))
+              const auto W_hat = row_normalize3(W, tgt, d, h);
+              D = dM + dW;
+              auto dW_hat = update_grad3_backward(W_hat, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h);
+              dW = row_normalize3_backward(W, tgt, dW_hat.add_(dW), d_tg, d, h);
+            }
+            dMUb[j].copy_(((D * M).sum(at::IntArrayRef{1, 2}) / static_cast<double>(C)).view({GH, 1, 1}));
+            dM = D.mul_(mu_j);
+          }
+          dW.add_(dWr[j]);  // the read of segment c0 + j saw the weights at its start
+        }
       }
-      if (s.pending_before > 0) {
-        ChunkView::of_buffer(d_init_pend, d).rows(0, s.pending_before).copy_from(grad.rows(0, s.pending_before));
+      if (p0 > 0 && c0 == 0) {  // gradient of the initial buffer's rows
+        const auto dst = d_init_pend.narrow(1, 0, p0);
+        dst.narrow(2, 0, d).copy_(dKb[0].narrow(1, 0, p0));
+        dst.narrow(2, d, d).copy_(dVb[0].narrow(1, 0, p0));
+        dst.narrow(2, 2 * d, 3).copy_(dEb[0].narrow(1, 0, p0));
+        dst.narrow(2, 2 * d + 3, 1).copy_(dMUb[0].narrow(1, 0, p0));
       }
-      if (nt > 0) {
-        const ChunkView g = grad.rows(s.pending_before, nt);
-        scatter(dk, g.k);
-        scatter(dv, g.v);
-        scatter(deta, g.eta);
-        scatter(dmu, g.mu);
-        scatter(dq, read_backward_b(W, gather(qa), gather(doa), residual, dW));
+      if (has_tokens) {  // the tokens' gradients, in runs of chunks with the same rows
+        std::vector<std::array<int64_t, 4>> pieces;  // chunks [ca, cb), rows [ra, rb)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t lo = lo_row(c), hi = hi_row(c);
+          if (hi <= lo) continue;
+          if (lo == 0 && hi == C && !pieces.empty() && pieces.back()[1] == c && pieces.back()[2] == 0 &&
+              pieces.back()[3] == C) {
+            ++pieces.back()[1];
+          } else {
+            pieces.push_back({c, c + 1, lo, hi});
+          }
+        }
+        for (const auto& pc : pieces) {
+          const auto dst = token_rows(pc[0], pc[1], pc[2], pc[3]);
+          auto put = [&](at::Tensor& out_rows, const at::Tensor& blk) {
+            const int64_t x = out_rows.size(1);
+            auto src = blk.view({nb, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
+            out_rows.index_copy_(0, dst, src.reshape({-1, x}));
+          };
+          put(dq_r, dQb);
+          put(dk_r, dKb);
+          put(dv_r, dVb);
+          put(deta_r, dEb);
+          put(dmu_r, dMUb);
+        }
       }
+      c1 = c0;
     }
-    auto df = at::empty({GH, kFastRows, h * d}, qa.options());
-    for (int m = 0; m < 3; ++m) {
-      df.select(1, m).copy_(dW[m].reshape({GH, h * d}));
-      df.select(1, kMomentumRow + m).copy_(dM[m].reshape({GH, h * d}));
-    }
-    d_fast.index_copy_(0, ns_t, df.view({G, H, kFastRows, h * d}));
+    d_fast.index_copy_(0, ns_t, at::cat({dW, dM}, 1).view({G, H, kFastRows, hd}));
     d_pend.index_copy_(0, ns_t, d_init_pend.view({G, H, C, PW}).permute({0, 2, 1, 3}));
     d_targets.add_(d_tg.view({G, H, -1}).sum(0));
   }

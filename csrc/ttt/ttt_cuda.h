@@ -166,4 +166,43 @@ struct DecodeParams {
 };
 void launch_ttt_decode(const DecodeParams& p, cudaStream_t stream);
 
+// The elementwise steps of the composite backward (ttt_bwd_composite.cpp) as single launches on
+// float32 rows (the ATen sequence they replace: about 40 launches per chunk). Row-major, contiguous
+// unless a stride is given; one warp per row where a row needs a sum.
+//
+// Update terms, per token row: p1 = [a, b, pg, pu] (k Wg^T, k Wu^T, k Dg^T, k Du^T), p2 = [e, ps]
+// (v Wd, v Dd) with D the gradient of the new momentum, eta = (eta_g, eta_u, eta_d):
+// f1 = [da, db, eta_g xg, eta_u xu], f2 = [de, eta_d s], deta = (pg.xg, pu.xu, ps.s), where
+// s = silu(a) b, xu = e silu(a), xg = e b silu'(a) (ttt_chunk.h update_grad_backward).
+struct UpdateTermsParams {
+  const float *p1, *p2, *eta;  // [rows, 4h], [rows, 2h], [rows, 3]
+  float *f1, *f2, *deta;       // [rows, 4h], [rows, 2h], [rows, 3]
+  int64_t rows;
+  int h;
+};
+// Read terms, per token row: ab = [a, b] (q Wg^T, q Wu^T), ds = dO Wd: f = [ds b silu'(a), ds silu(a)],
+// s = silu(a) b.
+struct ReadTermsParams {
+  const float *ab, *ds;  // [rows, 2h], [rows, h]
+  float *f, *s;          // [rows, 2h], [rows, h]
+  int64_t rows;
+  int h;
+};
+// Row normalization of packed weights [batch, 3, h*d] (gate and up: h rows of d; down: d rows of
+// h; every row contiguous, rows back to back), targets [batch, 2h + d]: out = w target / (|w| + eps).
+// With g (backward): out = d/dw of <g, normalize(w)>, and dtarget [batch, 2h + d] += <g, w> / (|w| + eps).
+struct RowNormParams {
+  const float* w;
+  int64_t w_batch_stride;  // elements between batch entries of w (>= 3hd)
+  const float* target;     // [batch, 2h + d]
+  const float* g;          // null: forward; else [batch, 3, h*d] contiguous
+  float* out;              // [batch, 3, h*d]
+  float* dtarget;          // backward only
+  int64_t batch;
+  int d, h;
+};
+void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream);
+void launch_read_terms(const ReadTermsParams& p, cudaStream_t stream);
+void launch_row_norm(const RowNormParams& p, cudaStream_t stream);
+
 }  // namespace allmem::ttt::cuda

@@ -1,5 +1,6 @@
-// Runs ttt_fwd_kernel, ttt_bwd_kernel and ttt_decode_kernel on the CPU under shim.h. `fwd_emu.inc`,
-// `bwd_emu.inc`, `decode_emu.inc` are csrc/ttt/ttt_fwd.cu, ttt_bwd.cu, ttt_decode_kernel.cu with their CUDA
+// Runs ttt_fwd_kernel, ttt_bwd_kernel, ttt_decode_kernel and the composite backward's kernels on
+// the CPU under shim.h. `fwd_emu.inc`, `bwd_emu.inc`, `decode_emu.inc`, `composite_emu.inc` are
+// csrc/ttt/ttt_fwd.cu, ttt_bwd.cu, ttt_decode_kernel.cu, ttt_composite_kernels.cu with their CUDA
 // include, dynamic shared memory declaration and launch code rewritten by tests/test_ttt_cuda_emu.py.
 #include <memory>
 #include <thread>
@@ -8,6 +9,7 @@
 #include "fwd_emu.inc"
 #include "bwd_emu.inc"
 #include "decode_emu.inc"
+#include "composite_emu.inc"
 
 using namespace allmem::ttt::cuda;
 
@@ -73,4 +75,17 @@ extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
 // One block per (sequence, head), kDecodeThreads threads, d + h floats of shared memory.
 extern "C" void emu_decode(const DecodeParams* p) {
   run_grid(p->n_seqs * p->heads, kDecodeThreads, p->d + p->h, [&] { ttt_decode_kernel(*p); });
+}
+
+// The composite backward's kernels (ttt_composite_kernels.cu) with their launch geometry: a warp
+// per row (8 rows per block) or a thread per element.
+extern "C" void emu_update_terms(const UpdateTermsParams* p) {
+  run_grid((p->rows + kTermsWarps - 1) / kTermsWarps, kTermsThreads, 0, [&] { update_terms_kernel(*p); });
+}
+extern "C" void emu_read_terms(const ReadTermsParams* p) {
+  run_grid((p->rows * p->h + kTermsThreads - 1) / kTermsThreads, kTermsThreads, 0, [&] { read_terms_kernel(*p); });
+}
+extern "C" void emu_row_norm(const RowNormParams* p) {
+  const int64_t rows = p->batch * (2 * p->h + p->d);
+  run_grid((rows + kTermsWarps - 1) / kTermsWarps, kTermsThreads, 0, [&] { row_norm_kernel(*p); });
 }
