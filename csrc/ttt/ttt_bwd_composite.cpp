@@ -8,6 +8,8 @@
 // block. The walk (segments in reverse from the checkpoints, the pending chunk) is ttt_cpu.cpp's.
 #include "ttt/ttt_bwd_composite.h"
 
+#include <ATen/record_function.h>
+
 #include <algorithm>
 #include <array>
 #include <cstdlib>
@@ -75,6 +77,7 @@ Mats targets3(const at::Tensor& t, int64_t h, int64_t d) { return {t.narrow(1, 0
 
 // normalize(w) row by row (SPEC.md step 2) -> [B, 3, h*d] contiguous.
 at::Tensor row_normalize3(const at::Tensor& w, const at::Tensor& target, int64_t d, int64_t h) {
+  RECORD_FUNCTION("allmem::composite_row_norm", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
   auto out = at::empty({w.size(0), 3, h * d}, w.options());
 #ifdef ALLMEM_WITH_CUDA
   if (use_kernels(w)) {
@@ -91,6 +94,7 @@ at::Tensor row_normalize3(const at::Tensor& w, const at::Tensor& target, int64_t
 // targets' gradient to dtarget [B, 2h + d].
 at::Tensor row_normalize3_backward(const at::Tensor& w, const at::Tensor& target, const at::Tensor& g,
                                    at::Tensor& dtarget, int64_t d, int64_t h) {
+  RECORD_FUNCTION("allmem::composite_row_norm_backward", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
   auto out = at::empty({w.size(0), 3, h * d}, w.options());
 #ifdef ALLMEM_WITH_CUDA
   if (use_kernels(w)) {
@@ -109,6 +113,7 @@ at::Tensor row_normalize3_backward(const at::Tensor& w, const at::Tensor& target
 // momentum): f1 = [da, db, eta_g xg, eta_u xu], f2 = [de, eta_d s], deta. See UpdateTermsParams.
 void update_terms(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& eta, at::Tensor& f1, at::Tensor& f2,
                   at::Tensor& deta, int64_t h) {
+  RECORD_FUNCTION("allmem::composite_update_terms", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
 #ifdef ALLMEM_WITH_CUDA
   if (use_kernels(p1)) {
     composite_update_terms_cuda(p1, p2, eta, f1, f2, deta);
@@ -137,6 +142,7 @@ void update_terms(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& 
 // The per-token terms of the read's backward from ab = [a, b] (q Wg^T, q Wu^T) and ds = dO Wd:
 // f = [ds b silu'(a), ds silu(a)] (da, db), s = silu(a) b.
 void read_terms(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::Tensor& s, int64_t h) {
+  RECORD_FUNCTION("allmem::composite_read_terms", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
 #ifdef ALLMEM_WITH_CUDA
   if (use_kernels(ab)) {
     composite_read_terms_cuda(ab, ds, f, s);
