@@ -1,4 +1,5 @@
-"""Kernel launches per completed chunk of the composite TTT backward (csrc/ttt/ttt_bwd_composite.cpp),
+"""Kernel launches per completed chunk of the composite TTT backward and forward (csrc/ttt/ttt_bwd_composite.cpp;
+forward rows: ALLMEM_TTT_FWD=composite, where the build has it),
 counted on the CPU: at B = 1 the GPU version is bound by the host issuing them (run e: 1.6 ms per
 chunk at B=1, d=h=128, H=4), so their number is what this measures, without a GPU.
 
@@ -53,7 +54,7 @@ def count_launches(events) -> tuple[int, collections.Counter]:
     return sum(by_name.values()), by_name
 
 
-def backward_events(d: int, H: int, C: int, n_chunks: int, lact: bool):
+def events(d: int, H: int, C: int, n_chunks: int, lact: bool, forward: bool):
     g = torch.Generator().manual_seed(0)
     L = C * n_chunks
     dt = torch.bfloat16
@@ -67,11 +68,13 @@ def backward_events(d: int, H: int, C: int, n_chunks: int, lact: bool):
     w = [rnd(H, d, d) / d**0.5 for _ in range(3)]
     fast = torch.cat([torch.stack(w, 1), torch.zeros(H, 3, d, d)], 1).reshape(1, H, 6, d * d).float()
     pend, plen = torch.zeros(1, C, H, 2 * d + 4), torch.zeros(1, dtype=torch.long)
-    o, _, _, _, ck = torch.ops.allmem.ttt_memory_fwd(q, k, v, eta, mu, *w, fast, pend, plen, None, C, lact, not lact)
+    fwd_args = (q, k, v, eta, mu, *w, fast, pend, plen, None, C, lact, not lact)
+    o, _, _, _, ck = torch.ops.allmem.ttt_memory_fwd(*fwd_args)
     args = (torch.randn_like(o), None, None, q, k, v, eta, mu, *w, pend, plen, ck, None, C, lact, not lact)
-    torch.ops.allmem.ttt_memory_bwd(*args)  # warm-up
+    op, op_args = (torch.ops.allmem.ttt_memory_fwd, fwd_args) if forward else (torch.ops.allmem.ttt_memory_bwd, args)
+    op(*op_args)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as p:
-        torch.ops.allmem.ttt_memory_bwd(*args)
+        op(*op_args)
     return p.events()
 
 
@@ -84,15 +87,16 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     os.environ["ALLMEM_TTT_BWD"] = "composite"
+    os.environ["ALLMEM_TTT_FWD"] = "composite"
     torch.set_num_threads(1)
     result = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.node(), "torch": torch.__version__, "args": vars(a), "rows": {}}
-    for lact in (False, True):
-        n1, c1 = count_launches(backward_events(a.d, a.heads, a.chunk, a.chunks, lact))
-        n2, c2 = count_launches(backward_events(a.d, a.heads, a.chunk, 2 * a.chunks, lact))
+    for forward, lact in ((False, False), (False, True), (True, False), (True, True)):
+        n1, c1 = count_launches(events(a.d, a.heads, a.chunk, a.chunks, lact, forward))
+        n2, c2 = count_launches(events(a.d, a.heads, a.chunk, 2 * a.chunks, lact, forward))
         per_chunk = (n2 - n1) / a.chunks
         diff = {k: (c2[k] - c1[k]) / a.chunks for k in c2 if c2[k] != c1[k]}
-        name = "lact_order" if lact else "default_order"
+        name = ("forward_" if forward else "") + ("lact_order" if lact else "default_order")
         result["rows"][name] = {"launches_per_chunk": per_chunk, "launches_call_n": n1,
                                 "by_op_per_chunk": dict(sorted(diff.items(), key=lambda kv: -kv[1]))}
         print(f"{name}: {per_chunk:.1f} launches per completed chunk "

@@ -358,12 +358,15 @@ for dt in (torch.bfloat16, torch.float16):
                 allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
                                       cu_seqlens=cu, lact_order=lact, residual=not lact)
     # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
-    # on the same varlen/pending case, d = h = 64 and, off the split-mode runs, d = 128 too.
-    os.environ["ALLMEM_TTT_BWD"] = "composite"
-    q.grad = None
-    o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True, cu_seqlens=cu)
-    (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    del os.environ["ALLMEM_TTT_BWD"]
+    # on the same varlen/pending case (d = h = 64).
+    # Then the composite forward too (ALLMEM_TTT_FWD=composite).
+    for fwd in ("", "composite"):
+        os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"] = "composite", fwd
+        q.grad = None
+        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                     cu_seqlens=cu)
+        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+    del os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"]
 torch.cuda.synchronize()
 print("ttt tensor-core sanitizer cases ran")
 EOF

@@ -165,3 +165,128 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
     want_default = kernel if d == 64 else got
     for name, a, b in zip(NAMES, default, want_default):
         assert torch.equal(a, b), (name, "default backward")
+
+
+# ---- The composite forward (ALLMEM_TTT_FWD=composite) ----
+FWD_NAMES = ("o", "fast", "pending", "pending_len", "checkpoints")
+
+
+def _fwd_args(case, dtype=torch.float64):
+    ins, cu, state, C = _case_inputs(case, dtype=dtype)
+    B, L, H, d, h, C, lens, plens = case
+    N = len(lens) if lens is not None else B
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if state is None:
+        state = random_state(N, C, H, d, h, [0] * N, dtype=sdt)
+    fast = torch.stack([getattr(state, n).reshape(N, H, -1) for n in STATE_FLOATS[:6]], 2).to(sdt)
+    pending = torch.cat([state.pending_k, state.pending_v, state.pending_eta, state.pending_mu[..., None]], -1).to(sdt)
+    return [*ins, fast, pending, state.pending_len, cu, C]
+
+
+@pytest.mark.parametrize("block", [None, "1", "2"])
+@pytest.mark.parametrize("case", CASES + GROUP_CASES)
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_forward_matches_cpu_op_float64(case, lact_order, residual, block, monkeypatch):
+    """Every output of the op, checkpoints included (unused slots zero), against the CPU kernel,
+    on every layout case, whole and in blocks of 1 and 2 chunks."""
+    args = _fwd_args(case) + [lact_order, residual]
+    want = torch.ops.allmem.ttt_memory_fwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    if block is not None:
+        monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_BLOCK", block)
+    got = torch.ops.allmem.ttt_memory_fwd(*args)
+    for name, a, b in zip(FWD_NAMES, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_forward_float32_and_backward_from_its_checkpoints(monkeypatch):
+    """float32 inputs; and the backward (CPU kernel and composite) from the composite forward's
+    checkpoints equals the one from the CPU forward's."""
+    case = CASES[8]
+    args = _fwd_args(case, dtype=torch.float32) + [False, True]
+    want = torch.ops.allmem.ttt_memory_fwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    got = torch.ops.allmem.ttt_memory_fwd(*args)
+    for name, a, b in zip(FWD_NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    args = _fwd_args(case) + [True, False]
+    monkeypatch.delenv("ALLMEM_TTT_FWD")
+    o, _, _, _, ckpt_cpu = torch.ops.allmem.ttt_memory_fwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    _, _, _, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*args)
+    ins, (fast, pending, plen, cu, C) = args[:8], args[8:13]
+    go = torch.randn_like(o)
+    bwd = lambda ck: torch.ops.allmem.ttt_memory_bwd(go, None, None, *ins, pending, plen, ck, cu, C, True, False)  # noqa: E731
+    for a, b in zip(bwd(ckpt), bwd(ckpt_cpu)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+def test_forward_gradcheck(monkeypatch, lact_order, residual):
+    """Composite forward and backward together, through allmem_ops.ttt_memory."""
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    H, d, h, C = 2, 3, 2, 3
+    ins, cu = make_inputs(None, None, H, d, h, lens=[4, 0, 5])
+    state = random_state(3, C, H, d, h, [1, 0, 2])
+    tensors = [t.detach().requires_grad_() for t in ins + [getattr(state, n) for n in STATE_FLOATS]]
+    fn = _flat_fn(C, cu, lact_order, residual, state.pending_len)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_forward_opcheck(monkeypatch, varlen):
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    args = _op_args(varlen, requires_grad=False) + [False, True]
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_fwd.default, args)
+
+
+def test_forward_bad_input_same_errors(monkeypatch):
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    args = _fwd_args(CASES[0]) + [False, True]
+    bad = list(args)
+    bad[1] = args[1][..., :-1]
+    with pytest.raises(RuntimeError, match="k must"):
+        torch.ops.allmem.ttt_memory_fwd(*bad)
+    bad = list(args)
+    bad[8] = args[8][:, :, :-1]
+    with pytest.raises(RuntimeError, match="fast must have shape"):
+        torch.ops.allmem.ttt_memory_fwd(*bad)
+    bad = list(args)
+    bad[12] = 0
+    with pytest.raises(RuntimeError, match="chunk_size must be >= 1"):
+        torch.ops.allmem.ttt_memory_fwd(*bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lact_order", [False, True])
+def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
+    """The composite forward on the GPU (float32 after the 16-bit inputs: cuBLAS and the fused
+    steps) against the float64 CPU forward on the same rounded inputs: varlen with an empty
+    sequence and pending state; o within one rounding to the input dtype, the float32 state and
+    checkpoints within 1e-4; its fused steps against their ATen sequences within 1e-4."""
+    from test_ttt_tc_gpu import UNIT_ROUNDOFF, fwd, tc_inputs
+
+    C = 64
+    cpu, dev = tc_inputs(None, None, 2, d, d, C, dtype, lens=[150, 0, 97], plens=[13, 5, 0])
+    want = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact_order, not lact_order)
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    got = fwd(dev, C, lact_order, not lact_order)
+    for name, a, w in zip(FWD_NAMES, got, want):
+        assert a.is_cuda and torch.isfinite(a.float()).all(), name
+        if name == "pending_len":
+            assert torch.equal(a.cpu(), w), name
+            continue
+        err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < (UNIT_ROUNDOFF[dtype] if name == "o" else 1e-4), (name, err)
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "0")
+    aten = fwd(dev, C, lact_order, not lact_order)
+    for name, a, b in zip(FWD_NAMES, got, aten):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert err < 1e-4, (name, err, "fused steps vs ATen")
+    assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"

@@ -314,18 +314,47 @@ def test_emulated_update_terms(emu, rows, h):
 
 
 @pytest.mark.parametrize("rows,h", [(17, 64), (5, 128), (2, 24)])
-def test_emulated_read_terms(emu, rows, h):
+@pytest.mark.parametrize("backward", [True, False])
+def test_emulated_read_terms(emu, rows, h, backward):
+    """The read's terms; without ds (the composite forward's read) s alone, f left untouched."""
     g = torch.Generator().manual_seed(rows + h)
     ab = torch.randn(rows, 2 * h, generator=g) * 2
     ds = torch.randn(rows, h, generator=g)
     f, s = _nan(rows, 2 * h), _nan(rows, h)
-    p = ReadTermsParams(*[t.data_ptr() for t in (ab, ds, f, s)], rows, h)
+    p = ReadTermsParams(ab.data_ptr(), ds.data_ptr() if backward else None, f.data_ptr() if backward else None,
+                        s.data_ptr(), rows, h)
     emu.emu_read_terms(ctypes.byref(p))
     a, b = ab.double().split(h, -1)
     silu, d1, _ = _silu_parts(a)
     dsd = ds.double()
-    torch.testing.assert_close(f.double(), torch.cat([dsd * b * d1, dsd * silu], -1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.double(), silu * b, rtol=1e-5, atol=1e-6)
+    if backward:
+        torch.testing.assert_close(f.double(), torch.cat([dsd * b * d1, dsd * silu], -1), rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.isnan(f).all()
+
+
+class GradTermsParams(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("ab", "e", "eta", "fgu", "fd")] + [
+        ("rows", ctypes.c_int64), ("h", ctypes.c_int)]
+
+
+@pytest.mark.parametrize("rows,h", [(11, 64), (4, 128), (3, 40)])
+def test_emulated_grad_terms(emu, rows, h):
+    """The update gradient's per-token factors (composite forward, LaCT-order backward)."""
+    g = torch.Generator().manual_seed(rows * 7 + h)
+    ab = torch.randn(rows, 2 * h, generator=g) * 2
+    e = torch.randn(rows, h, generator=g)
+    eta = torch.rand(rows, 3, generator=g)
+    fgu, fd = _nan(rows, 2 * h), _nan(rows, h)
+    p = GradTermsParams(*[t.data_ptr() for t in (ab, e, eta, fgu, fd)], rows, h)
+    emu.emu_grad_terms(ctypes.byref(p))
+    a, b = ab.double().split(h, -1)
+    silu, d1, _ = _silu_parts(a)
+    ed, etad = e.double(), eta.double()
+    want_gu = -torch.cat([etad[:, :1] * ed * b * d1, etad[:, 1:2] * ed * silu], -1)
+    torch.testing.assert_close(fgu.double(), want_gu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fd.double(), -etad[:, 2:] * silu * b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch,d,h", [(3, 64, 64), (2, 64, 128), (2, 128, 64)])

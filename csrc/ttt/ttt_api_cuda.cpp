@@ -140,6 +140,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   const Layout lay = check_cuda(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size);
   check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, at::kFloat, q);
   const c10::cuda::CUDAGuard guard(q.device());
+  if (composite_fwd_requested()) {  // batched ATen/cuBLAS and the composite's fused steps
+    return ttt_memory_fwd_composite(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, cu_seqlens,
+                                    chunk_size, lact_order, residual);
+  }
   const InDType dt = cuda_dtype(q);
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), etac = eta.contiguous(), muc = mu.contiguous();
   auto wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
@@ -403,16 +407,37 @@ void composite_update_terms_cuda(const at::Tensor& p1, const at::Tensor& p2, con
 
 void composite_read_terms_cuda(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::Tensor& s) {
   check_f32_cuda(ab, "ab");
-  check_f32_cuda(ds, "ds");
-  check_f32_cuda(f, "f");
   check_f32_cuda(s, "s");
-  const int64_t h = ds.size(-1), rows = h > 0 ? ds.numel() / h : 0;
-  ALLMEM_CHECK(ab.numel() == rows * 2 * h && f.numel() == ab.numel() && s.numel() == ds.numel(),
+  const bool backward = ds.defined();
+  ALLMEM_CHECK(backward == f.defined(), "composite read terms: ds and f go together");
+  if (backward) {
+    check_f32_cuda(ds, "ds");
+    check_f32_cuda(f, "f");
+  }
+  const int64_t h = s.size(-1), rows = h > 0 ? s.numel() / h : 0;
+  ALLMEM_CHECK(ab.numel() == rows * 2 * h && (!backward || (f.numel() == ab.numel() && ds.numel() == s.numel())),
                "composite read terms: inconsistent sizes");
   const c10::cuda::CUDAGuard guard(ab.device());
-  cuda::ReadTermsParams p{ab.data_ptr<float>(), ds.data_ptr<float>(), f.data_ptr<float>(), s.data_ptr<float>(), rows,
-                          static_cast<int>(h)};
+  cuda::ReadTermsParams p{ab.data_ptr<float>(), backward ? ds.data_ptr<float>() : nullptr,
+                          backward ? f.data_ptr<float>() : nullptr, s.data_ptr<float>(), rows, static_cast<int>(h)};
   cuda::launch_read_terms(p, at::cuda::getCurrentCUDAStream());
+}
+
+void composite_grad_terms_cuda(const at::Tensor& ab, const at::Tensor& e, const at::Tensor& eta, at::Tensor& fgu,
+                               at::Tensor& fd) {
+  check_f32_cuda(ab, "ab");
+  check_f32_cuda(e, "e");
+  check_f32_cuda(eta, "eta");
+  check_f32_cuda(fgu, "fgu");
+  check_f32_cuda(fd, "fd");
+  const int64_t h = e.size(-1), rows = h > 0 ? e.numel() / h : 0;
+  ALLMEM_CHECK(ab.numel() == rows * 2 * h && fgu.numel() == ab.numel() && fd.numel() == e.numel() &&
+                   eta.numel() == rows * 3,
+               "composite grad terms: inconsistent sizes");
+  const c10::cuda::CUDAGuard guard(ab.device());
+  cuda::GradTermsParams p{ab.data_ptr<float>(), e.data_ptr<float>(), eta.data_ptr<float>(), fgu.data_ptr<float>(),
+                          fd.data_ptr<float>(), rows, static_cast<int>(h)};
+  cuda::launch_grad_terms(p, at::cuda::getCurrentCUDAStream());
 }
 
 void composite_row_norm_cuda(const at::Tensor& w, const at::Tensor& target, const std::optional<at::Tensor>& g,

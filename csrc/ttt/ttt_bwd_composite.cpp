@@ -35,6 +35,11 @@ BwdChoice bwd_choice() {
   return BwdChoice::kAuto;
 }
 
+bool composite_fwd_requested() {
+  const char* env = std::getenv("ALLMEM_TTT_FWD");
+  return env != nullptr && std::strcmp(env, "composite") == 0;
+}
+
 namespace {
 
 // Buffers of one block of chunks are kept under this many bytes (the gathered tokens, their
@@ -140,7 +145,7 @@ void update_terms(const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& 
 }
 
 // The per-token terms of the read's backward from ab = [a, b] (q Wg^T, q Wu^T) and ds = dO Wd:
-// f = [ds b silu'(a), ds silu(a)] (da, db), s = silu(a) b.
+// f = [ds b silu'(a), ds silu(a)] (da, db), s = silu(a) b. ds, f undefined (the forward): s only.
 void read_terms(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::Tensor& s, int64_t h) {
   RECORD_FUNCTION("allmem::composite_read_terms", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
 #ifdef ALLMEM_WITH_CUDA
@@ -151,24 +156,42 @@ void read_terms(const at::Tensor& ab, const at::Tensor& ds, at::Tensor& f, at::T
 #endif
   const auto a = ab.narrow(-1, 0, h), b = ab.narrow(-1, h, h);
   const auto sig = at::sigmoid(a), silu = a * sig;
+  s.copy_(silu * b);
+  if (!ds.defined()) return;
   f.narrow(-1, 0, h).copy_(ds * b * sig * (1 + a * (1 - sig)));
   f.narrow(-1, h, h).copy_(ds * silu);
-  s.copy_(silu * b);
+}
+
+// The per-token factors of the update's gradient from ab = [a, b] (k Wg^T, k Wu^T) and e = v Wd:
+// fgu = -[eta_g e b silu'(a), eta_u e silu(a)], fd = -eta_d s (GradTermsParams).
+void grad_terms(const at::Tensor& ab, const at::Tensor& e, const at::Tensor& eta, at::Tensor& fgu, at::Tensor& fd,
+                int64_t h) {
+  RECORD_FUNCTION("allmem::composite_grad_terms", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(ab)) {
+    composite_grad_terms_cuda(ab, e, eta, fgu, fd);
+    return;
+  }
+#endif
+  const auto a = ab.narrow(-1, 0, h), b = ab.narrow(-1, h, h);
+  const auto sig = at::sigmoid(a), silu = a * sig;
+  fgu.narrow(-1, 0, h).copy_(-(eta.narrow(-1, 0, 1) * e * b * sig * (1 + a * (1 - sig))));
+  fgu.narrow(-1, h, h).copy_(-(eta.narrow(-1, 1, 1) * e * silu));
+  fd.copy_(-(eta.narrow(-1, 2, 1) * silu * b));
 }
 
 // G of SPEC.md at Wx (ttt_chunk.h update_grad), packed [B, 3, h*d]: Gg = -(eta_g e b silu'(a))^T K,
-// Gu = -(eta_u e silu(a))^T K, Gd = -V^T (eta_d s). (LaCT order only: its normalization backward
-// needs the new weights.)
+// Gu = -(eta_u e silu(a))^T K, Gd = -V^T (eta_d s): two products for a, b, e, one step for the
+// factors, two for G.
 at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
                         int64_t d, int64_t h) {
   const int64_t B = Wx.size(0);
   const auto ab = at::bmm(k, gate_up(Wx, h, d).transpose(1, 2));
-  const auto a = ab.narrow(-1, 0, h), b = ab.narrow(-1, h, h);
   const auto e = at::bmm(v, down(Wx, h, d));
-  const auto sig = at::sigmoid(a), silu = a * sig;
-  const auto xgu = at::cat({eta.narrow(-1, 0, 1) * e * b * sig * (1 + a * (1 - sig)), eta.narrow(-1, 1, 1) * e * silu}, -1);
-  const auto ggu = at::bmm(xgu.transpose(1, 2), k).neg_();                                   // [B, 2h, d]
-  const auto gd = at::bmm(v.transpose(1, 2), eta.narrow(-1, 2, 1) * silu * b).neg_();        // [B, d, h]
+  auto fgu = at::empty_like(ab), fd = at::empty_like(e);
+  grad_terms(ab, e, eta, fgu, fd, h);
+  const auto ggu = at::bmm(fgu.transpose(1, 2), k);  // [B, 2h, d]
+  const auto gd = at::bmm(v.transpose(1, 2), fd);     // [B, d, h]
   return at::cat({ggu.view({B, 2, h * d}), gd.view({B, 1, h * d})}, 1);
 }
 
@@ -193,7 +216,208 @@ at::Tensor update_grad3_backward(const at::Tensor& Wx, const at::Tensor& D, cons
   return at::cat({dgu.view({B, 2, h * d}), dd.view({B, 1, h * d})}, 1);
 }
 
+// Sequences with the same length and pending length have the same segments: each such group runs
+// as one batch of G * H chains (a dense batch without state is a single group). In chunk
+// coordinates (row u = p0 + t for token t) segment c is rows [cC, cC + C) of chunk c: the first
+// after p0 rows of the initial buffer, the last the trailing partial chunk (only read). The walk
+// goes in blocks of chunks; tokens are gathered into [chunks, G*H, C, x] and scattered back once
+// per block, with indices computed on the device (no host sync inside the walk).
+struct Group {
+  int64_t G, H, GH, C, len, p0, nseg, PW;
+  at::Tensor ns_t, starts_t, slots_t;
+  at::TensorOptions longs;
+
+  Group(const Layout& lay, const std::vector<int64_t>& ns, const at::Device& dev)
+      : G(static_cast<int64_t>(ns.size())), H(lay.H), GH(G * lay.H), C(lay.C), len(lay.len[ns[0]]),
+        p0(lay.p0[ns[0]]), nseg(static_cast<int64_t>(segments(lay, ns[0]).size())), PW(lay.pend_width()),
+        longs(at::TensorOptions().dtype(at::kLong).device(dev)) {
+    std::vector<int64_t> starts, slots;
+    for (int64_t n : ns) {
+      starts.push_back(lay.start[n]);
+      slots.push_back(lay.slot[n]);
+    }
+    // one host-to-device copy for the three index lists
+    std::vector<int64_t> all(ns);
+    all.insert(all.end(), starts.begin(), starts.end());
+    all.insert(all.end(), slots.begin(), slots.end());
+    const auto t = at::tensor(all, at::kLong).to(dev);
+    ns_t = t.narrow(0, 0, G), starts_t = t.narrow(0, G, G), slots_t = t.narrow(0, 2 * G, G);
+  }
+  bool has_tokens() const { return len > 0; }  // then every chunk but an empty trailing one holds tokens
+  int64_t lo_row(int64_t c) const { return std::max<int64_t>(0, p0 - c * C); }  // chunk c's tokens: rows [lo, hi)
+  int64_t hi_row(int64_t c) const { return std::min<int64_t>(C, p0 + len - c * C); }
+
+  // Rows of a [T*H, x] token view for chunks [ca, cb) and chunk rows [ra, rb), ordered (chunk,
+  // sequence, head, row), the token clamped into the sequence (callers zero or skip the rest).
+  at::Tensor token_rows(int64_t ca, int64_t cb, int64_t ra, int64_t rb) const {
+    auto t = (at::arange(ca, cb, longs) * C).view({-1, 1, 1, 1}) + at::arange(ra, rb, longs).view({1, 1, 1, -1}) - p0;
+    t = t.clamp(0, std::max<int64_t>(len - 1, 0));
+    return ((starts_t.view({1, G, 1, 1}) + t) * H + at::arange(H, longs).view({1, 1, H, 1})).flatten();
+  }
+  // Checkpoint slots of chunks [c0, c1), chunk-major ([nb * G], then H in the slot).
+  at::Tensor slots_of(int64_t c0, int64_t c1) const {
+    return (slots_t.view({1, G}) + at::arange(c0, c1, longs).view({c1 - c0, 1})).flatten();
+  }
+  // [N, C, H, 2d + 4] chunk buffers -> the group's, heads folded into the batch: [G*H, C, 2d + 4].
+  at::Tensor by_head(const at::Tensor& t) const {
+    return t.index_select(0, ns_t).permute({0, 2, 1, 3}).reshape({GH, C, PW});
+  }
+  // Inverse of by_head into dst [N, C, H, 2d + 4].
+  void put_by_head(at::Tensor& dst, const at::Tensor& g) const {
+    dst.index_copy_(0, ns_t, g.view({G, H, C, PW}).permute({0, 2, 1, 3}));
+  }
+
+  // The update's inputs k, v, eta, mu of chunks [c0, c1) ([nb, G*H, C, x]), from the token rows
+  // `rows` (token_rows(c0, c1, 0, C)); rows before p0 of chunk 0 are the initial buffer's.
+  std::array<at::Tensor, 4> chunk_inputs(const at::Tensor& rows, int64_t c0, int64_t c1, const at::Tensor& k_r,
+                                         const at::Tensor& v_r, const at::Tensor& eta_r, const at::Tensor& mu_r,
+                                         const at::Tensor& init_pend, int64_t d) const {
+    const int64_t nb = c1 - c0;
+    std::array<at::Tensor, 4> out{k_r.index_select(0, rows).view({nb, GH, C, d}),
+                                  v_r.index_select(0, rows).view({nb, GH, C, d}),
+                                  eta_r.index_select(0, rows).view({nb, GH, C, 3}),
+                                  mu_r.index_select(0, rows).view({nb, GH, C, 1})};
+    if (p0 > 0 && c0 == 0) {
+      const auto ip = init_pend.narrow(1, 0, p0);
+      const int64_t col[4] = {0, d, 2 * d, 2 * d + 3}, width[4] = {d, d, 3, 1};
+      for (int i = 0; i < 4; ++i) out[i][0].narrow(1, 0, p0).copy_(ip.narrow(2, col[i], width[i]));
+    }
+    return out;
+  }
+
+  // The rows of chunks [c0, c1) that hold this call's tokens, from a block [nb, G*H, C, x] (any
+  // view of that size) into out_rows [T*H, x], in runs of chunks with the same rows.
+  void scatter(at::Tensor& out_rows, const at::Tensor& blk, int64_t c0, int64_t c1) const {
+    std::vector<std::array<int64_t, 4>> pieces;  // chunks [ca, cb), rows [ra, rb)
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = lo_row(c), hi = hi_row(c);
+      if (hi <= lo) continue;
+      if (lo == 0 && hi == C && !pieces.empty() && pieces.back()[1] == c && pieces.back()[2] == 0 &&
+          pieces.back()[3] == C) {
+        ++pieces.back()[1];
+      } else {
+        pieces.push_back({c, c + 1, lo, hi});
+      }
+    }
+    const int64_t x = out_rows.size(1);
+    for (const auto& pc : pieces) {
+      auto src = blk.reshape({c1 - c0, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
+      out_rows.index_copy_(0, token_rows(pc[0], pc[1], pc[2], pc[3]), src.reshape({-1, x}));
+    }
+  }
+};
+
+// Groups of sequences with the same (length, pending length), in a fixed order.
+std::vector<std::vector<int64_t>> groups_of(const Layout& lay) {
+  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
+  for (int64_t n = 0; n < lay.N; ++n) groups[{lay.len[n], lay.p0[n]}].push_back(n);
+  std::vector<std::vector<int64_t>> out;
+  for (auto& entry : groups) out.push_back(std::move(entry.second));
+  return out;
+}
+
 }  // namespace
+
+FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
+                                    const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
+                                    const at::Tensor& pending, const at::Tensor& pending_len,
+                                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order,
+                                    bool residual) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  ALLMEM_NO_AUTOCAST();
+  const auto acc = accumulate_dtype(q.scalar_type());
+  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
+                                      chunk_size, acc);
+  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
+  const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H, T = lay.T, hd = h * d;
+  auto rows_of = [&](const at::Tensor& t, int64_t x) { return t.to(acc).contiguous().view({T * H, x}); };
+  const auto q_r = rows_of(q, d), k_r = rows_of(k, d), v_r = rows_of(v, d), eta_r = rows_of(eta, 3);
+  const auto mu_r = rows_of(mu, 1);
+  const auto opts = q_r.options();
+  const auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
+  const auto tgt_h = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(acc);  // [H, 2h + d]
+
+  auto o_r = at::empty({T * H, d}, opts);
+  auto fast_out = at::empty_like(fast_in);
+  auto pend_out = at::empty_like(pend_in);
+  auto ckpt = at::empty({lay.slots(), H, kFastRows, hd}, opts);
+  ckpt.narrow(0, lay.used_slots, lay.slots() - lay.used_slots).zero_();  // keep the output deterministic
+
+  for (const auto& ns : groups_of(lay)) {
+    const Group g(lay, ns, q.device());
+    const int64_t GH = g.GH;
+    const auto init_pend = g.by_head(pend_in);
+    const auto tgt = tgt_h.repeat({g.G, 1});
+    at::Tensor state = fast_in.index_select(0, g.ns_t).view({GH, kFastRows, hd});  // (W, M)
+    const int64_t esize = static_cast<int64_t>(q_r.element_size());
+    const int64_t per_chunk = GH * (C * (4 * d + 6 * h + 8) + 6 * hd) * esize;
+    const int64_t nb_max = max_block_chunks(per_chunk);
+    at::Tensor last_inputs[4];  // the trailing chunk's k, v, eta, mu (rows of the final buffer)
+    for (int64_t c0 = 0; c0 < g.nseg;) {
+      const int64_t c1 = std::min<int64_t>(g.nseg, c0 + nb_max), nb = c1 - c0, R = nb * GH;
+      const int64_t n_complete = c1 == g.nseg ? nb - 1 : nb;  // chunks [c0, c0 + n_complete) update
+      auto ckb = at::empty({nb, GH, kFastRows, hd}, opts);    // (W, M) at each segment start
+      if (g.has_tokens()) {
+        const auto rows = g.token_rows(c0, c1, 0, C);
+        const auto in = g.chunk_inputs(rows, c0, c1, k_r, v_r, eta_r, mu_r, init_pend, d);
+        const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]
+        for (int64_t j = 0; j < nb; ++j) {
+          ckb[j].copy_(state);
+          if (j >= n_complete) continue;
+          const auto W = ckb[j].narrow(1, 0, 3), M = ckb[j].narrow(1, kMomentumRow, 3);
+          const auto mu_j = mu_chunk[j].view({GH, 1, 1});
+          auto next = at::empty({GH, kFastRows, hd}, opts);
+          auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
+          if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
+            M_new.copy_(M * mu_j - update_grad3(W, in[0][j], in[1][j], in[2][j], d, h));
+            W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
+          } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
+            const auto W_hat = row_normalize3(W, tgt, d, h);
+            M_new.copy_(M * mu_j - update_grad3(W_hat, in[0][j], in[1][j], in[2][j], d, h));
+            at::add_out(W_new, W_hat, M_new);
+          }
+          state = next;
+        }
+        if (c1 == g.nseg) {
+          for (int i = 0; i < 4; ++i) last_inputs[i] = in[i][nb - 1];
+        }
+        // Every chunk's read in one pass: o = Wd (silu(Wg q) * (Wu q)) [+ q] with its segment's weights.
+        const auto Qb = q_r.index_select(0, rows).view({R, C, d});
+        const auto ckr = ckb.view({R, kFastRows, hd});
+        const auto ab = at::bmm(Qb, gate_up(ckr, h, d).transpose(1, 2));
+        auto s = at::empty({R, C, h}, opts);
+        at::Tensor none;
+        read_terms(ab, none, none, s, h);
+        auto ob = at::bmm(s, down(ckr, h, d).transpose(1, 2));
+        if (residual) ob.add_(Qb);
+        g.scatter(o_r, ob, c0, c1);
+      } else {
+        ckb[0].copy_(state);  // no tokens: one (trailing, empty) segment
+      }
+      ckpt.view({-1, H, kFastRows, hd}).index_copy_(0, g.slots_of(c0, c1), ckb.view({nb * g.G, H, kFastRows, hd}));
+      c0 = c1;
+    }
+    fast_out.index_copy_(0, g.ns_t, state.view({g.G, H, kFastRows, hd}));
+    // The buffer after the call: the trailing chunk's rows (the initial ones too if no chunk
+    // completed), zeros after them.
+    auto buf = at::zeros({GH, C, g.PW}, opts);
+    const int64_t c_last = g.nseg - 1, lo = g.lo_row(c_last), hi = g.hi_row(c_last);
+    if (c_last == 0 && g.p0 > 0) buf.narrow(1, 0, g.p0).copy_(init_pend.narrow(1, 0, g.p0));
+    if (hi > lo) {
+      const int64_t col[4] = {0, d, 2 * d, 2 * d + 3};
+      for (int i = 0; i < 4; ++i) {
+        buf.narrow(1, lo, hi - lo).narrow(2, col[i], last_inputs[i].size(-1)).copy_(last_inputs[i].narrow(1, lo, hi - lo));
+      }
+    }
+    g.put_by_head(pend_out, buf);
+  }
+
+  std::vector<int64_t> plen(lay.N);
+  for (int64_t n = 0; n < lay.N; ++n) plen[n] = (lay.p0[n] + lay.len[n]) % C;
+  auto plen_out = at::tensor(plen, at::kLong).to(q.device());
+  return {o_r.view(q.sizes()).to(q.scalar_type()), fast_out, pend_out, plen_out, ckpt};
+}
 
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
@@ -219,77 +443,44 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   auto deta_r = io.deta.view({T * H, 3}), dmu_r = io.dmu.view({T * H, 1});
   auto d_targets = at::zeros({H, 2 * h + d}, opts);
   const auto tgt_h = at::cat({io.tg, io.tu, io.td}, 1);  // [H, 2h + d]
-  const int64_t PW = lay.pend_width();
-  const auto longs = at::TensorOptions().dtype(at::kLong).device(q.device());
-  auto on_device = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(q.device()); };
 
-  // Sequences with the same length and pending length have the same segments: each such group runs
-  // as one batch of G * H chains (a dense batch without state is a single group). In chunk
-  // coordinates (row u = p0 + t for token t) segment c is rows [cC, cC + C) of chunk c: the first
-  // after p0 rows of the initial buffer, the last the trailing partial chunk (only read).
-  std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
-  for (int64_t n = 0; n < lay.N; ++n) groups[{lay.len[n], lay.p0[n]}].push_back(n);
-  for (const auto& entry : groups) {
-    const std::vector<int64_t>& ns = entry.second;
-    const int64_t G = static_cast<int64_t>(ns.size()), GH = G * H;
-    const int64_t len = entry.first.first, p0 = entry.first.second;
-    const int64_t nseg = static_cast<int64_t>(segments(lay, ns[0]).size());
-    std::vector<int64_t> starts, slots;
-    for (int64_t n : ns) {
-      starts.push_back(lay.start[n]);
-      slots.push_back(lay.slot[n]);
-    }
-    const auto ns_t = on_device(ns), starts_t = on_device(starts), slots_t = on_device(slots);
+  for (const auto& ns : groups_of(lay)) {
+    const Group g(lay, ns, q.device());
+    const int64_t G = g.G, GH = g.GH, nseg = g.nseg, p0 = g.p0;
     // dW, dM: the gradient of the state after the segment being walked, [G*H, 3, h*d].
-    const auto gf = gfast.index_select(0, ns_t).view({GH, kFastRows, hd});
+    const auto gf = gfast.index_select(0, g.ns_t).view({GH, kFastRows, hd});
     at::Tensor dW = gf.narrow(1, 0, 3).clone(at::MemoryFormat::Contiguous);
     at::Tensor dM = gf.narrow(1, kMomentumRow, 3).clone(at::MemoryFormat::Contiguous);
-    // [N, C, H, 2d + 4] chunk buffers -> the group's, heads folded into the batch: [G*H, C, 2d + 4].
-    auto by_head = [&](const at::Tensor& t) { return t.index_select(0, ns_t).permute({0, 2, 1, 3}).reshape({GH, C, PW}); };
-    const auto init_pend = by_head(pend_in), gpend_g = by_head(gpend);
+    const auto init_pend = g.by_head(pend_in), gpend_g = g.by_head(gpend);
     auto d_init_pend = at::zeros_like(init_pend);
     const auto tgt = tgt_h.repeat({G, 1});
     auto d_tg = at::zeros({GH, 2 * h + d}, opts);
-
-    // Rows of q_r etc. for chunks [ca, cb) and chunk rows [ra, rb), ordered (chunk, sequence, head,
-    // row), the token clamped into the sequence (callers zero or skip the rows outside it).
-    auto token_rows = [&](int64_t ca, int64_t cb, int64_t ra, int64_t rb) {
-      auto t = (at::arange(ca, cb, longs) * C).view({-1, 1, 1, 1}) + at::arange(ra, rb, longs).view({1, 1, 1, -1}) - p0;
-      t = t.clamp(0, std::max<int64_t>(len - 1, 0));
-      return ((starts_t.view({1, G, 1, 1}) + t) * H + at::arange(H, longs).view({1, 1, H, 1})).flatten();
-    };
-    // Chunk c holds tokens in rows [lo, hi).
-    auto lo_row = [&](int64_t c) { return std::max<int64_t>(0, p0 - c * C); };
-    auto hi_row = [&](int64_t c) { return std::min<int64_t>(C, p0 + len - c * C); };
 
     const int64_t esize = static_cast<int64_t>(io.qa.element_size());
     const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize;
     const int64_t nb_max = max_block_chunks(per_chunk);
     for (int64_t c1 = nseg; c1 > 0;) {
       const int64_t c0 = std::max<int64_t>(0, c1 - nb_max), nb = c1 - c0, R = nb * GH;
-      const bool has_tokens = len > 0;  // every chunk but an empty trailing one holds tokens then
       const bool has_trailing = c1 == nseg;
       const int64_t n_complete = has_trailing ? nb - 1 : nb;  // chunks [c0, c0 + n_complete) update
       auto dKb = at::empty({nb, GH, C, d}, opts), dVb = at::empty({nb, GH, C, d}, opts);
       auto dEb = at::empty({nb, GH, C, 3}, opts), dMUb = at::empty({nb, GH, C, 1}, opts);
       if (has_trailing) {  // the partial chunk only lands in the state
-        const auto g = gpend_g;
-        dKb[nb - 1].copy_(g.narrow(2, 0, d));
-        dVb[nb - 1].copy_(g.narrow(2, d, d));
-        dEb[nb - 1].copy_(g.narrow(2, 2 * d, 3));
-        dMUb[nb - 1].copy_(g.narrow(2, 2 * d + 3, 1));
+        dKb[nb - 1].copy_(gpend_g.narrow(2, 0, d));
+        dVb[nb - 1].copy_(gpend_g.narrow(2, d, d));
+        dEb[nb - 1].copy_(gpend_g.narrow(2, 2 * d, 3));
+        dMUb[nb - 1].copy_(gpend_g.narrow(2, 2 * d + 3, 1));
       }
       at::Tensor dQb, dWr;
-      if (has_tokens) {
-        const auto rows = token_rows(c0, c1, 0, C);
-        const auto ckb = ckpt.index_select(0, (slots_t.view({1, G}) + at::arange(c0, c1, longs).view({nb, 1})).flatten())
-                             .view({R, kFastRows, hd});  // (W, M) at each segment start
+      if (g.has_tokens()) {
+        const auto rows = g.token_rows(c0, c1, 0, C);
+        const auto ckb = ckpt.index_select(0, g.slots_of(c0, c1)).view({R, kFastRows, hd});  // (W, M) at each segment start
         // The read's backward of every chunk in the block at once (it needs only the weights at the
         // segment start); rows outside the sequence get dO = 0, so they add nothing.
         const auto Qb = q_r.index_select(0, rows).view({R, C, d});
         auto DOb = do_r.index_select(0, rows).view({nb, GH, C, d});
         if (p0 > 0 && c0 == 0) DOb[0].narrow(1, 0, p0).zero_();
-        if (has_trailing && hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, hi_row(c1 - 1), C - hi_row(c1 - 1)).zero_();
+        if (has_trailing && g.hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, g.hi_row(c1 - 1), C - g.hi_row(c1 - 1)).zero_();
         DOb = DOb.view({R, C, d});
         const auto wgu = gate_up(ckb, h, d), wd = down(ckb, h, d);
         const auto ab = at::bmm(Qb, wgu.transpose(1, 2));
@@ -301,18 +492,9 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         dQb = at::bmm(f, wgu);
         if (residual) dQb.add_(DOb);
 
-        // The update's inputs of the complete chunks: rows before p0 of chunk 0 are the initial buffer's.
-        const auto Kb = k_r.index_select(0, rows).view({nb, GH, C, d});
-        const auto Vb = v_r.index_select(0, rows).view({nb, GH, C, d});
-        const auto Eb = eta_r.index_select(0, rows).view({nb, GH, C, 3});
-        const auto MUb = mu_r.index_select(0, rows).view({nb, GH, C, 1});
-        if (p0 > 0 && c0 == 0 && n_complete > 0) {
-          Kb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 0, d));
-          Vb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, d, d));
-          Eb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 2 * d, 3));
-          MUb[0].narrow(1, 0, p0).copy_(init_pend.narrow(1, 0, p0).narrow(2, 2 * d + 3, 1));
-        }
-        const auto mu_chunk = MUb.mean(2);  // [nb, GH, 1]: each chunk's momentum
+        const auto in = g.chunk_inputs(rows, c0, c1, k_r, v_r, eta_r, mu_r, init_pend, d);
+        const auto &Kb = in[0], &Vb = in[1], &Eb = in[2];
+        const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]: each chunk's momentum
         const auto ckv = ckb.view({nb, GH, kFastRows, hd});
 
         for (int64_t j = nb - 1; j >= 0; --j) {
@@ -345,36 +527,17 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         dst.narrow(2, 2 * d, 3).copy_(dEb[0].narrow(1, 0, p0));
         dst.narrow(2, 2 * d + 3, 1).copy_(dMUb[0].narrow(1, 0, p0));
       }
-      if (has_tokens) {  // the tokens' gradients, in runs of chunks with the same rows
-        std::vector<std::array<int64_t, 4>> pieces;  // chunks [ca, cb), rows [ra, rb)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t lo = lo_row(c), hi = hi_row(c);
-          if (hi <= lo) continue;
-          if (lo == 0 && hi == C && !pieces.empty() && pieces.back()[1] == c && pieces.back()[2] == 0 &&
-              pieces.back()[3] == C) {
-            ++pieces.back()[1];
-          } else {
-            pieces.push_back({c, c + 1, lo, hi});
-          }
-        }
-        for (const auto& pc : pieces) {
-          const auto dst = token_rows(pc[0], pc[1], pc[2], pc[3]);
-          auto put = [&](at::Tensor& out_rows, const at::Tensor& blk) {
-            const int64_t x = out_rows.size(1);
-            auto src = blk.view({nb, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
-            out_rows.index_copy_(0, dst, src.reshape({-1, x}));
-          };
-          put(dq_r, dQb);
-          put(dk_r, dKb);
-          put(dv_r, dVb);
-          put(deta_r, dEb);
-          put(dmu_r, dMUb);
-        }
+      if (g.has_tokens()) {  // the tokens' gradients
+        g.scatter(dq_r, dQb, c0, c1);
+        g.scatter(dk_r, dKb, c0, c1);
+        g.scatter(dv_r, dVb, c0, c1);
+        g.scatter(deta_r, dEb, c0, c1);
+        g.scatter(dmu_r, dMUb, c0, c1);
       }
       c1 = c0;
     }
-    d_fast.index_copy_(0, ns_t, at::cat({dW, dM}, 1).view({G, H, kFastRows, hd}));
-    d_pend.index_copy_(0, ns_t, d_init_pend.view({G, H, C, PW}).permute({0, 2, 1, 3}));
+    d_fast.index_copy_(0, g.ns_t, at::cat({dW, dM}, 1).view({G, H, kFastRows, hd}));
+    g.put_by_head(d_pend, d_init_pend);
     d_targets.add_(d_tg.view({G, H, -1}).sum(0));
   }
 

@@ -13,6 +13,20 @@ namespace allmem::ttt {
 
 using BwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                               at::Tensor, at::Tensor, at::Tensor>;
+using FwdOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward the same way (same arguments, checks and outputs as torch.ops.allmem.ttt_memory_fwd,
+// checkpoints included, so either backward runs from it): per completed chunk the update as
+// batched matmuls and fused steps, then every chunk's read from the checkpoints in one pass per
+// block of chunks. Selected by ALLMEM_TTT_FWD=composite (read at every call) on the CPU and CUDA
+// ops; not a default anywhere yet.
+FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
+                                    const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& fast,
+                                    const at::Tensor& pending, const at::Tensor& pending_len,
+                                    const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, bool lact_order,
+                                    bool residual);
+bool composite_fwd_requested();
 
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,

@@ -1,6 +1,6 @@
-// The elementwise and row-wise steps of the composite TTT backward (ttt_bwd_composite.cpp) as one
-// launch each, on float32 rows: the per-token terms of the update's backward and of the read's
-// backward, and the row normalization of the packed fast weights with its backward. Between them
+// The elementwise and row-wise steps of the composite TTT forward and backward (ttt_bwd_composite.cpp)
+// as one launch each, on float32 rows: the per-token terms of the update's gradient and its backward,
+// of the read and its backward, and the row normalization of the packed fast weights with its backward. Between them
 // the composite runs batched matmuls (cuBLAS). The ATen versions in ttt_bwd_composite.cpp are the
 // reference (tests/test_ttt_cuda_emu.py runs these kernels under the CPU emulation against them).
 // Deterministic: every sum is one warp's shuffle tree in a fixed order, no atomics.
@@ -61,12 +61,27 @@ __global__ void __launch_bounds__(kTermsThreads) read_terms_kernel(const ReadTer
   if (i >= p.rows * h) return;
   const int64_t row = i / h;
   const int j = static_cast<int>(i % h);
-  const float a = p.ab[row * 2 * h + j], b = p.ab[row * 2 * h + h + j], ds = p.ds[i];
+  const float a = p.ab[row * 2 * h + j], b = p.ab[row * 2 * h + h + j];
   const float sig = sigmoidf(a), silu = a * sig;
-  const float d1 = sig * (1.f + a * (1.f - sig));
+  p.s[i] = silu * b;
+  if (p.ds == nullptr) return;
+  const float ds = p.ds[i], d1 = sig * (1.f + a * (1.f - sig));
   p.f[row * 2 * h + j] = ds * b * d1;
   p.f[row * 2 * h + h + j] = ds * silu;
-  p.s[i] = silu * b;
+}
+
+// Elementwise over [rows, h] (thread per element).
+__global__ void __launch_bounds__(kTermsThreads) grad_terms_kernel(const GradTermsParams p) {
+  const int64_t i = int64_t{blockIdx.x} * kTermsThreads + threadIdx.x;
+  const int h = p.h;
+  if (i >= p.rows * h) return;
+  const int64_t row = i / h;
+  const int j = static_cast<int>(i % h);
+  const float a = p.ab[row * 2 * h + j], b = p.ab[row * 2 * h + h + j], e = p.e[i];
+  const float sig = sigmoidf(a), silu = a * sig, d1 = sig * (1.f + a * (1.f - sig));
+  p.fgu[row * 2 * h + j] = -p.eta[row * 3] * e * b * d1;
+  p.fgu[row * 2 * h + h + j] = -p.eta[row * 3 + 1] * e * silu;
+  p.fd[i] = -p.eta[row * 3 + 2] * silu * b;
 }
 
 // One warp per weight row: batch entry b, row r of its 2h + d rows (gate, up: length d; down: h).
@@ -111,6 +126,12 @@ void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream) {
 void launch_read_terms(const ReadTermsParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   read_terms_kernel<<<blocks_for(p.rows * p.h, kTermsThreads), kTermsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_grad_terms(const GradTermsParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return;
+  grad_terms_kernel<<<blocks_for(p.rows * p.h, kTermsThreads), kTermsThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -45,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     int64_t chunk_size, bool lact_order, bool residual) {
   // Everything below is plain tensor math with a hand-written backward: keep autograd out, also
   // in the worker threads (the guard is thread-local).
+  if (composite_fwd_requested()) {
+    return ttt_memory_fwd_composite(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, cu_seqlens,
+                                    chunk_size, lact_order, residual);
+  }
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
   const auto acc = accumulate_dtype(q.scalar_type());

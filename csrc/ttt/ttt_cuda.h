@@ -181,10 +181,19 @@ struct UpdateTermsParams {
   int h;
 };
 // Read terms, per token row: ab = [a, b] (q Wg^T, q Wu^T), ds = dO Wd: f = [ds b silu'(a), ds silu(a)],
-// s = silu(a) b.
+// s = silu(a) b. With ds = f = null (the forward's read): s only.
 struct ReadTermsParams {
   const float *ab, *ds;  // [rows, 2h], [rows, h]
   float *f, *s;          // [rows, 2h], [rows, h]
+  int64_t rows;
+  int h;
+};
+// Gradient terms of the update (the composite forward; LaCT order's backward), per token row from
+// ab = [a, b] (k Wg^T, k Wu^T), e = v Wd: fgu = -[eta_g e b silu'(a), eta_u e silu(a)], fd = -eta_d s,
+// so that G = [fgu^T K ; V^T fd] (SPEC.md's gradient, summed over the chunk with the rates).
+struct GradTermsParams {
+  const float *ab, *e, *eta;  // [rows, 2h], [rows, h], [rows, 3]
+  float *fgu, *fd;            // [rows, 2h], [rows, h]
   int64_t rows;
   int h;
 };
@@ -203,6 +212,7 @@ struct RowNormParams {
 };
 void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream);
 void launch_read_terms(const ReadTermsParams& p, cudaStream_t stream);
+void launch_grad_terms(const GradTermsParams& p, cudaStream_t stream);
 void launch_row_norm(const RowNormParams& p, cudaStream_t stream);
 
 }  // namespace allmem::ttt::cuda
