@@ -88,7 +88,9 @@ LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp", "allmem_cfwd")
-IMPLS = (*OURS, "ref_comp", "fla_gdn", "fla_dr", "ref_eager")  # run order: ours, then the peers
+# Run order: ours, then the peers, then the opt-in composite forward (last, so a budget cut never
+# drops a peer for it).
+IMPLS = (*(i for i in OURS if i != "allmem_cfwd"), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", "allmem_cfwd")
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
 
