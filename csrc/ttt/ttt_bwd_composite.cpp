@@ -267,16 +267,22 @@ struct Group {
     dst.index_copy_(0, ns_t, g.view({G, H, C, PW}).permute({0, 2, 1, 3}));
   }
 
+  // Rows of a token view [T*H, x] (the input dtype) in the accumulation dtype: a fresh tensor.
+  static at::Tensor gather(const at::Tensor& t_r, const at::Tensor& rows, at::ScalarType acc) {
+    return t_r.index_select(0, rows).to(acc);
+  }
+
   // The update's inputs k, v, eta, mu of chunks [c0, c1) ([nb, G*H, C, x]), from the token rows
   // `rows` (token_rows(c0, c1, 0, C)); rows before p0 of chunk 0 are the initial buffer's.
   std::array<at::Tensor, 4> chunk_inputs(const at::Tensor& rows, int64_t c0, int64_t c1, const at::Tensor& k_r,
                                          const at::Tensor& v_r, const at::Tensor& eta_r, const at::Tensor& mu_r,
                                          const at::Tensor& init_pend, int64_t d) const {
     const int64_t nb = c1 - c0;
-    std::array<at::Tensor, 4> out{k_r.index_select(0, rows).view({nb, GH, C, d}),
-                                  v_r.index_select(0, rows).view({nb, GH, C, d}),
-                                  eta_r.index_select(0, rows).view({nb, GH, C, 3}),
-                                  mu_r.index_select(0, rows).view({nb, GH, C, 1})};
+    const auto acc = init_pend.scalar_type();
+    std::array<at::Tensor, 4> out{gather(k_r, rows, acc).view({nb, GH, C, d}),
+                                  gather(v_r, rows, acc).view({nb, GH, C, d}),
+                                  gather(eta_r, rows, acc).view({nb, GH, C, 3}),
+                                  gather(mu_r, rows, acc).view({nb, GH, C, 1})};
     if (p0 > 0 && c0 == 0) {
       const auto ip = init_pend.narrow(1, 0, p0);
       const int64_t col[4] = {0, d, 2 * d, 2 * d + 3}, width[4] = {d, d, 3, 1};
@@ -286,7 +292,8 @@ struct Group {
   }
 
   // The rows of chunks [c0, c1) that hold this call's tokens, from a block [nb, G*H, C, x] (any
-  // view of that size) into out_rows [T*H, x], in runs of chunks with the same rows.
+  // view of that size) into out_rows [T*H, x] (converted to its dtype), in runs of chunks with the
+  // same rows.
   void scatter(at::Tensor& out_rows, const at::Tensor& blk, int64_t c0, int64_t c1) const {
     std::vector<std::array<int64_t, 4>> pieces;  // chunks [ca, cb), rows [ra, rb)
     for (int64_t c = c0; c < c1; ++c) {
@@ -302,7 +309,7 @@ struct Group {
     const int64_t x = out_rows.size(1);
     for (const auto& pc : pieces) {
       auto src = blk.reshape({c1 - c0, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
-      out_rows.index_copy_(0, token_rows(pc[0], pc[1], pc[2], pc[3]), src.reshape({-1, x}));
+      out_rows.index_copy_(0, token_rows(pc[0], pc[1], pc[2], pc[3]), src.reshape({-1, x}).to(out_rows.scalar_type()));
     }
   }
 };
@@ -331,14 +338,16 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
                                       chunk_size, acc);
   check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
   const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H, T = lay.T, hd = h * d;
-  auto rows_of = [&](const at::Tensor& t, int64_t x) { return t.to(acc).contiguous().view({T * H, x}); };
+  // Tokens as rows [T*H, x] (row t*H + head) in the input dtype: converted block by block, no
+  // whole-sequence copies in the accumulation dtype.
+  auto rows_of = [&](const at::Tensor& t, int64_t x) { return t.contiguous().view({T * H, x}); };
   const auto q_r = rows_of(q, d), k_r = rows_of(k, d), v_r = rows_of(v, d), eta_r = rows_of(eta, 3);
   const auto mu_r = rows_of(mu, 1);
-  const auto opts = q_r.options();
+  const auto opts = q.options().dtype(acc);
   const auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
   const auto tgt_h = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(acc);  // [H, 2h + d]
 
-  auto o_r = at::empty({T * H, d}, opts);
+  auto o_r = at::empty({T * H, d}, q.options());
   auto fast_out = at::empty_like(fast_in);
   auto pend_out = at::empty_like(pend_in);
   auto ckpt = at::empty({lay.slots(), H, kFastRows, hd}, opts);
@@ -350,7 +359,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
     const auto init_pend = g.by_head(pend_in);
     const auto tgt = tgt_h.repeat({g.G, 1});
     at::Tensor state = fast_in.index_select(0, g.ns_t).view({GH, kFastRows, hd});  // (W, M)
-    const int64_t esize = static_cast<int64_t>(q_r.element_size());
+    const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
     const int64_t per_chunk = GH * (C * (4 * d + 6 * h + 8) + 6 * hd) * esize;
     const int64_t nb_max = max_block_chunks(per_chunk);
     at::Tensor last_inputs[4];  // the trailing chunk's k, v, eta, mu (rows of the final buffer)
@@ -383,7 +392,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
           for (int i = 0; i < 4; ++i) last_inputs[i] = in[i][nb - 1];
         }
         // Every chunk's read in one pass: o = Wd (silu(Wg q) * (Wu q)) [+ q] with its segment's weights.
-        const auto Qb = q_r.index_select(0, rows).view({R, C, d});
+        const auto Qb = Group::gather(q_r, rows, acc).view({R, C, d});
         const auto ckr = ckb.view({R, kFastRows, hd});
         const auto ab = at::bmm(Qb, gate_up(ckr, h, d).transpose(1, 2));
         auto s = at::empty({R, C, h}, opts);
@@ -430,15 +439,19 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
   BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
-             cu_seqlens, chunk_size);
+             cu_seqlens, chunk_size, /*token_copies=*/false);
   const Layout& lay = io.lay;
   const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H, T = lay.T, hd = h * d;
+  const auto acc = io.acc;
   const auto &pend_in = io.pend_in, &ckpt = io.ckpt, &gfast = io.gfast, &gpend = io.gpend;
-  const auto opts = io.qa.options();
+  const auto opts = q.options().dtype(acc);
   auto &d_fast = io.d_fast, &d_pend = io.d_pend;
-  // Tokens and their gradients as rows [T*H, x] (row t*H + head).
-  const auto q_r = io.qa.view({T * H, d}), k_r = io.ka.view({T * H, d}), v_r = io.va.view({T * H, d});
-  const auto eta_r = io.etaa.view({T * H, 3}), mu_r = io.mua.view({T * H, 1}), do_r = io.doa.view({T * H, d});
+  // Tokens and their gradients as rows [T*H, x] (row t*H + head), in the input dtype: blocks are
+  // converted to the accumulation dtype as they are gathered and back as they are scattered (no
+  // whole-sequence copies in float32).
+  auto rows_of = [&](const at::Tensor& t, int64_t x) { return t.contiguous().view({T * H, x}); };
+  const auto q_r = rows_of(q, d), k_r = rows_of(k, d), v_r = rows_of(v, d), eta_r = rows_of(eta, 3);
+  const auto mu_r = rows_of(mu, 1), do_r = rows_of(grad_o, d);
   auto dq_r = io.dq.view({T * H, d}), dk_r = io.dk.view({T * H, d}), dv_r = io.dv.view({T * H, d});
   auto deta_r = io.deta.view({T * H, 3}), dmu_r = io.dmu.view({T * H, 1});
   auto d_targets = at::zeros({H, 2 * h + d}, opts);
@@ -456,7 +469,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
     const auto tgt = tgt_h.repeat({G, 1});
     auto d_tg = at::zeros({GH, 2 * h + d}, opts);
 
-    const int64_t esize = static_cast<int64_t>(io.qa.element_size());
+    const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
     const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize;
     const int64_t nb_max = max_block_chunks(per_chunk);
     for (int64_t c1 = nseg; c1 > 0;) {
@@ -477,8 +490,8 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         const auto ckb = ckpt.index_select(0, g.slots_of(c0, c1)).view({R, kFastRows, hd});  // (W, M) at each segment start
         // The read's backward of every chunk in the block at once (it needs only the weights at the
         // segment start); rows outside the sequence get dO = 0, so they add nothing.
-        const auto Qb = q_r.index_select(0, rows).view({R, C, d});
-        auto DOb = do_r.index_select(0, rows).view({nb, GH, C, d});
+        const auto Qb = Group::gather(q_r, rows, acc).view({R, C, d});
+        auto DOb = Group::gather(do_r, rows, acc).view({nb, GH, C, d});
         if (p0 > 0 && c0 == 0) DOb[0].narrow(1, 0, p0).zero_();
         if (has_trailing && g.hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, g.hi_row(c1 - 1), C - g.hi_row(c1 - 1)).zero_();
         DOb = DOb.view({R, C, d});

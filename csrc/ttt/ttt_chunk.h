@@ -320,7 +320,8 @@ struct BwdArgs {
           const std::optional<at::Tensor>& grad_pending, const at::Tensor& q, const at::Tensor& k,
           const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& w_gate,
           const at::Tensor& w_up, const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
-          const at::Tensor& checkpoints, const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size)
+          const at::Tensor& checkpoints, const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size,
+          bool token_copies = true)
       : acc(accumulate_dtype(q.scalar_type())) {
     lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size, acc);
     const int64_t d = lay.d, h = lay.h;
@@ -331,17 +332,26 @@ struct BwdArgs {
     if (grad_fast.has_value()) check_state_tensor(*grad_fast, "grad_fast", fast_shape, acc, q);
     if (grad_pending.has_value()) check_state_tensor(*grad_pending, "grad_pending", pending.sizes(), acc, q);
     check_state_tensor(checkpoints, "checkpoints", {lay.slots(), lay.H, kFastRows, h * d}, acc, q);
+    const auto acc_opts = q.options().dtype(acc);
+    tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
+    pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+    gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, acc_opts);
+    gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
+    d_fast = at::empty(fast_shape, acc_opts);
+    d_pend = at::zeros_like(pend_in);
+    // token_copies = false (the composite backward): no whole-sequence copies in the accumulation
+    // dtype; the caller reads the inputs as they are and fills dq..dmu, allocated here in the input
+    // dtype, itself.
+    if (!token_copies) {
+      dq = at::empty({lay.T, lay.H, d}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
+      deta = at::empty({lay.T, lay.H, 3}, q.options()), dmu = at::empty({lay.T, lay.H}, q.options());
+      return;
+    }
     auto tokens = [&](const at::Tensor& t) { return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)}); };
     qa = tokens(q), ka = tokens(k), va = tokens(v), etaa = tokens(eta), doa = tokens(grad_o);
     mua = mu.to(acc).contiguous().view({lay.T, lay.H});
-    tg = row_norm(w_gate), tu = row_norm(w_up), td = row_norm(w_down);
-    pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
-    gfast = grad_fast.has_value() ? grad_fast->contiguous() : at::zeros(fast_shape, qa.options());
-    gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
     dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va), deta = at::empty_like(etaa);
     dmu = at::empty_like(mua);
-    d_fast = at::empty(fast_shape, qa.options());
-    d_pend = at::zeros_like(pend_in);
   }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
