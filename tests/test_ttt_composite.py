@@ -148,6 +148,15 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
         assert torch.isfinite(a).all(), name
         err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         assert err < 4 * u, (name, err)
+    # Deterministic: the same bits again, also under torch.use_deterministic_algorithms (its
+    # index_copy_ scatters have unique indices).
+    torch.use_deterministic_algorithms(True)
+    try:
+        again = _bwd(dev, outs, grads, C, lact, res)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b in zip(NAMES, got, again):
+        assert torch.equal(a, b), (name, "not deterministic")
     # Its fused steps (ttt_composite_kernels.cu) against their ATen sequences: float32 rounding apart.
     monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "0")
     aten = _bwd(dev, outs, grads, C, lact, res)
@@ -284,6 +293,13 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
             continue
         err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
         assert err < (UNIT_ROUNDOFF[dtype] if name == "o" else 1e-4), (name, err)
+    torch.use_deterministic_algorithms(True)
+    try:
+        again = fwd(dev, C, lact_order, not lact_order)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b in zip(FWD_NAMES, got, again):
+        assert torch.equal(a, b), (name, "not deterministic")
     monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "0")
     aten = fwd(dev, C, lact_order, not lact_order)
     for name, a, b in zip(FWD_NAMES, got, aten):
