@@ -44,6 +44,12 @@ NAMES = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast
 GROUP_CASES = [
     (None, None, 2, 4, 3, 3, [5, 3, 5, 0, 3], [1, 0, 1, 2, 0]),
     (3, 10, 2, 3, 4, 4, None, None),
+    # ragged groups (same pending length, chunk counts within 2x, different lengths): 3, 2, 2 chunks
+    # with an empty and a 4-chunk sequence beside them; pending rows in some
+    (None, None, 2, 3, 4, 4, [9, 5, 0, 14, 6], [0, 0, 0, 0, 0]),
+    (None, None, 1, 4, 3, 4, [9, 5, 0, 14, 6, 7], [2, 2, 2, 1, 2, 1]),
+    # an empty sequence last in a ragged group (its start is T)
+    (None, None, 2, 3, 3, 8, [7, 0], None),
 ]
 
 
@@ -60,7 +66,7 @@ def test_matches_cpu_backward_float64(case, lact_order, residual, monkeypatch):
 
 
 @pytest.mark.parametrize("block", ["1", "2"])
-@pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 8, 9)] + GROUP_CASES[:1])
+@pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 8, 9)] + GROUP_CASES[:1] + GROUP_CASES[2:4])
 @pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
 def test_blocks_of_chunks(case, lact_order, residual, block, monkeypatch):
     """The walk in blocks of 1 or 2 chunks (ALLMEM_TTT_COMPOSITE_BLOCK; the default fits up to 1 GiB

@@ -216,47 +216,78 @@ at::Tensor update_grad3_backward(const at::Tensor& Wx, const at::Tensor& D, cons
   return at::cat({dgu.view({B, 2, h * d}), dd.view({B, 1, h * d})}, 1);
 }
 
-// Sequences with the same length and pending length have the same segments: each such group runs
-// as one batch of G * H chains (a dense batch without state is a single group). In chunk
-// coordinates (row u = p0 + t for token t) segment c is rows [cC, cC + C) of chunk c: the first
-// after p0 rows of the initial buffer, the last the trailing partial chunk (only read). The walk
-// goes in blocks of chunks; tokens are gathered into [chunks, G*H, C, x] and scattered back once
-// per block, with indices computed on the device (no host sync inside the walk).
+// Sequences with the same pending length share their chunk boundaries: a group of them runs as one
+// batch of G * H chains, so a step is one launch for all of them (a dense batch without state is
+// a single group). In chunk coordinates (row u = p0 + t for token t) segment c is rows [cC, cC + C)
+// of chunk c: the first after p0 rows of the initial buffer, the last of each sequence its trailing
+// partial chunk (only read). Sequences of different lengths in one group ("ragged") walk up to the
+// longest one's chunks, each chain masked where its own sequence has no such chunk (its state kept,
+// its gradients of the targets untouched, its rows not scattered). The walk goes in blocks of
+// chunks; tokens are gathered into [chunks, G*H, C, x] and scattered back once per block, with
+// indices computed on the device (no host sync inside the walk).
 struct Group {
-  int64_t G, H, GH, C, len, p0, nseg, PW;
-  at::Tensor ns_t, starts_t, slots_t;
+  int64_t G, H, GH, C, T, p0, nseg, PW;  // nseg: the longest sequence's segments
+  bool ragged;                           // lengths differ
+  int64_t len;                           // the longest length
+  at::Tensor ns_t, starts_t, slots_t, lens_t, nseg_t;
   at::TensorOptions longs;
 
   Group(const Layout& lay, const std::vector<int64_t>& ns, const at::Device& dev)
-      : G(static_cast<int64_t>(ns.size())), H(lay.H), GH(G * lay.H), C(lay.C), len(lay.len[ns[0]]),
-        p0(lay.p0[ns[0]]), nseg(static_cast<int64_t>(segments(lay, ns[0]).size())), PW(lay.pend_width()),
-        longs(at::TensorOptions().dtype(at::kLong).device(dev)) {
-    std::vector<int64_t> starts, slots;
+      : G(static_cast<int64_t>(ns.size())), H(lay.H), GH(G * lay.H), C(lay.C), T(lay.T), p0(lay.p0[ns[0]]), nseg(0),
+        PW(lay.pend_width()), ragged(false), len(0), longs(at::TensorOptions().dtype(at::kLong).device(dev)) {
+    std::vector<int64_t> starts, slots, lens, nsegs;
     for (int64_t n : ns) {
       starts.push_back(lay.start[n]);
       slots.push_back(lay.slot[n]);
+      lens.push_back(lay.len[n]);
+      nsegs.push_back(static_cast<int64_t>(segments(lay, n).size()));
+      ragged = ragged || lay.len[n] != lay.len[ns[0]];
+      len = std::max(len, lay.len[n]);
+      nseg = std::max(nseg, nsegs.back());
     }
-    // one host-to-device copy for the three index lists
-    std::vector<int64_t> all(ns);
-    all.insert(all.end(), starts.begin(), starts.end());
-    all.insert(all.end(), slots.begin(), slots.end());
+    std::vector<int64_t> all(ns);  // one host-to-device copy for the index lists
+    for (const auto* v : {&starts, &slots, &lens, &nsegs}) all.insert(all.end(), v->begin(), v->end());
     const auto t = at::tensor(all, at::kLong).to(dev);
     ns_t = t.narrow(0, 0, G), starts_t = t.narrow(0, G, G), slots_t = t.narrow(0, 2 * G, G);
+    lens_t = t.narrow(0, 3 * G, G), nseg_t = t.narrow(0, 4 * G, G);
   }
-  bool has_tokens() const { return len > 0; }  // then every chunk but an empty trailing one holds tokens
-  int64_t lo_row(int64_t c) const { return std::max<int64_t>(0, p0 - c * C); }  // chunk c's tokens: rows [lo, hi)
+  bool has_tokens() const { return len > 0; }
+  // Uniform groups: chunk c's tokens are rows [lo, hi) (for every sequence).
+  int64_t lo_row(int64_t c) const { return std::max<int64_t>(0, p0 - c * C); }
   int64_t hi_row(int64_t c) const { return std::min<int64_t>(C, p0 + len - c * C); }
 
-  // Rows of a [T*H, x] token view for chunks [ca, cb) and chunk rows [ra, rb), ordered (chunk,
-  // sequence, head, row), the token clamped into the sequence (callers zero or skip the rest).
-  at::Tensor token_rows(int64_t ca, int64_t cb, int64_t ra, int64_t rb) const {
-    auto t = (at::arange(ca, cb, longs) * C).view({-1, 1, 1, 1}) + at::arange(ra, rb, longs).view({1, 1, 1, -1}) - p0;
-    t = t.clamp(0, std::max<int64_t>(len - 1, 0));
-    return ((starts_t.view({1, G, 1, 1}) + t) * H + at::arange(H, longs).view({1, 1, H, 1})).flatten();
+  // Token index t = cC + r - p0 of chunks [ca, cb), rows [ra, rb): [nc, 1, 1, nr].
+  at::Tensor token_index(int64_t ca, int64_t cb, int64_t ra, int64_t rb) const {
+    return (at::arange(ca, cb, longs) * C).view({-1, 1, 1, 1}) + at::arange(ra, rb, longs).view({1, 1, 1, -1}) - p0;
   }
-  // Checkpoint slots of chunks [c0, c1), chunk-major ([nb * G], then H in the slot).
+  // Rows of a [T*H, x] token view for chunks [ca, cb) and chunk rows [ra, rb), ordered (chunk,
+  // sequence, head, row), the token clamped into its sequence (callers zero or skip the rest).
+  at::Tensor token_rows(int64_t ca, int64_t cb, int64_t ra, int64_t rb) const {
+    auto t = token_index(ca, cb, ra, rb).clamp_min(0);
+    t = ragged ? at::minimum(t, (lens_t - 1).clamp_min(0).view({1, G, 1, 1})) : t.clamp_max(std::max<int64_t>(len - 1, 0));
+    auto row = starts_t.view({1, G, 1, 1}) + t;
+    if (ragged) row = row.clamp(0, std::max<int64_t>(T - 1, 0));  // an empty sequence at the end
+    return (row * H + at::arange(H, longs).view({1, 1, H, 1})).flatten();
+  }
+  // Which (chunk, sequence, row) of chunks [c0, c1) hold this call's tokens: bool [nb, G, 1, C].
+  at::Tensor valid_rows(int64_t c0, int64_t c1) const {
+    const auto t = token_index(c0, c1, 0, C);
+    return (t >= 0).logical_and(t < lens_t.view({1, G, 1, 1}));
+  }
+  // Per chunk of [c0, c1) and chain: the chunk completes (its update runs) / is the sequence's
+  // trailing one; bool [nb, G*H, 1, 1].
+  at::Tensor chain_mask(int64_t c0, int64_t c1, bool trailing) const {
+    const auto c = at::arange(c0, c1, longs).view({-1, 1});
+    const auto last = (nseg_t - 1).view({1, G});
+    const auto m = trailing ? c.eq(last) : c.lt(last);
+    return m.view({c1 - c0, G, 1}).expand({c1 - c0, G, H}).reshape({c1 - c0, GH, 1, 1});
+  }
+  // Checkpoint slots of chunks [c0, c1), chunk-major ([nb * G], then H in the slot); past a
+  // sequence's last segment its last slot (whose state the masked walk keeps).
   at::Tensor slots_of(int64_t c0, int64_t c1) const {
-    return (slots_t.view({1, G}) + at::arange(c0, c1, longs).view({c1 - c0, 1})).flatten();
+    auto c = at::arange(c0, c1, longs).view({c1 - c0, 1});
+    if (ragged) c = at::minimum(c, (nseg_t - 1).view({1, G}));
+    return (slots_t.view({1, G}) + c).flatten();
   }
   // [N, C, H, 2d + 4] chunk buffers -> the group's, heads folded into the batch: [G*H, C, 2d + 4].
   at::Tensor by_head(const at::Tensor& t) const {
@@ -292,9 +323,15 @@ struct Group {
   }
 
   // The rows of chunks [c0, c1) that hold this call's tokens, from a block [nb, G*H, C, x] (any
-  // view of that size) into out_rows [T*H, x] (converted to its dtype), in runs of chunks with the
-  // same rows.
+  // view of that size) into out_rows [T*H + 1, x] (converted to its dtype; the last row is a
+  // scratch row the other rows of a ragged group go to).
   void scatter(at::Tensor& out_rows, const at::Tensor& blk, int64_t c0, int64_t c1) const {
+    const int64_t x = out_rows.size(1), nb = c1 - c0;
+    if (ragged) {
+      const auto dst = at::where(valid_rows(c0, c1).expand({nb, G, H, C}).flatten(), token_rows(c0, c1, 0, C), T * H);
+      out_rows.index_copy_(0, dst, blk.reshape({-1, x}).to(out_rows.scalar_type()));
+      return;
+    }
     std::vector<std::array<int64_t, 4>> pieces;  // chunks [ca, cb), rows [ra, rb)
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t lo = lo_row(c), hi = hi_row(c);
@@ -306,18 +343,50 @@ struct Group {
         pieces.push_back({c, c + 1, lo, hi});
       }
     }
-    const int64_t x = out_rows.size(1);
     for (const auto& pc : pieces) {
-      auto src = blk.reshape({c1 - c0, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
+      auto src = blk.reshape({nb, G, H, C, x}).narrow(0, pc[0] - c0, pc[1] - pc[0]).narrow(3, pc[2], pc[3] - pc[2]);
       out_rows.index_copy_(0, token_rows(pc[0], pc[1], pc[2], pc[3]), src.reshape({-1, x}).to(out_rows.scalar_type()));
     }
   }
+
+  // Each sequence's chunk buffer after the call, [G*H, C, 2d + 4]: its trailing chunk's rows (the
+  // initial ones too where no chunk completed), zeros after them.
+  at::Tensor final_buffer(const at::Tensor& k_r, const at::Tensor& v_r, const at::Tensor& eta_r, const at::Tensor& mu_r,
+                          const at::Tensor& init_pend, int64_t d) const {
+    const auto acc = init_pend.scalar_type();
+    auto buf = at::zeros({GH, C, PW}, init_pend.options());
+    if (p0 > 0) {  // sequences still in their first chunk keep the initial rows
+      const auto first = (nseg_t == 1).view({G, 1, 1, 1}).expand({G, H, 1, 1}).reshape({GH, 1, 1});
+      buf.narrow(1, 0, p0).copy_(at::where(first, init_pend.narrow(1, 0, p0), 0.0));
+    }
+    if (!has_tokens()) return buf;
+    // row r of sequence g's last chunk holds token t = (nseg_g - 1) C + r - p0
+    const auto t = ((nseg_t - 1) * C - p0).view({G, 1, 1}) + at::arange(C, longs).view({1, 1, C});  // [G, 1, C]
+    const auto ok = (t >= 0).logical_and(t < lens_t.view({G, 1, 1})).expand({G, H, C}).reshape({GH, C, 1});
+    auto tc = at::minimum(t.clamp_min(0), (lens_t - 1).clamp_min(0).view({G, 1, 1}));
+    const auto rows = ((starts_t.view({G, 1, 1}) + tc).clamp(0, std::max<int64_t>(T - 1, 0)) * H +
+                       at::arange(H, longs).view({1, H, 1}))
+                          .flatten();
+    const at::Tensor* src[4] = {&k_r, &v_r, &eta_r, &mu_r};
+    const int64_t col[4] = {0, d, 2 * d, 2 * d + 3};
+    for (int i = 0; i < 4; ++i) {
+      const auto vals = gather(*src[i], rows, acc).view({GH, C, -1});
+      auto dst = buf.narrow(2, col[i], vals.size(-1));
+      dst.copy_(at::where(ok, vals, dst));
+    }
+    return buf;
+  }
 };
 
-// Groups of sequences with the same (length, pending length), in a fixed order.
+// Groups: sequences with the same pending length whose chunk counts are within a factor 2 of each
+// other (so a ragged group does at most about twice the work of separate ones), in a fixed order.
 std::vector<std::vector<int64_t>> groups_of(const Layout& lay) {
   std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> groups;
-  for (int64_t n = 0; n < lay.N; ++n) groups[{lay.len[n], lay.p0[n]}].push_back(n);
+  for (int64_t n = 0; n < lay.N; ++n) {
+    int64_t bucket = 0;
+    for (int64_t c = static_cast<int64_t>(segments(lay, n).size()); c > 1; c >>= 1) ++bucket;
+    groups[{lay.p0[n], bucket}].push_back(n);
+  }
   std::vector<std::vector<int64_t>> out;
   for (auto& entry : groups) out.push_back(std::move(entry.second));
   return out;
@@ -347,7 +416,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
   const auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
   const auto tgt_h = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(acc);  // [H, 2h + d]
 
-  auto o_r = at::empty({T * H, d}, q.options());
+  auto o_r = at::empty({T * H + 1, d}, q.options());  // + a scratch row (Group::scatter)
   auto fast_out = at::empty_like(fast_in);
   auto pend_out = at::empty_like(pend_in);
   auto ckpt = at::empty({lay.slots(), H, kFastRows, hd}, opts);
@@ -362,7 +431,6 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
     const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
     const int64_t per_chunk = GH * (C * (4 * d + 6 * h + 8) + 6 * hd) * esize;
     const int64_t nb_max = max_block_chunks(per_chunk);
-    at::Tensor last_inputs[4];  // the trailing chunk's k, v, eta, mu (rows of the final buffer)
     for (int64_t c0 = 0; c0 < g.nseg;) {
       const int64_t c1 = std::min<int64_t>(g.nseg, c0 + nb_max), nb = c1 - c0, R = nb * GH;
       const int64_t n_complete = c1 == g.nseg ? nb - 1 : nb;  // chunks [c0, c0 + n_complete) update
@@ -371,6 +439,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
         const auto rows = g.token_rows(c0, c1, 0, C);
         const auto in = g.chunk_inputs(rows, c0, c1, k_r, v_r, eta_r, mu_r, init_pend, d);
         const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]
+        const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
         for (int64_t j = 0; j < nb; ++j) {
           ckb[j].copy_(state);
           if (j >= n_complete) continue;
@@ -386,10 +455,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
             M_new.copy_(M * mu_j - update_grad3(W_hat, in[0][j], in[1][j], in[2][j], d, h));
             at::add_out(W_new, W_hat, M_new);
           }
-          state = next;
-        }
-        if (c1 == g.nseg) {
-          for (int i = 0; i < 4; ++i) last_inputs[i] = in[i][nb - 1];
+          state = g.ragged ? at::where(upd[j], next, state) : next;
         }
         // Every chunk's read in one pass: o = Wd (silu(Wg q) * (Wu q)) [+ q] with its segment's weights.
         const auto Qb = Group::gather(q_r, rows, acc).view({R, C, d});
@@ -408,24 +474,13 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
       c0 = c1;
     }
     fast_out.index_copy_(0, g.ns_t, state.view({g.G, H, kFastRows, hd}));
-    // The buffer after the call: the trailing chunk's rows (the initial ones too if no chunk
-    // completed), zeros after them.
-    auto buf = at::zeros({GH, C, g.PW}, opts);
-    const int64_t c_last = g.nseg - 1, lo = g.lo_row(c_last), hi = g.hi_row(c_last);
-    if (c_last == 0 && g.p0 > 0) buf.narrow(1, 0, g.p0).copy_(init_pend.narrow(1, 0, g.p0));
-    if (hi > lo) {
-      const int64_t col[4] = {0, d, 2 * d, 2 * d + 3};
-      for (int i = 0; i < 4; ++i) {
-        buf.narrow(1, lo, hi - lo).narrow(2, col[i], last_inputs[i].size(-1)).copy_(last_inputs[i].narrow(1, lo, hi - lo));
-      }
-    }
-    g.put_by_head(pend_out, buf);
+    g.put_by_head(pend_out, g.final_buffer(k_r, v_r, eta_r, mu_r, init_pend, d));
   }
 
   std::vector<int64_t> plen(lay.N);
   for (int64_t n = 0; n < lay.N; ++n) plen[n] = (lay.p0[n] + lay.len[n]) % C;
   auto plen_out = at::tensor(plen, at::kLong).to(q.device());
-  return {o_r.view(q.sizes()).to(q.scalar_type()), fast_out, pend_out, plen_out, ckpt};
+  return {o_r.narrow(0, 0, T * H).view(q.sizes()), fast_out, pend_out, plen_out, ckpt};
 }
 
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
@@ -452,8 +507,13 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   auto rows_of = [&](const at::Tensor& t, int64_t x) { return t.contiguous().view({T * H, x}); };
   const auto q_r = rows_of(q, d), k_r = rows_of(k, d), v_r = rows_of(v, d), eta_r = rows_of(eta, 3);
   const auto mu_r = rows_of(mu, 1), do_r = rows_of(grad_o, d);
-  auto dq_r = io.dq.view({T * H, d}), dk_r = io.dk.view({T * H, d}), dv_r = io.dv.view({T * H, d});
-  auto deta_r = io.deta.view({T * H, 3}), dmu_r = io.dmu.view({T * H, 1});
+  // The token gradients, each with a scratch row (Group::scatter); the op returns the rest.
+  auto with_scratch = [&](int64_t x) { return at::empty({T * H + 1, x}, q.options()); };
+  auto dq_r = with_scratch(d), dk_r = with_scratch(d), dv_r = with_scratch(d), deta_r = with_scratch(3);
+  auto dmu_r = with_scratch(1);
+  io.dq = dq_r.narrow(0, 0, T * H).view({T, H, d}), io.dk = dk_r.narrow(0, 0, T * H).view({T, H, d});
+  io.dv = dv_r.narrow(0, 0, T * H).view({T, H, d}), io.deta = deta_r.narrow(0, 0, T * H).view({T, H, 3});
+  io.dmu = dmu_r.narrow(0, 0, T * H).view({T, H});
   auto d_targets = at::zeros({H, 2 * h + d}, opts);
   const auto tgt_h = at::cat({io.tg, io.tu, io.td}, 1);  // [H, 2h + d]
 
@@ -478,7 +538,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
       const int64_t n_complete = has_trailing ? nb - 1 : nb;  // chunks [c0, c0 + n_complete) update
       auto dKb = at::empty({nb, GH, C, d}, opts), dVb = at::empty({nb, GH, C, d}, opts);
       auto dEb = at::empty({nb, GH, C, 3}, opts), dMUb = at::empty({nb, GH, C, 1}, opts);
-      if (has_trailing) {  // the partial chunk only lands in the state
+      if (has_trailing && !g.ragged) {  // the partial chunk only lands in the state
         dKb[nb - 1].copy_(gpend_g.narrow(2, 0, d));
         dVb[nb - 1].copy_(gpend_g.narrow(2, d, d));
         dEb[nb - 1].copy_(gpend_g.narrow(2, 2 * d, 3));
@@ -492,8 +552,12 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         // segment start); rows outside the sequence get dO = 0, so they add nothing.
         const auto Qb = Group::gather(q_r, rows, acc).view({R, C, d});
         auto DOb = Group::gather(do_r, rows, acc).view({nb, GH, C, d});
-        if (p0 > 0 && c0 == 0) DOb[0].narrow(1, 0, p0).zero_();
-        if (has_trailing && g.hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, g.hi_row(c1 - 1), C - g.hi_row(c1 - 1)).zero_();
+        if (g.ragged) {
+          DOb = at::where(g.valid_rows(c0, c1).expand({nb, G, g.H, C}).reshape({nb, GH, C, 1}), DOb, 0.0);
+        } else {
+          if (p0 > 0 && c0 == 0) DOb[0].narrow(1, 0, p0).zero_();
+          if (has_trailing && g.hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, g.hi_row(c1 - 1), C - g.hi_row(c1 - 1)).zero_();
+        }
         DOb = DOb.view({R, C, d});
         const auto wgu = gate_up(ckb, h, d), wd = down(ckb, h, d);
         const auto ab = at::bmm(Qb, wgu.transpose(1, 2));
@@ -509,29 +573,41 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         const auto &Kb = in[0], &Vb = in[1], &Eb = in[2];
         const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]: each chunk's momentum
         const auto ckv = ckb.view({nb, GH, kFastRows, hd});
+        const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
 
         for (int64_t j = nb - 1; j >= 0; --j) {
           if (j < n_complete) {  // backward of the update of chunk c0 + j
             const auto W = ckv[j].narrow(1, 0, 3), M = ckv[j].narrow(1, kMomentumRow, 3);
             const auto mu_j = mu_chunk[j].view({GH, 1, 1});
-            at::Tensor D;  // dL/dM_new
+            // Ragged groups: chains whose sequence has no such completed chunk keep dW, dM and feed
+            // zeros to the normalization's backward (so their targets' gradient is untouched).
+            auto live = [&](const at::Tensor& x) { return g.ragged ? at::where(upd[j], x, 0.0) : x; };
+            at::Tensor D, dW_new;  // D = dL/dM_new
             if (lact_order) {  // W_new = normalize(W + mu M - G(W))
               auto Z = M * mu_j;
               Z.add_(W).sub_(update_grad3(W, Kb[j], Vb[j], Eb[j], d, h));
-              auto dZ = row_normalize3_backward(Z, tgt, dW, d_tg, d, h);
+              auto dZ = row_normalize3_backward(Z, tgt, live(dW), d_tg, d, h);
               D = dM + dZ;
-              dW = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h));
+              dW_new = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h));
             } else {  // W_new = normalize(W) + mu M - G(normalize(W))
               const auto W_hat = row_normalize3(W, tgt, d, h);
               D = dM + dW;
               auto dW_hat = update_grad3_backward(W_hat, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h);
-              dW = row_normalize3_backward(W, tgt, dW_hat.add_(dW), d_tg, d, h);
+              dW_new = row_normalize3_backward(W, tgt, live(dW_hat.add_(dW)), d_tg, d, h);
             }
             dMUb[j].copy_(((D * M).sum(at::IntArrayRef{1, 2}) / static_cast<double>(C)).view({GH, 1, 1}));
-            dM = D.mul_(mu_j);
+            dW = g.ragged ? at::where(upd[j], dW_new, dW) : dW_new;
+            dM = g.ragged ? at::where(upd[j], D.mul_(mu_j), dM) : D.mul_(mu_j);
           }
           dW.add_(dWr[j]);  // the read of segment c0 + j saw the weights at its start
         }
+      }
+      if (g.ragged) {  // each sequence's trailing chunk only lands in the state
+        const auto trail = g.chain_mask(c0, c1, true);
+        dKb = at::where(trail, gpend_g.narrow(2, 0, d), dKb);
+        dVb = at::where(trail, gpend_g.narrow(2, d, d), dVb);
+        dEb = at::where(trail, gpend_g.narrow(2, 2 * d, 3), dEb);
+        dMUb = at::where(trail, gpend_g.narrow(2, 2 * d + 3, 1), dMUb);
       }
       if (p0 > 0 && c0 == 0) {  // gradient of the initial buffer's rows
         const auto dst = d_init_pend.narrow(1, 0, p0);

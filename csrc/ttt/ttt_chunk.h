@@ -340,13 +340,8 @@ struct BwdArgs {
     d_fast = at::empty(fast_shape, acc_opts);
     d_pend = at::zeros_like(pend_in);
     // token_copies = false (the composite backward): no whole-sequence copies in the accumulation
-    // dtype; the caller reads the inputs as they are and fills dq..dmu, allocated here in the input
-    // dtype, itself.
-    if (!token_copies) {
-      dq = at::empty({lay.T, lay.H, d}, q.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
-      deta = at::empty({lay.T, lay.H, 3}, q.options()), dmu = at::empty({lay.T, lay.H}, q.options());
-      return;
-    }
+    // dtype; the caller reads the inputs as they are and allocates and fills dq..dmu itself.
+    if (!token_copies) return;
     auto tokens = [&](const at::Tensor& t) { return t.to(acc).contiguous().view({lay.T, t.size(-2), t.size(-1)}); };
     qa = tokens(q), ka = tokens(k), va = tokens(v), etaa = tokens(eta), doa = tokens(grad_o);
     mua = mu.to(acc).contiguous().view({lay.T, lay.H});
