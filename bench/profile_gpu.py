@@ -10,6 +10,8 @@
                 kernels, with the fused steps (ttt_composite_kernels.cu) and without them.
   * ttt_fwd64 - TTT d=h=64 forward at B=1 L=128k H=8 (split mode): 12x its floor; the sequential
                 chain vs the parallel reads.
+  * ttt_fwd128 - TTT d=h=128 forward at B=1 L=32k H=4: the units chain (default) vs the opt-in
+                composite forward.
   * decode    - one in-place TTT decode step (ttt_memory_decode_) at B=1, d=64: its launches and
                 the host time between them.
   * model_decode - one decode token of a small AllMem model (8 layers, hidden 1024) at B=1 and 8:
@@ -144,6 +146,24 @@ def case_ttt_fwd64() -> dict:
     return {"split": profile(fwd)}
 
 
+def case_ttt_fwd128() -> dict:
+    """d = h = 128 forward at B=1 L=32k H=4: the default (split mode: units chain + reads) against
+    the composite forward (ALLMEM_TTT_FWD=composite: cuBLAS and the fused steps per chunk)."""
+    import allmem_ops
+
+    ins = _ttt_inputs(1, 32768, 4, 128)
+
+    def fwd():
+        with torch.no_grad():
+            allmem_ops.ttt_memory(*ins, 2048)
+
+    out = {}
+    for name, env in (("default", {"ALLMEM_TTT_FWD": None}), ("composite", {"ALLMEM_TTT_FWD": "composite"})):
+        with env_vars(env):
+            out[name] = profile(fwd)
+    return out
+
+
 def case_decode() -> dict:
     import allmem_ops
 
@@ -186,7 +206,8 @@ def case_model_decode() -> dict:
     return out
 
 
-CASES = {"swa_bwd": case_swa_bwd, "ttt_bwd128": case_ttt_bwd128, "ttt_fwd64": case_ttt_fwd64, "decode": case_decode,
+CASES = {"swa_bwd": case_swa_bwd, "ttt_bwd128": case_ttt_bwd128, "ttt_fwd64": case_ttt_fwd64,
+         "ttt_fwd128": case_ttt_fwd128, "decode": case_decode,
          "model_decode": case_model_decode}
 
 
