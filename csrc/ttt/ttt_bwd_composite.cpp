@@ -1,11 +1,13 @@
-// The TTT memory backward as batched ATen math: ttt_chunk.h's hand-derived backward with the
-// heads of a group of sequences as the batch dimension ([G*H, C, x] tokens, [G*H, 3, h*d] packed
-// weights), on whatever device the tensors are. Per completed chunk: the row normalization, two
-// products with stacked weights, one step for the per-token terms, four products for dk, dv and the
-// weight gradients, the normalization's backward (on CUDA the three non-matmul steps are single
-// kernels, ttt_composite_kernels.cu). The reads' backward needs only the checkpoints, so it runs
-// for a whole block of chunks at once, outside the chain; tokens are gathered and scattered per
-// block. The walk (segments in reverse from the checkpoints, the pending chunk) is ttt_cpu.cpp's.
+// The TTT memory backward (and, opt-in, forward) as batched ATen math: ttt_chunk.h's hand-derived
+// backward with the heads of a group of sequences as the batch dimension ([G*H, C, x] tokens,
+// [G*H, 3, h*d] packed weights), on whatever device the tensors are. Per completed chunk: the row
+// normalization, two products with stacked weights, one step for the per-token terms, four
+// products for dk, dv and the weight gradients, the normalization's backward (on CUDA the
+// non-matmul steps are single kernels, ttt_composite_kernels.cu). The reads (and their backward)
+// need only the checkpoints, so they run for a whole block of chunks at once, outside the chain;
+// tokens are gathered and scattered per block, in the input dtype. The walk (segments in reverse
+// from the checkpoints, the pending chunk) is ttt_cpu.cpp's; struct Group below says how
+// sequences are batched.
 #include "ttt/ttt_bwd_composite.h"
 
 #include <ATen/record_function.h>

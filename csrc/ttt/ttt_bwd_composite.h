@@ -1,8 +1,9 @@
-// The TTT memory backward as batched ATen math (ttt_bwd_composite.cpp): the hand-derived backward
-// of ttt_chunk.h, with every head of a sequence in one batched matmul, on any device. On a GPU its
-// matmuls are cuBLAS calls; it is the backward for the shapes the hand-written CUDA kernels serve
-// slowly (d = h = 128 has no tensor-core backward yet; the SIMT one runs one CTA per head chain).
-// Same arguments, checks and outputs as torch.ops.allmem.ttt_memory_bwd.
+// The TTT memory backward and forward as batched ATen math (ttt_bwd_composite.cpp): the
+// hand-derived backward of ttt_chunk.h with the heads of a group of sequences in one batched
+// matmul, on any device. On a GPU its matmuls are cuBLAS calls and its other steps single kernels
+// (ttt_composite_kernels.cu); the backward is the default for the shapes the hand-written CUDA
+// kernels serve slowly (d = h = 128 has no tensor-core backward; the SIMT one runs one CTA per
+// head chain). Same arguments, checks and outputs as torch.ops.allmem.ttt_memory_bwd / _fwd.
 #pragma once
 #include <ATen/ATen.h>
 
