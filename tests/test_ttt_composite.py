@@ -91,9 +91,13 @@ def test_float32_matches_cpu_backward(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("forward", ["cpu", "composite"])
 @pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
-def test_gradcheck(composite, lact_order, residual):
-    """Every input, the params (also through the norm targets) and every float state field."""
+def test_gradcheck(composite, monkeypatch, lact_order, residual, forward):
+    """Every input, the params (also through the norm targets) and every float state field; after
+    the CPU kernel's forward and after the composite one (ALLMEM_TTT_FWD=composite)."""
+    if forward == "composite":
+        monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
     H, d, h, C = 2, 3, 2, 3
     ins, cu = make_inputs(None, None, H, d, h, lens=[4, 0, 5])
     state = random_state(3, C, H, d, h, [1, 0, 2])
@@ -236,19 +240,6 @@ def test_forward_float32_and_backward_from_its_checkpoints(monkeypatch):
     bwd = lambda ck: torch.ops.allmem.ttt_memory_bwd(go, None, None, *ins, pending, plen, ck, cu, C, True, False)  # noqa: E731
     for a, b in zip(bwd(ckpt), bwd(ckpt_cpu)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
-def test_forward_gradcheck(monkeypatch, lact_order, residual):
-    """Composite forward and backward together, through allmem_ops.ttt_memory."""
-    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
-    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
-    H, d, h, C = 2, 3, 2, 3
-    ins, cu = make_inputs(None, None, H, d, h, lens=[4, 0, 5])
-    state = random_state(3, C, H, d, h, [1, 0, 2])
-    tensors = [t.detach().requires_grad_() for t in ins + [getattr(state, n) for n in STATE_FLOATS]]
-    fn = _flat_fn(C, cu, lact_order, residual, state.pending_len)
-    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("varlen", [False, True])
