@@ -46,7 +46,8 @@
 # A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 400 s): everything's
 # tests (tests-defaults: nothing set; it includes the TTT tensor-core and decode tests), the
 # sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck has never finished:
-# it timed out at 60 s in run a and was skipped since; issue 6 needs it) and of the Hopper SWA
+# it timed out at 60 s in run a and was skipped since; issue 6 needs it; now one 45 s stage per
+# case, sanitize-ttt-racecheck-{0,1,2,decode}) and of the Hopper SWA
 # kernels, the SWA benchmark:
 #   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize bench-swa" \
 #   BENCH_SWA_ARGS="--skip sdpa" BUDGET_S=575 bash bench/device_check.sh
@@ -256,7 +257,10 @@ from allmem_ops.reference.ttt import TTTState
 torch.manual_seed(0)
 dev = "cuda"
 small = os.environ.get("TTT_SAN_SMALL") == "1"
+only = os.environ.get("TTT_SAN_ONLY")  # "0".."2": that (d, h) case alone, "decode": the decode case alone
 for i, (d, h, dt) in enumerate(((64, 64, torch.bfloat16), (128, 128, torch.float16), (64, 128, torch.float32))):
+    if only is not None and only != str(i):
+        continue
     H, C, lens = (1, 24, [40, 0, 20]) if small else (2, 40, [70, 0, 33])
     T = sum(lens)
     q, k, v = (torch.nn.functional.normalize(torch.randn(T, H, d, device=dev), dim=-1).to(dt) for _ in range(3))
@@ -274,19 +278,20 @@ for i, (d, h, dt) in enumerate(((64, 64, torch.bfloat16), (128, 128, torch.float
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
 # The fused decode step (csrc/ttt/ttt_decode_kernel.cu): three in-place steps of two sequences whose
 # buffers fill at different steps (the last one completes a chunk: the prefill op).
-os.environ["ALLMEM_TTT_DECODE_KERNEL"] = "1"
-with torch.no_grad():
-    d, H, C = 64, 2, 8
-    mk = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=dev), dim=-1).to(torch.bfloat16)
-    w = [torch.randn(H, d, d, device=dev) / d**0.5 for _ in range(3)]
-    _, st = allmem_ops.ttt_memory(mk(2, 5, H, d), mk(2, 5, H, d), mk(2, 5, H, d),
-                                  (torch.rand(2, 5, H, 3, device=dev) * 0.1).to(torch.bfloat16),
-                                  torch.rand(2, 5, H, device=dev).to(torch.bfloat16), *w, C, output_final_state=True)
-    st.pending_len[1] = 3
-    for _ in range(3):
-        allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
-                                      (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
-                                      torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C)
+if only in (None, "decode"):
+    os.environ["ALLMEM_TTT_DECODE_KERNEL"] = "1"
+    with torch.no_grad():
+        d, H, C = 64, 2, 8
+        mk = lambda *s: torch.nn.functional.normalize(torch.randn(*s, device=dev), dim=-1).to(torch.bfloat16)
+        w = [torch.randn(H, d, d, device=dev) / d**0.5 for _ in range(3)]
+        _, st = allmem_ops.ttt_memory(mk(2, 5, H, d), mk(2, 5, H, d), mk(2, 5, H, d),
+                                      (torch.rand(2, 5, H, 3, device=dev) * 0.1).to(torch.bfloat16),
+                                      torch.rand(2, 5, H, device=dev).to(torch.bfloat16), *w, C, output_final_state=True)
+        st.pending_len[1] = 3
+        for _ in range(3):
+            allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
+                                          (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
+                                          torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C)
 torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
 EOF
@@ -315,9 +320,19 @@ if want sanitize; then
     [[ $tool == racecheck ]] && small=1
     # ALLMEM_TTT_BWD=kernel: the SIMT backward (16-bit inputs off the tensor cores default to the
     # composite one, which is ATen/cuBLAS).
-    run_stage "sanitize-ttt-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=0 ALLMEM_TTT_BWD=kernel \
-      TTT_SAN_SMALL=$small "$SANITIZER" \
-      --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_sanitize_cases.py
+    if [[ $tool == memcheck ]]; then
+      run_stage "sanitize-ttt-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=0 ALLMEM_TTT_BWD=kernel \
+        TTT_SAN_SMALL=$small "$SANITIZER" \
+        --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_sanitize_cases.py
+    else
+      # racecheck (never finished the whole set in 60 s, run a): one stage per case, so a slow one
+      # does not take the others' results with it.
+      for only in 0 1 2 decode; do
+        run_stage "sanitize-ttt-$tool-$only" 45 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=0 ALLMEM_TTT_BWD=kernel \
+          TTT_SAN_SMALL=$small TTT_SAN_ONLY=$only "$SANITIZER" \
+          --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_sanitize_cases.py
+      done
+    fi
   done
 fi
 # The tensor-core TTT kernels (forward and backward, d = h = 64) on their own small cases.
