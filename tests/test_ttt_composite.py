@@ -303,3 +303,38 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
         err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
         assert err < 1e-4, (name, err, "fused steps vs ATen")
     assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("lact_order", [False, True])
+def test_cuda_float32_both_passes(monkeypatch, lact_order):
+    """float32 inputs on the GPU through both composite passes (TF32 off, as PyTorch's default):
+    outputs, checkpoints and every gradient against the float64 CPU op within float32 rounding
+    over the chain (1e-4 relative). (The default for float32 inputs stays the SIMT kernels.)"""
+    from test_ttt_gpu import raw_inputs
+
+    C, d = 64, 128
+    cpu, dev = raw_inputs(None, None, 2, d, d, C, torch.float32, lens=[150, 0, 97], plens=[13, 5, 0])
+    res = not lact_order
+    want_f = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact_order, res)
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got_f = torch.ops.allmem.ttt_memory_fwd(*dev, C, lact_order, res)
+        g = torch.Generator().manual_seed(3)
+        go = torch.randn(want_f[0].shape, generator=g, dtype=torch.float64)
+        want_b = torch.ops.allmem.ttt_memory_bwd(go, None, None, *cpu[:8], cpu[9], cpu[10], want_f[4], cpu[11], C,
+                                                 lact_order, res)
+        got_b = torch.ops.allmem.ttt_memory_bwd(go.float().cuda(), None, None, *dev[:8], dev[9], dev[10], got_f[4],
+                                                dev[11], C, lact_order, res)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for name, a, w in list(zip(FWD_NAMES, got_f, want_f)) + list(zip(NAMES, got_b, want_b)):
+        if name == "pending_len":
+            assert torch.equal(a.cpu(), w)
+            continue
+        err = ((a.cpu().double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
+        assert err < 1e-4, (name, err)
