@@ -22,6 +22,8 @@ weights; FLA: of q, k, v, g, beta) of:
   * allmem_cfwd - both passes composite (ALLMEM_TTT_FWD=composite, ALLMEM_TTT_BWD=composite):
                  the batched forward (per chunk the update as cuBLAS matmuls and fused steps, the
                  reads from the checkpoints per block of chunks) against the hand-written ones;
+  * allmem_c16 - the same with ALLMEM_TTT_COMPOSITE_MM=16: matmul operands in the input dtype
+                 (cuBLAS bf16 tensor-core GEMMs, float32 accumulation), as the tensor-core kernels;
   * ref_comp   - the chunked PyTorch reference (allmem_ops.reference.ttt), torch.compile'd the way
                  LaCT does it: the per-chunk read + update (reference.ttt.swiglu / chunk_update) as
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
@@ -87,10 +89,12 @@ CHUNK = 2048
 LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
-OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp", "allmem_cfwd")
+OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp", "allmem_cfwd",
+        "allmem_c16")
 # Run order: ours, then the peers, then the opt-in composite forward (last, so a budget cut never
 # drops a peer for it).
-IMPLS = (*(i for i in OURS if i != "allmem_cfwd"), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", "allmem_cfwd")
+LAST = ("allmem_cfwd", "allmem_c16")
+IMPLS = (*(i for i in OURS if i not in LAST), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", *LAST)
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
 
@@ -295,6 +299,7 @@ IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
             "allmem_tc_fused": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "0", "ALLMEM_TTT_BWD": None},
             "allmem_comp": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": "composite"},
             "allmem_cfwd": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite"},
+            "allmem_c16": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite", "ALLMEM_TTT_COMPOSITE_MM": "16"},
             "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens",
                                 "ALLMEM_TTT_BWD": None},
             "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units",
@@ -677,7 +682,7 @@ def print_brief(data: dict, by: dict) -> None:
             return f"{r['ms']:.2f}"
         return "skip" if "skipped" in r else "err"
 
-    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'comp ms':>9} "
+    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
           f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}  (fla: gated, else ungated)")
     keys = sorted({k[1:] for k in by}, key=lambda k: (k[4] != "fwd", k[0], k[2], k[3]))
     for d, H, B, L, pass_ in keys:
@@ -691,12 +696,13 @@ def print_brief(data: dict, by: dict) -> None:
         spl = by.get(("allmem_tc_split", d, H, B, L, pass_), {})
         cmp_ = by.get(("allmem_comp", d, H, B, L, pass_), {})
         cfw = by.get(("allmem_cfwd", d, H, B, L, pass_), {})
+        c16 = by.get(("allmem_c16", d, H, B, L, pass_), {})
         # The default's speedup (split mode where the default does not reach tensor cores: d = 128).
         sp_tc = next((speedup(by, r, "ref_comp") for r in (tcr, spl) if "ms" in r), None)
         need = TARGET_FWD_SPEEDUP if pass_ == "fwd" else TARGET_TRAIN_SPEEDUP
         xf = f"{ours['x_floor']:.1f}" if ours.get("x_floor") is not None else "-"
         best = max(x for x in (sp, sp_tc, 0.0) if x is not None)
-        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(peers[0]):>9} "
+        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
               f"{cell(peers[1]):>9} {cell(peers[2]):>8} {f'{sp:.2f}x' if sp else '-':>8} "
               f"{f'{sp_tc:.2f}x' if sp_tc else '-':>10} {('PASS' if best >= need else 'fail') if best else '-':>6}")
     print_targets(data)
@@ -707,7 +713,7 @@ def print_brief(data: dict, by: dict) -> None:
     if len(errors) > 3:
         print(f"... {len(errors) - 3} more errors in the JSON")
     print("(skip/err: see the JSON; tc: the default on sm_90, fused/split: forced, cbwd: allmem_comp (composite "
-          "backward), cfwd: allmem_cfwd (composite forward and backward); vs comp: ref_comp's time over allmem's; target: >= 5 forward, >= 3 fwd+bwd)")
+          "backward), cfwd: allmem_cfwd (composite forward and backward), c16: the same with 16-bit matmul operands; vs comp: ref_comp's time over allmem's; target: >= 5 forward, >= 3 fwd+bwd)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,7 +770,7 @@ def main() -> int:
             fla_fn, fla_dr = load_fla(rec)
     else:
         skip.add("fla_dr")
-    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl,
+    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
            "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     if "decode" not in skip:  # cheap: every head size, whatever --d says

@@ -30,7 +30,7 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     assert all(row["ref_comp_vs_ref_eager"] < 1e-5 for row in data["ref_comp_check"]), data["ref_comp_check"]
     cfg = data["config"]
     cases = len(cfg["heads"]) * len(cfg["batches"]) * len(cfg["lengths"]) * 2
-    for impl in ("allmem", "ref_comp", "ref_eager", "allmem_comp", "allmem_cfwd"):
+    for impl in ("allmem", "ref_comp", "ref_eager", "allmem_comp", "allmem_cfwd", "allmem_c16"):
         rows = [r for r in data["results"] if r["impl"] == impl]
         assert len(rows) == cases and all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows), rows
     # FLA is never timed on the CPU: recorded as skipped, with the reason.
@@ -42,7 +42,7 @@ def test_bench_ttt_gpu_smoke(tmp_path):
         assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
     ours = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc_units", "allmem_comp",
-            "allmem_cfwd")
+            "allmem_cfwd", "allmem_c16")
     assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
     # The decode step: the three contenders, both buffer fills, every batch of the smoke run, with floors.
     dec = data["decode"]

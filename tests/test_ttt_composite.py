@@ -175,6 +175,14 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
         err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
         assert err < 1e-4, (name, err, "fused steps vs ATen")
     assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"
+    # 16-bit matmul operands (ALLMEM_TTT_COMPOSITE_MM=16: cuBLAS bf16/fp16 GEMMs, float32 out): 4 u too.
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_MM", "16")
+    low = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_COMPOSITE_MM")
+    for name, a, w in zip(NAMES, low, want):
+        err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < 4 * u, (name, err, "16-bit operands")
+    assert any(not torch.equal(a, b) for a, b in zip(got, low)), "the 16-bit mode was not taken"
     monkeypatch.setenv("ALLMEM_TTT_BWD", "kernel")  # the hand-written kernels: 16-bit operands, other bits
     kernel = _bwd(dev, outs, grads, C, lact, res)
     assert any(not torch.equal(a, b) for a, b in zip(got, kernel)), "the composite backward was not taken"
@@ -297,6 +305,13 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
         torch.use_deterministic_algorithms(False)
     for name, a, b in zip(FWD_NAMES, got, again):
         assert torch.equal(a, b), (name, "not deterministic")
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_MM", "16")  # 16-bit matmul operands: within 4 u
+    low = fwd(dev, C, lact_order, not lact_order)
+    monkeypatch.delenv("ALLMEM_TTT_COMPOSITE_MM")
+    for name, a, w in zip(FWD_NAMES, low, want):
+        if name != "pending_len":
+            err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+            assert err < 4 * UNIT_ROUNDOFF[dtype], (name, err, "16-bit operands")
     monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "0")
     aten = fwd(dev, C, lact_order, not lact_order)
     for name, a, b in zip(FWD_NAMES, got, aten):
@@ -338,3 +353,33 @@ def test_cuda_float32_both_passes(monkeypatch, lact_order):
             continue
         err = ((a.cpu().double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
         assert err < 1e-4, (name, err)
+
+
+# ---- ALLMEM_TTT_COMPOSITE_MM=16: matmul operands in the input dtype (opt-in) ----
+def _as_float64(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+@pytest.mark.parametrize("case", [CASES[8], GROUP_CASES[3]])
+def test_mm16_within_input_rounding(monkeypatch, case, lact_order, residual, dtype):
+    """Both passes with 16-bit matmul operands (on the CPU: the same values in float32) against
+    the float64 op on the same (rounded) inputs: every output and gradient within 4 u of the
+    input dtype, the bound the tensor-core kernels are held to; and not the float32 mode's bits."""
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    fargs = _fwd_args(case, dtype=dtype) + [lact_order, residual]
+    bargs = _fwd_bwd_args(case, lact_order, residual, dtype=dtype)
+    want_f = torch.ops.allmem.ttt_memory_fwd(*_as_float64(fargs))
+    want_b = torch.ops.allmem.ttt_memory_bwd(*_as_float64(bargs))
+    monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    f32 = torch.ops.allmem.ttt_memory_fwd(*fargs), torch.ops.allmem.ttt_memory_bwd(*bargs)
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_MM", "16")
+    got_f, got_b = torch.ops.allmem.ttt_memory_fwd(*fargs), torch.ops.allmem.ttt_memory_bwd(*bargs)
+    for name, a, w in list(zip(FWD_NAMES, got_f, want_f)) + list(zip(NAMES, got_b, want_b)):
+        if name == "pending_len":
+            continue
+        err = ((a.double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < 4 * u, (name, err)
+    assert any(not torch.equal(a, b) for a, b in zip(got_b + got_f, f32[1] + f32[0])), "mode not applied"

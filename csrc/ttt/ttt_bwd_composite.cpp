@@ -11,6 +11,7 @@
 #include "ttt/ttt_bwd_composite.h"
 
 #include <ATen/record_function.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -70,6 +71,48 @@ bool use_kernels(const at::Tensor& t) {
   return false;
 #endif
 }
+
+// How the composite's matmuls take their operands. Default: float32 (float64 on the CPU for float64
+// inputs), exact whatever the TF32 setting. ALLMEM_TTT_COMPOSITE_MM=16 (read at every call; opt-in,
+// for bfloat16/float16 inputs): operands rounded to the input dtype, float32 accumulation and
+// results, as the tensor-core kernels and a bf16-autocast reference round them: on CUDA cuBLAS's
+// 16-bit tensor-core GEMMs (at::bmm with out_dtype float32); on the CPU the same values in float32
+// (a product of two 16-bit numbers is exact in float32), for the tests.
+struct Mm {
+  bool low = false;
+  at::ScalarType dt = at::kFloat;
+
+  static Mm for_inputs(const at::Tensor& q) {
+    Mm m;
+    const char* env = std::getenv("ALLMEM_TTT_COMPOSITE_MM");
+    const auto st = q.scalar_type();
+    m.low = env != nullptr && std::strcmp(env, "16") == 0 && (st == at::kBFloat16 || st == at::kHalf);
+    m.dt = st;
+    return m;
+  }
+  // An operand as the matmuls take it (a no-op in float32 mode or where it is 16-bit already).
+  at::Tensor lo(const at::Tensor& x) const { return low && x.scalar_type() != dt ? x.to(dt) : x; }
+  at::Tensor bmm(const at::Tensor& a, const at::Tensor& b) const {
+    if (!low) return at::bmm(a, b);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)  // bmm.dtype
+    if (a.is_cuda()) return at::bmm(lo(a), lo(b), at::kFloat);
+#endif
+    return at::bmm(lo(a).to(at::kFloat), lo(b).to(at::kFloat));
+  }
+  void bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
+    if (!low) {
+      at::bmm_out(out, a, b);
+      return;
+    }
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    if (a.is_cuda()) {
+      at::bmm_out(out, lo(a), lo(b), at::kFloat);
+      return;
+    }
+#endif
+    at::bmm_out(out, lo(a).to(at::kFloat), lo(b).to(at::kFloat));
+  }
+};
 
 // Packed fast-weight tensors [B, 3, h*d] (gate [h, d], up [h, d], down [d, h], rows back to back;
 // any batch stride): gate and up stacked as [B, 2h, d], down as [B, d, h] (views).
@@ -185,15 +228,16 @@ void grad_terms(const at::Tensor& ab, const at::Tensor& e, const at::Tensor& eta
 // G of SPEC.md at Wx (ttt_chunk.h update_grad), packed [B, 3, h*d]: Gg = -(eta_g e b silu'(a))^T K,
 // Gu = -(eta_u e silu(a))^T K, Gd = -V^T (eta_d s): two products for a, b, e, one step for the
 // factors, two for G.
+// k, v: as the matmuls take them (Mm::lo).
 at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
-                        int64_t d, int64_t h) {
+                        int64_t d, int64_t h, const Mm& mm) {
   const int64_t B = Wx.size(0);
-  const auto ab = at::bmm(k, gate_up(Wx, h, d).transpose(1, 2));
-  const auto e = at::bmm(v, down(Wx, h, d));
+  const auto ab = mm.bmm(k, gate_up(Wx, h, d).transpose(1, 2));
+  const auto e = mm.bmm(v, down(Wx, h, d));
   auto fgu = at::empty_like(ab), fd = at::empty_like(e);
   grad_terms(ab, e, eta, fgu, fd, h);
-  const auto ggu = at::bmm(fgu.transpose(1, 2), k);  // [B, 2h, d]
-  const auto gd = at::bmm(v.transpose(1, 2), fd);     // [B, d, h]
+  const auto ggu = mm.bmm(fgu.transpose(1, 2), k);  // [B, 2h, d]
+  const auto gd = mm.bmm(v.transpose(1, 2), fd);     // [B, d, h]
   return at::cat({ggu.view({B, 2, h * d}), gd.view({B, 1, h * d})}, 1);
 }
 
@@ -203,18 +247,19 @@ at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Ten
 // dv and the three weight gradients: 6 matmuls.
 at::Tensor update_grad3_backward(const at::Tensor& Wx, const at::Tensor& D, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& eta, at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d,
-                                 int64_t h) {
+                                 int64_t h, const Mm& mm) {
   const int64_t B = Wx.size(0);
-  const auto wk = at::cat({gate_up(Wx, h, d), gate_up(D, h, d)}, 1);  // [B, 4h, d]
-  const auto wv = at::cat({down(Wx, h, d), down(D, h, d)}, 2);        // [B, d, 2h]
-  const auto p1 = at::bmm(k, wk.transpose(1, 2));                    // a, b, pg, pu
-  const auto p2 = at::bmm(v, wv);                                    // e, ps
+  const auto wk = mm.lo(at::cat({gate_up(Wx, h, d), gate_up(D, h, d)}, 1));  // [B, 4h, d]
+  const auto wv = mm.lo(at::cat({down(Wx, h, d), down(D, h, d)}, 2));        // [B, d, 2h]
+  const auto p1 = mm.bmm(k, wk.transpose(1, 2));                            // a, b, pg, pu
+  const auto p2 = mm.bmm(v, wv);                                            // e, ps
   auto f1 = at::empty_like(p1), f2 = at::empty_like(p2);
   update_terms(p1, p2, eta, f1, f2, deta, h);
-  at::bmm_out(dk, f1, wk);
-  at::bmm_out(dv, f2, wv.transpose(1, 2));
-  const auto dgu = at::bmm(f1.narrow(-1, 0, 2 * h).transpose(1, 2), k);  // [B, 2h, d]
-  const auto dd = at::bmm(v.transpose(1, 2), f2.narrow(-1, 0, h));       // [B, d, h]
+  const auto f1l = mm.lo(f1), f2l = mm.lo(f2);
+  mm.bmm_out(dk, f1l, wk);
+  mm.bmm_out(dv, f2l, wv.transpose(1, 2));
+  const auto dgu = mm.bmm(f1l.narrow(-1, 0, 2 * h).transpose(1, 2), k);  // [B, 2h, d]
+  const auto dd = mm.bmm(v.transpose(1, 2), f2l.narrow(-1, 0, h));       // [B, d, h]
   return at::cat({dgu.view({B, 2, h * d}), dd.view({B, 1, h * d})}, 1);
 }
 
@@ -417,6 +462,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
   const auto opts = q.options().dtype(acc);
   const auto fast_in = fast.contiguous(), pend_in = pending.contiguous();
   const auto tgt_h = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(acc);  // [H, 2h + d]
+  const Mm mm = Mm::for_inputs(q);
 
   auto o_r = at::empty({T * H + 1, d}, q.options());  // + a scratch row (Group::scatter)
   auto fast_out = at::empty_like(fast_in);
@@ -442,6 +488,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
         const auto in = g.chunk_inputs(rows, c0, c1, k_r, v_r, eta_r, mu_r, init_pend, d);
         const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]
         const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
+        const auto K = mm.lo(in[0]), V = mm.lo(in[1]);  // as the matmuls take them
         for (int64_t j = 0; j < nb; ++j) {
           ckb[j].copy_(state);
           if (j >= n_complete) continue;
@@ -450,11 +497,11 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
           auto next = at::empty({GH, kFastRows, hd}, opts);
           auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
           if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
-            M_new.copy_(M * mu_j - update_grad3(W, in[0][j], in[1][j], in[2][j], d, h));
+            M_new.copy_(M * mu_j - update_grad3(W, K[j], V[j], in[2][j], d, h, mm));
             W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
           } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
             const auto W_hat = row_normalize3(W, tgt, d, h);
-            M_new.copy_(M * mu_j - update_grad3(W_hat, in[0][j], in[1][j], in[2][j], d, h));
+            M_new.copy_(M * mu_j - update_grad3(W_hat, K[j], V[j], in[2][j], d, h, mm));
             at::add_out(W_new, W_hat, M_new);
           }
           state = g.ragged ? at::where(upd[j], next, state) : next;
@@ -462,11 +509,11 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
         // Every chunk's read in one pass: o = Wd (silu(Wg q) * (Wu q)) [+ q] with its segment's weights.
         const auto Qb = Group::gather(q_r, rows, acc).view({R, C, d});
         const auto ckr = ckb.view({R, kFastRows, hd});
-        const auto ab = at::bmm(Qb, gate_up(ckr, h, d).transpose(1, 2));
+        const auto ab = mm.bmm(mm.lo(Qb), gate_up(ckr, h, d).transpose(1, 2));
         auto s = at::empty({R, C, h}, opts);
         at::Tensor none;
         read_terms(ab, none, none, s, h);
-        auto ob = at::bmm(s, down(ckr, h, d).transpose(1, 2));
+        auto ob = mm.bmm(s, down(ckr, h, d).transpose(1, 2));
         if (residual) ob.add_(Qb);
         g.scatter(o_r, ob, c0, c1);
       } else {
@@ -518,6 +565,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   io.dmu = dmu_r.narrow(0, 0, T * H).view({T, H});
   auto d_targets = at::zeros({H, 2 * h + d}, opts);
   const auto tgt_h = at::cat({io.tg, io.tu, io.td}, 1);  // [H, 2h + d]
+  const Mm mm = Mm::for_inputs(q);
 
   for (const auto& ns : groups_of(lay)) {
     const Group g(lay, ns, q.device());
@@ -561,18 +609,21 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
           if (has_trailing && g.hi_row(c1 - 1) < C) DOb[nb - 1].narrow(1, g.hi_row(c1 - 1), C - g.hi_row(c1 - 1)).zero_();
         }
         DOb = DOb.view({R, C, d});
-        const auto wgu = gate_up(ckb, h, d), wd = down(ckb, h, d);
-        const auto ab = at::bmm(Qb, wgu.transpose(1, 2));
-        const auto ds = at::bmm(DOb, wd);
+        const auto wgu = mm.lo(gate_up(ckb, h, d)), wd = down(ckb, h, d);
+        const auto Ql = mm.lo(Qb), DOl = mm.lo(DOb);
+        const auto ab = mm.bmm(Ql, wgu.transpose(1, 2));
+        const auto ds = mm.bmm(DOl, wd);
         auto f = at::empty_like(ab), s = at::empty_like(ds);
         read_terms(ab, ds, f, s, h);
-        dWr = at::cat({at::bmm(f.transpose(1, 2), Qb).view({R, 2, hd}), at::bmm(DOb.transpose(1, 2), s).view({R, 1, hd})}, 1)
+        const auto fl = mm.lo(f);
+        dWr = at::cat({mm.bmm(fl.transpose(1, 2), Ql).view({R, 2, hd}), mm.bmm(DOl.transpose(1, 2), s).view({R, 1, hd})}, 1)
                   .view({nb, GH, 3, hd});
-        dQb = at::bmm(f, wgu);
+        dQb = mm.bmm(fl, wgu);
         if (residual) dQb.add_(DOb);
 
         const auto in = g.chunk_inputs(rows, c0, c1, k_r, v_r, eta_r, mu_r, init_pend, d);
-        const auto &Kb = in[0], &Vb = in[1], &Eb = in[2];
+        const auto Kb = mm.lo(in[0]), Vb = mm.lo(in[1]);  // as the matmuls take them
+        const auto& Eb = in[2];
         const auto mu_chunk = in[3].mean(2);  // [nb, GH, 1]: each chunk's momentum
         const auto ckv = ckb.view({nb, GH, kFastRows, hd});
         const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
@@ -587,14 +638,14 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
             at::Tensor D, dW_new;  // D = dL/dM_new
             if (lact_order) {  // W_new = normalize(W + mu M - G(W))
               auto Z = M * mu_j;
-              Z.add_(W).sub_(update_grad3(W, Kb[j], Vb[j], Eb[j], d, h));
+              Z.add_(W).sub_(update_grad3(W, Kb[j], Vb[j], Eb[j], d, h, mm));
               auto dZ = row_normalize3_backward(Z, tgt, live(dW), d_tg, d, h);
               D = dM + dZ;
-              dW_new = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h));
+              dW_new = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm));
             } else {  // W_new = normalize(W) + mu M - G(normalize(W))
               const auto W_hat = row_normalize3(W, tgt, d, h);
               D = dM + dW;
-              auto dW_hat = update_grad3_backward(W_hat, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h);
+              auto dW_hat = update_grad3_backward(W_hat, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm);
               dW_new = row_normalize3_backward(W, tgt, live(dW_hat.add_(dW)), d_tg, d, h);
             }
             dMUb[j].copy_(((D * M).sum(at::IntArrayRef{1, 2}) / static_cast<double>(C)).view({GH, 1, 1}));
