@@ -135,6 +135,9 @@ def test_bad_input_same_errors(composite):
 
 
 HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
+# GPU test layouts (C = 64): varlen with an empty sequence and pending state (every sequence its own
+# group), and a ragged group (same pending length, 3, 2 and 2 chunks) beside an empty sequence.
+GPU_LAYOUTS = {"pending": ([150, 0, 97], [13, 5, 0]), "ragged": ([150, 120, 0, 97], [0, 0, 0, 0])}
 
 
 @pytest.mark.gpu
@@ -142,7 +145,8 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lact_order", [False, True])
-def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
+@pytest.mark.parametrize("layout", ["pending", "ragged"])
+def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order, layout):
     """On the GPU (cuBLAS matmuls in float32) from the GPU forward's checkpoints, against the
     float64 CPU backward from its own: varlen with an empty sequence and pending state. The
     composite computes in float32 after the 16-bit inputs; the checkpoints it starts from come from
@@ -150,7 +154,8 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order):
     the tensor-core tests' 4 u."""
     from test_ttt_tc_gpu import _bwd, _bwd_case
 
-    case = (None, None, 2, 64, [150, 0, 97], [13, 5, 0], lact_order, not lact_order, dtype)
+    lens, plens = GPU_LAYOUTS[layout]
+    case = (None, None, 2, 64, lens, plens, lact_order, not lact_order, dtype)
     dev, outs, grads, want, (C, lact, res, _) = _bwd_case(case, d=d)
     got = _bwd(dev, outs, grads, C, lact, res)
     u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
@@ -279,7 +284,8 @@ def test_forward_bad_input_same_errors(monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lact_order", [False, True])
-def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
+@pytest.mark.parametrize("layout", ["pending", "ragged"])
+def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order, layout):
     """The composite forward on the GPU (float32 after the 16-bit inputs: cuBLAS and the fused
     steps) against the float64 CPU forward on the same rounded inputs: varlen with an empty
     sequence and pending state; o within one rounding to the input dtype, the float32 state and
@@ -287,7 +293,8 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order):
     from test_ttt_tc_gpu import UNIT_ROUNDOFF, fwd, tc_inputs
 
     C = 64
-    cpu, dev = tc_inputs(None, None, 2, d, d, C, dtype, lens=[150, 0, 97], plens=[13, 5, 0])
+    lens, plens = GPU_LAYOUTS[layout]
+    cpu, dev = tc_inputs(None, None, 2, d, d, C, dtype, lens=lens, plens=plens)
     want = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact_order, not lact_order)
     monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
     got = fwd(dev, C, lact_order, not lact_order)
