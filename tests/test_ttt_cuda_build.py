@@ -71,14 +71,15 @@ def test_decode_kernel_compiled_without_local_memory():
     assert len(found) == 1 and found[0][2] == "0" and found[0][3] == "0", found
 
 
-@pytest.mark.parametrize("kernel", ["update_terms_kernel", "read_terms_kernel", "grad_terms_kernel", "row_norm_kernel"])
+@pytest.mark.parametrize("kernel", ["update_terms_kernel", "read_terms_kernel", "grad_terms_kernel", "row_norm_kernel",
+                                    "prep_kernel", "momentum_kernel"])
 def test_composite_kernels_compiled_without_local_memory(kernel):
     """The composite backward's fused steps (csrc/ttt/ttt_composite_kernels.cu): one kernel each, no
     stack or local memory; the two with row sums use warp shuffles (SHFL.BFLY)."""
     body = [b for n, b in _sass_by_function("90a").items() if kernel in n]
     assert len(body) == 1, f"{kernel} not found (or more than once) in the sm_90a code"
     assert not re.search(r"\b(LDL|STL)\b", body[0])
-    if kernel in ("update_terms_kernel", "row_norm_kernel"):
+    if kernel in ("update_terms_kernel", "row_norm_kernel", "prep_kernel", "momentum_kernel"):
         assert re.search(r"\bSHFL\.BFLY\b", body[0])
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
                            capture_output=True, text=True, check=True).stdout

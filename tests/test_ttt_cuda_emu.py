@@ -275,7 +275,7 @@ class ReadTermsParams(ctypes.Structure):
 
 class RowNormParams(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("w_batch_stride", ctypes.c_int64)] + [
-        (n, ctypes.c_void_p) for n in ("target", "g", "out", "dtarget")] + [
+        (n, ctypes.c_void_p) for n in ("target", "g", "g_add", "out", "dtarget")] + [
         ("batch", ctypes.c_int64), ("d", ctypes.c_int), ("h", ctypes.c_int)]
 
 
@@ -358,10 +358,11 @@ def test_emulated_grad_terms(emu, rows, h):
 
 
 @pytest.mark.parametrize("batch,d,h", [(3, 64, 64), (2, 64, 128), (2, 128, 64)])
-@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("backward", [False, True, "g_add"])
 def test_emulated_row_norm(emu, batch, d, h, backward):
     """Rows of length d (gate, up) and h (down) back to back in [batch, 3, h*d], read through a batch
-    stride of 6hd (the checkpoints' layout); one all-zero row (its norm is 0)."""
+    stride of 6hd (the checkpoints' layout); one all-zero row (its norm is 0). g_add: the gradient
+    given as g + g_add."""
     g = torch.Generator().manual_seed(batch * d + h)
     hd = h * d
     big = torch.randn(batch, 6, hd, generator=g)
@@ -372,9 +373,13 @@ def test_emulated_row_norm(emu, batch, d, h, backward):
     dtarget = torch.randn(batch, 2 * h + d, generator=g) if backward else None
     dtarget_before = dtarget.clone() if backward else None
     out = _nan(batch, 3, hd)
-    p = RowNormParams(w.data_ptr(), 6 * hd, target.data_ptr(), grad.data_ptr() if backward else None, out.data_ptr(),
+    g_add = torch.randn(batch, 3, hd, generator=g) if backward == "g_add" else None
+    p = RowNormParams(w.data_ptr(), 6 * hd, target.data_ptr(), grad.data_ptr() if backward else None,
+                      g_add.data_ptr() if g_add is not None else None, out.data_ptr(),
                       dtarget.data_ptr() if backward else None, batch, d, h)
     emu.emu_row_norm(ctypes.byref(p))
+    if g_add is not None:
+        grad = grad + g_add
     wd, td = w.double().requires_grad_(), target.double().requires_grad_()
 
     def normalize(x, t):
@@ -390,3 +395,65 @@ def test_emulated_row_norm(emu, batch, d, h, backward):
     gw, gt = torch.autograd.grad(want, (wd, td), grad.double())
     torch.testing.assert_close(out.double(), gw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dtarget.double(), dtarget_before.double() + gt, rtol=1e-5, atol=1e-6)
+
+
+class PrepParams(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("w_batch_stride", ctypes.c_int64)] + [
+        (n, ctypes.c_void_p) for n in ("target", "a", "b", "wk", "wv", "dsum")] + [
+        ("batch", ctypes.c_int64), ("d", ctypes.c_int), ("h", ctypes.c_int)]
+
+
+@pytest.mark.parametrize("batch,d,h", [(2, 64, 64), (2, 64, 128), (1, 128, 64)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_emulated_prep(emu, batch, d, h, normalize):
+    """The stacked weights of the update backward: wk = [Wg; Wu; Dg; Du], wv = [Wd | Dd], D = a + b,
+    with W normalized (default order) or as it is (LaCT order), read through a 6hd batch stride."""
+    g = torch.Generator().manual_seed(batch + d + h)
+    hd = h * d
+    w = torch.randn(batch, 6, hd, generator=g)[:, :3]
+    target = torch.rand(batch, 2 * h + d, generator=g) + 0.5
+    a, b = torch.randn(batch, 3, hd, generator=g), torch.randn(batch, 3, hd, generator=g)
+    wk, wv, dsum = _nan(batch, 4 * h, d), _nan(batch, d, 2 * h), _nan(batch, 3, hd)
+    p = PrepParams(w.data_ptr(), 6 * hd, target.data_ptr() if normalize else None, a.data_ptr(), b.data_ptr(),
+                   wk.data_ptr(), wv.data_ptr(), dsum.data_ptr(), batch, d, h)
+    emu.emu_prep(ctypes.byref(p))
+    wd_ = w.double()
+    mats = [wd_[:, 0].reshape(batch, h, d), wd_[:, 1].reshape(batch, h, d), wd_[:, 2].reshape(batch, d, h)]
+    if normalize:
+        ts = [target.double()[:, :h], target.double()[:, h:2 * h], target.double()[:, 2 * h:]]
+        mats = [m * (t / (m.norm(dim=-1) + 1e-5)).unsqueeze(-1) for m, t in zip(mats, ts)]
+    D = a.double() + b.double()
+    Dm = [D[:, 0].reshape(batch, h, d), D[:, 1].reshape(batch, h, d), D[:, 2].reshape(batch, d, h)]
+    torch.testing.assert_close(wk.double(), torch.cat([mats[0], mats[1], Dm[0], Dm[1]], 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wv.double(), torch.cat([mats[2], Dm[2]], 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dsum.double(), D, rtol=1e-6, atol=1e-6)
+
+
+class MomentumParams(ctypes.Structure):
+    _fields_ = [("dsum", ctypes.c_void_p), ("m", ctypes.c_void_p), ("m_batch_stride", ctypes.c_int64)] + [
+        (n, ctypes.c_void_p) for n in ("mu", "live", "dm", "dmu_rows")] + [
+        ("batch", ctypes.c_int64), ("n", ctypes.c_int64), ("chunk", ctypes.c_int64)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_emulated_momentum(emu, masked):
+    """<D, M> / C into every mu-gradient row of the chunk, dM = D mu (only the live chains when
+    masked; the others keep dM), M read through the checkpoints' 6hd batch stride."""
+    g = torch.Generator().manual_seed(11)
+    batch, hd, C = 3, 64 * 64, 40
+    D = torch.randn(batch, 3, hd, generator=g)
+    M = torch.randn(batch, 6, hd, generator=g)[:, 3:]
+    mu = torch.rand(batch, generator=g)
+    live = torch.tensor([True, False, True])
+    dm = torch.randn(batch, 3, hd, generator=g)
+    dm_before = dm.clone()
+    rows = _nan(batch, C)
+    p = MomentumParams(D.data_ptr(), M.data_ptr(), 6 * hd, mu.data_ptr(), live.data_ptr() if masked else None,
+                       dm.data_ptr(), rows.data_ptr(), batch, 3 * hd, C)
+    emu.emu_momentum(ctypes.byref(p))
+    want_g = (D.double() * M.double()).sum((1, 2)) / C
+    torch.testing.assert_close(rows.double(), want_g[:, None].expand(batch, C), rtol=1e-5, atol=1e-6)
+    want_dm = D.double() * mu.double()[:, None, None]
+    if masked:
+        want_dm = torch.where(live[:, None, None], want_dm, dm_before.double())
+    torch.testing.assert_close(dm.double(), want_dm, rtol=1e-6, atol=1e-6)

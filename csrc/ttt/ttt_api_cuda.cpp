@@ -441,7 +441,8 @@ void composite_grad_terms_cuda(const at::Tensor& ab, const at::Tensor& e, const 
 }
 
 void composite_row_norm_cuda(const at::Tensor& w, const at::Tensor& target, const std::optional<at::Tensor>& g,
-                             at::Tensor& out, const std::optional<at::Tensor>& dtarget, int64_t d, int64_t h) {
+                             at::Tensor& out, const std::optional<at::Tensor>& dtarget, int64_t d, int64_t h,
+                             const std::optional<at::Tensor>& g_add) {
   check_f32_cuda(w, "w", false);
   check_f32_cuda(target, "target");
   check_f32_cuda(out, "out");
@@ -457,17 +458,72 @@ void composite_row_norm_cuda(const at::Tensor& w, const at::Tensor& target, cons
     ALLMEM_CHECK(g->numel() == out.numel() && dtarget->numel() == target.numel(),
                  "composite row norm: inconsistent sizes");
   }
+  if (g_add.has_value()) {
+    ALLMEM_CHECK(g.has_value(), "composite row norm: g_add needs g");
+    check_f32_cuda(*g_add, "g_add");
+    ALLMEM_CHECK(g_add->numel() == out.numel(), "composite row norm: inconsistent sizes");
+  }
   const c10::cuda::CUDAGuard guard(w.device());
   cuda::RowNormParams p{w.data_ptr<float>(),
                         w.stride(0),
                         target.data_ptr<float>(),
                         g.has_value() ? g->data_ptr<float>() : nullptr,
+                        g_add.has_value() ? g_add->data_ptr<float>() : nullptr,
                         out.data_ptr<float>(),
                         dtarget.has_value() ? dtarget->data_ptr<float>() : nullptr,
                         batch,
                         static_cast<int>(d),
                         static_cast<int>(h)};
   cuda::launch_row_norm(p, at::cuda::getCurrentCUDAStream());
+}
+
+void composite_prep_cuda(const at::Tensor& w, const std::optional<at::Tensor>& target, const at::Tensor& a,
+                         const at::Tensor& b, at::Tensor& wk, at::Tensor& wv, at::Tensor& dsum, int64_t d, int64_t h) {
+  check_f32_cuda(w, "w", false);
+  check_f32_cuda(a, "a");
+  check_f32_cuda(b, "b");
+  check_f32_cuda(wk, "wk");
+  check_f32_cuda(wv, "wv");
+  check_f32_cuda(dsum, "dsum");
+  const int64_t batch = w.size(0), hd = h * d;
+  ALLMEM_CHECK(w.dim() == 3 && w.size(1) == 3 && w.size(2) == hd && w.stride(2) == 1 && w.stride(1) == hd,
+               "composite prep: w must be [batch, 3, h*d] with contiguous rows");
+  ALLMEM_CHECK(a.numel() == batch * 3 * hd && b.numel() == a.numel() && dsum.numel() == a.numel() &&
+                   wk.numel() == batch * 4 * hd && wv.numel() == batch * 2 * hd,
+               "composite prep: inconsistent sizes");
+  if (target.has_value()) {
+    check_f32_cuda(*target, "target");
+    ALLMEM_CHECK(target->numel() == batch * (2 * h + d), "composite prep: inconsistent sizes");
+  }
+  const c10::cuda::CUDAGuard guard(w.device());
+  cuda::PrepParams p{w.data_ptr<float>(), w.stride(0), target.has_value() ? target->data_ptr<float>() : nullptr,
+                     a.data_ptr<float>(), b.data_ptr<float>(), wk.data_ptr<float>(), wv.data_ptr<float>(),
+                     dsum.data_ptr<float>(), batch, static_cast<int>(d), static_cast<int>(h)};
+  cuda::launch_prep(p, at::cuda::getCurrentCUDAStream());
+}
+
+void composite_momentum_cuda(const at::Tensor& dsum, const at::Tensor& m, const at::Tensor& mu,
+                             const std::optional<at::Tensor>& live, at::Tensor& dm, at::Tensor& dmu_rows) {
+  check_f32_cuda(dsum, "dsum");
+  check_f32_cuda(m, "m", false);
+  check_f32_cuda(mu, "mu");
+  check_f32_cuda(dm, "dm");
+  check_f32_cuda(dmu_rows, "dmu_rows");
+  const int64_t batch = dsum.size(0), n = dsum.numel() / std::max<int64_t>(batch, 1);
+  ALLMEM_CHECK(m.dim() == 3 && m.size(0) == batch && m.size(1) * m.size(2) == n && m.stride(2) == 1 &&
+                   m.stride(1) == m.size(2),
+               "composite momentum: m must be [batch, 3, h*d] with contiguous rows");
+  ALLMEM_CHECK(mu.numel() == batch && dm.numel() == dsum.numel() && dmu_rows.numel() % std::max<int64_t>(batch, 1) == 0,
+               "composite momentum: inconsistent sizes");
+  if (live.has_value()) {
+    ALLMEM_CHECK(live->is_cuda() && live->scalar_type() == at::kBool && live->is_contiguous() && live->numel() == batch,
+                 "composite momentum: live must be a contiguous bool CUDA tensor of one flag per chain");
+  }
+  const c10::cuda::CUDAGuard guard(dsum.device());
+  cuda::MomentumParams p{dsum.data_ptr<float>(), m.data_ptr<float>(), m.stride(0), mu.data_ptr<float>(),
+                         live.has_value() ? live->data_ptr<bool>() : nullptr, dm.data_ptr<float>(),
+                         dmu_rows.data_ptr<float>(), batch, n, batch > 0 ? dmu_rows.numel() / batch : 0};
+  cuda::launch_momentum(p, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace allmem::ttt

@@ -142,17 +142,21 @@ at::Tensor row_normalize3(const at::Tensor& w, const at::Tensor& target, int64_t
 
 // Backward of row_normalize3 for the gradient g of its output: returns the gradient of w, adds the
 // targets' gradient to dtarget [B, 2h + d].
+// With g_add, for the gradient g + g_add.
 at::Tensor row_normalize3_backward(const at::Tensor& w, const at::Tensor& target, const at::Tensor& g,
-                                   at::Tensor& dtarget, int64_t d, int64_t h) {
+                                   at::Tensor& dtarget, int64_t d, int64_t h,
+                                   const std::optional<at::Tensor>& g_add = std::nullopt) {
   RECORD_FUNCTION("allmem::composite_row_norm_backward", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
   auto out = at::empty({w.size(0), 3, h * d}, w.options());
 #ifdef ALLMEM_WITH_CUDA
   if (use_kernels(w)) {
-    composite_row_norm_cuda(w, target, g.contiguous(), out, dtarget, d, h);
+    composite_row_norm_cuda(w, target, g.contiguous(), out, dtarget, d, h,
+                            g_add.has_value() ? std::optional<at::Tensor>(g_add->contiguous()) : std::nullopt);
     return out;
   }
 #endif
-  const Mats W = mats3(w, h, d), O = mats3(out, h, d), Gr = mats3(g, h, d), Tg = targets3(target, h, d);
+  const auto gg = g_add.has_value() ? g + *g_add : g;
+  const Mats W = mats3(w, h, d), O = mats3(out, h, d), Gr = mats3(gg, h, d), Tg = targets3(target, h, d);
   Mats dT = targets3(dtarget, h, d);
   for (int m = 0; m < 3; ++m) O[m].copy_(row_normalize_backward(W[m], Tg[m], Gr[m], dT[m]));
   return out;
@@ -225,6 +229,48 @@ void grad_terms(const at::Tensor& ab, const at::Tensor& e, const at::Tensor& eta
   fd.copy_(-(eta.narrow(-1, 2, 1) * silu * b));
 }
 
+// The stacked weights of one chunk's update backward: wk = [Wg; Wu; Dg; Du] [B, 4h, d],
+// wv = [Wd | Dd] [B, d, 2h], with W = normalize(w) (target given) or w, and D = a + b (returned).
+struct Stacked {
+  at::Tensor wk, wv, D;
+};
+Stacked prep3(const at::Tensor& w, const at::Tensor* target, const at::Tensor& a, const at::Tensor& b, int64_t d,
+              int64_t h) {
+  RECORD_FUNCTION("allmem::composite_prep", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
+  const int64_t B = w.size(0);
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(w)) {
+    Stacked st{at::empty({B, 4 * h, d}, w.options()), at::empty({B, d, 2 * h}, w.options()),
+               at::empty({B, 3, h * d}, w.options())};
+    composite_prep_cuda(w, target != nullptr ? std::optional<at::Tensor>(*target) : std::nullopt, a.contiguous(),
+                        b.contiguous(), st.wk, st.wv, st.D, d, h);
+    return st;
+  }
+#endif
+  const auto W = target != nullptr ? row_normalize3(w, *target, d, h) : w;
+  auto D = a + b;
+  return {at::cat({gate_up(W, h, d), gate_up(D, h, d)}, 1), at::cat({down(W, h, d), down(D, h, d)}, 2), D};
+}
+
+// The momentum step of one chunk's backward (MomentumParams): every row of dmu_rows [B, C, 1] gets
+// <D, M> / C; dM = D * mu [B, 1, 1] where live [B, 1, 1] (or everywhere), else kept.
+void momentum3(const at::Tensor& D, const at::Tensor& M, const at::Tensor& mu, const at::Tensor& live, at::Tensor& dM,
+               at::Tensor dmu_rows) {
+  RECORD_FUNCTION("allmem::composite_momentum", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
+#ifdef ALLMEM_WITH_CUDA
+  if (use_kernels(D)) {
+    composite_momentum_cuda(D, M, mu.reshape({-1}), live.defined() ? std::optional<at::Tensor>(live.reshape({-1}))
+                                                                   : std::nullopt,
+                            dM, dmu_rows);
+    return;
+  }
+#endif
+  const int64_t B = D.size(0), C = dmu_rows.size(1);
+  dmu_rows.copy_(((D * M).sum(at::IntArrayRef{1, 2}) / static_cast<double>(C)).view({B, 1, 1}));
+  const auto next = D * mu;
+  dM = live.defined() ? at::where(live, next, dM) : next;
+}
+
 // G of SPEC.md at Wx (ttt_chunk.h update_grad), packed [B, 3, h*d]: Gg = -(eta_g e b silu'(a))^T K,
 // Gu = -(eta_u e silu(a))^T K, Gd = -V^T (eta_d s): two products for a, b, e, one step for the
 // factors, two for G.
@@ -241,16 +287,15 @@ at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Ten
   return at::cat({ggu.view({B, 2, h * d}), gd.view({B, 1, h * d})}, 1);
 }
 
-// Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D): writes dk,
-// dv, deta of the chunk's rows, returns dL/dWx [B, 3, h*d] of that path. Two products with the
-// weights stacked ([Wg; Wu; Dg; Du] and [Wd | Dd]), one fused step for the per-token terms, then dk,
-// dv and the three weight gradients: 6 matmuls.
-at::Tensor update_grad3_backward(const at::Tensor& Wx, const at::Tensor& D, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& eta, at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d,
-                                 int64_t h, const Mm& mm) {
-  const int64_t B = Wx.size(0);
-  const auto wk = mm.lo(at::cat({gate_up(Wx, h, d), gate_up(D, h, d)}, 1));  // [B, 4h, d]
-  const auto wv = mm.lo(at::cat({down(Wx, h, d), down(D, h, d)}, 2));        // [B, d, 2h]
+// Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D) and the
+// weights stacked by prep3 ([Wx_g; Wx_u; Dg; Du] and [Wx_d | Dd]): writes dk, dv, deta of the
+// chunk's rows, returns dL/dWx [B, 3, h*d] of that path. Two products for every per-token product,
+// one fused step for the per-token terms, then dk, dv and the three weight gradients: 6 matmuls.
+at::Tensor update_grad3_backward(const Stacked& st, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                 at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d, int64_t h, const Mm& mm) {
+  const int64_t B = st.wk.size(0);
+  const auto wk = mm.lo(st.wk);  // [B, 4h, d]: Wg; Wu; Dg; Du
+  const auto wv = mm.lo(st.wv);  // [B, d, 2h]: Wd | Dd
   const auto p1 = mm.bmm(k, wk.transpose(1, 2));                            // a, b, pg, pu
   const auto p2 = mm.bmm(v, wv);                                            // e, ps
   auto f1 = at::empty_like(p1), f2 = at::empty_like(p2);
@@ -635,22 +680,22 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
             // Ragged groups: chains whose sequence has no such completed chunk keep dW, dM and feed
             // zeros to the normalization's backward (so their targets' gradient is untouched).
             auto live = [&](const at::Tensor& x) { return g.ragged ? at::where(upd[j], x, 0.0) : x; };
-            at::Tensor D, dW_new;  // D = dL/dM_new
+            at::Tensor dW_new;
+            Stacked st;  // st.D = dL/dM_new
             if (lact_order) {  // W_new = normalize(W + mu M - G(W))
               auto Z = M * mu_j;
               Z.add_(W).sub_(update_grad3(W, Kb[j], Vb[j], Eb[j], d, h, mm));
               auto dZ = row_normalize3_backward(Z, tgt, live(dW), d_tg, d, h);
-              D = dM + dZ;
-              dW_new = dZ.add_(update_grad3_backward(W, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm));
+              st = prep3(W, nullptr, dM, dZ, d, h);
+              dW_new = dZ.add_(update_grad3_backward(st, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm));
             } else {  // W_new = normalize(W) + mu M - G(normalize(W))
-              const auto W_hat = row_normalize3(W, tgt, d, h);
-              D = dM + dW;
-              auto dW_hat = update_grad3_backward(W_hat, D, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm);
-              dW_new = row_normalize3_backward(W, tgt, live(dW_hat.add_(dW)), d_tg, d, h);
+              st = prep3(W, &tgt, dM, dW, d, h);
+              auto dW_hat = update_grad3_backward(st, Kb[j], Vb[j], Eb[j], dKb[j], dVb[j], dEb[j], d, h, mm);
+              dW_new = g.ragged ? row_normalize3_backward(W, tgt, live(dW_hat.add_(dW)), d_tg, d, h)
+                                : row_normalize3_backward(W, tgt, dW_hat, d_tg, d, h, dW);
             }
-            dMUb[j].copy_(((D * M).sum(at::IntArrayRef{1, 2}) / static_cast<double>(C)).view({GH, 1, 1}));
+            momentum3(st.D, M, mu_j, g.ragged ? upd[j] : at::Tensor(), dM, dMUb[j]);
             dW = g.ragged ? at::where(upd[j], dW_new, dW) : dW_new;
-            dM = g.ragged ? at::where(upd[j], D.mul_(mu_j), dM) : D.mul_(mu_j);
           }
           dW.add_(dWr[j]);  // the read of segment c0 + j saw the weights at its start
         }

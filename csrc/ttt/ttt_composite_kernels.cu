@@ -105,12 +105,62 @@ __global__ void __launch_bounds__(kTermsThreads) row_norm_kernel(const RowNormPa
     return;
   }
   const float* g = p.g + b * 3 * int64_t{h} * d + off;
+  const float* ga = p.g_add != nullptr ? p.g_add + b * 3 * int64_t{h} * d + off : nullptr;
+  auto grad = [&](int c) { return ga != nullptr ? g[c] + ga[c] : g[c]; };
   float gw = 0.f;
-  for (int c = lane; c < len; c += 32) gw += g[c] * w[c];
+  for (int c = lane; c < len; c += 32) gw += grad(c) * w[c];
   gw = warp_sum(gw);
   const float coef = -target * gw / (denom * denom * (rho > 0.f ? rho : 1.f));
-  for (int c = lane; c < len; c += 32) out[c] = g[c] * scale + w[c] * coef;
+  for (int c = lane; c < len; c += 32) out[c] = grad(c) * scale + w[c] * coef;
   if (lane == 0) p.dtarget[b * rows + r] += gw / denom;
+}
+
+// One warp per weight row, as row_norm_kernel.
+__global__ void __launch_bounds__(kTermsThreads) prep_kernel(const PrepParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = p.d, h = p.h;
+  const int rows = 2 * h + d;
+  const int64_t job = int64_t{blockIdx.x} * kTermsWarps + warp;
+  if (job >= p.batch * rows) return;
+  const int64_t b = job / rows, hd = int64_t{h} * d;
+  const int r = static_cast<int>(job % rows);
+  const bool gu = r < 2 * h;
+  const int len = gu ? d : h;
+  const int64_t off = gu ? int64_t{r} * d : 2 * hd + int64_t{r - 2 * h} * h;
+  const float* w = p.w + b * p.w_batch_stride + off;
+  float scale = 1.f;
+  if (p.target != nullptr) {
+    float ss = 0.f;
+    for (int c = lane; c < len; c += 32) ss += w[c] * w[c];
+    scale = p.target[b * rows + r] / (sqrtf(warp_sum(ss)) + kNormEps);
+  }
+  const float* a = p.a + b * 3 * hd + off;
+  const float* bb = p.b + b * 3 * hd + off;
+  float* dsum = p.dsum + b * 3 * hd + off;
+  // gate/up row r: wk rows r (weights) and 2h + r (D); down row r - 2h: wv columns [0, h) and [h, 2h)
+  float* w_dst = gu ? p.wk + b * 4 * hd + int64_t{r} * d : p.wv + b * 2 * hd + int64_t{r - 2 * h} * 2 * h;
+  float* d_dst = gu ? p.wk + b * 4 * hd + int64_t{2 * h + r} * d : w_dst + h;
+  for (int c = lane; c < len; c += 32) {
+    const float dv = a[c] + bb[c];
+    w_dst[c] = w[c] * scale;
+    d_dst[c] = dv;
+    dsum[c] = dv;
+  }
+}
+
+// Block per chain.
+__global__ void __launch_bounds__(kTermsThreads) momentum_kernel(const MomentumParams p) {
+  extern __shared__ float4 smem4[];
+  float* red = reinterpret_cast<float*>(smem4);  // kTermsWarps + 1 floats
+  const int64_t b = blockIdx.x;
+  const float* D = p.dsum + b * p.n;
+  const float* M = p.m + b * p.m_batch_stride;
+  float part = 0.f;
+  for (int64_t i = threadIdx.x; i < p.n; i += kTermsThreads) part += D[i] * M[i];
+  const float g = block_sum<kTermsWarps>(part, red) / static_cast<float>(p.chunk);
+  for (int64_t t = threadIdx.x; t < p.chunk; t += kTermsThreads) p.dmu_rows[b * p.chunk + t] = g;
+  if (p.live != nullptr && !p.live[b]) return;
+  const float mu = p.mu[b];
+  for (int64_t i = threadIdx.x; i < p.n; i += kTermsThreads) p.dm[b * p.n + i] = D[i] * mu;
 }
 
 unsigned blocks_for(int64_t items, int per_block) { return static_cast<unsigned>((items + per_block - 1) / per_block); }
@@ -120,6 +170,18 @@ unsigned blocks_for(int64_t items, int per_block) { return static_cast<unsigned>
 void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   update_terms_kernel<<<blocks_for(p.rows, kTermsWarps), kTermsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_prep(const PrepParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return;
+  prep_kernel<<<blocks_for(p.batch * (2 * p.h + p.d), kTermsWarps), kTermsThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_momentum(const MomentumParams& p, cudaStream_t stream) {
+  if (p.batch == 0) return;
+  momentum_kernel<<<static_cast<unsigned>(p.batch), kTermsThreads, (kTermsWarps + 1) * sizeof(float), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

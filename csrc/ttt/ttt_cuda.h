@@ -205,12 +205,40 @@ struct RowNormParams {
   int64_t w_batch_stride;  // elements between batch entries of w (>= 3hd)
   const float* target;     // [batch, 2h + d]
   const float* g;          // null: forward; else [batch, 3, h*d] contiguous
+  const float* g_add;      // backward, optional: [batch, 3, h*d] added to g
   float* out;              // [batch, 3, h*d]
   float* dtarget;          // backward only
   int64_t batch;
   int d, h;
 };
+// The weights of one chunk's update backward, stacked for its matmuls: per weight row (one warp)
+// w (normalized by target where target is given, as row_norm), D = a + b, written as
+// wk [batch, 4h, d] = [Wg; Wu; Dg; Du], wv [batch, d, 2h] = [Wd | Dd] and dsum [batch, 3, h*d] = D.
+struct PrepParams {
+  const float* w;
+  int64_t w_batch_stride;
+  const float* target;  // [batch, 2h + d], or null: w as it is
+  const float *a, *b;   // [batch, 3, h*d]
+  float *wk, *wv, *dsum;
+  int64_t batch;
+  int d, h;
+};
+// The momentum step of one chunk's update backward, block per chain: g = <D, M> over the three
+// matrices; every one of the chunk's mu-gradient rows gets g / chunk; dm = D * mu where live (all
+// chains when live is null), else dm is kept.
+struct MomentumParams {
+  const float* dsum;  // D [batch, n]
+  const float* m;     // M, rows of n contiguous
+  int64_t m_batch_stride;
+  const float* mu;    // [batch]
+  const bool* live;   // [batch] or null
+  float* dm;          // [batch, n], in place
+  float* dmu_rows;    // [batch, chunk]
+  int64_t batch, n, chunk;
+};
 void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream);
+void launch_prep(const PrepParams& p, cudaStream_t stream);
+void launch_momentum(const MomentumParams& p, cudaStream_t stream);
 void launch_read_terms(const ReadTermsParams& p, cudaStream_t stream);
 void launch_grad_terms(const GradTermsParams& p, cudaStream_t stream);
 void launch_row_norm(const RowNormParams& p, cudaStream_t stream);

@@ -92,3 +92,10 @@ extern "C" void emu_row_norm(const RowNormParams* p) {
 extern "C" void emu_grad_terms(const GradTermsParams* p) {
   run_grid((p->rows * p->h + kTermsThreads - 1) / kTermsThreads, kTermsThreads, 0, [&] { grad_terms_kernel(*p); });
 }
+extern "C" void emu_prep(const PrepParams* p) {
+  const int64_t rows = p->batch * (2 * p->h + p->d);
+  run_grid((rows + kTermsWarps - 1) / kTermsWarps, kTermsThreads, 0, [&] { prep_kernel(*p); });
+}
+extern "C" void emu_momentum(const MomentumParams* p) {
+  run_grid(p->batch, kTermsThreads, kTermsWarps + 1, [&] { momentum_kernel(*p); });
+}
