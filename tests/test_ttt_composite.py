@@ -17,7 +17,8 @@ def composite(monkeypatch):
     monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
 
 
-def _fwd_bwd_args(case, lact_order, residual, dtype=torch.float64, seed=4):
+def _fwd_args(case, dtype=torch.float64):
+    """The forward op's arguments for a CASES row (a zero-pending random state where it has none)."""
     ins, cu, state, C = _case_inputs(case, dtype=dtype)
     B, L, H, d, h, C, lens, plens = case
     N = len(lens) if lens is not None else B
@@ -26,13 +27,18 @@ def _fwd_bwd_args(case, lact_order, residual, dtype=torch.float64, seed=4):
         state = random_state(N, C, H, d, h, [0] * N, dtype=sdt)
     fast = torch.stack([getattr(state, n).reshape(N, H, -1) for n in STATE_FLOATS[:6]], 2).to(sdt)
     pending = torch.cat([state.pending_k, state.pending_v, state.pending_eta, state.pending_mu[..., None]], -1).to(sdt)
-    plen = state.pending_len
-    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*ins, fast, pending, plen, cu, C, lact_order,
-                                                                      residual)
+    return [*ins, fast, pending, state.pending_len, cu, C]
+
+
+def _fwd_bwd_args(case, lact_order, residual, dtype=torch.float64, seed=4):
+    """The backward op's arguments: the CPU forward's checkpoints, random output and state gradients."""
+    fargs = _fwd_args(case, dtype)
+    ins, (_, pending, plen, cu, C) = fargs[:8], fargs[8:]
+    o, fast_out, pend_out, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*fargs, lact_order, residual)
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    gfast = torch.randn(fast_out.shape, generator=g, dtype=torch.float64).to(sdt) * 0.1
-    gpend = torch.randn(pend_out.shape, generator=g, dtype=torch.float64).to(sdt)
+    gfast = torch.randn(fast_out.shape, generator=g, dtype=torch.float64).to(fast_out.dtype) * 0.1
+    gpend = torch.randn(pend_out.shape, generator=g, dtype=torch.float64).to(pend_out.dtype)
     return [go, gfast, gpend, *ins, pending, plen, ckpt, cu, C, lact_order, residual]
 
 
@@ -201,18 +207,6 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order, layo
 
 # ---- The composite forward (ALLMEM_TTT_FWD=composite) ----
 FWD_NAMES = ("o", "fast", "pending", "pending_len", "checkpoints")
-
-
-def _fwd_args(case, dtype=torch.float64):
-    ins, cu, state, C = _case_inputs(case, dtype=dtype)
-    B, L, H, d, h, C, lens, plens = case
-    N = len(lens) if lens is not None else B
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    if state is None:
-        state = random_state(N, C, H, d, h, [0] * N, dtype=sdt)
-    fast = torch.stack([getattr(state, n).reshape(N, H, -1) for n in STATE_FLOATS[:6]], 2).to(sdt)
-    pending = torch.cat([state.pending_k, state.pending_v, state.pending_eta, state.pending_mu[..., None]], -1).to(sdt)
-    return [*ins, fast, pending, state.pending_len, cu, C]
 
 
 @pytest.mark.parametrize("block", [None, "1", "2"])

@@ -495,9 +495,8 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
   const auto acc = accumulate_dtype(q.scalar_type());
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
-                                      chunk_size, acc);
-  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
+  const Layout lay = check_fwd_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len,
+                                          cu_seqlens, chunk_size, acc);
   const int64_t d = lay.d, h = lay.h, C = lay.C, H = lay.H, T = lay.T, hd = h * d;
   // Tokens as rows [T*H, x] (row t*H + head) in the input dtype: converted block by block, no
   // whole-sequence copies in the accumulation dtype.

@@ -137,6 +137,17 @@ inline void check_cuda_sizes(const Layout& lay) {
 }
 
 // One sequence is processed as segments: each fills the current chunk (or ends the sequence).
+// check_and_layout plus the forward's fast state [N, H, 6, h*d] in the state dtype `st`.
+inline Layout check_fwd_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                   const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                   const at::Tensor& w_down, const at::Tensor& fast, const at::Tensor& pending,
+                                   const at::Tensor& pending_len, const std::optional<at::Tensor>& cu_seqlens,
+                                   int64_t chunk_size, at::ScalarType st) {
+  Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens, chunk_size, st);
+  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, st, q);
+  return lay;
+}
+
 struct Segment {
   int64_t pending_before;  // rows of the chunk already filled when the segment starts
   int64_t tokens;          // new tokens in it

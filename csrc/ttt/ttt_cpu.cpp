@@ -52,9 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
   const auto acc = accumulate_dtype(q.scalar_type());
-  const Layout lay = check_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, cu_seqlens,
-                                      chunk_size, acc);
-  check_state_tensor(fast, "fast", {lay.N, lay.H, kFastRows, lay.h * lay.d}, acc, q);
+  const Layout lay = check_fwd_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len,
+                                          cu_seqlens, chunk_size, acc);
   const int64_t d = lay.d, C = lay.C;
   auto qa = tokens(q, lay, acc), ka = tokens(k, lay, acc), va = tokens(v, lay, acc);
   auto etaa = tokens(eta, lay, acc);
