@@ -43,15 +43,17 @@
 # 30-90 s of the lease. On an H100 (run e, gpu_2026-11-26e_h100): build 42 s, tests (three SWA
 # paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
 # each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
-# A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 400 s): everything's
-# tests (tests-defaults: nothing set; it includes the TTT tensor-core and decode tests), the
-# sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck has never finished:
-# it timed out at 60 s in run a and was skipped since; issue 6 needs it; now one 45 s stage per
-# case, sanitize-ttt-racecheck-{0,1,2,decode}) and of the Hopper SWA
-# kernels, the SWA benchmark:
-#   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize bench-swa" \
-#   BENCH_SWA_ARGS="--skip sdpa" BUDGET_S=575 bash bench/device_check.sh
-# with carry [".whl"]; then on the warm machine (the build is kept; about 220 s):
+# A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 500 s): everything's
+# tests (tests-defaults: nothing set; it includes the TTT tensor-core, composite and decode tests),
+# the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck has never
+# finished: it timed out at 60 s in run a and was skipped since; issue 6 needs it; now one 45 s
+# stage per case, sanitize-ttt-racecheck-{0,1,2,decode}) and of the Hopper SWA kernels (unchanged
+# since run e, where they passed: add SKIP="sanitize-sm90-alt-memcheck sanitize-sm90-alt-racecheck
+# sanitize-sm90-alt-synccheck" if time is short):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize" BUDGET_S=575 bash bench/device_check.sh
+# with carry [".whl"]; then on the warm machine (the build is kept; about 220 s; the profile has
+# the composite TTT passes at d = 128: float32 / ATen / 16-bit operands, units chain vs composite
+# forward):
 #   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt sanitize-tc" BENCH_TTT_BUDGET=90 \
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_dr" \
 #   BUDGET_S=230 bash bench/device_check.sh
