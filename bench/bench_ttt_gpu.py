@@ -16,10 +16,12 @@ weights; FLA: of q, k, v, g, beta) of:
                  backward likewise; at d = h = 128 the forward chain is the hidden-unit one;
   * allmem_tc_units - split mode with ALLMEM_TTT_TC_CHAIN=units: the hidden-unit chain
                  (ttt_chain_tc.cuh) at d = 64 too;
-  * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite: the
-                 batched-ATen backward (ttt_bwd_composite.cpp, cuBLAS matmuls over the heads of
-                 a sequence per chunk), the default at d = 128 (fwd rows: the same as allmem_tc);
-  * allmem_cfwd - both passes composite (ALLMEM_TTT_FWD=composite, ALLMEM_TTT_BWD=composite):
+  * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite and its fused
+                 steps (ALLMEM_TTT_COMPOSITE_KERNELS=1): the batched backward (ttt_bwd_composite.cpp,
+                 cuBLAS matmuls over the heads of a group of sequences per chunk); at d = 128
+                 allmem_tc runs the same backward with the ATen steps (the default until the
+                 fused kernels are GPU-tested) (fwd rows: the same as allmem_tc);
+  * allmem_cfwd - both passes composite (ALLMEM_TTT_FWD=composite, ALLMEM_TTT_BWD=composite, fused steps):
                  the batched forward (per chunk the update as cuBLAS matmuls and fused steps, the
                  reads from the checkpoints per block of chunks) against the hand-written ones;
   * allmem_c16 - the same with ALLMEM_TTT_COMPOSITE_MM=16: matmul operands in the input dtype
@@ -297,9 +299,12 @@ allmem_tc_impl = allmem_impl  # the same op; run_case sets ALLMEM_TTT_TC around 
 IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
             "allmem_tc": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": None},
             "allmem_tc_fused": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "0", "ALLMEM_TTT_BWD": None},
-            "allmem_comp": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": "composite"},
-            "allmem_cfwd": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite"},
-            "allmem_c16": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite", "ALLMEM_TTT_COMPOSITE_MM": "16"},
+            "allmem_comp": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": "composite",
+                            "ALLMEM_TTT_COMPOSITE_KERNELS": "1"},
+            "allmem_cfwd": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite",
+                            "ALLMEM_TTT_COMPOSITE_KERNELS": "1"},
+            "allmem_c16": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
+                           "ALLMEM_TTT_COMPOSITE_MM": "16"},
             "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens",
                                 "ALLMEM_TTT_BWD": None},
             "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units",

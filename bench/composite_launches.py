@@ -36,16 +36,19 @@ NO_KERNEL = {"aten::" + n for n in (
 FUSED_PREFIX = "allmem::composite_"
 
 
-def count_launches(events) -> tuple[int, collections.Counter]:
+def count_launches(events, fused: bool = True) -> tuple[int, collections.Counter]:
+    """fused: the composite's fused steps count as one launch (ALLMEM_TTT_COMPOSITE_KERNELS=1 on
+    CUDA); else their ATen sequences count (the CUDA default until those kernels are GPU-tested)."""
     by_name: collections.Counter = collections.Counter()
+    prefix = FUSED_PREFIX if fused else "\0"
     for e in events:
         name = e.name
-        counts = name.startswith(FUSED_PREFIX) or (name.startswith("aten::") and name not in NO_KERNEL)
+        counts = name.startswith(prefix) or (name.startswith("aten::") and name not in NO_KERNEL)
         if not counts:
             continue
         parent, nested = e.cpu_parent, False
         while parent is not None:
-            if parent.name.startswith(FUSED_PREFIX) or (parent.name.startswith("aten::") and parent.name not in NO_KERNEL):
+            if parent.name.startswith(prefix) or (parent.name.startswith("aten::") and parent.name not in NO_KERNEL):
                 nested = True
                 break
             parent = parent.cpu_parent
@@ -92,14 +95,18 @@ def main() -> None:
     result = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": platform.node(), "torch": torch.__version__, "args": vars(a), "rows": {}}
     for forward, lact in ((False, False), (False, True), (True, False), (True, True)):
-        n1, c1 = count_launches(events(a.d, a.heads, a.chunk, a.chunks, lact, forward))
-        n2, c2 = count_launches(events(a.d, a.heads, a.chunk, 2 * a.chunks, lact, forward))
+        e1 = events(a.d, a.heads, a.chunk, a.chunks, lact, forward)
+        e2 = events(a.d, a.heads, a.chunk, 2 * a.chunks, lact, forward)
+        n1, c1 = count_launches(e1)
+        n2, c2 = count_launches(e2)
         per_chunk = (n2 - n1) / a.chunks
+        aten_per_chunk = (count_launches(e2, fused=False)[0] - count_launches(e1, fused=False)[0]) / a.chunks
         diff = {k: (c2[k] - c1[k]) / a.chunks for k in c2 if c2[k] != c1[k]}
         name = ("forward_" if forward else "") + ("lact_order" if lact else "default_order")
-        result["rows"][name] = {"launches_per_chunk": per_chunk, "launches_call_n": n1,
+        result["rows"][name] = {"launches_per_chunk": per_chunk, "launches_per_chunk_aten_steps": aten_per_chunk,
+                                "launches_call_n": n1,
                                 "by_op_per_chunk": dict(sorted(diff.items(), key=lambda kv: -kv[1]))}
-        print(f"{name}: {per_chunk:.1f} launches per completed chunk "
+        print(f"{name}: {per_chunk:.1f} launches per completed chunk ({aten_per_chunk:.1f} with the ATen steps) "
               f"(d=h={a.d}, H={a.heads}, C={a.chunk}); by op: "
               + ", ".join(f"{k.split('::')[1]} {v:g}" for k, v in list(result["rows"][name]["by_op_per_chunk"].items())[:12]))
     if a.out:

@@ -377,13 +377,14 @@ for dt in (torch.bfloat16, torch.float16):
     # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
     # on the same varlen/pending case (d = h = 64).
     # Then the composite forward too (ALLMEM_TTT_FWD=composite).
+    os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"] = "1"  # its fused steps (opt-in until GPU-tested)
     for fwd in ("", "composite"):
         os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"] = "composite", fwd
         q.grad = None
         o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                      cu_seqlens=cu)
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    del os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"]
+    del os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"], os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"]
 torch.cuda.synchronize()
 print("ttt tensor-core sanitizer cases ran")
 EOF

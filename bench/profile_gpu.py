@@ -125,11 +125,12 @@ def case_ttt_bwd128() -> dict:
         torch.autograd.grad(o.float().square().mean(), leaves)
 
     out = {}
-    # The default there (the composite backward with its fused steps), and with the ATen sequences
-    # those steps replaced (the backward run e measured).
-    for name, env in (("composite", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": None}),
-                      ("composite_aten", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "0"}),
-                      ("composite_mm16", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_MM": "16"})):
+    # The default there (the composite backward; its fused steps opt-in until GPU-tested), with the
+    # fused steps, and with them and 16-bit matmul operands.
+    for name, env in (("composite_aten", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": None}),
+                      ("composite", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "1"}),
+                      ("composite_mm16", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
+                                          "ALLMEM_TTT_COMPOSITE_MM": "16"})):
         with env_vars(env):
             out[name] = profile(step, reps=2)
     return out
@@ -159,8 +160,10 @@ def case_ttt_fwd128() -> dict:
             allmem_ops.ttt_memory(*ins, 2048)
 
     out = {}
-    for name, env in (("default", {"ALLMEM_TTT_FWD": None}), ("composite", {"ALLMEM_TTT_FWD": "composite"}),
-                      ("composite_mm16", {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_COMPOSITE_MM": "16"})):
+    for name, env in (("default", {"ALLMEM_TTT_FWD": None}),
+                      ("composite", {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1"}),
+                      ("composite_mm16", {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
+                                          "ALLMEM_TTT_COMPOSITE_MM": "16"})):
         with env_vars(env):
             out[name] = profile(fwd)
     return out
