@@ -136,7 +136,32 @@ def case_ttt_bwd128() -> dict:
     return out
 
 
+# csrc/ttt/ttt_cuda.h FwdPhase, in slot order.
+TC_PHASES = ("stage", "factors", "grads", "reduce_wait", "reduce", "publish", "segment", "read", "prologue",
+             "epilogue")
+
+
+def tc_phases(fn) -> dict:
+    """One call of fn with ALLMEM_TTT_TC_PHASES=1: CTA 0's phase clocks of the token-split
+    tensor-core forward (torch.ops.allmem._ttt_tc_phase_clock), as microseconds per completed chunk
+    (cycles at the kernel's measured cycles-per-ns) and shares of the kernel's time."""
+    with env_vars({"ALLMEM_TTT_TC_PHASES": "1"}):
+        fn()
+    torch.cuda.synchronize()
+    v = torch.ops.allmem._ttt_tc_phase_clock().tolist()
+    if not v:
+        return {"error": "no phase clocks (the token-split tensor-core forward did not run)"}
+    chunks, tiles, cycles, ns = v[10], v[11], v[12], v[13]
+    ghz = cycles / ns if ns else 0.0
+    per_chunk = {name: v[i] / ghz / 1e3 / max(chunks, 1) for i, name in enumerate(TC_PHASES)} if ghz else {}
+    return {"chunks": chunks, "tiles_cta0": tiles, "kernel_ms": ns / 1e6, "sm_ghz": round(ghz, 3),
+            "us_per_chunk": {k: round(x, 3) for k, x in per_chunk.items()},
+            "share": {name: round(v[i] / cycles, 4) for i, name in enumerate(TC_PHASES)} if cycles else {}}
+
+
 def case_ttt_fwd64() -> dict:
+    """The default (split mode, clusters of 8), clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16) and the
+    fused kernel (ALLMEM_TTT_TC_SPLIT=0): kernels by time and the cluster kernel's phase clocks."""
     import allmem_ops
 
     ins = _ttt_inputs(1, 131072, 8, 64)
@@ -145,7 +170,17 @@ def case_ttt_fwd64() -> dict:
         with torch.no_grad():
             allmem_ops.ttt_memory(*ins, 2048)
 
-    return {"split": profile(fwd)}
+    out = {}
+    for name, env in (("split", {}), ("split_cluster16", {"ALLMEM_TTT_TC_CLUSTER": "16"}),
+                      ("fused", {"ALLMEM_TTT_TC_SPLIT": "0"}),
+                      ("fused_cluster16", {"ALLMEM_TTT_TC_SPLIT": "0", "ALLMEM_TTT_TC_CLUSTER": "16"})):
+        try:
+            with env_vars(env):
+                out[name] = profile(fwd)
+                out[name]["phases"] = tc_phases(fwd)
+        except Exception as e:  # noqa: BLE001  (a variant that fails is reported, the others still run)
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return out
 
 
 def case_ttt_fwd128() -> dict:

@@ -3,6 +3,8 @@
 // autograd and fake (meta) kernels are registered from Python (allmem_ops/<op>.py).
 #include <torch/library.h>
 
+#include "ttt/ttt_common.h"
+
 #include <string>
 
 TORCH_LIBRARY(allmem, m) {
@@ -61,5 +63,11 @@ TORCH_LIBRARY(allmem, m) {
       "ttt_memory_decode_step(Tensor q, Tensor k, Tensor v, Tensor eta, Tensor mu, Tensor w_gate, Tensor w_up, "
       "Tensor w_down, Tensor(a!) fast, Tensor(b!) pending, Tensor(c!) pending_len, int chunk_size, bool lact_order, "
       "bool residual, int[]? pending_len_host=None) -> Tensor");
+  // Profiling (not part of the op contract): the phase clocks of the last tensor-core TTT forward
+  // run with ALLMEM_TTT_TC_PHASES=1 (int64 [16], csrc/ttt/ttt_cuda.h FwdPhase), empty if none.
+  m.def("_ttt_tc_phase_clock() -> Tensor", []() -> at::Tensor {
+    const at::Tensor& t = allmem::ttt::tc_phase_clock_slot();
+    return t.defined() ? t.clone() : at::empty({0}, at::kLong);
+  });
   // TTT-SCHEMAS-END
 }

@@ -413,3 +413,10 @@ def test_16bit_weights_are_converted():
         a = allmem_ops.ttt_memory_decode_(*step, *[w.detach() for w in w16], s16, 4)
         b = allmem_ops.ttt_memory_decode_(*step, *[w.detach() for w in w32], s32, 4)
     assert torch.equal(a, b)
+
+
+def test_tc_phase_clock_op_without_a_profiled_forward():
+    """torch.ops.allmem._ttt_tc_phase_clock (profiling, ALLMEM_TTT_TC_PHASES=1 on an sm_90 GPU): an
+    int64 tensor, empty until a profiled tensor-core forward ran, else its 16 slots."""
+    t = torch.ops.allmem._ttt_tc_phase_clock()
+    assert t.dtype == torch.int64 and t.numel() in (0, 16)

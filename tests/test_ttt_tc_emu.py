@@ -120,6 +120,68 @@ def test_tc_kernel_matches_float64_op(emu_tc, case):
     check_forward(got, want, q, fast, res, dtype)
 
 
+PHASE_CHUNKS, PHASE_TILES, PHASE_CYCLES, PHASE_NS = 10, 11, 12, 13  # csrc/ttt/ttt_cuda.h FwdPhase
+
+
+@pytest.mark.parametrize("cluster,tiles", [(8, 4), (16, 2)])
+def test_tc_phase_clock(emu_tc, cluster, tiles):
+    """ALLMEM_TTT_TC_PHASES: with phase clocks the forward writes the same outputs bit for bit, and
+    CTA 0 reports its counts (2 complete chunks of 9 tiles: tiles 0 and 8 of each are CTA 0's in
+    clusters of 8, tile 0 alone in clusters of 16), phase sums within the kernel's total."""
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(CASES[1])
+    emu_tc.emu_set_cluster(cluster)
+    buf = torch.full((16,), -7, dtype=torch.long)
+    try:
+        plain = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+        emu_tc.emu_set_phase_clock(ctypes.c_void_p(buf.data_ptr()))
+        timed = emulated_fwd(emu_tc, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    finally:
+        emu_tc.emu_set_phase_clock(None)
+        emu_tc.emu_set_cluster(8)
+    for name, a, b in zip(("o", "fast", "pending", "checkpoints"), timed, plain):
+        assert torch.equal(a, b), name
+    print(buf.tolist())
+    assert buf[PHASE_CHUNKS] == 2 and buf[PHASE_TILES] == tiles, buf
+    assert (buf[:PHASE_CHUNKS] >= 0).all() and buf[:PHASE_CHUNKS].sum() <= buf[PHASE_CYCLES], buf
+    assert buf[PHASE_NS] > 0 and buf[15] == -7, buf  # the scratch slot is not written
+
+
+# Clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16): 4 owned rows per CTA, tiles dealt over 16 ranks.
+# Chunks of 9 and 17 tiles (rank 0 owns two; ranks past the last tile idle), both orders,
+# varlen with pending rows, a chunk of one tile (15 CTAs idle in the update).
+CLUSTER16_CASES = [
+    CASES[1],
+    (1, 2200, 1, 1088, None, None, True, True, torch.bfloat16),
+    CASES[2],
+    CASES[0],
+]
+
+
+@pytest.fixture
+def cluster16(emu_tc):
+    emu_tc.emu_set_cluster(16)
+    yield emu_tc
+    emu_tc.emu_set_cluster(8)
+
+
+@pytest.mark.parametrize("case", CLUSTER16_CASES, ids=[f"case{i}" for i in range(len(CLUSTER16_CASES))])
+def test_tc_kernel_cluster16_matches_float64_op(cluster16, case):
+    """The token-split forward on clusters of 16 CTAs, fused and split mode: against the float64
+    op with the 8-CTA kernel's bounds; the split mode's outputs bit for bit its fused mode's."""
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+    got = emulated_fwd(cluster16, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    check_forward(got, want, q, fast, res, dtype)
+
+    class Split:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = cluster16.emu_fwd_split
+
+    split = emulated_fwd(Split, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    for name, a, b in zip(("o", "fast", "pending", "checkpoints"), split, got):
+        assert torch.equal(a, b), name
+
+
 def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
     """tests/test_ttt_cuda_emu.py emulated_bwd with the token gradients kept float32 (the kernel's
     outputs, before the op rounds them to the input dtype), so the bounds below see the kernel's own

@@ -80,20 +80,23 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units"])
+@pytest.fixture(params=["fused", "units", "cluster16"])
 def fwd_kernel(request, monkeypatch):
-    """test_tc_matches_float64 runs on the default fused kernel and on split mode's units chain."""
+    """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain and on
+    the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16)."""
     if request.param == "units":
         monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
         monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
+    if request.param == "cluster16":
+        monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "16")
     return request.param
 
 
 @pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
 def test_tc_matches_float64(tc, fwd_kernel, case):
     B, L, H, C, lens, plens, lact, res, dtype, d = case
-    if d == 128 and fwd_kernel == "fused":
-        pytest.skip("d = 128 has tensor cores in split mode only")
+    if d == 128 and fwd_kernel != "units":
+        pytest.skip("d = 128 has tensor cores in split mode's units chain only")
     cpu, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
     if fwd_kernel == "units":  # the path is really taken: it differs from the SIMT kernel's in the last bits
         import os
@@ -361,3 +364,52 @@ def test_tc_d128_forward_is_split_mode_by_default(tc, monkeypatch):
     auto = fwd(dev, 128)
     assert all(torch.equal(a, s) for a, s in zip(auto, split))
     assert not torch.equal(auto[1], simt[1]), "the default d = 128 forward is the SIMT kernel"
+
+
+def _phase_clock(dev, C):
+    """One forward with ALLMEM_TTT_TC_PHASES=1: its outputs and CTA 0's phase clocks."""
+    import os
+    os.environ["ALLMEM_TTT_TC_PHASES"] = "1"
+    try:
+        out = fwd(dev, C)
+    finally:
+        del os.environ["ALLMEM_TTT_TC_PHASES"]
+    return out, torch.ops.allmem._ttt_tc_phase_clock().cpu()
+
+
+@pytest.mark.parametrize("cluster,tiles", [("8", 8), ("16", 4), ("auto", 4)])
+def test_tc_cluster_size_and_phase_clock(tc, monkeypatch, cluster, tiles):
+    """ALLMEM_TTT_TC_CLUSTER picks the cluster size (auto: 16 for one sequence of one head), seen in
+    CTA 0's phase clocks (ALLMEM_TTT_TC_PHASES=1: 2 chunks of 32 tiles, 4 or 2 of them CTA 0's);
+    the clocks change no output bit; the sizes agree with float64 (test_tc_matches_float64) and
+    with each other within a few u."""
+    _, dev = tc_inputs(1, 4096, 1, 64, 64, 2048, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", cluster)
+    plain = fwd(dev, 2048)
+    timed, clock = _phase_clock(dev, 2048)
+    for a, b in zip(timed, plain):
+        assert torch.equal(a, b)
+    print(cluster, clock.tolist())
+    assert clock[10] == 2 and clock[11] == tiles, clock  # chunks, CTA 0's update tiles
+    assert (clock[:10] >= 0).all() and clock[:10].sum() <= clock[12] and clock[13] > 0, clock
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "8")
+    ref = fwd(dev, 2048)
+    for a, b in zip(plain, ref):
+        assert rel_err(a, b) < 2 * UNIT_ROUNDOFF[torch.bfloat16]
+
+
+def test_tc_cluster_auto_falls_back_to_8(tc, monkeypatch):
+    """auto: more (sequence, head) clusters than the device runs at once in 16s -> clusters of 8."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    H = sms // 16 + 1  # more clusters of 16 than fit at once, whatever the GPC layout
+    _, dev = tc_inputs(1, 2048, H, 64, 64, 2048, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "auto")
+    _, clock = _phase_clock(dev, 2048)
+    assert clock[11] == 4, clock  # 32 tiles over 8 CTAs
+
+
+def test_tc_cluster_env_is_checked(tc, monkeypatch):
+    _, dev = tc_inputs(1, 256, 1, 64, 64, 64, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "12")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto"):
+        fwd(dev, 64)

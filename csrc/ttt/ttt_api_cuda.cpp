@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -118,6 +120,36 @@ bool use_split_read(const Layout& lay) {
   return longest >= kSplitMinChunks * lay.C;
 }
 
+// CTAs per cluster of the token-split tensor-core forward (ttt_fwd_tc.cuh), from
+// ALLMEM_TTT_TC_CLUSTER (read at every call): unset or "8", the portable 8 (the default: the
+// 16-CTA kernel has passed its emulator tests, not yet a GPU's); "16", clusters of 16 (an error
+// where the device cannot run one); "auto", 16 where every (sequence, head) cluster of 16 runs at
+// once (B * H at most the device's active clusters of 16: at B = 1, H = 8 twice the SMs per chain,
+// half the tiles per CTA per chunk), else 8. The forward's outputs, checkpoints included, do
+// not depend on it beyond float32 summation order (mu's mean, the gradient partials).
+int fwd_tc_cluster(const Layout& lay, InDType dt) {
+  const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
+  if (env == nullptr || std::strcmp(env, "8") == 0) return 8;
+  const bool force = std::strcmp(env, "16") == 0;
+  ALLMEM_CHECK(force || std::strcmp(env, "auto") == 0, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto, got '", env,
+               "'");
+  if (lay.N * lay.H > INT_MAX / 16) return 8;
+  // Clusters of 16 the current device runs at once, per device (the query sets kernel attributes).
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  const int dev = at::cuda::current_device();
+  int active = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(dev);
+    if (it == cache.end()) it = cache.emplace(dev, ttt_fwd_tc_active_clusters(dt, 16)).first;
+    active = it->second;
+  }
+  ALLMEM_CHECK(!force || active > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run a cluster of 16 CTAs of the "
+               "tensor-core TTT forward (cudaOccupancyMaxActiveClusters is 0)");
+  return force || lay.N * lay.H <= active ? 16 : 8;
+}
+
 // The read work of split mode (segment_reads), on the device.
 at::Tensor read_work(const Layout& lay, const at::Device& device) {
   const auto work = segment_reads(lay.start.data(), lay.len.data(), lay.p0.data(), lay.slot.data(), lay.N, lay.C);
@@ -191,7 +223,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream());
       } else {
         p.skip_read = split;
-        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream());
+        const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
+        at::Tensor clock;
+        if (phases != nullptr && std::strcmp(phases, "1") == 0) {
+          clock = at::zeros({kPhaseSlots}, q.options().dtype(at::kLong));
+          p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
+        }
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt));
+        if (clock.defined()) tc_phase_clock_slot() = clock;
       }
       if (split) {
         auto work = read_work(lay, q.device());

@@ -12,6 +12,11 @@
 
 namespace allmem::ttt {
 
+// Profiling of the tensor-core forward (ALLMEM_TTT_TC_PHASES=1, ttt_api_cuda.cpp): the phase
+// clocks of the last such call (int64 [16] on its device, slots as FwdPhase in ttt_cuda.h), or an
+// undefined tensor. Debug facility: not synchronized between threads. Defined in ttt_cpu.cpp.
+at::Tensor& tc_phase_clock_slot();
+
 // fast state / checkpoint rows: gate, up, down, then their momenta, each flattened to h*d.
 constexpr int64_t kFastRows = 6;
 constexpr int64_t kMomentumRow = 3;

@@ -186,6 +186,11 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
 
 }  // namespace
 
+at::Tensor& tc_phase_clock_slot() {
+  static at::Tensor last;
+  return last;
+}
+
 TORCH_LIBRARY_IMPL(allmem, CPU, m) {
   m.impl("ttt_memory_fwd", &ttt_memory_fwd_cpu);
   m.impl("ttt_memory_bwd", &ttt_memory_bwd_cpu);

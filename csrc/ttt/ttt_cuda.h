@@ -37,6 +37,30 @@ struct FwdParams {
   bool lact_order;
   bool residual;
   bool skip_read;  // tensor-core forward only: o is left to launch_ttt_read_tc (split mode)
+  // Token-split tensor-core forward only (ttt_fwd_tc.cuh), profiling: nullptr, or kPhaseSlots
+  // int64 on the device that CTA 0 of the grid fills with its phase clocks (ALLMEM_TTT_TC_PHASES=1).
+  long long* phase_clock;
+};
+
+// The slots of FwdParams::phase_clock: SM cycles of CTA 0's thread 0 summed per phase (each phase
+// ends at a barrier, so it includes waiting for the CTA or cluster), then counts and totals.
+// allmem_ops/ttt.py tc_phase_clock names them in this order.
+enum FwdPhase : int {
+  kPhaseStage = 0,   // update tile: rates to shared memory, k/v wait, barrier
+  kPhaseFactors,     // update tile: a, b, e products and the per-token factors
+  kPhaseGrads,       // update tile: the weight-gradient products
+  kPhaseReduceWait,  // partials to shared memory, cluster barrier
+  kPhaseReduce,      // rank-order sums over the cluster, momentum step (LaCT: normalization)
+  kPhasePublish,     // new 16-bit rows into every CTA, cluster barrier
+  kPhaseSegment,     // per segment: checkpoint, chunk-buffer rows, barrier
+  kPhaseRead,        // per segment: read tiles (fused mode)
+  kPhasePrologue,    // state and targets in, first publish
+  kPhaseEpilogue,    // buffer tail and final state out
+  kPhaseChunks,      // count: completed chunks
+  kPhaseTiles,       // count: update tiles of CTA 0
+  kPhaseCycles,      // SM cycles, kernel start to end
+  kPhaseNs,          // nanoseconds (global timer), kernel start to end
+  kPhaseSlots = 16
 };
 
 // The chunk-parallel read of the split tensor-core forward: work item i is the token range
@@ -134,7 +158,11 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 
 // The tensor-core forward (ttt_fwd_tc.cuh): d = h = 64, bf16/fp16 inputs, sm_90+ (clusters).
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
-void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream);
+// cluster: CTAs per (sequence, head), 8 or 16 (a non-portable cluster size; the caller checks that
+// the device runs one: ttt_fwd_tc_active_clusters).
+void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster = 8);
+// Clusters of that many CTAs of the kernel the current device runs at once (0: none).
+int ttt_fwd_tc_active_clusters(InDType dt, int cluster);
 // Split mode (use_split_read in ttt_api_cuda.cpp): the cluster forward with p.skip_read runs only the
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from
 // them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.

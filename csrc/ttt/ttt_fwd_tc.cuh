@@ -34,9 +34,12 @@
 
 namespace allmem::ttt::cuda::tc {
 
-struct FwdTcTraits {
+// P: CTAs per cluster, 8 (the portable maximum, the default) or 16 (a non-portable cluster on
+// sm_90: twice the SMs per chain for the B * H <= 8 case; ALLMEM_TTT_TC_CLUSTER, ttt_api_cuda.cpp).
+template <int P>
+struct FwdTcTraitsP {
   static constexpr int kD = 64;  // d = h = 64
-  static constexpr int kP = 8;   // CTAs per cluster (the portable maximum)
+  static constexpr int kP = P;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = 64;          // tokens per tile: 16 per warp
@@ -61,14 +64,17 @@ struct FwdTcTraits {
   static constexpr int kOffRed = kOffScale + 3 * kOwn * 4;         // [4] mu partial sum
   static constexpr int kOffK2 = kOffRed + 16;                   // [64][kLd] k, v of the next tile
   static constexpr int kOffV2 = kOffK2 + kTileElems * 2;        //   (the update's cp.async prefetch)
-  static constexpr int kSmemBytes = kOffV2 + kTileElems * 2;
+  static constexpr int kOffClock = kOffV2 + kTileElems * 2;    // [kPhaseSlots] int64 phase clocks
+  static constexpr int kSmemBytes = kOffClock + kPhaseSlots * 8;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWn % 16 == 0 && kOffK % 16 == 0 && kOffX % 16 == 0 && kOffG % 16 == 0 &&
                     kOffEta % 16 == 0 && kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 &&
-                    kOffK2 % 16 == 0 && kOffV2 % 16 == 0,
+                    kOffK2 % 16 == 0 && kOffV2 % 16 == 0 && kOffClock % 16 == 0,
                 "16-byte aligned regions");
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
+  static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
 };
+using FwdTcTraits = FwdTcTraitsP<8>;
 
 constexpr float kTcNormEps = 1e-5f;  // SPEC.md: added to the current row norm
 
@@ -169,9 +175,10 @@ __device__ __forceinline__ void mma_abe(float (&ga)[2][4], float (&gb)[2][4], fl
 
 // Row-norm targets of the rows [own0, own0 + kOwn) of each parameter matrix of head hh (one warp
 // per row): target[m * kOwn + i] = ||param_m[own0 + i]||.
+template <int kOwn = FwdTcTraits::kOwn>
 __device__ __forceinline__ void owned_targets(const float* w_gate, const float* w_up, const float* w_down,
                                               int64_t hh, int own0, float* target) {
-  constexpr int kD = FwdTcTraits::kD, kOwn = FwdTcTraits::kOwn, kWarps = FwdTcTraits::kWarps;
+  constexpr int kD = FwdTcTraits::kD, kWarps = FwdTcTraits::kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < 3 * kOwn; r += kWarps) {
     const float* param = r < kOwn ? w_gate : r < 2 * kOwn ? w_up : w_down;
@@ -344,12 +351,12 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
   __syncthreads();  // sQ is reused
 }
 
-template <typename T>
+template <typename T, int kCtas = 8>
 __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
 #else
-  using Tr = FwdTcTraits;
+  using Tr = FwdTcTraitsP<kCtas>;
   constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int64_t HD = Tr::kMat;
@@ -368,8 +375,24 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
   float* sRed = reinterpret_cast<float*>(smem_tc + Tr::kOffRed);
   T* sK2 = reinterpret_cast<T*>(smem_tc + Tr::kOffK2);
   T* sV2 = reinterpret_cast<T*>(smem_tc + Tr::kOffV2);
+  long long* sClock = reinterpret_cast<long long*>(smem_tc + Tr::kOffClock);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // Profiling (p.phase_clock set): thread 0 of the grid's first CTA adds the cycles since its last
+  // mark to slot `ph`; the last mark is kept in slot kPhaseSlots - 1. No registers held across.
+  auto timed = [&]() { return p.phase_clock != nullptr && blockIdx.x == 0 && tid == 0; };
+  auto mark = [&](int ph) {
+    if (timed()) {
+      const long long now = sm_clock();
+      sClock[ph] += now - sClock[kPhaseSlots - 1];
+      sClock[kPhaseSlots - 1] = now;
+    }
+  };
+  if (timed()) {
+    for (int i = 0; i < kPhaseSlots; ++i) sClock[i] = 0;
+    sClock[kPhaseNs] = global_ns();
+    sClock[kPhaseSlots - 1] = sClock[kPhaseCycles] = sm_clock();
+  }
   const int rank = cluster_rank();
   const int64_t job = blockIdx.x / kP;
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
@@ -393,7 +416,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       sOwnW[e] = src[full_off(m, i, c)];
       sOwnM[e] = src[3 * HD + full_off(m, i, c)];
     }
-    owned_targets(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
+    owned_targets<kOwn>(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
   }
   __syncthreads();
 
@@ -451,6 +474,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
   cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
   publish();
   cluster_sync();
+  mark(kPhasePrologue);
 
   // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
   auto read_tile = [&](int64_t first, int64_t t0, int nt) {
@@ -474,9 +498,28 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
       stage_chunk_kv<T, kD, true>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf), tile_v(buf));
     };
+    // The rates and momenta of a direct chunk's tiles (6-byte rows: no cp.async) are loaded one
+    // tile ahead into registers, as raw 16-bit values (converted when stored, so the loads stay in
+    // flight under the products): element e = tid + j * kT of the tile's [kTile][4] block.
+    constexpr int kEtaPer = kTile * 4 / kT;
+    static_assert(kEtaPer * kT == kTile * 4, "rate elements split evenly over the threads");
+    T eta_next[kEtaPer];
+    auto load_rates = [&](int64_t ti) {
+      const int64_t t0 = ti * kTile;
+#pragma unroll
+      for (int j = 0; j < kEtaPer; ++j) {
+        const int e = tid + j * kT, t = e / 4, m = e % 4;
+        eta_next[j] = from_float<T>(0.f);
+        if (t0 + t < C) {
+          const int64_t row = tok(first + t0 + t);
+          eta_next[j] = m < 3 ? load_tok<T>(p.eta, row * 3 + m) : load_tok<T>(p.mu, row);
+        }
+      }
+    };
     if (direct && rank < n_tiles) {
       prefetch(rank, 0);
       cp_async_commit();
+      load_rates(rank);
     }
     int buf = 0;
     for (int64_t ti = rank; ti < n_tiles; ti += kP, buf ^= 1) {
@@ -486,18 +529,15 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       T* const sV = tile_v(buf);
       // Rows past the chunk end are zero (rates included), so they add nothing.
       if (direct) {
-        // The other buffer was last read by the previous tile, which ended with a barrier.
-        if (ti + kP < n_tiles) prefetch(ti + kP, buf ^ 1);
-        cp_async_commit();
-        for (int e = tid; e < kTile * 4; e += kT) {
-          const int t = e / 4, m = e % 4;
-          float r = 0.f;
-          if (t < nt) {
-            const int64_t row = tok(first + t0 + t);
-            r = m < 3 ? to_float(load_tok<T>(p.eta, row * 3 + m)) : to_float(load_tok<T>(p.mu, row));
-          }
-          sEta[e] = r;
+        // sEta and the other k, v buffer were last read by the previous tile, which ended with a
+        // barrier.
+#pragma unroll
+        for (int j = 0; j < kEtaPer; ++j) sEta[tid + j * kT] = to_float(eta_next[j]);
+        if (ti + kP < n_tiles) {
+          prefetch(ti + kP, buf ^ 1);
+          load_rates(ti + kP);
         }
+        cp_async_commit();
         cp_async_wait<1>();  // this tile's k, v (the next tile's stay in flight)
       } else {
         for (int e = tid; e < kTile * (kD / 4); e += kT) {
@@ -521,8 +561,14 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
         }
       }
       __syncthreads();
-      if (tid == 0) {
-        for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];
+      static_assert(kTile == 64, "warp 0 sums a tile's momenta two per lane");
+      mark(kPhaseStage);
+      if (timed()) ++sClock[kPhaseTiles];
+      if (warp == 0) {  // this tile's momenta (zero past nt), summed by warp 0 in a fixed order
+        float s = sEta[lane * 4 + 3] + sEta[(lane + 32) * 4 + 3];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        mu_part += s;  // identical in every lane of warp 0; thread 0's is published
       }
       // Per-token factors of the (negated) gradient: Xg = eta_g e b silu'(a), Xu = eta_u e
       // silu(a), Sd = eta_d silu(a) b, with a = K Wg^T, b = K Wu^T, e = V Wd at the normalized W.
@@ -554,11 +600,13 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
         }
       }
       __syncthreads();
+      mark(kPhaseFactors);
       // -G partials: warp w owns rows [16w, 16w + 16) of each matrix.
       mma_yt_x(acc_g, sX, row0, sK, lane);            // -Gg = Xg^T K
       mma_yt_x(acc_u, sX + kTE, row0, sK, lane);      // -Gu = Xu^T K
       mma_yt_x(acc_d, sV, row0, sX + 2 * kTE, lane);  // -Gd = V^T Sd
       __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
+      mark(kPhaseGrads);
     }
     // Partials to shared memory for the cluster reduction.
     auto stash = [&](const float(&acc)[8][4], int m) {
@@ -577,6 +625,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     stash(acc_d, 2);
     if (tid == 0) sRed[0] = mu_part;
     cluster_sync();
+    mark(kPhaseReduceWait);
     // Owned rows: M = mu_j M - G, W = W_hat + M (W_hat = normalize(W) unless LaCT order), summing
     // the kP partials in rank order.
     float mu_sum = 0.f;
@@ -607,8 +656,11 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       for (int e = tid; e < 3 * kOwn * kD; e += kT) sOwnW[e] *= sScale[e / kD];
       __syncthreads();
     }
+    mark(kPhaseReduce);
     publish();
     cluster_sync();
+    mark(kPhasePublish);
+    if (timed()) ++sClock[kPhaseChunks];
   };
 
   auto write_state = [&](float* dst) {
@@ -626,10 +678,12 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     const int64_t first = start + pos;
     write_state(p.ckpt + (slot * H + hh) * 6 * HD);
     ++slot;
+    mark(kPhaseSegment);
     for (int64_t ti = rank; !p.skip_read && ti * kTile < seg; ti += kP) {
       const int64_t t0 = ti * kTile;
       read_tile(first, t0, static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile));
     }
+    mark(kPhaseRead);
     fill = pb + seg;
     const bool direct = pb == 0 && fill == C;
     if (!direct && seg > 0) {
@@ -642,6 +696,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       });
     }
     __syncthreads();  // this CTA's buffer rows are written before it reads them back
+    mark(kPhaseSegment);
     if (fill == C) chunk_update(direct, first);
     pos += seg;
     if (fill < C) break;
@@ -652,6 +707,12 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     for (int64_t e = tid; e < (b - a) * PW; e += kT) pend[(a + e / PW) * pstride + e % PW] = 0.f;
   });
   write_state(p.fast_out + (n * H + hh) * 6 * HD);
+  mark(kPhaseEpilogue);
+  if (timed()) {
+    sClock[kPhaseCycles] = sm_clock() - sClock[kPhaseCycles];
+    sClock[kPhaseNs] = global_ns() - sClock[kPhaseNs];
+    for (int i = 0; i < kPhaseSlots - 1; ++i) p.phase_clock[i] = sClock[i];
+  }
 #endif
 }
 

@@ -148,4 +148,12 @@ __device__ __forceinline__ X* cluster_peer(X* p, int rank) {
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
+// Profiling clocks (ALLMEM_TTT_TC_PHASES): the SM's cycle counter and the global nanosecond timer.
+__device__ __forceinline__ long long sm_clock() { return clock64(); }
+__device__ __forceinline__ long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return static_cast<long long>(t);
+}
+
 }  // namespace allmem::ttt::cuda::tc

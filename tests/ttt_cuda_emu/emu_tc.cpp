@@ -87,11 +87,27 @@ void run_read(const FwdParams& p) {
   run_segment_grid(r.n_work, p.heads, tc::ReadTcTraits<D>::kSmemBytes, [&] { tc::ttt_read_tc_kernel<T, D>(r); });
 }
 
+// CTAs per cluster of the token-split forward (ttt_fwd_tc_kernel<T, 8 or 16>), as
+// ALLMEM_TTT_TC_CLUSTER picks it on a GPU; emu_set_cluster sets it.
+static int g_fwd_cluster = 8;
+extern "C" void emu_set_cluster(int ctas) { g_fwd_cluster = ctas == 16 ? 16 : 8; }
+// FwdParams::phase_clock of the token-split forward (ALLMEM_TTT_TC_PHASES on a GPU): nullptr or
+// kPhaseSlots int64.
+static long long* g_phase_clock = nullptr;
+extern "C" void emu_set_phase_clock(long long* buf) { g_phase_clock = buf; }
+
+template <typename T>
+void run_fwd_tc(FwdParams p) {
+  p.phase_clock = g_phase_clock;
+  if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16>>(p, tc::ttt_fwd_tc_kernel<T, 16>);
+  else run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+}
+
 // The split forward: the cluster kernel without the reads, then the read kernel.
 template <typename T>
 void run_split(FwdParams p) {
   p.skip_read = true;
-  run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<T>);
+  run_fwd_tc<T>(p);
   run_read<T, 64>(p);
 }
 
@@ -110,8 +126,8 @@ extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void*
   if (d != 64 || h != 64 || (dt != 1 && dt != 2)) return;  // the test only asks for what the kernel takes
   FwdParams p{q,        k,        v,    eta, mu, o, InDType(dt), wg, wu, wd, fast_in, pend_in,
               fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
-  if (dt == 1) run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__nv_bfloat16>);
-  else run_clusters<tc::FwdTcTraits>(p, tc::ttt_fwd_tc_kernel<__half>);
+  if (dt == 1) run_fwd_tc<__nv_bfloat16>(p);
+  else run_fwd_tc<__half>(p);
 }
 
 // The same with the split forward (ALLMEM_TTT_TC_SPLIT=1 on a GPU).

@@ -6,6 +6,7 @@
 // fragment layouts written out in csrc/ttt/ttt_tc_ops.cuh; the products are float sums of the
 // exact 16-bit operands. Says nothing about the GPU memory model or speed.
 #pragma once
+#include <chrono>
 #include <vector>
 
 #include "shim_tc.h"
@@ -128,5 +129,11 @@ inline X* cluster_peer(X* p, int rank) {
   return reinterpret_cast<X*>(cx.smem[rank] + off);
 }
 inline float fast_exp(float x) { return std::exp(x); }
+// The profiling clocks: both the steady clock's nanoseconds here.
+inline long long sm_clock() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+inline long long global_ns() { return sm_clock(); }
 
 }  // namespace allmem::ttt::cuda::tc
