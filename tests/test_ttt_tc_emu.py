@@ -146,36 +146,43 @@ def test_tc_phase_clock(emu_tc, cluster, tiles):
     assert buf[PHASE_NS] > 0 and buf[15] == -7, buf  # the scratch slot is not written
 
 
-# Clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16): 4 owned rows per CTA, tiles dealt over 16 ranks.
-# Chunks of 9 and 17 tiles (rank 0 owns two; ranks past the last tile idle), both orders,
-# varlen with pending rows, a chunk of one tile (15 CTAs idle in the update).
-CLUSTER16_CASES = [
+# Other shapes of the token-split forward: clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16: 4 owned rows
+# per CTA, tiles dealt over 16 ranks) and 8 warps per CTA (ALLMEM_TTT_TC_WARPS=8: two warp groups
+# split each tile's hidden units and gradient columns, and the read's output columns). Chunks of 9
+# and 17 tiles (rank 0 owns two; ranks past the last tile idle), both orders, varlen with pending
+# rows, a chunk of one tile.
+VARIANT_CASES = [
     CASES[1],
     (1, 2200, 1, 1088, None, None, True, True, torch.bfloat16),
     CASES[2],
     CASES[0],
 ]
+VARIANTS = [(16, 4), (8, 8), (16, 8)]  # (CTAs per cluster, warps per CTA)
 
 
-@pytest.fixture
-def cluster16(emu_tc):
-    emu_tc.emu_set_cluster(16)
+@pytest.fixture(params=VARIANTS, ids=[f"cluster{c}_warps{w}" for c, w in VARIANTS])
+def variant(emu_tc, request):
+    cluster, warps = request.param
+    emu_tc.emu_set_cluster(cluster)
+    emu_tc.emu_set_warps(warps)
     yield emu_tc
     emu_tc.emu_set_cluster(8)
+    emu_tc.emu_set_warps(4)
 
 
-@pytest.mark.parametrize("case", CLUSTER16_CASES, ids=[f"case{i}" for i in range(len(CLUSTER16_CASES))])
-def test_tc_kernel_cluster16_matches_float64_op(cluster16, case):
-    """The token-split forward on clusters of 16 CTAs, fused and split mode: against the float64
-    op with the 8-CTA kernel's bounds; the split mode's outputs bit for bit its fused mode's."""
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"case{i}" for i in range(len(VARIANT_CASES))])
+def test_tc_kernel_variants_match_float64_op(variant, case):
+    """The token-split forward in each variant, fused and split mode: against the float64 op with
+    the default kernel's bounds; the split mode's outputs bit for bit its fused mode's (the 8-warp
+    read splits o's columns over the warp groups, the read kernel does not: same products)."""
     (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
                                            cu, C, lact, res)
-    got = emulated_fwd(cluster16, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    got = emulated_fwd(variant, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
     check_forward(got, want, q, fast, res, dtype)
 
     class Split:  # emulated_fwd calls lib.emu_fwd
-        emu_fwd = cluster16.emu_fwd_split
+        emu_fwd = variant.emu_fwd_split
 
     split = emulated_fwd(Split, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
     for name, a, b in zip(("o", "fast", "pending", "checkpoints"), split, got):

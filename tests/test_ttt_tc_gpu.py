@@ -80,15 +80,18 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units", "cluster16"])
+@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8"])
 def fwd_kernel(request, monkeypatch):
     """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain and on
-    the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16)."""
+    the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA
+    (ALLMEM_TTT_TC_WARPS=8)."""
     if request.param == "units":
         monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
         monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
-    if request.param == "cluster16":
+    if "cluster16" in request.param:
         monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "16")
+    if "warps8" in request.param:
+        monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "8")
     return request.param
 
 
@@ -377,13 +380,15 @@ def _phase_clock(dev, C):
     return out, torch.ops.allmem._ttt_tc_phase_clock().cpu()
 
 
+@pytest.mark.parametrize("warps", ["4", "8"])
 @pytest.mark.parametrize("cluster,tiles", [("8", 8), ("16", 4), ("auto", 4)])
-def test_tc_cluster_size_and_phase_clock(tc, monkeypatch, cluster, tiles):
+def test_tc_cluster_size_and_phase_clock(tc, monkeypatch, cluster, tiles, warps):
     """ALLMEM_TTT_TC_CLUSTER picks the cluster size (auto: 16 for one sequence of one head), seen in
     CTA 0's phase clocks (ALLMEM_TTT_TC_PHASES=1: 2 chunks of 32 tiles, 4 or 2 of them CTA 0's);
     the clocks change no output bit; the sizes agree with float64 (test_tc_matches_float64) and
     with each other within a few u."""
     _, dev = tc_inputs(1, 4096, 1, 64, 64, 2048, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", warps)
     monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", cluster)
     plain = fwd(dev, 2048)
     timed, clock = _phase_clock(dev, 2048)
@@ -393,6 +398,7 @@ def test_tc_cluster_size_and_phase_clock(tc, monkeypatch, cluster, tiles):
     assert clock[10] == 2 and clock[11] == tiles, clock  # chunks, CTA 0's update tiles
     assert (clock[:10] >= 0).all() and clock[:10].sum() <= clock[12] and clock[13] > 0, clock
     monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "8")
+    monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "4")
     ref = fwd(dev, 2048)
     for a, b in zip(plain, ref):
         assert rel_err(a, b) < 2 * UNIT_ROUNDOFF[torch.bfloat16]
@@ -412,4 +418,8 @@ def test_tc_cluster_env_is_checked(tc, monkeypatch):
     _, dev = tc_inputs(1, 256, 1, 64, 64, 64, torch.bfloat16)
     monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "12")
     with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto"):
+        fwd(dev, 64)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "8")
+    monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "6")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_WARPS: expected 4 or 8"):
         fwd(dev, 64)

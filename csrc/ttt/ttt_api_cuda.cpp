@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -120,29 +121,40 @@ bool use_split_read(const Layout& lay) {
   return longest >= kSplitMinChunks * lay.C;
 }
 
-// CTAs per cluster of the token-split tensor-core forward (ttt_fwd_tc.cuh), from
-// ALLMEM_TTT_TC_CLUSTER (read at every call): unset or "8", the portable 8 (the default: the
-// 16-CTA kernel has passed its emulator tests, not yet a GPU's); "16", clusters of 16 (an error
-// where the device cannot run one); "auto", 16 where every (sequence, head) cluster of 16 runs at
-// once (B * H at most the device's active clusters of 16: at B = 1, H = 8 twice the SMs per chain,
-// half the tiles per CTA per chunk), else 8. The forward's outputs, checkpoints included, do
-// not depend on it beyond float32 summation order (mu's mean, the gradient partials).
-int fwd_tc_cluster(const Layout& lay, InDType dt) {
+// Warps per CTA of the token-split tensor-core forward (ttt_fwd_tc.cuh), from ALLMEM_TTT_TC_WARPS
+// (read at every call): unset or "4", the default; "8" (opt-in: emulator-tested, not yet run on a
+// GPU): two warp groups split each tile's hidden units and gradient columns.
+int fwd_tc_warps() {
+  const char* env = std::getenv("ALLMEM_TTT_TC_WARPS");
+  if (env == nullptr || std::strcmp(env, "4") == 0) return 4;
+  ALLMEM_CHECK(std::strcmp(env, "8") == 0, "ALLMEM_TTT_TC_WARPS: expected 4 or 8, got '", env, "'");
+  return 8;
+}
+
+// CTAs per cluster of the token-split tensor-core forward, from ALLMEM_TTT_TC_CLUSTER (read at
+// every call): unset or "8", the portable 8 (the default: the 16-CTA kernel has passed its
+// emulator tests, not yet a GPU's); "16", clusters of 16 (an error where the device cannot run
+// one); "auto", 16 where every (sequence, head) cluster of 16 runs at once (B * H at most the
+// device's active clusters of 16: at B = 1, H = 8 twice the SMs per chain, half the tiles per CTA
+// per chunk), else 8. The forward's outputs, checkpoints included, do not depend on it beyond
+// float32 summation order (mu's mean, the gradient partials).
+int fwd_tc_cluster(const Layout& lay, InDType dt, int warps) {
   const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
   if (env == nullptr || std::strcmp(env, "8") == 0) return 8;
   const bool force = std::strcmp(env, "16") == 0;
   ALLMEM_CHECK(force || std::strcmp(env, "auto") == 0, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto, got '", env,
                "'");
   if (lay.N * lay.H > INT_MAX / 16) return 8;
-  // Clusters of 16 the current device runs at once, per device (the query sets kernel attributes).
+  // Clusters of 16 the current device runs at once, per (device, warps) (the query sets kernel
+  // attributes).
   static std::mutex mu;
-  static std::map<int, int> cache;
-  const int dev = at::cuda::current_device();
+  static std::map<std::pair<int, int>, int> cache;
+  const std::pair<int, int> key{at::cuda::current_device(), warps};
   int active = 0;
   {
     std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(dev);
-    if (it == cache.end()) it = cache.emplace(dev, ttt_fwd_tc_active_clusters(dt, 16)).first;
+    auto it = cache.find(key);
+    if (it == cache.end()) it = cache.emplace(key, ttt_fwd_tc_active_clusters(dt, 16, warps)).first;
     active = it->second;
   }
   ALLMEM_CHECK(!force || active > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run a cluster of 16 CTAs of the "
@@ -229,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
           clock = at::zeros({kPhaseSlots}, q.options().dtype(at::kLong));
           p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
         }
-        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt));
+        const int warps = fwd_tc_warps();
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }
       if (split) {

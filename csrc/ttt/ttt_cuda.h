@@ -159,10 +159,11 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 // The tensor-core forward (ttt_fwd_tc.cuh): d = h = 64, bf16/fp16 inputs, sm_90+ (clusters).
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
 // cluster: CTAs per (sequence, head), 8 or 16 (a non-portable cluster size; the caller checks that
-// the device runs one: ttt_fwd_tc_active_clusters).
-void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster = 8);
-// Clusters of that many CTAs of the kernel the current device runs at once (0: none).
-int ttt_fwd_tc_active_clusters(InDType dt, int cluster);
+// the device runs one: ttt_fwd_tc_active_clusters); warps: per CTA, 4 or 8.
+void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster = 8, int warps = 4);
+// Clusters of that many CTAs of the kernel (with that many warps) the current device runs at once
+// (0: none).
+int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps);
 // Split mode (use_split_read in ttt_api_cuda.cpp): the cluster forward with p.skip_read runs only the
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from
 // them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.

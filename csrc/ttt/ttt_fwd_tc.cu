@@ -13,17 +13,29 @@
 namespace allmem::ttt::cuda {
 namespace {
 
-template <typename T, int P>
+template <typename T, int P, int W>
 void launch_tc(const FwdParams& p, cudaStream_t stream) {
-  using Tr = tc::FwdTcTraitsP<P>;
-  launch_clusters(tc::ttt_fwd_tc_kernel<T, P>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
-                  stream);
+  using Tr = tc::FwdTcTraitsP<P, W>;
+  launch_clusters(tc::ttt_fwd_tc_kernel<T, P, W>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes,
+                  Tr::kP, stream);
 }
 
-template <typename T, int P>
+template <typename T, int W>
+void launch_tc_warps(const FwdParams& p, cudaStream_t stream, int cluster) {
+  if (cluster == 16) return launch_tc<T, 16, W>(p, stream);
+  launch_tc<T, 8, W>(p, stream);
+}
+
+template <typename T, int P, int W>
 int active_clusters() {
-  using Tr = tc::FwdTcTraitsP<P>;
-  return max_active_clusters(tc::ttt_fwd_tc_kernel<T, P>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
+  using Tr = tc::FwdTcTraitsP<P, W>;
+  return max_active_clusters(tc::ttt_fwd_tc_kernel<T, P, W>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
+}
+
+template <typename T>
+int active_clusters_of(int cluster, int warps) {
+  if (cluster == 16) return warps == 8 ? active_clusters<T, 16, 8>() : active_clusters<T, 16, 4>();
+  return warps == 8 ? active_clusters<T, 8, 8>() : active_clusters<T, 8, 4>();
 }
 
 template <typename T, int D>
@@ -65,21 +77,24 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster) {
+void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int warps) {
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: launch_ttt_fwd_tc: clusters of 8 or 16 CTAs, got ", cluster);
-  const bool c16 = cluster == 16;
+  TORCH_CHECK(warps == 4 || warps == 8, "allmem: launch_ttt_fwd_tc: 4 or 8 warps per CTA, got ", warps);
   if (p.dtype == InDType::kBFloat16) {
-    return c16 ? launch_tc<__nv_bfloat16, 16>(p, stream) : launch_tc<__nv_bfloat16, 8>(p, stream);
+    return warps == 8 ? launch_tc_warps<__nv_bfloat16, 8>(p, stream, cluster)
+                      : launch_tc_warps<__nv_bfloat16, 4>(p, stream, cluster);
   }
-  if (p.dtype == InDType::kFloat16) return c16 ? launch_tc<__half, 16>(p, stream) : launch_tc<__half, 8>(p, stream);
+  if (p.dtype == InDType::kFloat16) {
+    return warps == 8 ? launch_tc_warps<__half, 8>(p, stream, cluster) : launch_tc_warps<__half, 4>(p, stream, cluster);
+  }
   TORCH_CHECK(false, "allmem: launch_ttt_fwd_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-int ttt_fwd_tc_active_clusters(InDType dt, int cluster) {
+int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps) {
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: ttt_fwd_tc_active_clusters: 8 or 16 CTAs, got ", cluster);
-  const bool c16 = cluster == 16;
-  if (dt == InDType::kBFloat16) return c16 ? active_clusters<__nv_bfloat16, 16>() : active_clusters<__nv_bfloat16, 8>();
-  return c16 ? active_clusters<__half, 16>() : active_clusters<__half, 8>();
+  TORCH_CHECK(warps == 4 || warps == 8, "allmem: ttt_fwd_tc_active_clusters: 4 or 8 warps, got ", warps);
+  if (dt == InDType::kBFloat16) return active_clusters_of<__nv_bfloat16>(cluster, warps);
+  return active_clusters_of<__half>(cluster, warps);
 }
 
 }  // namespace allmem::ttt::cuda

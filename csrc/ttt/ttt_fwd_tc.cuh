@@ -36,11 +36,14 @@ namespace allmem::ttt::cuda::tc {
 
 // P: CTAs per cluster, 8 (the portable maximum, the default) or 16 (a non-portable cluster on
 // sm_90: twice the SMs per chain for the B * H <= 8 case; ALLMEM_TTT_TC_CLUSTER, ttt_api_cuda.cpp).
-template <int P>
+// W: warps per CTA, 4 (the default) or 8 (ALLMEM_TTT_TC_WARPS=8: two warp groups split each tile's
+// hidden units and gradient columns, so two warps per SM sub-partition hide each other's latency).
+template <int P, int W = 4>
 struct FwdTcTraitsP {
   static constexpr int kD = 64;  // d = h = 64
   static constexpr int kP = P;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = W;
+  static constexpr int kGroups = W / 4;  // warp groups: each covers the tile's 64 tokens (16 per warp)
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = 64;          // tokens per tile: 16 per warp
   static constexpr int kLd = kD + 8;        // 16-bit row stride: 144-byte rows keep ldmatrix conflict-free
@@ -73,6 +76,7 @@ struct FwdTcTraitsP {
                 "16-byte aligned regions");
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
   static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
+  static_assert(W == 4 || W == 8, "4 or 8 warps");
 };
 using FwdTcTraits = FwdTcTraitsP<8>;
 
@@ -136,8 +140,10 @@ __device__ __forceinline__ void mma_step_w(float (&acc)[2][4], const uint32_t (&
 
 // acc[16 rows m0.., 64 cols] += Y[:, m0 : m0 + 16]^T X over the 64 token rows of the 16-bit
 // tiles Y [64, 64] and X [64, 64] (both token-major): the weight-gradient products.
-template <typename T>
-__device__ __forceinline__ void mma_yt_x(float (&acc)[8][4], const T* y, int m0, const T* x, int lane) {
+// kNb < 4: only the columns [16 nb0, 16 (nb0 + kNb)), acc[j] for column block 16 nb0 + 8 j.
+template <typename T, int kNb = 4>
+__device__ __forceinline__ void mma_yt_x(float (&acc)[2 * kNb][4], const T* y, int m0, const T* x, int lane,
+                                         int nb0 = 0) {
   constexpr int kLd = FwdTcTraits::kLd;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -145,9 +151,9 @@ __device__ __forceinline__ void mma_yt_x(float (&acc)[8][4], const T* y, int m0,
     const int q = lane / 8, i = lane % 8;
     ldsm_x4_t(a, y + (kk * 16 + i + (q / 2) * 8) * kLd + m0 + (q % 2) * 8);
 #pragma unroll
-    for (int nb = 0; nb < 4; ++nb) {
+    for (int nb = 0; nb < kNb; ++nb) {
       uint32_t b[4];
-      ldsm_x4_t(b, x + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + nb * 16 + (lane / 16) * 8);
+      ldsm_x4_t(b, x + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + (nb0 + nb) * 16 + (lane / 16) * 8);
       mma<T>(acc[2 * nb], a, b[0], b[1]);
       mma<T>(acc[2 * nb + 1], a, b[2], b[3]);
     }
@@ -175,10 +181,10 @@ __device__ __forceinline__ void mma_abe(float (&ga)[2][4], float (&gb)[2][4], fl
 
 // Row-norm targets of the rows [own0, own0 + kOwn) of each parameter matrix of head hh (one warp
 // per row): target[m * kOwn + i] = ||param_m[own0 + i]||.
-template <int kOwn = FwdTcTraits::kOwn>
+template <int kOwn = FwdTcTraits::kOwn, int kWarps = FwdTcTraits::kWarps>
 __device__ __forceinline__ void owned_targets(const float* w_gate, const float* w_up, const float* w_down,
                                               int64_t hh, int own0, float* target) {
-  constexpr int kD = FwdTcTraits::kD, kWarps = FwdTcTraits::kWarps;
+  constexpr int kD = FwdTcTraits::kD;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < 3 * kOwn; r += kWarps) {
     const float* param = r < kOwn ? w_gate : r < 2 * kOwn ? w_up : w_down;
@@ -215,11 +221,11 @@ __device__ __forceinline__ float pending_elem(const void* k, const void* v, cons
 // rounded to T) or token first + t - pb of head hh: k, v into the 16-bit tiles sK, sV (row stride
 // D + 8); rows past nt are zero. kAsync: the token rows by cp.async (the caller commits and waits),
 // the others by plain stores. Every thread of the CTA calls it.
-template <typename T, int D, bool kAsync = false>
+template <typename T, int D, bool kAsync = false, int kT = FwdTcTraits::kThreads>
 __device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, const float* pend0, int64_t pstride,
                                                int64_t H, int64_t hh, int64_t first, int64_t pb, int64_t t0, int nt,
                                                T* sK, T* sV) {
-  constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile, kLd = D + 8;
+  constexpr int kTile = FwdTcTraits::kTile, kLd = D + 8;
   auto row_of = [&](int64_t ct) { return (first + ct - pb) * H + hh; };
   for (int e = threadIdx.x; e < kTile * (D / 8); e += kT) {
     const int t = e / (D / 8), c = (e % (D / 8)) * 8;
@@ -292,12 +298,14 @@ __device__ __forceinline__ void stage_chunk_eta(const void* eta, const void* mu,
 // Read of the 16-bit tokens [first, first + nt) of head hh (row stride H * D, d = h = D): o = Wd
 // (silu(Wg q) * (Wu q)) [+ q] with the 16-bit weights sW ([3][D][D + 8]: gate, up, down) of the
 // CTA's shared memory; sQ is a [64][D + 8] staging tile (kStaged: already holding the tile, made
-// visible by the caller's barrier). Every thread of the CTA (4 warps) calls it.
-template <typename T, int D = 64, bool kStaged = false>
+// visible by the caller's barrier). Every thread of the CTA (kWarps warps) calls it; with 8 warps
+// the second group of 4 computes the other half of o's columns (both compute silu(a) * b whole).
+template <typename T, int D = 64, bool kStaged = false, int kWarps = 4>
 __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool residual, int64_t H, int64_t hh,
                                              int64_t first, int nt, T* sQ, const T* sW) {
-  constexpr int kT = FwdTcTraits::kThreads, kTile = FwdTcTraits::kTile;
-  constexpr int kLd = D + 8, kTE = D * kLd, kB = D / 16;
+  constexpr int kT = kWarps * 32, kTile = FwdTcTraits::kTile;
+  constexpr int kLd = D + 8, kTE = D * kLd, kB = D / 16, kGroups = kWarps / 4;
+  static_assert(kB % kGroups == 0, "o's column blocks split evenly over the warp groups");
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   auto tok = [&](int64_t token) { return token * H + hh; };
   if constexpr (!kStaged) {
@@ -309,7 +317,7 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
     }
     __syncthreads();
   }
-  const int row0 = warp * 16;
+  const int row0 = (warp % 4) * 16, db0 = (warp / 4) * (kB / kGroups);
   uint32_t aq[kB][4];
   load_a_rows<T, kLd, D>(aq, sQ, row0, lane);
   uint32_t sf[kB][4];  // silu(a) * b as A fragments of the down product, one per 16 hidden units
@@ -330,7 +338,7 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
   }
   const int g = lane / 4, c2 = 2 * (lane % 4);
 #pragma unroll
-  for (int db = 0; db < kB; ++db) {
+  for (int db = db0; db < db0 + kB / kGroups; ++db) {
     float o[2][4] = {};
     mma_a_wt<T, kLd, D>(o, sf, sW + 2 * kTE, db * 16, lane);  // Wd [d, h] row-major: Wd^T is the B operand
 #pragma unroll
@@ -351,12 +359,12 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
   __syncthreads();  // sQ is reused
 }
 
-template <typename T, int kCtas = 8>
-__global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(const FwdParams p) {
+template <typename T, int kCtas = 8, int kW = 4>
+__global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
 #else
-  using Tr = FwdTcTraitsP<kCtas>;
+  using Tr = FwdTcTraitsP<kCtas, kW>;
   constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int64_t HD = Tr::kMat;
@@ -416,7 +424,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       sOwnW[e] = src[full_off(m, i, c)];
       sOwnM[e] = src[3 * HD + full_off(m, i, c)];
     }
-    owned_targets<kOwn>(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
+    owned_targets<kOwn, kW>(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
   }
   __syncthreads();
 
@@ -478,14 +486,17 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
 
   // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
   auto read_tile = [&](int64_t first, int64_t t0, int nt) {
-    read_tile_tc<T>(p.q, p.o, p.residual, H, hh, first + t0, nt, sK, sWr);
+    read_tile_tc<T, kD, false, kW>(p.q, p.o, p.residual, H, hh, first + t0, nt, sK, sWr);
   };
 
   // The update of one complete chunk: rows come from this call's tokens (direct) or the buffer.
   auto chunk_update = [&](bool direct, int64_t first) {
-    float acc_g[8][4] = {}, acc_u[8][4] = {}, acc_d[8][4] = {};
+    // Warp w: token rows / gradient rows [16 (w % 4), +16); warp group w / 4 of kGroups: the
+    // hidden-unit blocks (factors) and gradient column blocks [kNb wg, kNb (wg + 1)) of 16.
+    constexpr int kNb = 4 / Tr::kGroups;
+    float acc_g[2 * kNb][4] = {}, acc_u[2 * kNb][4] = {}, acc_d[2 * kNb][4] = {};
     float mu_part = 0.f;  // thread 0: this CTA's tokens, in order
-    const int row0 = warp * 16, g = lane / 4, c2 = 2 * (lane % 4);
+    const int row0 = (warp % 4) * 16, nb0 = (warp / 4) * kNb, g = lane / 4, c2 = 2 * (lane % 4);
     // This call's k, v tiles (direct chunks) arrive by cp.async one tile ahead, alternating between
     // (sK, sV) and (sK2, sV2): the next tile's load runs under this tile's products. Every thread
     // commits one group per tile (empty past the last), so wait_group 1 retires the current one.
@@ -496,7 +507,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
     auto prefetch = [&](int64_t ti, int buf) {  // a direct chunk: every row a token (no pending rows)
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-      stage_chunk_kv<T, kD, true>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf), tile_v(buf));
+      stage_chunk_kv<T, kD, true, kT>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf), tile_v(buf));
     };
     // The rates and momenta of a direct chunk's tiles (6-byte rows: no cp.async) are loaded one
     // tile ahead into registers, as raw 16-bit values (converted when stored, so the loads stay in
@@ -574,7 +585,7 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       // silu(a), Sd = eta_d silu(a) b, with a = K Wg^T, b = K Wu^T, e = V Wd at the normalized W.
       {
 #pragma unroll 1
-        for (int hb = 0; hb < 4; ++hb) {
+        for (int hb = nb0; hb < nb0 + kNb; ++hb) {
           float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
           mma_abe(ga, gb, ge, sK, sV, sWn, hb, row0, lane);  // a = K Wg^T, b = K Wu^T, e = V Wd
 #pragma unroll
@@ -601,20 +612,20 @@ __global__ void __launch_bounds__(FwdTcTraits::kThreads, 1) ttt_fwd_tc_kernel(co
       }
       __syncthreads();
       mark(kPhaseFactors);
-      // -G partials: warp w owns rows [16w, 16w + 16) of each matrix.
-      mma_yt_x(acc_g, sX, row0, sK, lane);            // -Gg = Xg^T K
-      mma_yt_x(acc_u, sX + kTE, row0, sK, lane);      // -Gu = Xu^T K
-      mma_yt_x(acc_d, sV, row0, sX + 2 * kTE, lane);  // -Gd = V^T Sd
+      // -G partials: warp w owns rows [16 (w % 4), +16) and column blocks [nb0, nb0 + kNb) of each matrix.
+      mma_yt_x<T, kNb>(acc_g, sX, row0, sK, lane, nb0);            // -Gg = Xg^T K
+      mma_yt_x<T, kNb>(acc_u, sX + kTE, row0, sK, lane, nb0);      // -Gu = Xu^T K
+      mma_yt_x<T, kNb>(acc_d, sV, row0, sX + 2 * kTE, lane, nb0);  // -Gd = V^T Sd
       __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
       mark(kPhaseGrads);
     }
     // Partials to shared memory for the cluster reduction.
-    auto stash = [&](const float(&acc)[8][4], int m) {
+    auto stash = [&](const float(&acc)[2 * kNb][4], int m) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < 2 * kNb; ++j) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          float* dst = sG + m * kD * kLdG + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
+          float* dst = sG + m * kD * kLdG + (row0 + g + 8 * half) * kLdG + nb0 * 16 + j * 8 + c2;
           dst[0] = acc[j][2 * half];
           dst[1] = acc[j][2 * half + 1];
         }

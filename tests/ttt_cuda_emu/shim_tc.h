@@ -21,7 +21,7 @@ struct __nv_bfloat16 { uint16_t b; };
 struct __half { uint16_t b; };
 
 namespace emu {
-constexpr int kMaxCtas = 16, kWarpsPerCta = 4;
+constexpr int kMaxCtas = 16, kWarpsPerCta = 8;  // the most a kernel launches
 struct WarpEx {
   const void* ptr[32];
   uint32_t reg[32][6];
