@@ -365,14 +365,23 @@ for dt in (torch.bfloat16, torch.float16):
         o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    # The token-split forward's opt-in shapes (ALLMEM_TTT_TC_CLUSTER=16, ALLMEM_TTT_TC_WARPS=8), forward only.
+    # The token-split forward's opt-in shapes (ALLMEM_TTT_TC_CLUSTER=16, ALLMEM_TTT_TC_WARPS=8, the wgmma
+    # chain ALLMEM_TTT_TC_WGMMA=1), forward only.
     with torch.no_grad():
-        for cl, wp in (("16", "4"), ("8", "8"), ("16", "8")):
+        split0 = os.environ.get("ALLMEM_TTT_TC_SPLIT")
+        for cl, wp, wg in (("16", "4", "0"), ("8", "8", "0"), ("16", "8", "0"), ("8", "4", "1"), ("16", "4", "1")):
             os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"] = cl, wp
+            os.environ["ALLMEM_TTT_TC_WGMMA"] = wg
+            if wg == "1":  # the wgmma chain is split mode's
+                os.environ["ALLMEM_TTT_TC_SPLIT"] = "1"
             for lact in (False, True):
                 allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
                                       cu_seqlens=cu, lact_order=lact, residual=not lact)
-        del os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"]
+        del os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"], os.environ["ALLMEM_TTT_TC_WGMMA"]
+        if split0 is None:
+            os.environ.pop("ALLMEM_TTT_TC_SPLIT", None)
+        else:
+            os.environ["ALLMEM_TTT_TC_SPLIT"] = split0
     if os.environ.get("ALLMEM_TTT_TC_SPLIT") == "1":  # d = h = 128: the units chain + read (forward only)
         w2 = [torch.randn(H, 128, 128, device=dev) / 11.3 for _ in range(3)]
         q2, k2, v2 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt) for _ in range(3))

@@ -9,7 +9,7 @@
                 the default there): 27-43 ms in run e, 1.2-1.8x the compiled reference; which
                 kernels, with the fused steps (ttt_composite_kernels.cu) and without them.
   * ttt_fwd64 - TTT d=h=64 forward at B=1 L=128k H=8 (split mode): 12x its floor; the sequential
-                chain vs the parallel reads, clusters of 8/16 x 4/8 warps, and the chain's phase
+                chain vs the parallel reads, clusters of 8/16 x 4/8 warps or wgmma, and the chain's phase
                 clocks (ALLMEM_TTT_TC_PHASES: microseconds per chunk per phase).
   * ttt_fwd128 - TTT d=h=128 forward at B=1 L=32k H=4: the units chain (default) vs the opt-in
                 composite forward.
@@ -162,8 +162,8 @@ def tc_phases(fn) -> dict:
 
 def case_ttt_fwd64() -> dict:
     """The default (split mode, clusters of 8, 4 warps), clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16),
-    8 warps (ALLMEM_TTT_TC_WARPS=8), both, and the fused kernel (ALLMEM_TTT_TC_SPLIT=0): kernels by
-    time and the cluster kernel's phase clocks."""
+    8 warps (ALLMEM_TTT_TC_WARPS=8), both, the wgmma chain (ALLMEM_TTT_TC_WGMMA=1) on 8 and 16, and
+    the fused kernel (ALLMEM_TTT_TC_SPLIT=0): kernels by time and the cluster kernel's phase clocks."""
     import allmem_ops
 
     ins = _ttt_inputs(1, 131072, 8, 64)
@@ -173,9 +173,10 @@ def case_ttt_fwd64() -> dict:
             allmem_ops.ttt_memory(*ins, 2048)
 
     out = {}
-    c16, w8 = {"ALLMEM_TTT_TC_CLUSTER": "16"}, {"ALLMEM_TTT_TC_WARPS": "8"}
+    c16, w8, wg = {"ALLMEM_TTT_TC_CLUSTER": "16"}, {"ALLMEM_TTT_TC_WARPS": "8"}, {"ALLMEM_TTT_TC_WGMMA": "1"}
     for name, env in (("split", {}), ("split_cluster16", c16), ("split_warps8", w8),
-                      ("split_cluster16_warps8", {**c16, **w8}),
+                      ("split_cluster16_warps8", {**c16, **w8}), ("split_wgmma", wg),
+                      ("split_cluster16_wgmma", {**c16, **wg}),
                       ("fused", {"ALLMEM_TTT_TC_SPLIT": "0"}),
                       ("fused_cluster16_warps8", {"ALLMEM_TTT_TC_SPLIT": "0", **c16, **w8})):
         try:

@@ -157,34 +157,42 @@ VARIANT_CASES = [
     CASES[2],
     CASES[0],
 ]
-VARIANTS = [(16, 4), (8, 8), (16, 8)]  # (CTAs per cluster, warps per CTA)
+# (CTAs per cluster, warps per CTA, wgmma chain: ALLMEM_TTT_TC_WGMMA=1, split mode only)
+VARIANTS = [(16, 4, 0), (8, 8, 0), (16, 8, 0), (8, 4, 1), (16, 4, 1)]
 
 
-@pytest.fixture(params=VARIANTS, ids=[f"cluster{c}_warps{w}" for c, w in VARIANTS])
+@pytest.fixture(params=VARIANTS, ids=[f"cluster{c}_warps{w}" + ("_wgmma" if g else "") for c, w, g in VARIANTS])
 def variant(emu_tc, request):
-    cluster, warps = request.param
+    cluster, warps, wg = request.param
     emu_tc.emu_set_cluster(cluster)
     emu_tc.emu_set_warps(warps)
-    yield emu_tc
+    emu_tc.emu_set_wgmma(wg)
+    yield emu_tc, bool(wg)
     emu_tc.emu_set_cluster(8)
     emu_tc.emu_set_warps(4)
+    emu_tc.emu_set_wgmma(0)
 
 
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"case{i}" for i in range(len(VARIANT_CASES))])
 def test_tc_kernel_variants_match_float64_op(variant, case):
     """The token-split forward in each variant, fused and split mode: against the float64 op with
     the default kernel's bounds; the split mode's outputs bit for bit its fused mode's (the 8-warp
-    read splits o's columns over the warp groups, the read kernel does not: same products)."""
+    read splits o's columns over the warp groups, the read kernel does not: same products). The
+    wgmma chain (split mode only) against float64 alone."""
+    lib, wgmma = variant
     (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
     want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
                                            cu, C, lact, res)
-    got = emulated_fwd(variant, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
-    check_forward(got, want, q, fast, res, dtype)
 
     class Split:  # emulated_fwd calls lib.emu_fwd
-        emu_fwd = variant.emu_fwd_split
+        emu_fwd = lib.emu_fwd_split
 
     split = emulated_fwd(Split, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    if wgmma:  # split mode only: the chain on wgmma, then the (mma.sync) read kernel
+        check_forward(split, want, q, fast, res, dtype)
+        return
+    got = emulated_fwd(lib, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    check_forward(got, want, q, fast, res, dtype)
     for name, a, b in zip(("o", "fast", "pending", "checkpoints"), split, got):
         assert torch.equal(a, b), name
 

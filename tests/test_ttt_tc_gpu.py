@@ -80,11 +80,11 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8"])
+@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8", "wgmma", "cluster16_wgmma"])
 def fwd_kernel(request, monkeypatch):
-    """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain and on
+    """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain, on
     the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA
-    (ALLMEM_TTT_TC_WARPS=8)."""
+    (ALLMEM_TTT_TC_WARPS=8), and on split mode's wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 8 or 16 CTAs)."""
     if request.param == "units":
         monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
         monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
@@ -92,6 +92,9 @@ def fwd_kernel(request, monkeypatch):
         monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "16")
     if "warps8" in request.param:
         monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "8")
+    if "wgmma" in request.param:  # split mode's chain on wgmma (ALLMEM_TTT_TC_WGMMA=1)
+        monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+        monkeypatch.setenv("ALLMEM_TTT_TC_WGMMA", "1")
     return request.param
 
 
@@ -423,3 +426,24 @@ def test_tc_cluster_env_is_checked(tc, monkeypatch):
     monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "6")
     with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_WARPS: expected 4 or 8"):
         fwd(dev, 64)
+
+
+@pytest.mark.parametrize("cluster", ["8", "16"])
+def test_tc_wgmma_chain(tc, monkeypatch, cluster):
+    """ALLMEM_TTT_TC_WGMMA=1 in split mode: the wgmma chain runs (its phase clocks count CTA 0's
+    tiles), agrees with the mma.sync chain within 2 u, is bitwise deterministic; the switch is
+    checked."""
+    _, dev = tc_inputs(None, None, 2, 64, 64, 512, torch.bfloat16, lens=[2000, 37, 1100], plens=[4, 0, 511])
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", cluster)
+    ref = fwd(dev, 512)
+    monkeypatch.setenv("ALLMEM_TTT_TC_WGMMA", "1")
+    a, clock = _phase_clock(dev, 512)
+    b = fwd(dev, 512)
+    assert clock.numel() == 16 and clock[10] > 0, clock
+    for x, y, r in zip(a, b, ref):
+        assert torch.equal(x, y)
+        assert rel_err(x, r) < 2 * UNIT_ROUNDOFF[torch.bfloat16]
+    monkeypatch.setenv("ALLMEM_TTT_TC_WGMMA", "2")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_WGMMA: expected 0 or 1"):
+        fwd(dev, 512)

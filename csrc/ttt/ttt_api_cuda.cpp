@@ -131,6 +131,19 @@ int fwd_tc_warps() {
   return 8;
 }
 
+// The split-mode chain's products on wgmma (ttt_fwd_tc.cuh kWg), from ALLMEM_TTT_TC_WGMMA (read at
+// every call): unset or "0", mma.sync (the default); "1" (opt-in: emulator-tested, not yet run on
+// a GPU): the wgmma chain where split mode runs the token-split chain with 4 warps, on a device
+// that runs this binary's sm_90a code (else an error).
+bool fwd_tc_wgmma() {
+  const char* env = std::getenv("ALLMEM_TTT_TC_WGMMA");
+  if (env == nullptr || std::strcmp(env, "0") == 0) return false;
+  ALLMEM_CHECK(std::strcmp(env, "1") == 0, "ALLMEM_TTT_TC_WGMMA: expected 0 or 1, got '", env, "'");
+  ALLMEM_CHECK(ttt_fwd_wg_available(), "ALLMEM_TTT_TC_WGMMA=1: this build has no sm_90a code for the device "
+               "(build with ALLMEM_CUDA_ARCHS including 90a, run on an H100/H200)");
+  return true;
+}
+
 // CTAs per cluster of the token-split tensor-core forward, from ALLMEM_TTT_TC_CLUSTER (read at
 // every call): unset or "8", the portable 8 (the default: the 16-CTA kernel has passed its
 // emulator tests, not yet a GPU's); "16", clusters of 16 (an error where the device cannot run
@@ -242,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
           p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
         }
         const int warps = fwd_tc_warps();
-        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps);
+        const bool wgmma = split && warps == 4 && fwd_tc_wgmma();
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps, wgmma);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }
       if (split) {

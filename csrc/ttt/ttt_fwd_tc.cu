@@ -13,6 +13,15 @@
 namespace allmem::ttt::cuda {
 namespace {
 
+// 1 in the sm_90a code of this file (the wgmma chain needs it), 0 in other targets' code; the host
+// reads the value the device's code has. Not const: a const __device__ variable could be folded away.
+__device__ int kTttSm90aBuilt =
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    1;
+#else
+    0;
+#endif
+
 template <typename T, int P, int W>
 void launch_tc(const FwdParams& p, cudaStream_t stream) {
   using Tr = tc::FwdTcTraitsP<P, W>;
@@ -20,10 +29,23 @@ void launch_tc(const FwdParams& p, cudaStream_t stream) {
                   Tr::kP, stream);
 }
 
+template <typename T, int P, int W, bool G = false>
+void launch_tc_g(const FwdParams& p, cudaStream_t stream) {
+  using Tr = tc::FwdTcTraitsP<P, W, G>;
+  launch_clusters(tc::ttt_fwd_tc_kernel<T, P, W, G>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes,
+                  Tr::kP, stream);
+}
+
 template <typename T, int W>
 void launch_tc_warps(const FwdParams& p, cudaStream_t stream, int cluster) {
   if (cluster == 16) return launch_tc<T, 16, W>(p, stream);
   launch_tc<T, 8, W>(p, stream);
+}
+
+template <typename T>
+void launch_wg(const FwdParams& p, cudaStream_t stream, int cluster) {
+  if (cluster == 16) return launch_tc_g<T, 16, 4, true>(p, stream);
+  launch_tc_g<T, 8, 4, true>(p, stream);
 }
 
 template <typename T, int P, int W>
@@ -77,9 +99,23 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int warps) {
+bool ttt_fwd_wg_available() {
+  int built = 0;
+  if (cudaMemcpyFromSymbol(&built, kTttSm90aBuilt, sizeof(int)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return built == 1;
+}
+
+void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int warps, bool wgmma) {
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: launch_ttt_fwd_tc: clusters of 8 or 16 CTAs, got ", cluster);
   TORCH_CHECK(warps == 4 || warps == 8, "allmem: launch_ttt_fwd_tc: 4 or 8 warps per CTA, got ", warps);
+  if (wgmma) {
+    TORCH_CHECK(p.skip_read && warps == 4, "allmem: launch_ttt_fwd_tc: the wgmma chain is split mode's, 4 warps");
+    if (p.dtype == InDType::kBFloat16) return launch_wg<__nv_bfloat16>(p, stream, cluster);
+    if (p.dtype == InDType::kFloat16) return launch_wg<__half>(p, stream, cluster);
+  }
   if (p.dtype == InDType::kBFloat16) {
     return warps == 8 ? launch_tc_warps<__nv_bfloat16, 8>(p, stream, cluster)
                       : launch_tc_warps<__nv_bfloat16, 4>(p, stream, cluster);

@@ -38,15 +38,19 @@ namespace allmem::ttt::cuda::tc {
 // sm_90: twice the SMs per chain for the B * H <= 8 case; ALLMEM_TTT_TC_CLUSTER, ttt_api_cuda.cpp).
 // W: warps per CTA, 4 (the default) or 8 (ALLMEM_TTT_TC_WARPS=8: two warp groups split each tile's
 // hidden units and gradient columns, so two warps per SM sub-partition hide each other's latency).
-template <int P, int W = 4>
+// G: the chain's products on wgmma (sm_90a; ALLMEM_TTT_TC_WGMMA=1, split mode only: no reads, so
+// no raw weight copy): every 16-bit tile in 128-byte-swizzled rows from a 1024-byte-aligned base.
+template <int P, int W = 4, bool G = false>
 struct FwdTcTraitsP {
   static constexpr int kD = 64;  // d = h = 64
   static constexpr int kP = P;
+  static constexpr bool kWg = G;
   static constexpr int kWarps = W;
   static constexpr int kGroups = W / 4;  // warp groups: each covers the tile's 64 tokens (16 per warp)
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = 64;          // tokens per tile: 16 per warp
-  static constexpr int kLd = kD + 8;        // 16-bit row stride: 144-byte rows keep ldmatrix conflict-free
+  // 16-bit row stride: 144-byte rows keep ldmatrix conflict-free; G: 128-byte swizzled rows
+  static constexpr int kLd = G ? kD : kD + 8;
   static constexpr int kLdG = kD + 4;       // float row stride of the partial gradients
   static constexpr int kOwn = kD / kP;      // rows of each matrix owned by one CTA
   static constexpr int kMat = kD * kD;      // elements of one fast-weight matrix
@@ -54,7 +58,7 @@ struct FwdTcTraitsP {
   static constexpr int kTileElems = kTile * kLd;  // one 16-bit [64, 64] tile (weights too: 64 rows)
   // Shared memory, bytes.
   static constexpr int kOffWr = 0;                              // [3][64][kLd] weights as they are
-  static constexpr int kOffWn = kOffWr + 3 * kTileElems * 2;    // [3][64][kLd] normalized weights
+  static constexpr int kOffWn = G ? 0 : kOffWr + 3 * kTileElems * 2;  // [3][64][kLd] normalized (G: alone)
   static constexpr int kOffK = kOffWn + 3 * kTileElems * 2;     // [64][kLd] k (read: q)
   static constexpr int kOffV = kOffK + kTileElems * 2;          // [64][kLd] v
   static constexpr int kOffX = kOffV + kTileElems * 2;          // [3][64][kLd] Xg, Xu, Sd factors
@@ -65,10 +69,11 @@ struct FwdTcTraitsP {
   static constexpr int kOffTarget = kOffOwnM + 3 * kOwn * kD * 4;  // [3][kOwn] row-norm targets
   static constexpr int kOffScale = kOffTarget + 3 * kOwn * 4;      // [3][kOwn] normalization scales
   static constexpr int kOffRed = kOffScale + 3 * kOwn * 4;         // [4] mu partial sum
-  static constexpr int kOffK2 = kOffRed + 16;                   // [64][kLd] k, v of the next tile
+  // [64][kLd] k, v of the next tile (G: on a 1024-byte boundary)
+  static constexpr int kOffK2 = G ? (kOffRed + 16 + 1023) / 1024 * 1024 : kOffRed + 16;
   static constexpr int kOffV2 = kOffK2 + kTileElems * 2;        //   (the update's cp.async prefetch)
   static constexpr int kOffClock = kOffV2 + kTileElems * 2;    // [kPhaseSlots] int64 phase clocks
-  static constexpr int kSmemBytes = kOffClock + kPhaseSlots * 8;
+  static constexpr int kSmemBytes = kOffClock + kPhaseSlots * 8 + (G ? 1024 : 0);  // G: + alignment slack
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWn % 16 == 0 && kOffK % 16 == 0 && kOffX % 16 == 0 && kOffG % 16 == 0 &&
                     kOffEta % 16 == 0 && kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 &&
@@ -77,6 +82,17 @@ struct FwdTcTraitsP {
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
   static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
   static_assert(W == 4 || W == 8, "4 or 8 warps");
+  static_assert(!G || (W == 4 && kOffK2 % 1024 == 0 && kOffV2 % 1024 == 0 && kOffX % 1024 == 0),
+                "wgmma: one warpgroup, 1024-byte-aligned tiles");
+  // Element (row, col) of a 16-bit [rows][64] tile: padded rows, or (G) the 128-byte swizzle
+  // (16-byte chunk col / 8 of row r stored at chunk (col / 8) ^ (r % 8)).
+  static constexpr int el(int row, int col) {
+    if constexpr (G) {
+      return row * kD + ((((col >> 3) ^ row) & 7) << 3) + (col & 7);
+    } else {
+      return row * kLd + col;
+    }
+  }
 };
 using FwdTcTraits = FwdTcTraitsP<8>;
 
@@ -221,11 +237,14 @@ __device__ __forceinline__ float pending_elem(const void* k, const void* v, cons
 // rounded to T) or token first + t - pb of head hh: k, v into the 16-bit tiles sK, sV (row stride
 // D + 8); rows past nt are zero. kAsync: the token rows by cp.async (the caller commits and waits),
 // the others by plain stores. Every thread of the CTA calls it.
-template <typename T, int D, bool kAsync = false, int kT = FwdTcTraits::kThreads>
+template <typename T, int D, bool kAsync = false, int kT = FwdTcTraits::kThreads, bool kSw = false>
 __device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, const float* pend0, int64_t pstride,
                                                int64_t H, int64_t hh, int64_t first, int64_t pb, int64_t t0, int nt,
                                                T* sK, T* sV) {
-  constexpr int kTile = FwdTcTraits::kTile, kLd = D + 8;
+  constexpr int kTile = FwdTcTraits::kTile;
+  static_assert(!kSw || D == 64, "swizzled tiles: 64 columns");
+  // Element (t, c) of a tile: padded rows of D + 8, or 128-byte swizzled rows (FwdTcTraitsP<., ., true>).
+  auto el = [](int t, int c) { return kSw ? FwdTcTraitsP<8, 4, true>::el(t, c) : t * (D + 8) + c; };
   auto row_of = [&](int64_t ct) { return (first + ct - pb) * H + hh; };
   for (int e = threadIdx.x; e < kTile * (D / 8); e += kT) {
     const int t = e / (D / 8), c = (e % (D / 8)) * 8;
@@ -233,19 +252,19 @@ __device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, con
     if (t < nt && ct >= pb) {
       const int64_t off = row_of(ct) * D + c;
       if constexpr (kAsync) {
-        cp_async16(sK + t * kLd + c, static_cast<const T*>(k) + off, true);
-        cp_async16(sV + t * kLd + c, static_cast<const T*>(v) + off, true);
+        cp_async16(sK + el(t, c), static_cast<const T*>(k) + off, true);
+        cp_async16(sV + el(t, c), static_cast<const T*>(v) + off, true);
       } else {
-        *reinterpret_cast<uint4*>(sK + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(k) + off);
-        *reinterpret_cast<uint4*>(sV + t * kLd + c) = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + off);
+        *reinterpret_cast<uint4*>(sK + el(t, c)) = *reinterpret_cast<const uint4*>(static_cast<const T*>(k) + off);
+        *reinterpret_cast<uint4*>(sV + el(t, c)) = *reinterpret_cast<const uint4*>(static_cast<const T*>(v) + off);
       }
     } else {
       const float* r = pend0 + ct * pstride;
 #pragma unroll
       for (int q = 0; q < 8; q += 2) {
         const bool in = t < nt;
-        store_pair(sK + t * kLd + c + q, in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
-        store_pair(sV + t * kLd + c + q, in ? r[D + c + q] : 0.f, in ? r[D + c + q + 1] : 0.f);
+        store_pair(sK + el(t, c + q), in ? r[c + q] : 0.f, in ? r[c + q + 1] : 0.f);
+        store_pair(sV + el(t, c + q), in ? r[D + c + q] : 0.f, in ? r[D + c + q + 1] : 0.f);
       }
     }
   }
@@ -359,16 +378,78 @@ __device__ __forceinline__ void read_tile_tc(const void* q, void* out, bool resi
   __syncthreads();  // sQ is reused
 }
 
-template <typename T, int kCtas = 8, int kW = 4>
+// The wgmma forms of mma_abe and mma_yt_x for the kWg kernels (one warpgroup of 4 warps; every
+// 16-bit tile [64][64] in 128-byte-swizzled rows, 1024-byte aligned; descriptor conventions of
+// csrc/swa/swa_sm90_utils.cuh). The accumulators come out in the mma.sync code's layout (warp w:
+// rows [16 w, 16 w + 16), n8 block j in acc[j]), so the code around them is shared.
+//
+// ga = K Wg[U]^T, gb = K Wu[U]^T, ge = V Wd[:, U] for the hidden units U = [16 hb, 16 hb + 16):
+// m64n16k16 over d in 4 steps. K, V and Wg, Wu are K-major (d contiguous: a k-step is 32 bytes
+// into the line; 8-row groups 1024 bytes apart); Wd [d][h] is B MN-major (the 16 units are 32
+// bytes into each line, a k-step is two 8-line atoms: 2048 bytes).
+template <typename T>
+__device__ __forceinline__ void wg_abe(float (&ga)[2][4], float (&gb)[2][4], float (&ge)[2][4], const T* sK,
+                                       const T* sV, const T* w3, int hb) {
+  constexpr int kTE = 64 * 64;
+  const uint32_t k = smem_u32(sK), v = smem_u32(sV), wg = smem_u32(w3), wu = smem_u32(w3 + kTE),
+                 wd = smem_u32(w3 + 2 * kTE);
+  wg_fence_regs(ga);
+  wg_fence_regs(gb);
+  wg_fence_regs(ge);
+  wg_fence();
+#pragma unroll 1
+  for (int ks = 0; ks < 4; ++ks) {  // rolled: the descriptors of one step live at a time
+    const uint64_t dk = wg_desc(k + ks * 32, 16, 1024), dv = wg_desc(v + ks * 32, 16, 1024);
+    wg_mma<T, 16, false, false>(dk, wg_desc(wg + hb * 2048 + ks * 32, 16, 1024), ga, ks > 0);
+    wg_mma<T, 16, false, false>(dk, wg_desc(wu + hb * 2048 + ks * 32, 16, 1024), gb, ks > 0);
+    wg_mma<T, 16, false, true>(dv, wg_desc(wd + ks * 2048 + hb * 32, 64 * 128, 1024), ge, ks > 0);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_fence_regs(ga);
+  wg_fence_regs(gb);
+  wg_fence_regs(ge);
+}
+
+// acc_g += Xg^T K, acc_u += Xu^T K, acc_d += V^T Sd over the tile's 64 tokens (m64n64k16 in 4
+// steps of two 8-line atoms, 2048 bytes): every operand MN-major (rows are the tokens, the
+// contraction dim); x3 = [Xg | Xu | Sd] tiles.
+template <typename T>
+__device__ __forceinline__ void wg_grads(float (&acc_g)[8][4], float (&acc_u)[8][4], float (&acc_d)[8][4],
+                                         const T* x3, const T* sK, const T* sV) {
+  constexpr int kTE = 64 * 64;
+  const uint32_t xg = smem_u32(x3), xu = smem_u32(x3 + kTE), sd = smem_u32(x3 + 2 * kTE), k = smem_u32(sK),
+                 v = smem_u32(sV);
+  wg_fence_regs(acc_g);
+  wg_fence_regs(acc_u);
+  wg_fence_regs(acc_d);
+  wg_fence();
+#pragma unroll 1
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t o = kk * 2048;
+    const uint64_t dk = wg_desc(k + o, 64 * 128, 1024);
+    wg_mma<T, 64, true, true>(wg_desc(xg + o, 64 * 128, 1024), dk, acc_g, true);
+    wg_mma<T, 64, true, true>(wg_desc(xu + o, 64 * 128, 1024), dk, acc_u, true);
+    wg_mma<T, 64, true, true>(wg_desc(v + o, 64 * 128, 1024), wg_desc(sd + o, 64 * 128, 1024), acc_d, true);
+  }
+  wg_commit();
+  wg_wait<0>();
+  wg_fence_regs(acc_g);
+  wg_fence_regs(acc_u);
+  wg_fence_regs(acc_d);
+}
+
+template <typename T, int kCtas = 8, int kW = 4, bool kWg = false>
 __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
 #else
-  using Tr = FwdTcTraitsP<kCtas, kW>;
-  constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
+  using Tr = FwdTcTraitsP<kCtas, kW, kWg>;
+  constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int64_t HD = Tr::kMat;
   unsigned char* smem_tc = dynamic_smem();
+  if constexpr (kWg) smem_tc += (1024u - smem_u32(smem_tc) % 1024u) % 1024u;  // swizzle atoms: 1024-aligned
   T* sWr = reinterpret_cast<T*>(smem_tc + Tr::kOffWr);
   T* sWn = reinterpret_cast<T*>(smem_tc + Tr::kOffWn);
   T* sK = reinterpret_cast<T*>(smem_tc + Tr::kOffK);
@@ -455,12 +536,13 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
       raw.y = pack2<T>(w[2], w[3]);
       nrm.x = pack2<T>(w[0] * s, w[1] * s);
       nrm.y = pack2<T>(w[2] * s, w[3] * s);
-      const int off = m * kTE + (own0 + i) * kLd + c;
+      const int off = m * kTE + Tr::el(own0 + i, c);
       for (int peer = 0; peer < kP; ++peer) {
-        *reinterpret_cast<uint2*>(cluster_peer(sWr + off, peer)) = raw;
+        if constexpr (!kWg) *reinterpret_cast<uint2*>(cluster_peer(sWr + off, peer)) = raw;
         *reinterpret_cast<uint2*>(cluster_peer(sWn + off, peer)) = nrm;
       }
     }
+    if constexpr (kWg) fence_proxy_async();  // wgmma reads the rows through the async proxy
   };
 
   // Chunk-buffer rows [lo, hi) that fall in this CTA's tiles, as (first, last) pieces.
@@ -486,7 +568,7 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
 
   // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
   auto read_tile = [&](int64_t first, int64_t t0, int nt) {
-    read_tile_tc<T, kD, false, kW>(p.q, p.o, p.residual, H, hh, first + t0, nt, sK, sWr);
+    if constexpr (!kWg) read_tile_tc<T, kD, false, kW>(p.q, p.o, p.residual, H, hh, first + t0, nt, sK, sWr);
   };
 
   // The update of one complete chunk: rows come from this call's tokens (direct) or the buffer.
@@ -507,7 +589,8 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     auto prefetch = [&](int64_t ti, int buf) {  // a direct chunk: every row a token (no pending rows)
       const int64_t t0 = ti * kTile;
       const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
-      stage_chunk_kv<T, kD, true, kT>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf), tile_v(buf));
+      stage_chunk_kv<T, kD, true, kT, kWg>(p.k, p.v, pend0, pstride, H, hh, first, 0, t0, nt, tile_k(buf),
+                                           tile_v(buf));
     };
     // The rates and momenta of a direct chunk's tiles (6-byte rows: no cp.async) are loaded one
     // tile ahead into registers, as raw 16-bit values (converted when stored, so the loads stay in
@@ -559,10 +642,10 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
             xk = *reinterpret_cast<const float4*>(r + c);
             xv = *reinterpret_cast<const float4*>(r + kD + c);
           }
-          store_pair(sK + t * kLd + c, xk.x, xk.y);
-          store_pair(sK + t * kLd + c + 2, xk.z, xk.w);
-          store_pair(sV + t * kLd + c, xv.x, xv.y);
-          store_pair(sV + t * kLd + c + 2, xv.z, xv.w);
+          store_pair(sK + Tr::el(t, c), xk.x, xk.y);
+          store_pair(sK + Tr::el(t, c + 2), xk.z, xk.w);
+          store_pair(sV + Tr::el(t, c), xv.x, xv.y);
+          store_pair(sV + Tr::el(t, c + 2), xv.z, xv.w);
         }
         for (int e = tid; e < kTile * 4; e += kT) {
           const int t = e / 4, m = e % 4;
@@ -571,6 +654,7 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
           sEta[e] = t < nt ? pend[(t0 + t) * pstride + 2 * kD + m] : 0.f;
         }
       }
+      if constexpr (kWg) fence_proxy_async();  // k, v (cp.async or stores) -> the wgmmas' async proxy
       __syncthreads();
       static_assert(kTile == 64, "warp 0 sums a tile's momenta two per lane");
       mark(kPhaseStage);
@@ -587,7 +671,11 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
 #pragma unroll 1
         for (int hb = nb0; hb < nb0 + kNb; ++hb) {
           float ga[2][4] = {}, gb[2][4] = {}, ge[2][4] = {};
-          mma_abe(ga, gb, ge, sK, sV, sWn, hb, row0, lane);  // a = K Wg^T, b = K Wu^T, e = V Wd
+          if constexpr (kWg) {
+            wg_abe(ga, gb, ge, sK, sV, sWn, hb);
+          } else {
+            mma_abe(ga, gb, ge, sK, sV, sWn, hb, row0, lane);  // a = K Wg^T, b = K Wu^T, e = V Wd
+          }
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -603,19 +691,24 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
                 xu[q] = eu * z * silu;
                 sd[q] = ed * silu * y;
               }
-              store_pair(sX + t * kLd + c, xg[0], xg[1]);
-              store_pair(sX + kTE + t * kLd + c, xu[0], xu[1]);
-              store_pair(sX + 2 * kTE + t * kLd + c, sd[0], sd[1]);
+              store_pair(sX + Tr::el(t, c), xg[0], xg[1]);
+              store_pair(sX + kTE + Tr::el(t, c), xu[0], xu[1]);
+              store_pair(sX + 2 * kTE + Tr::el(t, c), sd[0], sd[1]);
             }
           }
         }
       }
+      if constexpr (kWg) fence_proxy_async();  // the factor tiles -> the wgmmas' async proxy
       __syncthreads();
       mark(kPhaseFactors);
       // -G partials: warp w owns rows [16 (w % 4), +16) and column blocks [nb0, nb0 + kNb) of each matrix.
-      mma_yt_x<T, kNb>(acc_g, sX, row0, sK, lane, nb0);            // -Gg = Xg^T K
-      mma_yt_x<T, kNb>(acc_u, sX + kTE, row0, sK, lane, nb0);      // -Gu = Xu^T K
-      mma_yt_x<T, kNb>(acc_d, sV, row0, sX + 2 * kTE, lane, nb0);  // -Gd = V^T Sd
+      if constexpr (kWg) {
+        wg_grads(acc_g, acc_u, acc_d, sX, sK, sV);
+      } else {
+        mma_yt_x<T, kNb>(acc_g, sX, row0, sK, lane, nb0);            // -Gg = Xg^T K
+        mma_yt_x<T, kNb>(acc_u, sX + kTE, row0, sK, lane, nb0);      // -Gu = Xu^T K
+        mma_yt_x<T, kNb>(acc_d, sV, row0, sX + 2 * kTE, lane, nb0);  // -Gd = V^T Sd
+      }
       __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
       mark(kPhaseGrads);
     }
@@ -690,7 +783,7 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     write_state(p.ckpt + (slot * H + hh) * 6 * HD);
     ++slot;
     mark(kPhaseSegment);
-    for (int64_t ti = rank; !p.skip_read && ti * kTile < seg; ti += kP) {
+    for (int64_t ti = rank; !kWg && !p.skip_read && ti * kTile < seg; ti += kP) {  // kWg: split mode only
       const int64_t t0 = ti * kTile;
       read_tile(first, t0, static_cast<int>(seg - t0 < kTile ? seg - t0 : kTile));
     }

@@ -17,7 +17,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cute/arch/mma_sm90_gmma.hpp>  // wgmma.mma_async wrappers (raw PTX, no CuTe layouts)
 #include <type_traits>
+#include <utility>
 
 namespace allmem::ttt::cuda::tc {
 
@@ -147,6 +149,97 @@ __device__ __forceinline__ X* cluster_peer(X* p, int rank) {
 }
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+
+// ---- wgmma (sm_90a; ALLMEM_TTT_TC_WGMMA, ttt_fwd_tc.cuh's kWg kernels) --------------------------
+// Operands in 128-byte-swizzled shared memory (rows of 64 16-bit values, 1024-byte atoms of 8
+// rows; the layout and descriptor conventions of csrc/swa/swa_sm90_utils.cuh, checked there against
+// CuTe's make_gmma_desc and on an H100): descriptor fields start >> 4, LBO >> 4 (bits 16-29),
+// SBO >> 4 (bits 32-45), layout type 1 (SWIZZLE_128B).
+__device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+namespace wg_detail {
+namespace gmma = cute::SM90::GMMA;
+constexpr gmma::Major major(bool mn) { return mn ? gmma::Major::MN : gmma::Major::K; }
+template <typename T, int N, bool kAmn, bool kBmn>
+struct Op;
+template <bool kAmn, bool kBmn>
+struct Op<__nv_bfloat16, 16, kAmn, kBmn> {
+  using type = gmma::MMA_64x16x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
+};
+template <bool kAmn, bool kBmn>
+struct Op<__nv_bfloat16, 64, kAmn, kBmn> {
+  using type = gmma::MMA_64x64x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
+};
+template <bool kAmn, bool kBmn>
+struct Op<__half, 16, kAmn, kBmn> {
+  using type = gmma::MMA_64x16x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
+};
+template <bool kAmn, bool kBmn>
+struct Op<__half, 64, kAmn, kBmn> {
+  using type = gmma::MMA_64x64x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
+};
+template <class O, size_t... I>
+__device__ __forceinline__ void fma(uint64_t da, uint64_t db, float* d, bool accumulate, std::index_sequence<I...>) {
+  O::fma(da, db, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
+}
+}  // namespace wg_detail
+
+// d (=|+=) A B for one m64nNk16 step of the warpgroup (all 128 threads call it), both operands
+// from shared memory through descriptors; kAmn / kBmn: the operand is MN-major (else K-major).
+// d: this thread's N / 2 accumulators in the m16n8 C layout of its warp's 16 rows, n8 block j in
+// d[j]. Issued, not waited for (wg_commit, wg_wait).
+template <typename T, int N, bool kAmn, bool kBmn>
+__device__ __forceinline__ void wg_mma(uint64_t da, uint64_t db, float (&d)[N / 8][4], bool accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wg_detail::fma<typename wg_detail::Op<T, N, kAmn, kBmn>::type>(da, db, &d[0][0], accumulate,
+                                                                  std::make_index_sequence<N / 2>{});
+#else
+  (void)da, (void)db, (void)d, (void)accumulate;
+  __trap();  // sm_90a code only (the dispatcher checks ttt_fwd_wg_available)
+#endif
+}
+// wgmma.fence before the warpgroup's first wgmma that touches registers written since.
+__device__ __forceinline__ void wg_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most kPending of the warpgroup's committed wgmma groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wg_wait() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+// Pins accumulator registers in program order around wgmma issue and wait (the compiler must not
+// move their other uses across), as CuTe's warpgroup_fence_operand.
+template <int kN>
+__device__ __forceinline__ void wg_fence_regs(float (&d)[kN][4]) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+  }
+#else
+  (void)d;
+#endif
+}
+// Generic-proxy writes of shared memory (stores, cp.async, distributed stores from peers) made
+// visible to the async proxy that wgmma reads through: the writers fence before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async;\n" ::: "memory");
+#endif
+}
 
 // Profiling clocks (ALLMEM_TTT_TC_PHASES): the SM's cycle counter and the global nanosecond timer.
 __device__ __forceinline__ long long sm_clock() { return clock64(); }

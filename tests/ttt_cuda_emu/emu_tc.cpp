@@ -94,6 +94,9 @@ extern "C" void emu_set_cluster(int ctas) { g_fwd_cluster = ctas == 16 ? 16 : 8;
 // Warps per CTA of the same kernel (ALLMEM_TTT_TC_WARPS), 4 or 8.
 static int g_fwd_warps = 4;
 extern "C" void emu_set_warps(int warps) { g_fwd_warps = warps == 8 ? 8 : 4; }
+// The wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 4 warps, split mode only: it skips the reads).
+static bool g_fwd_wg = false;
+extern "C" void emu_set_wgmma(int on) { g_fwd_wg = on != 0; }
 // FwdParams::phase_clock of the token-split forward (ALLMEM_TTT_TC_PHASES on a GPU): nullptr or
 // kPhaseSlots int64.
 static long long* g_phase_clock = nullptr;
@@ -102,7 +105,10 @@ extern "C" void emu_set_phase_clock(long long* buf) { g_phase_clock = buf; }
 template <typename T>
 void run_fwd_tc(FwdParams p) {
   p.phase_clock = g_phase_clock;
-  if (g_fwd_warps == 8) {
+  if (g_fwd_wg) {
+    if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16, 4, true>>(p, tc::ttt_fwd_tc_kernel<T, 16, 4, true>);
+    else run_clusters<tc::FwdTcTraitsP<8, 4, true>>(p, tc::ttt_fwd_tc_kernel<T, 8, 4, true>);
+  } else if (g_fwd_warps == 8) {
     if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16, 8>>(p, tc::ttt_fwd_tc_kernel<T, 16, 8>);
     else run_clusters<tc::FwdTcTraitsP<8, 8>>(p, tc::ttt_fwd_tc_kernel<T, 8, 8>);
   } else if (g_fwd_cluster == 16) {

@@ -7,6 +7,10 @@
 // exact 16-bit operands. Says nothing about the GPU memory model or speed.
 #pragma once
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "shim_tc.h"
@@ -129,6 +133,99 @@ inline X* cluster_peer(X* p, int rank) {
   return reinterpret_cast<X*>(cx.smem[rank] + off);
 }
 inline float fast_exp(float x) { return std::exp(x); }
+
+// Shared addresses are offsets from the CTA's dynamic shared memory (the kernels align tiles on
+// them, as the hardware's swizzle is a function of the shared address).
+inline uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::ctx().smem[emu::ctx().cta]);
+}
+
+// ---- wgmma m64nNk16, SS: both operands in 128-byte-swizzled shared memory through descriptors.
+// Each thread computes its own accumulator entries (warp w of the warpgroup: rows 16 w + lane / 4
+// (+ 8), n8 block j in d[j], the m16n8 C layout) from the descriptors, decoded field by field
+// (start, LBO, SBO; layout type must be SWIZZLE_128B, base offset 0) with the swizzle applied to
+// the computed addresses (bits [4, 7) ^= bits [7, 10)), as tests/swa_sm90_emu models it for the
+// SWA kernels. The products are formed at the issue and again when a wait retires the group and
+// must agree bitwise (an operand written between issue and wait, or not yet written at the issue,
+// fails); the accumulator changes only at the retiring wait (reading it earlier sees the old value).
+inline uint64_t wg_desc(uint32_t addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+struct WgOp {
+  uint64_t da, db;
+  float* d;
+  int n;
+  bool amn, bmn, accumulate, fp16;
+  std::vector<float> at_issue;
+};
+inline thread_local std::vector<WgOp> wg_open;
+inline thread_local std::vector<std::vector<WgOp>> wg_groups;
+[[noreturn]] inline void wg_fail(const char* what, unsigned long long v) {
+  std::fprintf(stderr, "ttt_tc_emu: %s (%#llx)\n", what, v);
+  std::abort();
+}
+inline float wg_elem(uint32_t addr, bool fp16) {
+  const uint32_t sw = addr ^ (((addr >> 7) & 7u) << 4);
+  uint16_t h;
+  std::memcpy(&h, emu::ctx().smem[emu::ctx().cta] + sw, 2);
+  return fp16 ? emu::to_float(__half{h}) : emu::to_float(__nv_bfloat16{h});
+}
+inline std::vector<float> wg_products(const WgOp& op) {
+  auto decode = [](uint64_t d, uint32_t& start, uint32_t& lbo, uint32_t& sbo) {
+    if ((d >> 62) != 1) wg_fail("wgmma descriptor layout type is not SWIZZLE_128B", d);
+    if (((d >> 49) & 7) != 0) wg_fail("wgmma descriptor base offset is not 0", d);
+    start = static_cast<uint32_t>((d & 0x3FFF) << 4);
+    lbo = static_cast<uint32_t>(((d >> 16) & 0x3FFF) << 4);
+    sbo = static_cast<uint32_t>(((d >> 32) & 0x3FFF) << 4);
+  };
+  uint32_t sa, la, ba, sb, lb, bb;
+  decode(op.da, sa, la, ba);
+  decode(op.db, sb, lb, bb);
+  const int lane = static_cast<int>(threadIdx.x % 32), w = static_cast<int>(threadIdx.x / 32) % 4;
+  std::vector<float> out(op.n / 2);
+  for (int r = 0; r < op.n / 2; ++r) {
+    const int m = 16 * w + lane / 4 + 8 * ((r % 4) / 2), j = 8 * (r / 4) + 2 * (lane % 4) + (r % 2);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t a = op.amn ? sa + (k / 8) * ba + (k % 8) * 128 + (m / 64) * la + (m % 64) * 2
+                                : sa + (m / 8) * ba + (m % 8) * 128 + k * 2;
+      const uint32_t b = op.bmn ? sb + (k / 8) * bb + (k % 8) * 128 + (j / 64) * lb + (j % 64) * 2
+                                : sb + (j / 8) * bb + (j % 8) * 128 + k * 2;
+      s += wg_elem(a, op.fp16) * wg_elem(b, op.fp16);
+    }
+    out[r] = s;
+  }
+  return out;
+}
+template <typename T, int N, bool kAmn, bool kBmn>
+inline void wg_mma(uint64_t da, uint64_t db, float (&d)[N / 8][4], bool accumulate) {
+  WgOp op{da, db, &d[0][0], N, kAmn, kBmn, accumulate, std::is_same_v<T, __half>, {}};
+  op.at_issue = wg_products(op);
+  wg_open.push_back(std::move(op));
+}
+inline void wg_fence() {}
+inline void wg_commit() {
+  wg_groups.push_back(std::move(wg_open));
+  wg_open.clear();
+}
+template <int kPending>
+inline void wg_wait() {
+  if (!wg_open.empty()) wg_fail("wgmma.wait_group with issued but uncommitted wgmmas", wg_open.size());
+  while (wg_groups.size() > static_cast<size_t>(kPending)) {
+    for (const WgOp& op : wg_groups.front()) {
+      const std::vector<float> now = wg_products(op);
+      if (std::memcmp(now.data(), op.at_issue.data(), now.size() * 4) != 0) {
+        wg_fail("a wgmma operand changed between issue and wait", op.db);
+      }
+      for (int r = 0; r < op.n / 2; ++r) op.d[r] = (op.accumulate ? op.d[r] : 0.f) + now[r];
+    }
+    wg_groups.erase(wg_groups.begin());
+  }
+}
+template <int kN>
+inline void wg_fence_regs(float (&)[kN][4]) {}
+inline void fence_proxy_async() {}
 // The profiling clocks: both the steady clock's nanoseconds here.
 inline long long sm_clock() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
