@@ -242,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.lact_order = lact_order;
     p.residual = residual;
     const bool split = use_split_read(lay);
+    bool wgmma = false;  // the token-split chain ran on wgmma: the read does too
     // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (split && use_units_chain(lay.d)) {
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
           p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
         }
         const int warps = fwd_tc_warps();
-        const bool wgmma = split && warps == 4 && fwd_tc_wgmma();
+        wgmma = split && warps == 4 && fwd_tc_wgmma();
         launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps, wgmma);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }
@@ -271,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         r.heads = lay.H;
         r.residual = residual;
         r.d = static_cast<int>(lay.d);
+        r.wgmma = wgmma;
         launch_ttt_read_tc(r, at::cuda::getCurrentCUDAStream());
       }
     } else {

@@ -76,6 +76,7 @@ struct ReadParams {
   int64_t heads;
   bool residual;
   int d;  // d = h, 64 or 128
+  bool wgmma;  // d = 64: the wgmma read (ttt_read_wg_kernel, sm_90a; ALLMEM_TTT_TC_WGMMA=1)
 };
 
 // The work list of split mode's reads (ReadParams::work): (first token, length, checkpoint slot)

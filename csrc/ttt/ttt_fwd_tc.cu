@@ -79,10 +79,24 @@ void launch_chain(const FwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+template <typename T>
+void launch_read_wg(const ReadParams& p, cudaStream_t stream) {
+  auto kernel = tc::ttt_read_wg_kernel<T>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tc::ReadWgTraits::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>(p.n_work), static_cast<unsigned>(p.heads));
+  kernel<<<grid, tc::ReadWgTraits::kThreads, tc::ReadWgTraits::kSmemBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
   if (p.n_work == 0 || p.heads == 0) return;
   TORCH_CHECK(p.d == 64 || p.d == 128, "allmem: launch_ttt_read_tc: d = 64 or 128, got ", p.d);
   const bool d64 = p.d == 64;
+  if (p.wgmma) {
+    TORCH_CHECK(d64, "allmem: launch_ttt_read_tc: the wgmma read is d = 64's");
+    if (p.dtype == InDType::kBFloat16) return launch_read_wg<__nv_bfloat16>(p, stream);
+    if (p.dtype == InDType::kFloat16) return launch_read_wg<__half>(p, stream);
+  }
   if (p.dtype == InDType::kBFloat16) {
     return d64 ? launch_read<__nv_bfloat16, 64>(p, stream) : launch_read<__nv_bfloat16, 128>(p, stream);
   }

@@ -185,6 +185,15 @@ template <class O, size_t... I>
 __device__ __forceinline__ void fma(uint64_t da, uint64_t db, float* d, bool accumulate, std::index_sequence<I...>) {
   O::fma(da, db, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
 }
+template <typename T>
+using OpRS = std::conditional_t<std::is_same_v<T, __nv_bfloat16>,
+                                gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>,
+                                gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>>;
+template <class O, size_t... I>
+__device__ __forceinline__ void fma_rs(const uint32_t (&a)[4], uint64_t db, float* d, bool accumulate,
+                                       std::index_sequence<I...>) {
+  O::fma(a[0], a[1], a[2], a[3], db, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
+}
 }  // namespace wg_detail
 
 // d (=|+=) A B for one m64nNk16 step of the warpgroup (all 128 threads call it), both operands
@@ -199,6 +208,26 @@ __device__ __forceinline__ void wg_mma(uint64_t da, uint64_t db, float (&d)[N / 
 #else
   (void)da, (void)db, (void)d, (void)accumulate;
   __trap();  // sm_90a code only (the dispatcher checks ttt_fwd_wg_available)
+#endif
+}
+// d (=|+=) A B for one m64n64k16 step, A from the warpgroup's registers (each warp its 16 rows, the
+// m16n8k16 A fragment layout), B K-major from shared memory.
+template <typename T>
+__device__ __forceinline__ void wg_mma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[8][4], bool accumulate) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wg_detail::fma_rs<wg_detail::OpRS<T>>(a, db, &d[0][0], accumulate, std::make_index_sequence<32>{});
+#else
+  (void)a, (void)db, (void)d, (void)accumulate;
+  __trap();
+#endif
+}
+// A fragment registers pinned like the accumulators (wg_fence_regs).
+__device__ __forceinline__ void wg_fence_a(uint32_t (&a)[4]) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[j])::"memory");
+#else
+  (void)a;
 #endif
 }
 // wgmma.fence before the warpgroup's first wgmma that touches registers written since.

@@ -73,6 +73,11 @@ void run_clusters(const Params& p, Kernel kernel) {
       [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); }, [&] { kernel(p); });
 }
 
+// The wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 4 warps, split mode only: it skips the reads),
+// then the wgmma read..
+static bool g_fwd_wg = false;
+extern "C" void emu_set_wgmma(int on) { g_fwd_wg = on != 0; }
+
 // ttt_api_cuda.cpp read_work: ttt_cuda.h segment_reads on the sequence table [start | len | p0 | slot].
 std::vector<int64_t> read_work(const int64_t* seq, int64_t N, int64_t C) {
   return segment_reads(seq, seq + N, seq + 2 * N, seq + 3 * N, N, C);
@@ -84,6 +89,13 @@ template <typename T, int D>
 void run_read(const FwdParams& p) {
   const std::vector<int64_t> work = read_work(p.seq, p.n_seqs, p.chunk);
   ReadParams r{p.q, p.o, p.dtype, p.ckpt, work.data(), static_cast<int64_t>(work.size() / 3), p.heads, p.residual, D};
+  if constexpr (D == 64) {
+    if (g_fwd_wg) {  // the wgmma read after the wgmma chain, as the glue pairs them
+      r.wgmma = true;
+      run_segment_grid(r.n_work, p.heads, tc::ReadWgTraits::kSmemBytes, [&] { tc::ttt_read_wg_kernel<T>(r); });
+      return;
+    }
+  }
   run_segment_grid(r.n_work, p.heads, tc::ReadTcTraits<D>::kSmemBytes, [&] { tc::ttt_read_tc_kernel<T, D>(r); });
 }
 
@@ -94,9 +106,6 @@ extern "C" void emu_set_cluster(int ctas) { g_fwd_cluster = ctas == 16 ? 16 : 8;
 // Warps per CTA of the same kernel (ALLMEM_TTT_TC_WARPS), 4 or 8.
 static int g_fwd_warps = 4;
 extern "C" void emu_set_warps(int warps) { g_fwd_warps = warps == 8 ? 8 : 4; }
-// The wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 4 warps, split mode only: it skips the reads).
-static bool g_fwd_wg = false;
-extern "C" void emu_set_wgmma(int on) { g_fwd_wg = on != 0; }
 // FwdParams::phase_clock of the token-split forward (ALLMEM_TTT_TC_PHASES on a GPU): nullptr or
 // kPhaseSlots int64.
 static long long* g_phase_clock = nullptr;

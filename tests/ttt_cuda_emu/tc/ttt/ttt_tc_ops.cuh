@@ -158,6 +158,8 @@ struct WgOp {
   int n;
   bool amn, bmn, accumulate, fp16;
   std::vector<float> at_issue;
+  bool rs = false;
+  float a_rows[2][16] = {};  // RS: this thread's two rows of A (from its quad's registers)
 };
 inline thread_local std::vector<WgOp> wg_open;
 inline thread_local std::vector<std::vector<WgOp>> wg_groups;
@@ -179,8 +181,8 @@ inline std::vector<float> wg_products(const WgOp& op) {
     lbo = static_cast<uint32_t>(((d >> 16) & 0x3FFF) << 4);
     sbo = static_cast<uint32_t>(((d >> 32) & 0x3FFF) << 4);
   };
-  uint32_t sa, la, ba, sb, lb, bb;
-  decode(op.da, sa, la, ba);
+  uint32_t sa = 0, la = 0, ba = 0, sb, lb, bb;
+  if (!op.rs) decode(op.da, sa, la, ba);
   decode(op.db, sb, lb, bb);
   const int lane = static_cast<int>(threadIdx.x % 32), w = static_cast<int>(threadIdx.x / 32) % 4;
   std::vector<float> out(op.n / 2);
@@ -192,7 +194,8 @@ inline std::vector<float> wg_products(const WgOp& op) {
                                 : sa + (m / 8) * ba + (m % 8) * 128 + k * 2;
       const uint32_t b = op.bmn ? sb + (k / 8) * bb + (k % 8) * 128 + (j / 64) * lb + (j % 64) * 2
                                 : sb + (j / 8) * bb + (j % 8) * 128 + k * 2;
-      s += wg_elem(a, op.fp16) * wg_elem(b, op.fp16);
+      const float av = op.rs ? op.a_rows[(r % 4) / 2][k] : wg_elem(a, op.fp16);
+      s += av * wg_elem(b, op.fp16);
     }
     out[r] = s;
   }
@@ -204,6 +207,32 @@ inline void wg_mma(uint64_t da, uint64_t db, float (&d)[N / 8][4], bool accumula
   op.at_issue = wg_products(op);
   wg_open.push_back(std::move(op));
 }
+// RS: A from registers in the m16n8k16 A layout; the thread's two rows g, g + 8 are gathered from
+// its quad (lanes 4g .. 4g + 3) at the issue (the hardware reads them then).
+template <typename T>
+inline void wg_mma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[8][4], bool accumulate) {
+  auto& w = emu::warp_ex();
+  const int lane = emu::lane();
+  for (int i = 0; i < 4; ++i) w.reg[lane][i] = a[i];
+  emu::warp_sync();
+  WgOp op{0, db, &d[0][0], 64, false, false, accumulate, std::is_same_v<T, __half>, {}};
+  op.rs = true;
+  const int g = lane / 4;
+  for (int c = 0; c < 4; ++c) {
+    const uint32_t* rg = w.reg[4 * g + c];
+    for (int h = 0; h < 2; ++h) {
+      auto val = [&](uint32_t r) { return emu::to_float(T{static_cast<uint16_t>(h ? r >> 16 : r & 0xffffu)}); };
+      op.a_rows[0][2 * c + h] = val(rg[0]);
+      op.a_rows[1][2 * c + h] = val(rg[1]);
+      op.a_rows[0][2 * c + 8 + h] = val(rg[2]);
+      op.a_rows[1][2 * c + 8 + h] = val(rg[3]);
+    }
+  }
+  emu::warp_sync();
+  op.at_issue = wg_products(op);
+  wg_open.push_back(std::move(op));
+}
+inline void wg_fence_a(uint32_t (&)[4]) {}
 inline void wg_fence() {}
 inline void wg_commit() {
   wg_groups.push_back(std::move(wg_open));
