@@ -369,7 +369,8 @@ for dt in (torch.bfloat16, torch.float16):
     # chain ALLMEM_TTT_TC_WGMMA=1), forward only.
     with torch.no_grad():
         split0 = os.environ.get("ALLMEM_TTT_TC_SPLIT")
-        for cl, wp, wg in (("16", "4", "0"), ("8", "8", "0"), ("16", "8", "0"), ("8", "4", "1"), ("16", "4", "1")):
+        for cl, wp, wg in (("16", "4", "0"), ("8", "8", "0"), ("16", "8", "0"), ("8", "4", "1"), ("16", "4", "1"),
+                           ("8", "8", "1"), ("16", "8", "1")):
             os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"] = cl, wp
             os.environ["ALLMEM_TTT_TC_WGMMA"] = wg
             if wg == "1":  # the wgmma chain is split mode's

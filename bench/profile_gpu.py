@@ -176,7 +176,8 @@ def case_ttt_fwd64() -> dict:
     c16, w8, wg = {"ALLMEM_TTT_TC_CLUSTER": "16"}, {"ALLMEM_TTT_TC_WARPS": "8"}, {"ALLMEM_TTT_TC_WGMMA": "1"}
     for name, env in (("split", {}), ("split_cluster16", c16), ("split_warps8", w8),
                       ("split_cluster16_warps8", {**c16, **w8}), ("split_wgmma", wg),
-                      ("split_cluster16_wgmma", {**c16, **wg}),
+                      ("split_cluster16_wgmma", {**c16, **wg}), ("split_warps8_wgmma", {**w8, **wg}),
+                      ("split_cluster16_warps8_wgmma", {**c16, **w8, **wg}),
                       ("fused", {"ALLMEM_TTT_TC_SPLIT": "0"}),
                       ("fused_cluster16_warps8", {"ALLMEM_TTT_TC_SPLIT": "0", **c16, **w8})):
         try:

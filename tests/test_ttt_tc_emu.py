@@ -158,7 +158,7 @@ VARIANT_CASES = [
     CASES[0],
 ]
 # (CTAs per cluster, warps per CTA, wgmma chain: ALLMEM_TTT_TC_WGMMA=1, split mode only)
-VARIANTS = [(16, 4, 0), (8, 8, 0), (16, 8, 0), (8, 4, 1), (16, 4, 1)]
+VARIANTS = [(16, 4, 0), (8, 8, 0), (16, 8, 0), (8, 4, 1), (16, 4, 1), (8, 8, 1), (16, 8, 1)]
 
 
 @pytest.fixture(params=VARIANTS, ids=[f"cluster{c}_warps{w}" + ("_wgmma" if g else "") for c, w, g in VARIANTS])

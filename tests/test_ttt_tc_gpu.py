@@ -80,7 +80,8 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8", "wgmma", "cluster16_wgmma"])
+@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8", "wgmma", "cluster16_wgmma",
+                        "warps8_wgmma"])
 def fwd_kernel(request, monkeypatch):
     """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain, on
     the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA

@@ -133,8 +133,8 @@ int fwd_tc_warps() {
 
 // The split-mode chain's products on wgmma (ttt_fwd_tc.cuh kWg), from ALLMEM_TTT_TC_WGMMA (read at
 // every call): unset or "0", mma.sync (the default); "1" (opt-in: emulator-tested, not yet run on
-// a GPU): the wgmma chain where split mode runs the token-split chain with 4 warps, on a device
-// that runs this binary's sm_90a code (else an error).
+// a GPU): the wgmma chain (4 or 8 warps: one or two warpgroups) and read where split mode runs the
+// token-split chain, on a device that runs this binary's sm_90a code (else an error).
 bool fwd_tc_wgmma() {
   const char* env = std::getenv("ALLMEM_TTT_TC_WGMMA");
   if (env == nullptr || std::strcmp(env, "0") == 0) return false;
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
           p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
         }
         const int warps = fwd_tc_warps();
-        wgmma = split && warps == 4 && fwd_tc_wgmma();
+        wgmma = split && fwd_tc_wgmma();
         launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps, wgmma);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }

@@ -161,8 +161,8 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 // Same inputs, outputs and checkpoints as launch_ttt_fwd.
 // cluster: CTAs per (sequence, head), 8 or 16 (a non-portable cluster size; the caller checks that
 // the device runs one: ttt_fwd_tc_active_clusters); warps: per CTA, 4 or 8.
-// wgmma: the chain's products on wgmma (ttt_fwd_tc.cuh kWg; split mode (p.skip_read), 4 warps, a
-// binary with sm_90a code: ttt_fwd_wg_available).
+// wgmma: the chain's products on wgmma (ttt_fwd_tc.cuh kWg; split mode (p.skip_read), a binary
+// with sm_90a code: ttt_fwd_wg_available).
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster = 8, int warps = 4, bool wgmma = false);
 // Whether the device runs this binary's sm_90a code (the wgmma chain's target).
 bool ttt_fwd_wg_available();

@@ -43,7 +43,11 @@ void launch_tc_warps(const FwdParams& p, cudaStream_t stream, int cluster) {
 }
 
 template <typename T>
-void launch_wg(const FwdParams& p, cudaStream_t stream, int cluster) {
+void launch_wg(const FwdParams& p, cudaStream_t stream, int cluster, int warps) {
+  if (warps == 8) {
+    if (cluster == 16) return launch_tc_g<T, 16, 8, true>(p, stream);
+    return launch_tc_g<T, 8, 8, true>(p, stream);
+  }
   if (cluster == 16) return launch_tc_g<T, 16, 4, true>(p, stream);
   launch_tc_g<T, 8, 4, true>(p, stream);
 }
@@ -126,9 +130,9 @@ void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: launch_ttt_fwd_tc: clusters of 8 or 16 CTAs, got ", cluster);
   TORCH_CHECK(warps == 4 || warps == 8, "allmem: launch_ttt_fwd_tc: 4 or 8 warps per CTA, got ", warps);
   if (wgmma) {
-    TORCH_CHECK(p.skip_read && warps == 4, "allmem: launch_ttt_fwd_tc: the wgmma chain is split mode's, 4 warps");
-    if (p.dtype == InDType::kBFloat16) return launch_wg<__nv_bfloat16>(p, stream, cluster);
-    if (p.dtype == InDType::kFloat16) return launch_wg<__half>(p, stream, cluster);
+    TORCH_CHECK(p.skip_read, "allmem: launch_ttt_fwd_tc: the wgmma chain is split mode's");
+    if (p.dtype == InDType::kBFloat16) return launch_wg<__nv_bfloat16>(p, stream, cluster, warps);
+    if (p.dtype == InDType::kFloat16) return launch_wg<__half>(p, stream, cluster, warps);
   }
   if (p.dtype == InDType::kBFloat16) {
     return warps == 8 ? launch_tc_warps<__nv_bfloat16, 8>(p, stream, cluster)

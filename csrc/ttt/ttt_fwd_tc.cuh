@@ -82,8 +82,8 @@ struct FwdTcTraitsP {
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
   static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
   static_assert(W == 4 || W == 8, "4 or 8 warps");
-  static_assert(!G || (W == 4 && kOffK2 % 1024 == 0 && kOffV2 % 1024 == 0 && kOffX % 1024 == 0),
-                "wgmma: one warpgroup, 1024-byte-aligned tiles");
+  static_assert(!G || (kOffK2 % 1024 == 0 && kOffV2 % 1024 == 0 && kOffX % 1024 == 0),
+                "wgmma: 1024-byte-aligned tiles");
   // Element (row, col) of a 16-bit [rows][64] tile: padded rows, or (G) the 128-byte swizzle
   // (16-byte chunk col / 8 of row r stored at chunk (col / 8) ^ (r % 8)).
   static constexpr int el(int row, int col) {
@@ -411,15 +411,16 @@ __device__ __forceinline__ void wg_abe(float (&ga)[2][4], float (&gb)[2][4], flo
   wg_fence_regs(ge);
 }
 
-// acc_g += Xg^T K, acc_u += Xu^T K, acc_d += V^T Sd over the tile's 64 tokens (m64n64k16 in 4
+// acc_g += Xg^T K, acc_u += Xu^T K, acc_d += V^T Sd over the tile's 64 tokens (m64nNk16 in 4
 // steps of two 8-line atoms, 2048 bytes): every operand MN-major (rows are the tokens, the
-// contraction dim); x3 = [Xg | Xu | Sd] tiles.
-template <typename T>
-__device__ __forceinline__ void wg_grads(float (&acc_g)[8][4], float (&acc_u)[8][4], float (&acc_d)[8][4],
-                                         const T* x3, const T* sK, const T* sV) {
+// contraction dim); x3 = [Xg | Xu | Sd] tiles. N = 64, or (8 warps: two warpgroups) the N columns
+// [n0, n0 + N) of each gradient: B starts 2 n0 bytes into its lines.
+template <typename T, int N = 64>
+__device__ __forceinline__ void wg_grads(float (&acc_g)[N / 8][4], float (&acc_u)[N / 8][4], float (&acc_d)[N / 8][4],
+                                         const T* x3, const T* sK, const T* sV, int n0 = 0) {
   constexpr int kTE = 64 * 64;
-  const uint32_t xg = smem_u32(x3), xu = smem_u32(x3 + kTE), sd = smem_u32(x3 + 2 * kTE), k = smem_u32(sK),
-                 v = smem_u32(sV);
+  const uint32_t xg = smem_u32(x3), xu = smem_u32(x3 + kTE), sd = smem_u32(x3 + 2 * kTE) + 2 * n0,
+                 k = smem_u32(sK), kn = k + 2 * n0, v = smem_u32(sV);
   wg_fence_regs(acc_g);
   wg_fence_regs(acc_u);
   wg_fence_regs(acc_d);
@@ -427,10 +428,10 @@ __device__ __forceinline__ void wg_grads(float (&acc_g)[8][4], float (&acc_u)[8]
 #pragma unroll 1
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t o = kk * 2048;
-    const uint64_t dk = wg_desc(k + o, 64 * 128, 1024);
-    wg_mma<T, 64, true, true>(wg_desc(xg + o, 64 * 128, 1024), dk, acc_g, true);
-    wg_mma<T, 64, true, true>(wg_desc(xu + o, 64 * 128, 1024), dk, acc_u, true);
-    wg_mma<T, 64, true, true>(wg_desc(v + o, 64 * 128, 1024), wg_desc(sd + o, 64 * 128, 1024), acc_d, true);
+    const uint64_t dk = wg_desc(kn + o, 64 * 128, 1024);
+    wg_mma<T, N, true, true>(wg_desc(xg + o, 64 * 128, 1024), dk, acc_g, true);
+    wg_mma<T, N, true, true>(wg_desc(xu + o, 64 * 128, 1024), dk, acc_u, true);
+    wg_mma<T, N, true, true>(wg_desc(v + o, 64 * 128, 1024), wg_desc(sd + o, 64 * 128, 1024), acc_d, true);
   }
   wg_commit();
   wg_wait<0>();
@@ -702,8 +703,8 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
       __syncthreads();
       mark(kPhaseFactors);
       // -G partials: warp w owns rows [16 (w % 4), +16) and column blocks [nb0, nb0 + kNb) of each matrix.
-      if constexpr (kWg) {
-        wg_grads(acc_g, acc_u, acc_d, sX, sK, sV);
+      if constexpr (kWg) {  // warpgroup w / 4: gradient columns [16 nb0, 16 (nb0 + kNb))
+        wg_grads<T, 16 * kNb>(acc_g, acc_u, acc_d, sX, sK, sV, 16 * nb0);
       } else {
         mma_yt_x<T, kNb>(acc_g, sX, row0, sK, lane, nb0);            // -Gg = Xg^T K
         mma_yt_x<T, kNb>(acc_u, sX + kTE, row0, sK, lane, nb0);      // -Gu = Xu^T K

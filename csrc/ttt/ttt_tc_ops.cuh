@@ -170,6 +170,14 @@ struct Op<__nv_bfloat16, 16, kAmn, kBmn> {
   using type = gmma::MMA_64x16x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
 };
 template <bool kAmn, bool kBmn>
+struct Op<__nv_bfloat16, 32, kAmn, kBmn> {
+  using type = gmma::MMA_64x32x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
+};
+template <bool kAmn, bool kBmn>
+struct Op<__half, 32, kAmn, kBmn> {
+  using type = gmma::MMA_64x32x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
+};
+template <bool kAmn, bool kBmn>
 struct Op<__nv_bfloat16, 64, kAmn, kBmn> {
   using type = gmma::MMA_64x64x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
 };

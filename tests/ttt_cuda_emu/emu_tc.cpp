@@ -114,7 +114,10 @@ extern "C" void emu_set_phase_clock(long long* buf) { g_phase_clock = buf; }
 template <typename T>
 void run_fwd_tc(FwdParams p) {
   p.phase_clock = g_phase_clock;
-  if (g_fwd_wg) {
+  if (g_fwd_wg && g_fwd_warps == 8) {
+    if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16, 8, true>>(p, tc::ttt_fwd_tc_kernel<T, 16, 8, true>);
+    else run_clusters<tc::FwdTcTraitsP<8, 8, true>>(p, tc::ttt_fwd_tc_kernel<T, 8, 8, true>);
+  } else if (g_fwd_wg) {
     if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16, 4, true>>(p, tc::ttt_fwd_tc_kernel<T, 16, 4, true>);
     else run_clusters<tc::FwdTcTraitsP<8, 4, true>>(p, tc::ttt_fwd_tc_kernel<T, 8, 4, true>);
   } else if (g_fwd_warps == 8) {
