@@ -97,9 +97,9 @@ BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_comp", "allmem_cfwd",
         "allmem_c16")
-# Run order: ours, then the peers, then the opt-in composite forward (last, so a budget cut never
-# drops a peer for it).
-LAST = ("allmem_cfwd", "allmem_c16")
+# Run order: ours, then the peers, then the opt-in variants (last, so a budget cut never drops a
+# peer for them): the tensor-core forward's shapes first, then the composite forward.
+LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_cfwd", "allmem_c16")
 IMPLS = (*(i for i in OURS if i not in LAST), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", *LAST)
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0

@@ -44,17 +44,21 @@
 # paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
 # each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
 # A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 500 s): everything's
-# tests (tests-defaults: nothing set; it includes the TTT tensor-core, composite and decode tests),
-# the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck has never
-# finished: it timed out at 60 s in run a and was skipped since; issue 6 needs it; now one 45 s
-# stage per case, sanitize-ttt-racecheck-{0,1,2,decode}) and of the Hopper SWA kernels (unchanged
-# since run e, where they passed: add SKIP="sanitize-sm90-alt-memcheck sanitize-sm90-alt-racecheck
-# sanitize-sm90-alt-synccheck" if time is short):
-#   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize" BUDGET_S=575 bash bench/device_check.sh
-# with carry [".whl"]; then on the warm machine (the build is kept; about 220 s; the profile has
-# the composite TTT passes at d = 128: float32 / ATen / 16-bit operands, units chain vs composite
-# forward):
-#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt sanitize-tc" BENCH_TTT_BUDGET=90 \
+# tests (tests-ttt-tc now holds the eighth session's opt-in forward shapes: clusters of 16, 8 warps,
+# the wgmma chain and read, phase clocks; tests-defaults: nothing set, with the composite and
+# decode tests), the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck
+# has never finished: it timed out at 60 s in run a; issue 6 needs it; one 45 s stage per case,
+# sanitize-ttt-racecheck-{0,1,2,decode}) and of the tensor-core TTT kernels (their case runs every
+# new forward shape); the Hopper SWA sanitizers are skipped (unchanged since run e, where they
+# passed):
+#   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize" BUDGET_S=575 \
+#   SKIP="sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-sm90-synccheck sanitize-sm90-alt-memcheck \
+#   sanitize-sm90-alt-racecheck sanitize-sm90-alt-synccheck" bash bench/device_check.sh
+# with carry [".whl"]; then on the warm machine (the build is kept; about 220 s): the profile (the
+# d = 64 B = 1 128k forward's kernels and phase clocks for every shape: which one to make the
+# default; the composite TTT passes at d = 128) and the TTT benchmark (the new shapes' rows run
+# after the peers):
+#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt" BENCH_TTT_BUDGET=120 \
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_dr" \
 #   BUDGET_S=230 bash bench/device_check.sh
 # then give_back at once (idle release is 30 s).
@@ -156,7 +160,7 @@ if want tests; then
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu -k "$NOT_ERR" "$REPO/tests/test_ttt_gpu.py"
   # The tensor-core TTT forward (opt-in ALLMEM_TTT_TC=1 until this stage has passed on a GPU).
-  [[ -f $REPO/tests/test_ttt_tc_gpu.py ]] && run_stage tests-ttt-tc 90 "$OUT/tests.log" \
+  [[ -f $REPO/tests/test_ttt_tc_gpu.py ]] && run_stage tests-ttt-tc 150 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_tc_gpu.py"
   err_tests=("${op_tests[@]}")
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && err_tests+=("$REPO/tests/test_ttt_gpu.py")
@@ -166,18 +170,20 @@ fi
 
 # The tensor-core TTT kernels alone (a short rerun): their GPU tests and the static build checks.
 if want tests-tc; then
-  run_stage tests-tc 120 "$OUT/tests.log" $PY -m pytest -q -ra -s -p no:cacheprovider \
+  run_stage tests-tc 180 "$OUT/tests.log" $PY -m pytest -q -ra -s -p no:cacheprovider \
     "$REPO/tests/test_ttt_tc_gpu.py" "$REPO/tests/test_ttt_cuda_build.py" "$REPO/tests/test_ttt_composite.py"
 fi
 
 # The library's defaults, nothing set (not in the default set): the SWA op tests (on sm_90 the
 # Hopper forward and backward), the default-selection tests, the in-place TTT decode, the TTT GPU
 # tests (their fixtures pin the hand-written backward; test_ttt_composite checks the default's).
+# Not test_ttt_tc_gpu.py: its fixtures set every switch they depend on, and tests-ttt-tc runs it
+# with nothing set already.
 if want tests-defaults; then
   run_stage tests-defaults 180 "$OUT/tests.log" env -u ALLMEM_SWA_SM90 -u ALLMEM_SWA_SM90_BWD -u ALLMEM_TTT_BWD \
     -u ALLMEM_TTT_TC -u ALLMEM_TTT_TC_SPLIT $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k "$NOT_ERR" \
     "$REPO/tests/test_swa.py" "$REPO/tests/test_swa_gpu.py::test_default_kernels" "$REPO/tests/test_ttt_decode.py" \
-    "$REPO/tests/test_ttt_composite.py" "$REPO/tests/test_ttt_gpu.py" "$REPO/tests/test_ttt_tc_gpu.py"
+    "$REPO/tests/test_ttt_composite.py" "$REPO/tests/test_ttt_gpu.py"
 fi
 
 # The SWA op tests with the Hopper forward as the default (ALLMEM_SWA_SM90=1), SM90_REPS times
@@ -408,7 +414,7 @@ print("ttt tensor-core sanitizer cases ran")
 EOF
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck synccheck; do
-    run_stage "sanitize-ttt-tc-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
+    run_stage "sanitize-ttt-tc-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
       --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
   done
   # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
