@@ -275,7 +275,8 @@ __device__ __forceinline__ void stage_chunk_kv(const void* k, const void* v, con
 // 1); body(t0, nt, buf) runs once that tile is in shared memory and visible to the whole CTA, and
 // must end with a barrier after its last read of the buffer (the next stage call writes it). One
 // committed group per tile, so wait_group 1 retires the current one. Every thread calls it.
-template <class Stage, class Body>
+// kProxyFence: the tile is read by wgmma (the async proxy): each thread fences its copies first.
+template <bool kProxyFence = false, class Stage, class Body>
 __device__ __forceinline__ void prefetched_tiles(int64_t len, Stage&& stage, Body&& body) {
   constexpr int kTile = FwdTcTraits::kTile;
   if (len > 0) {
@@ -287,6 +288,7 @@ __device__ __forceinline__ void prefetched_tiles(int64_t len, Stage&& stage, Bod
     if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
+    if constexpr (kProxyFence) fence_proxy_async();
     __syncthreads();
     body(t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf);
   }

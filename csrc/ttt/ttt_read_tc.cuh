@@ -115,20 +115,10 @@ __global__ void __launch_bounds__(ReadWgTraits::kThreads) ttt_read_wg_kernel(con
     }
   };
   const uint32_t wg = smem_u32(sW), wu = smem_u32(sW + kTE), wd = smem_u32(sW + 2 * kTE);
-  if (len > 0) {
-    stage(0, 0);
-    cp_async_commit();
-  }
-  int buf = 0;
-  for (int64_t t0 = 0; t0 < len; t0 += kTile, buf ^= 1) {
-    if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();  // this tile's q (and, the first time, the weights) -> the async proxy
-    __syncthreads();
+  // The proxy fence also covers the weights (written before the first tile's).
+  prefetched_tiles<true>(len, stage, [&](int64_t t0, int nt, int buf) {
     const T* sQ = buf ? sQ2 : sQ1;
     const uint32_t q = smem_u32(sQ);
-    const int nt = static_cast<int>(len - t0 < kTile ? len - t0 : kTile);
     float a[8][4], b[8][4];
     wg_fence_regs(a);
     wg_fence_regs(b);
@@ -183,8 +173,8 @@ __global__ void __launch_bounds__(ReadWgTraits::kThreads) ttt_read_wg_kernel(con
         store_pair(static_cast<T*>(p.o) + ((first + t0 + t) * H + hh) * D + c, o0, o1);
       }
     }
-    __syncthreads();  // this q buffer is the one the next-but-one stage writes
-  }
+    __syncthreads();  // this q buffer is the one the next stage writes
+  });
 }
 
 }  // namespace allmem::ttt::cuda::tc

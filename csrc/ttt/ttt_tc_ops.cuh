@@ -163,32 +163,16 @@ __device__ __forceinline__ uint64_t wg_desc(uint32_t addr, uint32_t lbo_bytes, u
 namespace wg_detail {
 namespace gmma = cute::SM90::GMMA;
 constexpr gmma::Major major(bool mn) { return mn ? gmma::Major::MN : gmma::Major::K; }
-template <typename T, int N, bool kAmn, bool kBmn>
-struct Op;
-template <bool kAmn, bool kBmn>
-struct Op<__nv_bfloat16, 16, kAmn, kBmn> {
-  using type = gmma::MMA_64x16x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
-};
-template <bool kAmn, bool kBmn>
-struct Op<__nv_bfloat16, 32, kAmn, kBmn> {
-  using type = gmma::MMA_64x32x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
-};
-template <bool kAmn, bool kBmn>
-struct Op<__half, 32, kAmn, kBmn> {
-  using type = gmma::MMA_64x32x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
-};
-template <bool kAmn, bool kBmn>
-struct Op<__nv_bfloat16, 64, kAmn, kBmn> {
-  using type = gmma::MMA_64x64x16_F32BF16BF16_SS<major(kAmn), major(kBmn)>;
-};
-template <bool kAmn, bool kBmn>
-struct Op<__half, 16, kAmn, kBmn> {
-  using type = gmma::MMA_64x16x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
-};
-template <bool kAmn, bool kBmn>
-struct Op<__half, 64, kAmn, kBmn> {
-  using type = gmma::MMA_64x64x16_F32F16F16_SS<major(kAmn), major(kBmn)>;
-};
+// The SS wgmma of T operands, m64nNk16 (N = 16, 32 or 64), with each operand's major-ness.
+template <typename T, int N, gmma::Major A, gmma::Major B>
+using OpSS = std::conditional_t<
+    std::is_same_v<T, __nv_bfloat16>,
+    std::conditional_t<N == 16, gmma::MMA_64x16x16_F32BF16BF16_SS<A, B>,
+                       std::conditional_t<N == 32, gmma::MMA_64x32x16_F32BF16BF16_SS<A, B>,
+                                          gmma::MMA_64x64x16_F32BF16BF16_SS<A, B>>>,
+    std::conditional_t<N == 16, gmma::MMA_64x16x16_F32F16F16_SS<A, B>,
+                       std::conditional_t<N == 32, gmma::MMA_64x32x16_F32F16F16_SS<A, B>,
+                                          gmma::MMA_64x64x16_F32F16F16_SS<A, B>>>>;
 template <class O, size_t... I>
 __device__ __forceinline__ void fma(uint64_t da, uint64_t db, float* d, bool accumulate, std::index_sequence<I...>) {
   O::fma(da, db, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
@@ -211,7 +195,9 @@ __device__ __forceinline__ void fma_rs(const uint32_t (&a)[4], uint64_t db, floa
 template <typename T, int N, bool kAmn, bool kBmn>
 __device__ __forceinline__ void wg_mma(uint64_t da, uint64_t db, float (&d)[N / 8][4], bool accumulate) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wg_detail::fma<typename wg_detail::Op<T, N, kAmn, kBmn>::type>(da, db, &d[0][0], accumulate,
+  static_assert(N == 16 || N == 32 || N == 64, "m64n16, n32 or n64");
+  using wg_detail::major;
+  wg_detail::fma<wg_detail::OpSS<T, N, major(kAmn), major(kBmn)>>(da, db, &d[0][0], accumulate,
                                                                   std::make_index_sequence<N / 2>{});
 #else
   (void)da, (void)db, (void)d, (void)accumulate;
