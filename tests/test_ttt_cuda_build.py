@@ -21,8 +21,9 @@ pytestmark = [
 
 
 # kernel -> instantiations (bf16 and fp16; the read and the units chain also for d = 64 and 128, the
-# token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma)
-TC_KERNELS = {"ttt_fwd_tc_kernel": 16, "ttt_bwd_tc_kernel": 2, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
+# token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
+# backward for clusters of 8 and 16)
+TC_KERNELS = {"ttt_fwd_tc_kernel": 16, "ttt_bwd_tc_kernel": 4, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
               "ttt_chain_tc_kernel": 4, "ttt_read_wg_kernel": 2}
 
 

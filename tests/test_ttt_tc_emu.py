@@ -262,6 +262,28 @@ def test_tc_backward_matches_float64_op(emu_tc, case):
         assert e < 4 * u, (name, errs)
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("case", CASES[:3], ids=[f"case{i}" for i in range(3)])
+def test_tc_backward_cluster16_matches_float64_op(emu_tc, case, split):
+    """The tensor-core backward on clusters of 16 (ALLMEM_TTT_TC_CLUSTER=16; fused and split
+    mode): every gradient within the 8-cluster kernel's bound (4 u) of the float64 backward."""
+    args, want, (*_, dtype) = bwd_case(case)
+
+    class Lib:  # emulated_bwd calls lib.emu_bwd
+        emu_bwd = emu_tc.emu_bwd_split if split else emu_tc.emu_bwd
+
+    emu_tc.emu_set_cluster(16)
+    try:
+        got = _emulated_bwd_f32(Lib, *args)
+    finally:
+        emu_tc.emu_set_cluster(8)
+    u = UNIT_ROUNDOFF[dtype]
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    for name, a, w in zip(names, got, want):
+        assert not torch.isnan(a).any(), name
+        assert rel_err(a, w) < 4 * u, name
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tc_split_forward_is_bitwise_the_fused_one(emu_tc, case):
     """Split mode (csrc/ttt/ttt_read_tc.cuh, ALLMEM_TTT_TC_SPLIT=1): the cluster kernel without

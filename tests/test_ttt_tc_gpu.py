@@ -279,12 +279,15 @@ def _bwd(dev, outs, grads, C, lact, res):
     return out
 
 
+@pytest.mark.parametrize("cluster", ["8", "16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_tc_backward_matches_float64(tc, case):
+def test_tc_backward_matches_float64(tc, monkeypatch, case, cluster):
     """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the GPU forward's checkpoints vs the
     float64 CPU backward from its own: every gradient within 4 u (tests/test_ttt_tc_emu.py measured
     about 1 u before the outputs are rounded to the input dtype); bitwise deterministic; a
-    different kernel from the SIMT backward (ALLMEM_TTT_TC=0), within the same bound of it."""
+    different kernel from the SIMT backward (ALLMEM_TTT_TC=0), within the same bound of it. On
+    clusters of 8 (the default) and 16 (ALLMEM_TTT_TC_CLUSTER=16: forward and backward)."""
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", cluster)
     dev, outs, grads, want, (C, lact, res, dtype) = _bwd_case(case)
     got = _bwd(dev, outs, grads, C, lact, res)
     again = _bwd(dev, outs, grads, C, lact, res)

@@ -144,34 +144,38 @@ bool fwd_tc_wgmma() {
   return true;
 }
 
-// CTAs per cluster of the token-split tensor-core forward, from ALLMEM_TTT_TC_CLUSTER (read at
+// CTAs per cluster of the token-split tensor-core forward and of the tensor-core backward, from
+// ALLMEM_TTT_TC_CLUSTER (read at
 // every call): unset or "8", the portable 8 (the default: the 16-CTA kernel has passed its
 // emulator tests, not yet a GPU's); "16", clusters of 16 (an error where the device cannot run
 // one); "auto", 16 where every (sequence, head) cluster of 16 runs at once (B * H at most the
 // device's active clusters of 16: at B = 1, H = 8 twice the SMs per chain, half the tiles per CTA
-// per chunk), else 8. The forward's outputs, checkpoints included, do not depend on it beyond
-// float32 summation order (mu's mean, the gradient partials).
-int fwd_tc_cluster(const Layout& lay, InDType dt, int warps) {
+// per chunk), else 8. The outputs (checkpoints, gradients) do not depend on it beyond float32
+// summation order (mu's mean, the gradient partials).
+int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward) {
   const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
   if (env == nullptr || std::strcmp(env, "8") == 0) return 8;
   const bool force = std::strcmp(env, "16") == 0;
   ALLMEM_CHECK(force || std::strcmp(env, "auto") == 0, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto, got '", env,
                "'");
   if (lay.N * lay.H > INT_MAX / 16) return 8;
-  // Clusters of 16 the current device runs at once, per (device, warps) (the query sets kernel
-  // attributes).
+  // Clusters of 16 the current device runs at once, per (device, kernel) (the query sets kernel
+  // attributes): the forward with `warps` warps, or the backward (warps 0).
   static std::mutex mu;
   static std::map<std::pair<int, int>, int> cache;
-  const std::pair<int, int> key{at::cuda::current_device(), warps};
+  const std::pair<int, int> key{at::cuda::current_device(), backward ? 0 : warps};
   int active = 0;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
-    if (it == cache.end()) it = cache.emplace(key, ttt_fwd_tc_active_clusters(dt, 16, warps)).first;
+    if (it == cache.end()) {
+      const int n = backward ? ttt_bwd_tc_active_clusters(dt, 16) : ttt_fwd_tc_active_clusters(dt, 16, warps);
+      it = cache.emplace(key, n).first;
+    }
     active = it->second;
   }
   ALLMEM_CHECK(!force || active > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run a cluster of 16 CTAs of the "
-               "tensor-core TTT forward (cudaOccupancyMaxActiveClusters is 0)");
+               "tensor-core TTT ", backward ? "backward" : "forward", " (cudaOccupancyMaxActiveClusters is 0)");
   return force || lay.N * lay.H <= active ? 16 : 8;
 }
 
@@ -257,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         }
         const int warps = fwd_tc_warps();
         wgmma = split && fwd_tc_wgmma();
-        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), fwd_tc_cluster(lay, dt, warps), warps, wgmma);
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, warps, false), warps, wgmma);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }
       if (split) {
@@ -377,7 +381,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
         p.skip_read = true;
         p.dw_read = dw_read.data_ptr<float>();
       }
-      launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream());
+      launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, 4, true));
     } else {
       launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());
     }

@@ -10,11 +10,17 @@
 namespace allmem::ttt::cuda {
 namespace {
 
-template <typename T>
+template <typename T, int P>
 void launch_tc(const BwdParams& p, cudaStream_t stream) {
-  using Tr = tc::BwdTcTraits;
-  launch_clusters(tc::ttt_bwd_tc_kernel<T>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
+  using Tr = tc::BwdTcTraitsP<P>;
+  launch_clusters(tc::ttt_bwd_tc_kernel<T, P>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
                   stream);
+}
+
+template <typename T, int P>
+int active_clusters() {
+  using Tr = tc::BwdTcTraitsP<P>;
+  return max_active_clusters(tc::ttt_bwd_tc_kernel<T, P>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
 }
 
 template <typename T>
@@ -36,10 +42,21 @@ void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_read_bwd_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream) {
-  if (p.dtype == InDType::kBFloat16) return launch_tc<__nv_bfloat16>(p, stream);
-  if (p.dtype == InDType::kFloat16) return launch_tc<__half>(p, stream);
+void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream, int cluster) {
+  TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: launch_ttt_bwd_tc: clusters of 8 or 16 CTAs, got ", cluster);
+  const bool c16 = cluster == 16;
+  if (p.dtype == InDType::kBFloat16) {
+    return c16 ? launch_tc<__nv_bfloat16, 16>(p, stream) : launch_tc<__nv_bfloat16, 8>(p, stream);
+  }
+  if (p.dtype == InDType::kFloat16) return c16 ? launch_tc<__half, 16>(p, stream) : launch_tc<__half, 8>(p, stream);
   TORCH_CHECK(false, "allmem: launch_ttt_bwd_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+int ttt_bwd_tc_active_clusters(InDType dt, int cluster) {
+  TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: ttt_bwd_tc_active_clusters: 8 or 16 CTAs, got ", cluster);
+  const bool c16 = cluster == 16;
+  if (dt == InDType::kBFloat16) return c16 ? active_clusters<__nv_bfloat16, 16>() : active_clusters<__nv_bfloat16, 8>();
+  return c16 ? active_clusters<__half, 16>() : active_clusters<__half, 8>();
 }
 
 }  // namespace allmem::ttt::cuda

@@ -31,9 +31,11 @@
 
 namespace allmem::ttt::cuda::tc {
 
-struct BwdTcTraits {
+// P: CTAs per cluster, 8 (portable, the default) or 16 (ALLMEM_TTT_TC_CLUSTER, as the forward).
+template <int P = 8>
+struct BwdTcTraitsP {
   static constexpr int kD = 64;
-  static constexpr int kP = 8;
+  static constexpr int kP = P;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = 64;
@@ -56,8 +58,8 @@ struct BwdTcTraits {
   static constexpr int kOffOwnX = kOffOwnM + kOwnElems * 4;      //   Wx (or Z = W + M_next)
   static constexpr int kOffOwnDW = kOffOwnX + kOwnElems * 4;     //   dW
   static constexpr int kOffOwnDM = kOffOwnDW + kOwnElems * 4;    //   dM
-  static constexpr int kOffTarget = kOffOwnDM + kOwnElems * 4;   // [24] row-norm targets
-  static constexpr int kOffDTarget = kOffTarget + 3 * kOwn * 4;  // [24] their gradients
+  static constexpr int kOffTarget = kOffOwnDM + kOwnElems * 4;   // [3 kOwn] row-norm targets
+  static constexpr int kOffDTarget = kOffTarget + 3 * kOwn * 4;  // [3 kOwn] their gradients
   static constexpr int kOffRed = kOffDTarget + 3 * kOwn * 4;     // [8] partial sums
   static constexpr int kOffA2 = kOffRed + 8 * 4;                 // [64][kLd] k, v of the next tile
   static constexpr int kOffB2 = kOffA2 + kTileElems * 2;         //   (the update backward's prefetch)
@@ -67,7 +69,9 @@ struct BwdTcTraits {
                     kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 && kOffA2 % 16 == 0 &&
                     kOffB2 % 16 == 0,
                 "16-byte aligned regions");
+  static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
 };
+using BwdTcTraits = BwdTcTraitsP<8>;
 
 // acc += A x W[n0 : n0 + 8, :]^T over k-step kk (one n8 block of mma_step_wt).
 template <typename T>
@@ -205,12 +209,12 @@ __device__ __forceinline__ void read_bwd_tile_tc(const void* q, const void* grad
   __syncthreads();
 }
 
-template <typename T>
+template <typename T, int kCtas = 8>
 __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
 #else
-  using Tr = BwdTcTraits;
+  using Tr = BwdTcTraitsP<kCtas>;
   constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int kOE = Tr::kOwnElems;
@@ -260,7 +264,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       oDW[e] = src[full_off(e)];
       oDM[e] = src[3 * HD + full_off(e)];
     }
-    owned_targets(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
+    owned_targets<kOwn>(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
     for (int r = tid; r < 3 * kOwn; r += kT) sDTarget[r] = 0.f;
   }
   cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
@@ -306,6 +310,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       x.x = pack2<T>(w[0], w[1]);
       x.y = pack2<T>(w[2], w[3]);
       const int off = (slot + m) * kTE + (own0 + i) * kLd + c;
+#pragma unroll 4  // 16 peers: registers
       for (int peer = 0; peer < kP; ++peer) *reinterpret_cast<uint2*>(cluster_peer(sW + off, peer)) = x;
     }
   };

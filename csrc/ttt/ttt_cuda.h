@@ -180,7 +180,9 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
-void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream);
+// cluster: 8 or 16 CTAs per (sequence, head), as the forward's (ttt_bwd_tc_active_clusters).
+void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream, int cluster = 8);
+int ttt_bwd_tc_active_clusters(InDType dt, int cluster);
 void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream);
 
 // One decode step that completes no chunk (ttt_decode.cpp, ALLMEM_TTT_DECODE_KERNEL=1): block

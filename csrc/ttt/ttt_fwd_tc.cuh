@@ -104,7 +104,7 @@ constexpr float kTcNormEps = 1e-5f;  // SPEC.md: added to the current row norm
 template <int kP>
 __device__ __forceinline__ float4 cluster_sum4(float* p) {
   float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
+#pragma unroll 8  // at most 8 loads in flight (16 peers: registers)
   for (int peer = 0; peer < kP; ++peer) {
     const float4 x = *reinterpret_cast<const float4*>(cluster_peer(p, peer));
     s.x += x.x;

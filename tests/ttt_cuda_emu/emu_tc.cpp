@@ -169,11 +169,18 @@ extern "C" void emu_fwd_split(const void* q, const void* k, const void* v, const
   else run_split<__half>(p);
 }
 
+// The tensor-core backward on clusters of 8 or 16 (emu_set_cluster, as ALLMEM_TTT_TC_CLUSTER).
+template <typename T>
+void run_bwd_tc(const BwdParams& p) {
+  if (g_fwd_cluster == 16) run_clusters<tc::BwdTcTraitsP<16>>(p, tc::ttt_bwd_tc_kernel<T, 16>);
+  else run_clusters<tc::BwdTcTraits>(p, tc::ttt_bwd_tc_kernel<T>);
+}
+
 // Same signature as emu.cpp's emu_bwd (tests/test_ttt_cuda_emu.py emulated_bwd drives both).
 extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
   if (d != 64 || h != 64) return;
-  if (p->dtype == InDType::kBFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__nv_bfloat16>);
-  else if (p->dtype == InDType::kFloat16) run_clusters<tc::BwdTcTraits>(*p, tc::ttt_bwd_tc_kernel<__half>);
+  if (p->dtype == InDType::kBFloat16) run_bwd_tc<__nv_bfloat16>(*p);
+  else if (p->dtype == InDType::kFloat16) run_bwd_tc<__half>(*p);
 }
 
 // The split backward (ALLMEM_TTT_TC_SPLIT=1 on a GPU): the reads' backward on a grid of (segment,
@@ -189,7 +196,7 @@ void run_bwd_split(BwdParams p) {
   run_segment_grid(n_work, H, tc::ReadBwdTcTraits::kSmemBytes, [&] { tc::ttt_read_bwd_tc_kernel<T>(r); });
   p.skip_read = true;
   p.dw_read = dw_read.data();
-  run_clusters<tc::BwdTcTraits>(p, tc::ttt_bwd_tc_kernel<T>);
+  run_bwd_tc<T>(p);
 }
 
 extern "C" void emu_bwd_split(const BwdParams* p, int d, int h) {
