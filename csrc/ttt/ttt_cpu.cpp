@@ -187,8 +187,9 @@ ttt_memory_bwd_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& gr
 }  // namespace
 
 at::Tensor& tc_phase_clock_slot() {
-  static at::Tensor last;
-  return last;
+  // Never destroyed: a CUDA tensor released during static destruction could outlive the allocator.
+  static at::Tensor* last = new at::Tensor();
+  return *last;
 }
 
 TORCH_LIBRARY_IMPL(allmem, CPU, m) {
