@@ -247,15 +247,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.residual = residual;
     const bool split = use_split_read(lay);
     bool wgmma = false;  // the token-split chain ran on wgmma: the read does too
+    const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
+    const bool profile = phases != nullptr && std::strcmp(phases, "1") == 0;
+    if (profile) tc_phase_clock_slot() = at::Tensor();  // no stale clocks if another kernel runs
     // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
     if (use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (split && use_units_chain(lay.d)) {
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream());
       } else {
         p.skip_read = split;
-        const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
         at::Tensor clock;
-        if (phases != nullptr && std::strcmp(phases, "1") == 0) {
+        if (profile) {
           clock = at::zeros({kPhaseSlots}, q.options().dtype(at::kLong));
           p.phase_clock = reinterpret_cast<long long*>(clock.data_ptr<int64_t>());
         }
