@@ -307,10 +307,16 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, result_path: str) 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     cfg = D.DistillConfig(**cfg_dict)
-    losses = D.train(cfg)
+    losses = D.train(cfg)  # destroys its process group before returning
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump(losses, f)
+    # Skip the interpreter's teardown: once in a CI run (eighth session) a worker aborted there with
+    # "terminate called without an active exception" after training and writing its results (a
+    # c10d/gloo thread destroyed at exit); the test's checks are on the results, not on teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
