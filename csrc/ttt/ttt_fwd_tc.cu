@@ -22,34 +22,18 @@ __device__ int kTttSm90aBuilt =
     0;
 #endif
 
-template <typename T, int P, int W>
+template <typename T, int P, int W, bool G>
 void launch_tc(const FwdParams& p, cudaStream_t stream) {
-  using Tr = tc::FwdTcTraitsP<P, W>;
-  launch_clusters(tc::ttt_fwd_tc_kernel<T, P, W>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes,
-                  Tr::kP, stream);
-}
-
-template <typename T, int P, int W, bool G = false>
-void launch_tc_g(const FwdParams& p, cudaStream_t stream) {
   using Tr = tc::FwdTcTraitsP<P, W, G>;
   launch_clusters(tc::ttt_fwd_tc_kernel<T, P, W, G>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes,
                   Tr::kP, stream);
 }
 
-template <typename T, int W>
-void launch_tc_warps(const FwdParams& p, cudaStream_t stream, int cluster) {
-  if (cluster == 16) return launch_tc<T, 16, W>(p, stream);
-  launch_tc<T, 8, W>(p, stream);
-}
-
-template <typename T>
-void launch_wg(const FwdParams& p, cudaStream_t stream, int cluster, int warps) {
-  if (warps == 8) {
-    if (cluster == 16) return launch_tc_g<T, 16, 8, true>(p, stream);
-    return launch_tc_g<T, 8, 8, true>(p, stream);
-  }
-  if (cluster == 16) return launch_tc_g<T, 16, 4, true>(p, stream);
-  launch_tc_g<T, 8, 4, true>(p, stream);
+// The token-split forward of one shape: 8 or 16 CTAs per cluster x 4 or 8 warps (G: on wgmma).
+template <typename T, bool G>
+void launch_shape(const FwdParams& p, cudaStream_t stream, int cluster, int warps) {
+  if (cluster == 16) return warps == 8 ? launch_tc<T, 16, 8, G>(p, stream) : launch_tc<T, 16, 4, G>(p, stream);
+  return warps == 8 ? launch_tc<T, 8, 8, G>(p, stream) : launch_tc<T, 8, 4, G>(p, stream);
 }
 
 template <typename T, int P, int W>
@@ -129,17 +113,14 @@ bool ttt_fwd_wg_available() {
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int warps, bool wgmma) {
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: launch_ttt_fwd_tc: clusters of 8 or 16 CTAs, got ", cluster);
   TORCH_CHECK(warps == 4 || warps == 8, "allmem: launch_ttt_fwd_tc: 4 or 8 warps per CTA, got ", warps);
-  if (wgmma) {
-    TORCH_CHECK(p.skip_read, "allmem: launch_ttt_fwd_tc: the wgmma chain is split mode's");
-    if (p.dtype == InDType::kBFloat16) return launch_wg<__nv_bfloat16>(p, stream, cluster, warps);
-    if (p.dtype == InDType::kFloat16) return launch_wg<__half>(p, stream, cluster, warps);
-  }
+  TORCH_CHECK(!wgmma || p.skip_read, "allmem: launch_ttt_fwd_tc: the wgmma chain is split mode's");
   if (p.dtype == InDType::kBFloat16) {
-    return warps == 8 ? launch_tc_warps<__nv_bfloat16, 8>(p, stream, cluster)
-                      : launch_tc_warps<__nv_bfloat16, 4>(p, stream, cluster);
+    return wgmma ? launch_shape<__nv_bfloat16, true>(p, stream, cluster, warps)
+                 : launch_shape<__nv_bfloat16, false>(p, stream, cluster, warps);
   }
   if (p.dtype == InDType::kFloat16) {
-    return warps == 8 ? launch_tc_warps<__half, 8>(p, stream, cluster) : launch_tc_warps<__half, 4>(p, stream, cluster);
+    return wgmma ? launch_shape<__half, true>(p, stream, cluster, warps)
+                 : launch_shape<__half, false>(p, stream, cluster, warps);
   }
   TORCH_CHECK(false, "allmem: launch_ttt_fwd_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
