@@ -22,9 +22,25 @@ pytestmark = [
 
 # kernel -> instantiations (bf16 and fp16; the read and the units chain also for d = 64 and 128, the
 # token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
-# backward for clusters of 8 and 16)
+# backward for clusters of 8 and 16, the units chain with and without clusters)
 TC_KERNELS = {"ttt_fwd_tc_kernel": 16, "ttt_bwd_tc_kernel": 4, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
-              "ttt_chain_tc_kernel": 4, "ttt_read_wg_kernel": 2}
+              "ttt_chain_tc_kernel": 8, "ttt_read_wg_kernel": 2}
+
+
+def _is_chain_gx(name: str) -> bool:
+    """The units chain without clusters (ttt_chain_tc_kernel<T, D, kGx = true>)."""
+    return "ttt_chain_tc_kernel" in name and name.endswith("Lb1EEEvNS1_9FwdParamsE")
+
+
+def _check_chain_gx(name: str, body: str):
+    """The chain without clusters: tensor cores, no cluster barrier; its barrier is a release add
+    and acquire loads at gpu scope (the peers' partials read past L1: strong gpu loads too)."""
+    assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 16, f"{name}: too few HMMA.16816.F32"
+    assert not re.search(r"\bUCGABAR_(ARV|WAIT)\b", body), f"{name}: a cluster barrier"
+    assert re.search(r"\bREDG?\.E\.ADD\.STRONG\.GPU\b", body), f"{name}: no gpu-scope arrival"
+    assert re.search(r"\bLDG\.E\.STRONG\.GPU\b", body), f"{name}: no gpu-scope loads"
+    assert not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
+    assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), name
 
 
 @pytest.mark.parametrize("kernel", TC_KERNELS)
@@ -35,6 +51,9 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
         if kernel == "ttt_read_wg_kernel":  # the wgmma read: a, b as m64n64k16 SS, o as RS
             assert re.search(r"\bHGMMA\.64x64x16\.F32", body) and not re.search(r"\bHMMA\.16816", body), name
             assert not re.search(r"\b(LDL|STL)\b", body) and re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), name
+            continue
+        if _is_chain_gx(name):
+            _check_chain_gx(name, body)
             continue
         if name.endswith("Lb1EEEvNS1_9FwdParamsE"):  # the wgmma chain (kWg = true)
             # per tile: a, b, e as m64n16k16 (4 k-steps x 3, per block of 16 units), the gradients
@@ -100,3 +119,22 @@ def test_composite_kernels_compiled_without_local_memory(kernel):
                            capture_output=True, text=True, check=True).stdout
     found = re.findall(r"Function (\S*" + kernel + r"\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     assert len(found) == 1 and found[0][2] == "0" and found[0][3] == "0", found
+
+
+@pytest.mark.skipif("80" not in _expected_archs(), reason="built without the 80 target")
+def test_sm80_code_of_the_tensor_core_forward():
+    """Off sm_90 the tensor-core forward is the units chain without clusters and the mma.sync read
+    (ALLMEM_TTT_TC_CHAIN=global): their sm_80 code is whole (tensor cores, no spills); the cluster
+    kernels' sm_80 code is only a trap (the dispatcher never launches them there)."""
+    funcs = _sass_by_function("80")
+    gx = {n: b for n, b in funcs.items() if _is_chain_gx(n)}
+    assert len(gx) == 4, list(gx)
+    for name, body in gx.items():
+        _check_chain_gx(name, body)
+    reads = {n: b for n, b in funcs.items() if "ttt_read_tc_kernel" in n}
+    assert len(reads) == 4, list(reads)
+    for name, body in reads.items():
+        assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 16 and not re.search(r"\b(LDL|STL)\b", body), name
+    for name, body in funcs.items():
+        if "ttt_fwd_tc_kernel" in name or ("ttt_chain_tc_kernel" in name and not _is_chain_gx(name)):
+            assert "BPT.TRAP" in body and not re.search(r"\bHMMA\b", body), name

@@ -352,3 +352,37 @@ def test_units_chain_matches_float64_op(emu_tc, case):
 
     got = emulated_fwd(Chain, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
     check_forward(got, want, q, fast, res, dtype)
+
+
+@pytest.mark.parametrize("case,wave", [(c, 1 + i % 2) for i, c in enumerate(CHAIN_CASES)],
+                         ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
+def test_units_chain_without_clusters(emu_tc, case, wave):
+    """The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=global: the
+    tensor-core forward off sm_90): row-norm partials through global memory, one barrier per chunk on
+    a global counter, cooperative waves of `wave` jobs (p.job0), -G over the prefetch buffers. The
+    emulator runs it with no cluster (a cluster primitive aborts). Every output bit for bit the
+    cluster chain's (same products, same rank-order sums), and against the float64 op."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+
+    class Chain:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = emu_tc.emu_fwd_chain
+
+    args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+    clustered = emulated_fwd(Chain, *args)
+    emu_tc.emu_set_chain_gx(ctypes.c_int64(wave))
+    try:
+        got = emulated_fwd(Chain, *args)
+    finally:
+        emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+    check_forward(got, want, q, fast, res, dtype)
+    for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got, clustered):
+        assert torch.equal(a, b), name

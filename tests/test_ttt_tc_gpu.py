@@ -451,3 +451,39 @@ def test_tc_wgmma_chain(tc, monkeypatch, cluster):
     monkeypatch.setenv("ALLMEM_TTT_TC_WGMMA", "2")
     with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_WGMMA: expected 0 or 1"):
         fwd(dev, 512)
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
+def test_tc_chain_without_clusters(tc, monkeypatch, case):
+    """ALLMEM_TTT_TC_CHAIN=global (ttt_chain_tc.cuh kGx: the tensor-core forward for sm_80+ devices,
+    tried here on sm_90): row-norm partials and one barrier per chunk through global memory,
+    cooperative launches; every output bit for bit the cluster units chain's (same products, same
+    rank-order sums, which test_tc_matches_float64[units] checks against float64), in one wave and in
+    waves of one job (ALLMEM_TTT_TC_GX_WAVE=1), deterministic."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    _, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
+    ref = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "x")  # parsed only where the chain without clusters runs
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
+        fwd(dev, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_TC_GX_WAVE")
+    one = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "1")
+    waves = fwd(dev, C, lact, res)
+    for name, a, b, r in zip(("o", "fast", "pending", "pending_len", "checkpoints"), one, waves, ref):
+        assert torch.equal(a, r), name
+        assert torch.equal(b, r), name
+
+
+def test_tc_chain_env_is_checked(tc, monkeypatch):
+    _, dev = tc_inputs(1, 256, 1, 64, 64, 64, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "cluster")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CHAIN: expected tokens, units or global"):
+        fwd(dev, 64)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "0")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
+        fwd(dev, 64)

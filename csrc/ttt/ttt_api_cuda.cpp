@@ -85,13 +85,69 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
   return tc_conditions(lay, dt, rows, 64);
 }
 
-// Split mode's update chain split by hidden units (ttt_chain_tc.cuh) instead of the token-split
-// cluster kernel: always for d = h = 128 (the token-split kernel is 64 only), for 64 with
-// ALLMEM_TTT_TC_CHAIN=units.
-bool use_units_chain(int64_t d) {
-  if (d == 128) return true;
+// Split mode's update chain, from ALLMEM_TTT_TC_CHAIN (read at every call): unset, empty or
+// "tokens", the token-split cluster kernel at d = h = 64 and the hidden-unit cluster chain
+// (ttt_chain_tc.cuh) at 128 (the token-split kernel is 64 only); "units", the hidden-unit chain at
+// 64 too (3.3x slower there, run d); "global", the hidden-unit chain without clusters (kGx: row-norm
+// partials and one barrier per chunk through global memory, cooperative launches) at d = h = 64 and
+// 128 on any sm_80+ device whose shared memory fits it (an error where it does not), always with
+// split mode's read. Opt-in: emulator-tested, not yet run on a GPU; off sm_90 it is the only
+// tensor-core forward (the SIMT kernel, one CTA per head chain, runs otherwise).
+enum class ChainMode { kTokens, kUnits, kGlobal };
+
+ChainMode chain_mode() {
   const char* env = std::getenv("ALLMEM_TTT_TC_CHAIN");
-  return env != nullptr && std::strcmp(env, "units") == 0;
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "tokens") == 0) return ChainMode::kTokens;
+  if (std::strcmp(env, "units") == 0) return ChainMode::kUnits;
+  ALLMEM_CHECK(std::strcmp(env, "global") == 0, "ALLMEM_TTT_TC_CHAIN: expected tokens, units or global, got '", env,
+               "'");
+  return ChainMode::kGlobal;
+}
+
+bool use_units_chain(int64_t d, ChainMode mode) { return d == 128 || mode == ChainMode::kUnits; }
+
+// Jobs per cooperative launch of the chain without clusters, from ALLMEM_TTT_TC_GX_WAVE (tests:
+// several waves on a small batch): unset, as many as the device runs at once.
+int64_t chain_gx_wave() {
+  const char* env = std::getenv("ALLMEM_TTT_TC_GX_WAVE");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(env, &end, 10);
+  ALLMEM_CHECK(end != env && *end == '\0' && n > 0, "ALLMEM_TTT_TC_GX_WAVE: expected a positive integer, got '", env,
+               "'");
+  return n;
+}
+
+// Whether the chain without clusters takes this call (ALLMEM_TTT_TC_CHAIN=global): as the other
+// tensor-core kernels (not switched off, bf16/fp16, d = h in {64, 128}, 16-byte aligned rows), on
+// sm_80+; heads along the read grid's y. Where only the device is what stops it (before sm_80, or
+// too little shared memory) the request is an error rather than a silent change of kernel.
+bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
+  const char* env = std::getenv("ALLMEM_TTT_TC");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (lay.d != lay.h || (lay.d != 64 && lay.d != 128) || (dt != InDType::kBFloat16 && dt != InDType::kFloat16) ||
+      lay.H > 65535) {
+    return false;
+  }
+  for (const at::Tensor* t : rows) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  ALLMEM_CHECK(prop->major >= 8, "ALLMEM_TTT_TC_CHAIN=global: needs an sm_80+ device, got sm_", prop->major,
+               prop->minor);
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int64_t> cache;  // (device, d * 4 + dtype) -> co-resident jobs
+  const std::pair<int, int> key{at::cuda::current_device(), static_cast<int>(lay.d) * 4 + static_cast<int>(dt)};
+  int64_t jobs = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it == cache.end()) it = cache.emplace(key, ttt_chain_gx_jobs(dt, static_cast<int>(lay.d))).first;
+    jobs = it->second;
+  }
+  ALLMEM_CHECK(jobs > 0, "ALLMEM_TTT_TC_CHAIN=global: this device cannot run the chain kernel at d = ", lay.d,
+               " (too little shared memory per SM)");
+  return true;
 }
 
 // Split mode of the tensor-core kernels (ttt_read_tc.cuh, ttt_bwd_tc.cuh): the reads (forward)
@@ -245,14 +301,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.chunk = lay.C;
     p.lact_order = lact_order;
     p.residual = residual;
-    const bool split = use_split_read(lay);
+    const ChainMode chain = chain_mode();
+    const bool gx = chain == ChainMode::kGlobal && use_chain_gx(lay, dt, {&qc, &kc, &vc});
+    const bool split = gx || use_split_read(lay);
     bool wgmma = false;  // the token-split chain ran on wgmma: the read does too
     const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
     const bool profile = phases != nullptr && std::strcmp(phases, "1") == 0;
     if (profile) tc_phase_clock_slot() = at::Tensor();  // no stale clocks if another kernel runs
     // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
-    if (use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
-      if (split && use_units_chain(lay.d)) {
+    at::Tensor xchg, xcount;  // the chain without clusters' row-norm partials and arrival counters
+    if (gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
+      if (gx) {
+        xchg = at::empty({lay.N * lay.H * 2 * 8 * lay.d}, fast_in.options());
+        xcount = at::zeros({lay.N * lay.H}, q.options().dtype(at::kInt));
+        p.xchg = xchg.data_ptr<float>();
+        p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, chain_gx_wave());
+      } else if (split && use_units_chain(lay.d, chain)) {
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream());
       } else {
         p.skip_read = split;

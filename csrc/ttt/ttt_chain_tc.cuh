@@ -14,6 +14,13 @@
 // same scales), double-buffered so one cluster barrier per chunk suffices. mu's chunk mean is
 // computed by every CTA in the same order.
 // Same segments, checkpoints, final state and chunk buffer as ttt_fwd_tc.cuh; o is not written.
+//
+// kGx (any sm_80+ device; the CTAs of a job need not share a cluster): the row-norm partials go
+// through global memory (FwdParams::xchg) and the one barrier per chunk is a counter in global memory
+// (xcta_barrier); the host launches the jobs cooperatively, in waves of jobs that are co-resident
+// (launch_ttt_chain_tc). The sums run in the same rank order, so the results are bitwise the cluster
+// kernel's. -G then lies over the prefetch buffers (free between chunks): 143 KB at d = 128 instead
+// of 167 KB, within an A100's 163 KB.
 #pragma once
 #include <cstdint>
 
@@ -23,7 +30,7 @@
 
 namespace allmem::ttt::cuda::tc {
 
-template <int D>
+template <int D, bool kGx = false>
 struct ChainTcTraits {
   static constexpr int kD = D;
   static constexpr int kP = 8;
@@ -47,14 +54,17 @@ struct ChainTcTraits {
   static constexpr int kOffEta = kOffX + 3 * kTile * kLdU * 2;     // [64][4] rates
   static constexpr int kOffW = kOffEta + kTile * 4 * 4;            // float W: Wg[U] [kU][D], Wu[U], Wd[:, U] [D][kU]
   static constexpr int kOffM = kOffW + kOwnElems * 4;              // float M, same layout
-  static constexpr int kOffG = kOffM + kOwnElems * 4;              // float -G: GgT, GuT [D][kU], Gd [D][kU]
-  static constexpr int kOffTarget = kOffG + kOwnElems * 4;         // [2 kU + D] row-norm targets
+  static constexpr int kOffTarget = kOffM + (kGx ? 1 : 2) * kOwnElems * 4;  // [2 kU + D] row-norm targets
   static constexpr int kOffScale = kOffTarget + (2 * kU + D) * 4;  // [2 kU + D] normalization scales
   static constexpr int kOffNorm = kOffScale + (2 * kU + D) * 4;    // [2][D] partial W_down row sums of squares
   static constexpr int kOffRed = kOffNorm + 2 * D * 4;             // [8]
   static constexpr int kOffK2 = kOffRed + 8 * 4;                   // [64][kLd] k, v of the next tile
   static constexpr int kOffV2 = kOffK2 + kTile * kLd * 2;          //   (cp.async prefetch)
   static constexpr int kSmemBytes = kOffV2 + kTile * kLd * 2;
+  // float -G: GgT, GuT [D][kU], Gd [D][kU], after M; kGx: over K2, V2 (written after a chunk's last
+  // tile, read before the next chunk's first prefetch).
+  static constexpr int kOffG = kGx ? kOffK2 : kOffM + kOwnElems * 4;
+  static_assert(!kGx || kOwnElems * 4 <= 2 * kTile * kLd * 2, "-G fits over the prefetch buffers");
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0 &&
                     kOffK2 % 16 == 0 && kOffV2 % 16 == 0,
@@ -79,12 +89,15 @@ __device__ __forceinline__ void mma_n8_w_ld(float (&acc)[4], const uint32_t (&a)
   mma<T>(acc, a, b[0], b[1]);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
+template <typename T, int D, bool kGx = false>
+__global__ void __launch_bounds__(ChainTcTraits<D, kGx>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
-#else
-  using Tr = ChainTcTraits<D>;
+  if constexpr (!kGx) {
+    __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+    return;
+  }
+#endif
+  using Tr = ChainTcTraits<D, kGx>;
   constexpr int kP = Tr::kP, kU = Tr::kU, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdU = Tr::kLdU, kMB = Tr::kMB, kNB = Tr::kNB, PW = Tr::kPendWidth, kOE = Tr::kOwnElems;
   constexpr int64_t HD = int64_t{D} * D;
@@ -107,8 +120,8 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
   T* sV2 = reinterpret_cast<T*>(smem + Tr::kOffV2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rank = cluster_rank();
-  const int64_t job = blockIdx.x / kP;
+  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
+  const int64_t job = p.job0 + blockIdx.x / kP;  // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
@@ -153,10 +166,14 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
   __syncthreads();
 
   int parity = 0;
+  unsigned xgen = 0;  // kGx: barriers passed
+  // The job's row-norm partials of this parity: kGx [2][kP][D] floats in global memory (this CTA's
+  // row `rank`), else this CTA's sNorm (peers read it through the cluster).
+  float* const xjob = kGx ? p.xchg + job * 2 * kP * D : nullptr;
   // sScale = target / (||row|| + eps) for the owned gate/up rows and every down row of the
   // float weights sW (down rows: partial sums over the cluster in rank order). One cluster barrier.
   auto scales = [&]() {
-    float* part = sNorm + parity * D;
+    float* part = kGx ? xjob + (parity * kP + rank) * D : sNorm + parity * D;
     for (int c = tid; c < D; c += kT) {
       float ss = 0.f;
       for (int i = 0; i < kU; ++i) {
@@ -173,10 +190,16 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
       for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
       if (lane == 0) sScale[r] = sTarget[r] / (sqrtf(ss) + kTcNormEps);
     }
-    cluster_sync();
+    if constexpr (kGx) {
+      xcta_barrier(p.xcount + job, ++xgen * kP);
+    } else {
+      cluster_sync();
+    }
     for (int c = tid; c < D; c += kT) {
       float ss = 0.f;
-      for (int peer = 0; peer < kP; ++peer) ss += cluster_peer(part, peer)[c];
+      for (int peer = 0; peer < kP; ++peer) {
+        ss += kGx ? ld_cg(xjob + (parity * kP + peer) * D + c) : cluster_peer(part, peer)[c];
+      }
       sScale[2 * kU + c] = sTarget[2 * kU + c] / (sqrtf(ss) + kTcNormEps);
     }
     parity ^= 1;
@@ -207,7 +230,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
     }
   };
 
-  cluster_sync();  // every CTA of the cluster runs before any reads of its shared memory
+  if constexpr (!kGx) cluster_sync();  // every CTA of the cluster runs before any reads of its shared memory
   if (!p.lact_order) scales();
   operands(!p.lact_order);
 
@@ -368,8 +391,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D>::kThreads, 1) ttt_chain_tc_ke
     }
   }
   write_state(p.fast_out + (n * H + hh) * 6 * HD);
-  cluster_sync();  // no CTA exits while a peer may still read its row-norm partials
-#endif
+  if constexpr (!kGx) cluster_sync();  // no CTA exits while a peer may still read its row-norm partials
 }
 
 }  // namespace allmem::ttt::cuda::tc

@@ -40,6 +40,12 @@ struct FwdParams {
   // Token-split tensor-core forward only (ttt_fwd_tc.cuh), profiling: nullptr, or kPhaseSlots
   // int64 on the device that CTA 0 of the grid fills with its phase clocks (ALLMEM_TTT_TC_PHASES=1).
   long long* phase_clock;
+  // The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx): per (sequence, head) 2 x 8 x d
+  // floats of row-norm partials and one arrival counter (zeroed before the first wave), and the
+  // first job of this launch (the jobs run in waves of co-resident ones). 0 / null otherwise.
+  float* xchg;
+  unsigned* xcount;
+  int64_t job0;
 };
 
 // The slots of FwdParams::phase_clock: SM cycles of CTA 0's thread 0 summed per phase (each phase
@@ -177,7 +183,12 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // bf16/fp16, sm_90+: checkpoints, final state and chunk buffer as launch_ttt_fwd_tc; o is left to
 // launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units);
 // split mode is the default at d = 128.
-void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream);
+// global: the chain without clusters (ttt_chain_tc.cuh kGx; any sm_80+ device that fits its
+// shared memory: ttt_chain_gx_jobs > 0), p.xchg / p.xcount set, in cooperative waves of at most
+// `wave` jobs (0: as many as run at once).
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0);
+// (sequence, head) jobs of the chain without clusters the current device runs at once (0: none).
+int64_t ttt_chain_gx_jobs(InDType dt, int d);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 // cluster: 8 or 16 CTAs per (sequence, head), as the forward's (ttt_bwd_tc_active_clusters).

@@ -1,8 +1,11 @@
 // Launch code of the tensor-core TTT forward (the kernel and its design: ttt_fwd_tc.cuh) and of
 // the chunk-parallel read of its split mode (ttt_read_tc.cuh). Built
-// for every CUDA arch; the kernel body exists only for sm_90+ (thread block clusters), so the
-// dispatcher (ttt_api_cuda.cpp) takes this path only on such devices.
+// for every CUDA arch; the cluster kernels' bodies exist only for sm_90+ (thread block clusters), so
+// the dispatcher (ttt_api_cuda.cpp) takes those only on such devices; the hidden-unit chain without
+// clusters (ttt_chain_tc.cuh kGx) and the mma.sync read run on sm_80+.
 #include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
 
 #include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_cuda.h"
@@ -65,6 +68,52 @@ void launch_chain(const FwdParams& p, cudaStream_t stream) {
                   stream);
 }
 
+// The hidden-unit chain without clusters (kGx): how many jobs (kP CTAs each) the device runs at
+// once, 0 where it cannot run one (too little shared memory; the error is cleared).
+template <typename T, int D>
+int64_t chain_gx_jobs() {
+  using Tr = tc::ChainTcTraits<D, true>;
+  auto kernel = tc::ttt_chain_tc_kernel<T, D, true>;
+  int per_sm = 0, dev = 0, sms = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tr::kThreads, Tr::kSmemBytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return int64_t{per_sm} * sms / Tr::kP;
+}
+
+// Cooperative launches (every CTA of a launch co-resident, or the launch fails) of at most
+// `wave` jobs each, one after another on the stream: the CTAs of a job wait for each other.
+template <typename T, int D>
+void launch_chain_gx(const FwdParams& p, int64_t wave, cudaStream_t stream) {
+  using Tr = tc::ChainTcTraits<D, true>;
+  auto kernel = tc::ttt_chain_tc_kernel<T, D, true>;
+  const int64_t fit = chain_gx_jobs<T, D>();
+  TORCH_CHECK(fit > 0, "allmem: launch_ttt_chain_tc: this device cannot run the chain kernel without clusters (",
+              Tr::kSmemBytes, " bytes of shared memory per CTA)");
+  TORCH_CHECK(p.xchg != nullptr && p.xcount != nullptr, "allmem: launch_ttt_chain_tc: no exchange buffers");
+  wave = wave > 0 ? std::min(wave, fit) : fit;
+  const int64_t jobs = p.n_seqs * p.heads;
+  for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
+    FwdParams w = p;
+    w.job0 = j0;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(std::min(wave, jobs - j0) * Tr::kP));
+    cfg.blockDim = dim3(static_cast<unsigned>(Tr::kThreads));
+    cfg.dynamicSmemBytes = static_cast<size_t>(Tr::kSmemBytes);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeCooperative;
+    attr.val.cooperative = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, w));
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -92,13 +141,28 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_read_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream) {
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global, int64_t wave) {
   TORCH_CHECK(d == 64 || d == 128, "allmem: launch_ttt_chain_tc: d = h = 64 or 128, got ", d);
+  if (global) {
+    if (p.dtype == InDType::kBFloat16) {
+      return d == 64 ? launch_chain_gx<__nv_bfloat16, 64>(p, wave, stream)
+                     : launch_chain_gx<__nv_bfloat16, 128>(p, wave, stream);
+    }
+    if (p.dtype == InDType::kFloat16) {
+      return d == 64 ? launch_chain_gx<__half, 64>(p, wave, stream) : launch_chain_gx<__half, 128>(p, wave, stream);
+    }
+  }
   if (p.dtype == InDType::kBFloat16) {
     return d == 64 ? launch_chain<__nv_bfloat16, 64>(p, stream) : launch_chain<__nv_bfloat16, 128>(p, stream);
   }
   if (p.dtype == InDType::kFloat16) return d == 64 ? launch_chain<__half, 64>(p, stream) : launch_chain<__half, 128>(p, stream);
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+int64_t ttt_chain_gx_jobs(InDType dt, int d) {
+  TORCH_CHECK(d == 64 || d == 128, "allmem: ttt_chain_gx_jobs: d = h = 64 or 128, got ", d);
+  if (dt == InDType::kBFloat16) return d == 64 ? chain_gx_jobs<__nv_bfloat16, 64>() : chain_gx_jobs<__nv_bfloat16, 128>();
+  return d == 64 ? chain_gx_jobs<__half, 64>() : chain_gx_jobs<__half, 128>();
 }
 
 bool ttt_fwd_wg_available() {

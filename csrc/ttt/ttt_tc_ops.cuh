@@ -150,6 +150,32 @@ __device__ __forceinline__ X* cluster_peer(X* p, int rank) {
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
+// A barrier of the kP CTAs of one job without clusters (ttt_chain_tc.cuh kGx, sm_80+: the CTAs are
+// co-resident because the host launches them cooperatively): every CTA adds 1 to the job's counter
+// (zeroed before the launch) and waits until it reaches `target` (kP times the number of barriers
+// passed so far, this one included). Global writes of every thread of an arriving CTA before the
+// barrier are visible to every thread of the others after it (CTA barrier, then a release add and
+// acquire loads at gpu scope by thread 0, then a CTA barrier); read peers' data with ld_cg, which
+// skips the SM's L1 (not coherent with other SMs' writes).
+__device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+#if defined(__CUDA_ARCH__)
+    __threadfence();
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
+    unsigned seen = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+    } while (seen < target);
+#else
+    (void)count;
+    (void)target;
+#endif
+  }
+  __syncthreads();
+}
+__device__ __forceinline__ float ld_cg(const float* p) { return __ldcg(p); }
+
 // ---- wgmma (sm_90a; ALLMEM_TTT_TC_WGMMA, ttt_fwd_tc.cuh's kWg kernels) --------------------------
 // Operands in 128-byte-swizzled shared memory (rows of 64 16-bit values, 1024-byte atoms of 8
 // rows; the layout and descriptor conventions of csrc/swa/swa_sm90_utils.cuh, checked there against

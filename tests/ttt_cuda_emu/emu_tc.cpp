@@ -15,9 +15,11 @@
 using namespace allmem::ttt::cuda;
 
 // Runs n_jobs clusters of kP CTAs x kThreads one after another; set_block(job, rank) sets
-// blockIdx for the CTA of that rank, body() is the kernel call.
+// blockIdx for the CTA of that rank, body() is the kernel call. clusters = false: the kP CTAs run
+// at once as before (as a cooperative launch's would), but a cluster primitive aborts.
 template <typename SetBlock, typename Body>
-void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, SetBlock set_block, Body body) {
+void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, SetBlock set_block, Body body,
+              bool clusters = true) {
   std::vector<std::vector<unsigned char>> smem(kP, std::vector<unsigned char>(smem_bytes));
   for (int64_t job = 0; job < n_jobs; ++job) {
     auto cl = std::make_unique<emu::Cluster>();
@@ -42,7 +44,7 @@ void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, 
           set_block(job, r);
           emu::g_ctx.cl = cl.get();
           emu::g_ctx.cta = r;
-          emu::g_ctx.cluster_bar = &cluster_bar;
+          emu::g_ctx.cluster_bar = clusters ? &cluster_bar : nullptr;
           emu::g_ctx.smem = cl->smem;
           body();
         });
@@ -53,7 +55,7 @@ void run_jobs(int kP, int kThreads, int kWarps, int smem_bytes, int64_t n_jobs, 
 }
 
 // The (segment, head) grid of split mode's read kernels: blockIdx.x the work item, .y the head;
-// one CTA of 128 threads at a time.
+// one CTA of 128 threads at a time, no clusters (they run on sm_80 too).
 template <typename Body>
 void run_segment_grid(int64_t n_work, int64_t heads, int smem_bytes, Body body) {
   run_jobs(
@@ -62,7 +64,7 @@ void run_segment_grid(int64_t n_work, int64_t heads, int smem_bytes, Body body) 
         blockIdx.x = static_cast<unsigned>(job % n_work);
         blockIdx.y = static_cast<unsigned>(job / n_work);
       },
-      body);
+      body, false);
 }
 
 // One cluster of kP CTAs per (sequence, head), as launch_tc launches them.
@@ -145,6 +147,30 @@ void run_chain(const FwdParams& p) {
   run_read<T, D>(p);
 }
 
+// The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=global) as
+// launch_ttt_chain_tc launches it: waves of `wave` jobs (blockIdx.x within the wave, p.job0 its
+// first job), the row-norm partials and zeroed counters in (host) global memory; then the read.
+static int64_t g_chain_gx_wave = 0;  // 0: the cluster chain; > 0: kGx in waves of that many jobs
+extern "C" void emu_set_chain_gx(int64_t wave) { g_chain_gx_wave = wave; }
+
+template <typename T, int D>
+void run_chain_gx(FwdParams p) {
+  using Tr = tc::ChainTcTraits<D, true>;
+  const int64_t jobs = p.n_seqs * p.heads, wave = g_chain_gx_wave;
+  std::vector<float> xchg(static_cast<size_t>(jobs * 2 * Tr::kP * D), std::nanf(""));
+  std::vector<unsigned> xcount(static_cast<size_t>(jobs), 0u);
+  p.xchg = xchg.data();
+  p.xcount = xcount.data();
+  for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
+    p.job0 = j0;
+    run_jobs(
+        Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, std::min(wave, jobs - j0),
+        [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); },
+        [&] { tc::ttt_chain_tc_kernel<T, D, true>(p); }, false);
+  }
+  run_read<T, D>(p);
+}
+
 // Same signature as emu.cpp's emu_fwd (tests/test_ttt_cuda_emu.py emulated_fwd drives both).
 extern "C" void emu_fwd(const void* q, const void* k, const void* v, const void* eta, const void* mu, void* o, int dt,
                         const float* wg, const float* wu, const float* wd, const float* fast_in, const float* pend_in,
@@ -213,6 +239,16 @@ extern "C" void emu_fwd_chain(const void* q, const void* k, const void* v, const
   if (d != h || (d != 64 && d != 128) || (dt != 1 && dt != 2)) return;
   FwdParams p{q,        k,        v,    eta, mu, o, InDType(dt), wg, wu, wd, fast_in, pend_in,
               fast_out, pend_out, ckpt, seq, N,  H, C,           bool(lact), bool(residual)};
+  if (g_chain_gx_wave > 0) {
+    if (dt == 1) {
+      if (d == 64) run_chain_gx<__nv_bfloat16, 64>(p);
+      else run_chain_gx<__nv_bfloat16, 128>(p);
+    } else {
+      if (d == 64) run_chain_gx<__half, 64>(p);
+      else run_chain_gx<__half, 128>(p);
+    }
+    return;
+  }
   if (dt == 1) {
     if (d == 64) run_chain<__nv_bfloat16, 64>(p);
     else run_chain<__nv_bfloat16, 128>(p);

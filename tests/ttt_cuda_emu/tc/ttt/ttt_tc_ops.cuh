@@ -6,10 +6,12 @@
 // fragment layouts written out in csrc/ttt/ttt_tc_ops.cuh; the products are float sums of the
 // exact 16-bit operands. Says nothing about the GPU memory model or speed.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -124,15 +126,42 @@ inline void cp_async_wait() {
   }
 }
 
-inline int cluster_rank() { return emu::ctx().cta; }
-inline void cluster_sync() { emu::ctx().cluster_bar->arrive_and_wait(); }
+// A kernel launched without clusters (emu::Ctx::cluster_bar null) must not use them.
+inline void require_cluster(const char* what) {
+  if (emu::ctx().cluster_bar == nullptr) {
+    std::fprintf(stderr, "emulator: %s in a kernel launched without clusters\n", what);
+    std::abort();
+  }
+}
+inline int cluster_rank() {
+  require_cluster("cluster_rank");
+  return emu::ctx().cta;
+}
+inline void cluster_sync() {
+  require_cluster("cluster_sync");
+  emu::ctx().cluster_bar->arrive_and_wait();
+}
 template <typename X>
 inline X* cluster_peer(X* p, int rank) {
+  require_cluster("cluster_peer");
   auto& cx = emu::ctx();
   const auto off = reinterpret_cast<const unsigned char*>(p) - cx.smem[cx.cta];
   return reinterpret_cast<X*>(cx.smem[rank] + off);
 }
 inline float fast_exp(float x) { return std::exp(x); }
+
+// The kGx chain's barrier of the job's CTAs through a global counter (thread 0 of each CTA adds and
+// waits, as on the GPU; the CTA barriers around it order the other threads).
+inline void xcta_barrier(unsigned* count, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    std::atomic_ref<unsigned> c(*count);
+    c.fetch_add(1u, std::memory_order_acq_rel);
+    while (c.load(std::memory_order_acquire) < target) std::this_thread::yield();
+  }
+  __syncthreads();
+}
+inline float ld_cg(const float* p) { return *p; }
 
 // Shared addresses are offsets from the CTA's dynamic shared memory (the kernels align tiles on
 // them, as the hardware's swizzle is a function of the shared address).
