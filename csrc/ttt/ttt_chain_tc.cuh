@@ -251,35 +251,77 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx>::kThreads, 1) ttt_chain_
       stage_chunk_kv<T, D, true>(p.k, p.v, pend0, pstride, H, hh, first, pb, t0, nt, buf ? sK2 : sK1,
                                  buf ? sV2 : sV1);
     };
+    // The rates and momenta of a tile (rows of the buffer as float32, tokens as raw 16-bit values,
+    // converted when stored so the loads stay in flight under the products) one tile ahead in
+    // registers: element e = tid + j * kT of the tile's [kTile][4] block.
+    constexpr int kEtaPer = kTile * 4 / kT;
+    static_assert(kEtaPer * kT == kTile * 4, "rate elements split evenly over the threads");
+    float eta_pend[kEtaPer];
+    T eta_tok[kEtaPer];
+    auto load_rates = [&](int64_t ti) {
+      const int64_t t0 = ti * kTile;
+#pragma unroll
+      for (int j = 0; j < kEtaPer; ++j) {
+        const int e = tid + j * kT, t = e / 4, m = e % 4;
+        const int64_t ct = t0 + t;
+        eta_pend[j] = 0.f;
+        eta_tok[j] = from_float<T>(0.f);
+        if (ct < C) {
+          if (ct < pb) {
+            eta_pend[j] = pend0[ct * pstride + 2 * D + m];
+          } else {
+            const int64_t row = tok(first + ct - pb);
+            eta_tok[j] = m < 3 ? load_tok<T>(p.eta, row * 3 + m) : load_tok<T>(p.mu, row);
+          }
+        }
+      }
+    };
     stage_kv(0, 0);
     cp_async_commit();
+    load_rates(0);
     int buf = 0;
     for (int64_t ti = 0; ti < n_tiles; ++ti, buf ^= 1) {
       const int64_t t0 = ti * kTile;
-      const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
       T* const sK = buf ? sK2 : sK1;  // this tile's k, v (shadowing the first buffers)
       T* const sV = buf ? sV2 : sV1;
-      if (ti + 1 < n_tiles) stage_kv(ti + 1, buf ^ 1);
+      // sEta was last read by the previous tile, which ended with a barrier. Rows past the chunk
+      // end are zero (rates included), so they add nothing.
+#pragma unroll
+      for (int j = 0; j < kEtaPer; ++j) {
+        const int e = tid + j * kT;
+        sEta[e] = t0 + e / 4 < pb ? eta_pend[j] : to_float(eta_tok[j]);
+      }
+      if (ti + 1 < n_tiles) {
+        stage_kv(ti + 1, buf ^ 1);
+        load_rates(ti + 1);
+      }
       cp_async_commit();
-      stage_chunk_eta<T>(p.eta, p.mu, pend0, pstride, H, hh, first, pb, t0, nt, D, sEta);
       cp_async_wait<1>();
       __syncthreads();
-      if (tid == 0) {
-        for (int t = 0; t < nt; ++t) mu_part += sEta[t * 4 + 3];
+      static_assert(kTile == 64, "warp 0 sums a tile's momenta two per lane");
+      if (warp == 0) {  // this tile's momenta (zero past the chunk end), summed by warp 0 in a fixed order
+        float s = sEta[lane * 4 + 3] + sEta[(lane + 32) * 4 + 3];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        mu_part += s;  // identical in every lane of warp 0; thread 0's is published
       }
-      // Per-token factors for the owned units, warp w: tokens [16w, 16w + 16).
+      // Per-token factors for the owned units, warp w: tokens [16w, 16w + 16); every n8 block of
+      // units per k-step (the k, v fragments loaded once for all of them).
+      float ga[kNB][4] = {}, gb[kNB][4] = {}, ge[kNB][4] = {};
+#pragma unroll 2
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        ldsm_x4(ak, sK + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+        ldsm_x4(av, sV + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int nb = 0; nb < kNB; ++nb) {
+          mma_n8_wt_ld(ga[nb], ak, sWg, kLd, nb * 8, kk, lane);  // a = K Wg[U]^T
+          mma_n8_wt_ld(gb[nb], ak, sWu, kLd, nb * 8, kk, lane);  // b = K Wu[U]^T
+          mma_n8_w_ld(ge[nb], av, sWd, kLdU, nb * 8, kk, lane);  // e = V Wd[:, U]
+        }
+      }
 #pragma unroll
       for (int nb = 0; nb < kNB; ++nb) {
-        float ga[4] = {}, gb[4] = {}, ge[4] = {};
-#pragma unroll 2
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t ak[4], av[4];
-          ldsm_x4(ak, sK + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-          ldsm_x4(av, sV + (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8);
-          mma_n8_wt_ld(ga, ak, sWg, kLd, nb * 8, kk, lane);  // a = K Wg[U]^T
-          mma_n8_wt_ld(gb, ak, sWu, kLd, nb * 8, kk, lane);  // b = K Wu[U]^T
-          mma_n8_w_ld(ge, av, sWd, kLdU, nb * 8, kk, lane);  // e = V Wd[:, U]
-        }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int t = row0 + g + 8 * half, u = nb * 8 + c2;
@@ -287,7 +329,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx>::kThreads, 1) ttt_chain_
           float xg[2], xu[2], sd[2];
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const float x = ga[2 * half + q], y = gb[2 * half + q], z = ge[2 * half + q];
+            const float x = ga[nb][2 * half + q], y = gb[nb][2 * half + q], z = ge[nb][2 * half + q];
             const float sg = tc_sigmoid(x), silu = x * sg, d1 = sg * (1.f + x * (1.f - sg));
             xg[q] = eg * z * y * d1;
             xu[q] = eu * z * silu;
@@ -300,21 +342,28 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx>::kThreads, 1) ttt_chain_
       }
       __syncthreads();
       // -GgT[c, U] += K^T Xg, -GuT[c, U] += K^T Xu, -Gd[c, U] += V^T Sd; warp w: rows c in
-      // [w D/4, (w + 1) D/4), kMB blocks of 16.
+      // [w D/4, (w + 1) D/4), kMB blocks of 16. Per k-step the factor fragments of every n8 block
+      // are loaded once for all kMB row blocks (each accumulator still sums its k-steps in order).
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
-        const int m0 = warp * (D / 4) + mb * 16;
+      for (int kk = 0; kk < kTile / 16; ++kk) {
+        uint32_t bx[3][kNB][2];
 #pragma unroll
-        for (int kk = 0; kk < kTile / 16; ++kk) {
+        for (int m = 0; m < 3; ++m)
+#pragma unroll
+          for (int nb = 0; nb < kNB; ++nb)
+            ldsm_x2_t(bx[m][nb], sX + m * kTile * kLdU + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLdU + nb * 8);
+#pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) {
+          const int m0 = warp * (D / 4) + mb * 16;
           uint32_t aK[4], aV[4];
           const int q4 = lane / 8, i8 = lane % 8;
           ldsm_x4_t(aK, sK + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
           ldsm_x4_t(aV, sV + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
 #pragma unroll
           for (int nb = 0; nb < kNB; ++nb) {
-            mma_n8_w_ld(acc[0][mb][nb], aK, sX, kLdU, nb * 8, kk, lane);
-            mma_n8_w_ld(acc[1][mb][nb], aK, sX + kTile * kLdU, kLdU, nb * 8, kk, lane);
-            mma_n8_w_ld(acc[2][mb][nb], aV, sX + 2 * kTile * kLdU, kLdU, nb * 8, kk, lane);
+            mma<T>(acc[0][mb][nb], aK, bx[0][nb][0], bx[0][nb][1]);
+            mma<T>(acc[1][mb][nb], aK, bx[1][nb][0], bx[1][nb][1]);
+            mma<T>(acc[2][mb][nb], aV, bx[2][nb][0], bx[2][nb][1]);
           }
         }
       }
