@@ -16,7 +16,8 @@ weights; FLA: of q, k, v, g, beta) of:
                  backward likewise; at d = h = 128 the forward chain is the hidden-unit one;
   * allmem_tc16 - the default with ALLMEM_TTT_TC_CLUSTER=auto: the token-split cluster forward and
                  the tensor-core backward on clusters of 16 CTAs where all B * H of them run at
-                 once (B = 1, H = 8), else 8;
+                 once (B = 1, H = 8), else 8; at d = 128 the hidden-unit chain likewise (16 CTAs
+                 of 8 units each);
   * allmem_tcw8 - the same with ALLMEM_TTT_TC_WARPS=8 (8 warps per CTA of that forward);
   * allmem_tcwg - allmem_tc16 with ALLMEM_TTT_TC_WGMMA=1 (split mode's chain on wgmma);
   * allmem_tc_units - split mode with ALLMEM_TTT_TC_CHAIN=units: the hidden-unit chain

@@ -22,14 +22,15 @@ pytestmark = [
 
 # kernel -> instantiations (bf16 and fp16; the read and the units chain also for d = 64 and 128, the
 # token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
-# backward for clusters of 8 and 16, the units chain with and without clusters)
+# backward for clusters of 8 and 16, the units chain with and without clusters, with 8 CTAs per job
+# and at d = 128 16)
 TC_KERNELS = {"ttt_fwd_tc_kernel": 16, "ttt_bwd_tc_kernel": 4, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
-              "ttt_chain_tc_kernel": 8, "ttt_read_wg_kernel": 2}
+              "ttt_chain_tc_kernel": 12, "ttt_read_wg_kernel": 2}
 
 
 def _is_chain_gx(name: str) -> bool:
-    """The units chain without clusters (ttt_chain_tc_kernel<T, D, kGx = true>)."""
-    return "ttt_chain_tc_kernel" in name and name.endswith("Lb1EEEvNS1_9FwdParamsE")
+    """The units chain without clusters (ttt_chain_tc_kernel<T, D, kGx = true, P>)."""
+    return "ttt_chain_tc_kernel" in name and re.search(r"Lb1ELi(8|16)EEEvNS1_9FwdParamsE$", name) is not None
 
 
 def _check_chain_gx(name: str, body: str):
@@ -128,7 +129,7 @@ def test_sm80_code_of_the_tensor_core_forward():
     kernels' sm_80 code is only a trap (the dispatcher never launches them there)."""
     funcs = _sass_by_function("80")
     gx = {n: b for n, b in funcs.items() if _is_chain_gx(n)}
-    assert len(gx) == 4, list(gx)
+    assert len(gx) == 6, list(gx)
     for name, body in gx.items():
         _check_chain_gx(name, body)
     reads = {n: b for n, b in funcs.items() if "ttt_read_tc_kernel" in n}

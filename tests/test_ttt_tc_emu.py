@@ -354,14 +354,21 @@ def test_units_chain_matches_float64_op(emu_tc, case):
     check_forward(got, want, q, fast, res, dtype)
 
 
-@pytest.mark.parametrize("case,wave", [(c, 1 + i % 2) for i, c in enumerate(CHAIN_CASES)],
-                         ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
-def test_units_chain_without_clusters(emu_tc, case, wave):
+# (case, wave, CTAs per job): every units-chain case with 8 CTAs, the d = 128 ones with 16 too
+# (ALLMEM_TTT_TC_CLUSTER=16: 8 units per CTA).
+GX_CASES = [(c, 1 + i % 2, 8) for i, c in enumerate(CHAIN_CASES)] + [
+    (c, 2 - i % 2, 16) for i, c in enumerate(CHAIN_CASES) if c[-1] == 128]
+
+
+@pytest.mark.parametrize("case,wave,ctas", GX_CASES,
+                         ids=[f"case{CHAIN_CASES.index(c)}-{p}ctas" for c, _, p in GX_CASES])
+def test_units_chain_without_clusters(emu_tc, case, wave, ctas):
     """The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=global: the
     tensor-core forward off sm_90): row-norm partials through global memory, one barrier per chunk on
     a global counter, cooperative waves of `wave` jobs (p.job0), -G over the prefetch buffers. The
     emulator runs it with no cluster (a cluster primitive aborts). Every output bit for bit the
-    cluster chain's (same products, same rank-order sums), and against the float64 op."""
+    cluster chain's (same products, same rank-order sums), and against the float64 op; at d = 128
+    also with 16 CTAs per job (both forms), which changes only the row-norm sums' order."""
     B, L, H, C, lens, plens, lact, res, dtype, d = case
     ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
     ins[3] = ins[3] * 0.2
@@ -376,13 +383,16 @@ def test_units_chain_without_clusters(emu_tc, case, wave):
         emu_fwd = emu_tc.emu_fwd_chain
 
     args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
-    emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
-    clustered = emulated_fwd(Chain, *args)
-    emu_tc.emu_set_chain_gx(ctypes.c_int64(wave))
+    emu_tc.emu_set_cluster(ctas)
     try:
+        emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+        clustered = emulated_fwd(Chain, *args)
+        emu_tc.emu_set_chain_gx(ctypes.c_int64(wave))
         got = emulated_fwd(Chain, *args)
     finally:
         emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+        emu_tc.emu_set_cluster(8)
     check_forward(got, want, q, fast, res, dtype)
+    check_forward(clustered, want, q, fast, res, dtype)
     for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got, clustered):
         assert torch.equal(a, b), name

@@ -80,13 +80,14 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units", "cluster16", "warps8", "cluster16_warps8", "wgmma", "cluster16_wgmma",
-                        "warps8_wgmma"])
+@pytest.fixture(params=["fused", "units", "units_cluster16", "cluster16", "warps8", "cluster16_warps8", "wgmma",
+                        "cluster16_wgmma", "warps8_wgmma"])
 def fwd_kernel(request, monkeypatch):
-    """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain, on
-    the fused kernel in clusters of 16 CTAs (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA
-    (ALLMEM_TTT_TC_WARPS=8), and on split mode's wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 8 or 16 CTAs)."""
-    if request.param == "units":
+    """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain (at
+    d = 128 also with 16 CTAs per cluster), on the fused kernel in clusters of 16 CTAs
+    (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA (ALLMEM_TTT_TC_WARPS=8), and on split
+    mode's wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 8 or 16 CTAs)."""
+    if request.param.startswith("units"):
         monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
         monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
     if "cluster16" in request.param:
@@ -102,16 +103,18 @@ def fwd_kernel(request, monkeypatch):
 @pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
 def test_tc_matches_float64(tc, fwd_kernel, case):
     B, L, H, C, lens, plens, lact, res, dtype, d = case
-    if d == 128 and fwd_kernel != "units":
+    if d == 128 and not fwd_kernel.startswith("units"):
         pytest.skip("d = 128 has tensor cores in split mode's units chain only")
+    if d == 64 and fwd_kernel == "units_cluster16":
+        pytest.skip("the units chain takes 16 CTAs at d = 128 only")
     cpu, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
-    if fwd_kernel == "units":  # the path is really taken: it differs from the SIMT kernel's in the last bits
+    if fwd_kernel.startswith("units"):  # the path is really taken: it differs from the SIMT kernel's in the last bits
         import os
         os.environ["ALLMEM_TTT_TC"] = "0"
         simt = fwd(dev, C, lact, res)
         os.environ["ALLMEM_TTT_TC"] = "1"
     o, fast, pend, plen, ckpt = fwd(dev, C, lact, res)
-    if fwd_kernel == "units":
+    if fwd_kernel.startswith("units"):
         assert not torch.equal(fast, simt[1])
     wo, wfast, wpend, wplen, wckpt = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact, res)
     u = UNIT_ROUNDOFF[dtype]
@@ -453,15 +456,20 @@ def test_tc_wgmma_chain(tc, monkeypatch, cluster):
         fwd(dev, 512)
 
 
-@pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
-def test_tc_chain_without_clusters(tc, monkeypatch, case):
+GX_CASES = [(c, "8") for c in CHAIN_CASES] + [(c, "16") for c in CHAIN_CASES if c[-1] == 128]
+
+
+@pytest.mark.parametrize("case,ctas", GX_CASES, ids=[f"case{CHAIN_CASES.index(c)}-{p}ctas" for c, p in GX_CASES])
+def test_tc_chain_without_clusters(tc, monkeypatch, case, ctas):
     """ALLMEM_TTT_TC_CHAIN=global (ttt_chain_tc.cuh kGx: the tensor-core forward for sm_80+ devices,
     tried here on sm_90): row-norm partials and one barrier per chunk through global memory,
     cooperative launches; every output bit for bit the cluster units chain's (same products, same
-    rank-order sums, which test_tc_matches_float64[units] checks against float64), in one wave and in
-    waves of one job (ALLMEM_TTT_TC_GX_WAVE=1), deterministic."""
+    rank-order sums, which test_tc_matches_float64[units*] checks against float64), in one wave and in
+    waves of one job (ALLMEM_TTT_TC_GX_WAVE=1), deterministic; at d = 128 also with 16 CTAs per job
+    (ALLMEM_TTT_TC_CLUSTER=16, both forms)."""
     B, L, H, C, lens, plens, lact, res, dtype, d = case
     _, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", ctas)
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
     monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
     ref = fwd(dev, C, lact, res)

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -200,39 +201,61 @@ bool fwd_tc_wgmma() {
   return true;
 }
 
-// CTAs per cluster of the token-split tensor-core forward and of the tensor-core backward, from
-// ALLMEM_TTT_TC_CLUSTER (read at
-// every call): unset or "8", the portable 8 (the default: the 16-CTA kernel has passed its
-// emulator tests, not yet a GPU's); "16", clusters of 16 (an error where the device cannot run
-// one); "auto", 16 where every (sequence, head) cluster of 16 runs at once (B * H at most the
-// device's active clusters of 16: at B = 1, H = 8 twice the SMs per chain, half the tiles per CTA
-// per chunk), else 8. The outputs (checkpoints, gradients) do not depend on it beyond float32
-// summation order (mu's mean, the gradient partials).
-int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward) {
+// 8 or 16 CTAs per (sequence, head) job, from ALLMEM_TTT_TC_CLUSTER (read at every call): unset or
+// "8", 8 (the default: the 16-CTA kernels have passed their emulator tests, not yet a GPU's); "16",
+// 16 (an error naming `what` where the device cannot run a job of 16 at once); "auto", 16 where all
+// `jobs` jobs of 16 run at once, else 8. fit16() (jobs of 16 the device runs at once; it may set
+// kernel attributes) is asked once per device and `key` (per call site: each lambda type has its
+// own cache).
+template <class Fit>
+int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16) {
   const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
   if (env == nullptr || std::strcmp(env, "8") == 0) return 8;
   const bool force = std::strcmp(env, "16") == 0;
   ALLMEM_CHECK(force || std::strcmp(env, "auto") == 0, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto, got '", env,
                "'");
-  if (lay.N * lay.H > INT_MAX / 16) return 8;
-  // Clusters of 16 the current device runs at once, per (device, kernel) (the query sets kernel
-  // attributes): the forward with `warps` warps, or the backward (warps 0).
+  if (jobs > INT_MAX / 16) return 8;
   static std::mutex mu;
-  static std::map<std::pair<int, int>, int> cache;
-  const std::pair<int, int> key{at::cuda::current_device(), backward ? 0 : warps};
-  int active = 0;
+  static std::map<std::pair<int, int>, int64_t> cache;
+  const std::pair<int, int> k{at::cuda::current_device(), key};
+  int64_t fit = 0;
   {
     std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-      const int n = backward ? ttt_bwd_tc_active_clusters(dt, 16) : ttt_fwd_tc_active_clusters(dt, 16, warps);
-      it = cache.emplace(key, n).first;
-    }
-    active = it->second;
+    auto it = cache.find(k);
+    if (it == cache.end()) it = cache.emplace(k, static_cast<int64_t>(fit16())).first;
+    fit = it->second;
   }
-  ALLMEM_CHECK(!force || active > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run a cluster of 16 CTAs of the "
-               "tensor-core TTT ", backward ? "backward" : "forward", " (cudaOccupancyMaxActiveClusters is 0)");
-  return force || lay.N * lay.H <= active ? 16 : 8;
+  ALLMEM_CHECK(!force || fit > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run 16 CTAs of the ", what,
+               " at once");
+  return force || jobs <= fit ? 16 : 8;
+}
+
+// CTAs per cluster of the token-split tensor-core forward (with `warps` warps) and of the
+// tensor-core backward: clusters of 16 at B = 1, H = 8 give twice the SMs per chain, half the tiles
+// per CTA per chunk. The outputs (checkpoints, gradients) do not depend on it beyond float32
+// summation order (mu's mean, the gradient partials).
+int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward) {
+  return sixteen_or_eight(lay.N * lay.H, backward ? 0 : warps,
+                          backward ? "tensor-core TTT backward (a cluster of 16)"
+                                   : "tensor-core TTT forward (a cluster of 16)",
+                          [&] { return backward ? ttt_bwd_tc_active_clusters(dt, 16)
+                                                : ttt_fwd_tc_active_clusters(dt, 16, warps); });
+}
+
+// CTAs per job of split mode's hidden-unit chain (ttt_chain_tc.cuh): 8 (each owns d / 8 hidden
+// units), or at d = h = 128 16 (8 units each: twice the SMs per chain, half the products per CTA;
+// a cluster of 16, or 16 co-resident CTAs without clusters). d = 64 keeps 8 (the products take n8
+// blocks of units), though the variable is still checked. Opt-in: emulator-tested, not yet run on a
+// GPU.
+int chain_ctas(const Layout& lay, InDType dt, bool gx) {
+  if (lay.d != 128) {  // the variable checked (too many jobs: 8 before any device query)
+    return sixteen_or_eight(std::numeric_limits<int64_t>::max(), 0, "", [] { return int64_t{0}; });
+  }
+  return sixteen_or_eight(
+      lay.N * lay.H, static_cast<int>(dt) * 2 + (gx ? 1 : 0),
+      gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)", [&]() -> int64_t {
+        return gx ? ttt_chain_gx_jobs(dt, 128, 16) : ttt_chain_tc_active_clusters(dt, 128, 16);
+      });
 }
 
 // The read work of split mode (segment_reads), on the device.
@@ -312,13 +335,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     at::Tensor xchg, xcount;  // the chain without clusters' row-norm partials and arrival counters
     if (gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (gx) {
-        xchg = at::empty({lay.N * lay.H * 2 * 8 * lay.d}, fast_in.options());
+        const int ctas = chain_ctas(lay, dt, true);
+        xchg = at::empty({lay.N * lay.H * 2 * ctas * lay.d}, fast_in.options());
         xcount = at::zeros({lay.N * lay.H}, q.options().dtype(at::kInt));
         p.xchg = xchg.data_ptr<float>();
         p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
-        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, chain_gx_wave());
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, chain_gx_wave(), ctas);
       } else if (split && use_units_chain(lay.d, chain)) {
-        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream());
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), false, 0,
+                            chain_ctas(lay, dt, false));
       } else {
         p.skip_read = split;
         at::Tensor clock;

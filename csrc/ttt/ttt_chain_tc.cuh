@@ -2,8 +2,8 @@
 // bf16/fp16, sm_90): the update-only half of split mode (the reads run in parallel afterwards,
 // ttt_read_tc.cuh), for heads too large for the token-split cluster kernel (ttt_fwd_tc.cuh).
 //
-// One cluster of kP = 8 CTAs per (sequence, head); CTA r owns the hidden units
-// U = [r kU, (r + 1) kU), kU = D / 8: rows U of W_gate and W_up, columns U of W_down, and their
+// One cluster of kP = 8 CTAs per (sequence, head) (at D = 128 also 16: twice the SMs per chain for
+// small batches, ALLMEM_TTT_TC_CLUSTER); CTA r owns the hidden units U = [r kU, (r + 1) kU), kU = D / kP: rows U of W_gate and W_up, columns U of W_down, and their
 // momenta (float32, in shared memory). Every CTA walks all tokens of every chunk (k, v from L2):
 //   a = K Wg[U]^T, b = K Wu[U]^T, e = V Wd[:, U]   (64-token tiles, 4 warps x 16 tokens, mma.sync)
 //   per-token factors Xg, Xu, Sd for the units U      (registers -> 16-bit tiles)
@@ -30,11 +30,12 @@
 
 namespace allmem::ttt::cuda::tc {
 
-template <int D, bool kGx = false>
+template <int D, bool kGx = false, int P = 8>
 struct ChainTcTraits {
   static constexpr int kD = D;
-  static constexpr int kP = 8;
+  static constexpr int kP = P;
   static constexpr int kU = D / kP;  // hidden units owned by one CTA
+  static_assert(kU >= 8 && kU % 8 == 0, "whole n8 blocks of owned units");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = 64;
@@ -89,15 +90,15 @@ __device__ __forceinline__ void mma_n8_w_ld(float (&acc)[4], const uint32_t (&a)
   mma<T>(acc, a, b[0], b[1]);
 }
 
-template <typename T, int D, bool kGx = false>
-__global__ void __launch_bounds__(ChainTcTraits<D, kGx>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
+template <typename T, int D, bool kGx = false, int P = 8>
+__global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (!kGx) {
     __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
     return;
   }
 #endif
-  using Tr = ChainTcTraits<D, kGx>;
+  using Tr = ChainTcTraits<D, kGx, P>;
   constexpr int kP = Tr::kP, kU = Tr::kU, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdU = Tr::kLdU, kMB = Tr::kMB, kNB = Tr::kNB, PW = Tr::kPendWidth, kOE = Tr::kOwnElems;
   constexpr int64_t HD = int64_t{D} * D;

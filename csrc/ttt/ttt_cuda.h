@@ -184,11 +184,15 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units);
 // split mode is the default at d = 128.
 // global: the chain without clusters (ttt_chain_tc.cuh kGx; any sm_80+ device that fits its
-// shared memory: ttt_chain_gx_jobs > 0), p.xchg / p.xcount set, in cooperative waves of at most
-// `wave` jobs (0: as many as run at once).
-void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0);
+// shared memory: ttt_chain_gx_jobs > 0), p.xchg ([N * H][2][ctas][d] floats) / p.xcount set, in
+// cooperative waves of at most `wave` jobs (0: as many as run at once). ctas: CTAs per job, 8, or
+// 16 at d = 128 (clusters of 16: ttt_chain_tc_active_clusters > 0).
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0,
+                         int ctas = 8);
 // (sequence, head) jobs of the chain without clusters the current device runs at once (0: none).
-int64_t ttt_chain_gx_jobs(InDType dt, int d);
+int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas = 8);
+// Clusters of 16 CTAs of the d = 128 chain the current device runs at once (0: none).
+int ttt_chain_tc_active_clusters(InDType dt, int d, int ctas);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 // cluster: 8 or 16 CTAs per (sequence, head), as the forward's (ttt_bwd_tc_active_clusters).

@@ -61,19 +61,19 @@ void launch_read(const ReadParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D>
+template <typename T, int D, int P>
 void launch_chain(const FwdParams& p, cudaStream_t stream) {
-  using Tr = tc::ChainTcTraits<D>;
-  launch_clusters(tc::ttt_chain_tc_kernel<T, D>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads, Tr::kSmemBytes, Tr::kP,
-                  stream);
+  using Tr = tc::ChainTcTraits<D, false, P>;
+  launch_clusters(tc::ttt_chain_tc_kernel<T, D, false, P>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads,
+                  Tr::kSmemBytes, Tr::kP, stream);
 }
 
 // The hidden-unit chain without clusters (kGx): how many jobs (kP CTAs each) the device runs at
 // once, 0 where it cannot run one (too little shared memory; the error is cleared).
-template <typename T, int D>
+template <typename T, int D, int P>
 int64_t chain_gx_jobs() {
-  using Tr = tc::ChainTcTraits<D, true>;
-  auto kernel = tc::ttt_chain_tc_kernel<T, D, true>;
+  using Tr = tc::ChainTcTraits<D, true, P>;
+  auto kernel = tc::ttt_chain_tc_kernel<T, D, true, P>;
   int per_sm = 0, dev = 0, sms = 0;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tr::kThreads, Tr::kSmemBytes) != cudaSuccess) {
@@ -87,11 +87,11 @@ int64_t chain_gx_jobs() {
 
 // Cooperative launches (every CTA of a launch co-resident, or the launch fails) of at most
 // `wave` jobs each, one after another on the stream: the CTAs of a job wait for each other.
-template <typename T, int D>
+template <typename T, int D, int P>
 void launch_chain_gx(const FwdParams& p, int64_t wave, cudaStream_t stream) {
-  using Tr = tc::ChainTcTraits<D, true>;
-  auto kernel = tc::ttt_chain_tc_kernel<T, D, true>;
-  const int64_t fit = chain_gx_jobs<T, D>();
+  using Tr = tc::ChainTcTraits<D, true, P>;
+  auto kernel = tc::ttt_chain_tc_kernel<T, D, true, P>;
+  const int64_t fit = chain_gx_jobs<T, D, P>();
   TORCH_CHECK(fit > 0, "allmem: launch_ttt_chain_tc: this device cannot run the chain kernel without clusters (",
               Tr::kSmemBytes, " bytes of shared memory per CTA)");
   TORCH_CHECK(p.xchg != nullptr && p.xcount != nullptr, "allmem: launch_ttt_chain_tc: no exchange buffers");
@@ -141,28 +141,46 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_read_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global, int64_t wave) {
-  TORCH_CHECK(d == 64 || d == 128, "allmem: launch_ttt_chain_tc: d = h = 64 or 128, got ", d);
+// One chain shape: d = 64 with 8 CTAs, d = 128 with 8 or 16, with or without clusters.
+template <typename T>
+void launch_chain_shape(const FwdParams& p, int d, int ctas, bool global, int64_t wave, cudaStream_t stream) {
   if (global) {
-    if (p.dtype == InDType::kBFloat16) {
-      return d == 64 ? launch_chain_gx<__nv_bfloat16, 64>(p, wave, stream)
-                     : launch_chain_gx<__nv_bfloat16, 128>(p, wave, stream);
-    }
-    if (p.dtype == InDType::kFloat16) {
-      return d == 64 ? launch_chain_gx<__half, 64>(p, wave, stream) : launch_chain_gx<__half, 128>(p, wave, stream);
-    }
+    if (d == 64) return launch_chain_gx<T, 64, 8>(p, wave, stream);
+    return ctas == 16 ? launch_chain_gx<T, 128, 16>(p, wave, stream) : launch_chain_gx<T, 128, 8>(p, wave, stream);
   }
-  if (p.dtype == InDType::kBFloat16) {
-    return d == 64 ? launch_chain<__nv_bfloat16, 64>(p, stream) : launch_chain<__nv_bfloat16, 128>(p, stream);
-  }
-  if (p.dtype == InDType::kFloat16) return d == 64 ? launch_chain<__half, 64>(p, stream) : launch_chain<__half, 128>(p, stream);
+  if (d == 64) return launch_chain<T, 64, 8>(p, stream);
+  return ctas == 16 ? launch_chain<T, 128, 16>(p, stream) : launch_chain<T, 128, 8>(p, stream);
+}
+
+void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global, int64_t wave, int ctas) {
+  TORCH_CHECK(d == 64 || d == 128, "allmem: launch_ttt_chain_tc: d = h = 64 or 128, got ", d);
+  TORCH_CHECK(ctas == 8 || (ctas == 16 && d == 128), "allmem: launch_ttt_chain_tc: 8 CTAs per job (16 at d = 128), got ",
+              ctas, " at d = ", d);
+  if (p.dtype == InDType::kBFloat16) return launch_chain_shape<__nv_bfloat16>(p, d, ctas, global, wave, stream);
+  if (p.dtype == InDType::kFloat16) return launch_chain_shape<__half>(p, d, ctas, global, wave, stream);
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-int64_t ttt_chain_gx_jobs(InDType dt, int d) {
+int ttt_chain_tc_active_clusters(InDType dt, int d, int ctas) {
+  TORCH_CHECK(d == 128 && ctas == 16, "allmem: ttt_chain_tc_active_clusters: d = 128, 16 CTAs only");
+  using Tr = tc::ChainTcTraits<128, false, 16>;
+  if (dt == InDType::kBFloat16) {
+    return max_active_clusters(tc::ttt_chain_tc_kernel<__nv_bfloat16, 128, false, 16>, Tr::kThreads, Tr::kSmemBytes,
+                               16);
+  }
+  return max_active_clusters(tc::ttt_chain_tc_kernel<__half, 128, false, 16>, Tr::kThreads, Tr::kSmemBytes, 16);
+}
+
+template <typename T>
+int64_t chain_gx_jobs_of(int d, int ctas) {
+  if (d == 64) return chain_gx_jobs<T, 64, 8>();
+  return ctas == 16 ? chain_gx_jobs<T, 128, 16>() : chain_gx_jobs<T, 128, 8>();
+}
+
+int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas) {
   TORCH_CHECK(d == 64 || d == 128, "allmem: ttt_chain_gx_jobs: d = h = 64 or 128, got ", d);
-  if (dt == InDType::kBFloat16) return d == 64 ? chain_gx_jobs<__nv_bfloat16, 64>() : chain_gx_jobs<__nv_bfloat16, 128>();
-  return d == 64 ? chain_gx_jobs<__half, 64>() : chain_gx_jobs<__half, 128>();
+  TORCH_CHECK(ctas == 8 || (ctas == 16 && d == 128), "allmem: ttt_chain_gx_jobs: 8 CTAs per job (16 at d = 128)");
+  return dt == InDType::kBFloat16 ? chain_gx_jobs_of<__nv_bfloat16>(d, ctas) : chain_gx_jobs_of<__half>(d, ctas);
 }
 
 bool ttt_fwd_wg_available() {

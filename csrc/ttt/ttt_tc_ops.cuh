@@ -156,7 +156,11 @@ __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 // passed so far, this one included). Global writes of every thread of an arriving CTA before the
 // barrier are visible to every thread of the others after it (CTA barrier, then a release add and
 // acquire loads at gpu scope by thread 0, then a CTA barrier); read peers' data with ld_cg, which
-// skips the SM's L1 (not coherent with other SMs' writes).
+// skips the SM's L1 (not coherent with other SMs' writes). A wait longer than kXctaTimeoutNs (the
+// peers do at most one chunk's work between barriers: well under a millisecond, or a second under
+// compute-sanitizer) means they are not running, which a cooperative launch rules out; it traps
+// (a launch error the caller sees) rather than hang the device.
+constexpr long long kXctaTimeoutNs = 20'000'000'000LL;
 __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -164,9 +168,14 @@ __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
     __threadfence();
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
     unsigned seen = 0;
-    do {
+    long long start = -1, now = 0;
+    while (true) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-    } while (seen < target);
+      if (seen >= target) break;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      if (start < 0) start = now;
+      if (now - start > kXctaTimeoutNs) __trap();
+    }
 #else
     (void)count;
     (void)target;

@@ -141,8 +141,16 @@ void run_split(FwdParams p) {
 }
 
 // The split forward with the hidden-unit chain (ttt_chain_tc.cuh), then the read kernel.
+// d = 128 with emu_set_cluster(16): 16 CTAs per job (as ALLMEM_TTT_TC_CLUSTER=16 on a GPU).
 template <typename T, int D>
 void run_chain(const FwdParams& p) {
+  if constexpr (D == 128) {
+    if (g_fwd_cluster == 16) {
+      run_clusters<tc::ChainTcTraits<D, false, 16>>(p, tc::ttt_chain_tc_kernel<T, D, false, 16>);
+      run_read<T, D>(p);
+      return;
+    }
+  }
   run_clusters<tc::ChainTcTraits<D>>(p, tc::ttt_chain_tc_kernel<T, D>);
   run_read<T, D>(p);
 }
@@ -153,9 +161,9 @@ void run_chain(const FwdParams& p) {
 static int64_t g_chain_gx_wave = 0;  // 0: the cluster chain; > 0: kGx in waves of that many jobs
 extern "C" void emu_set_chain_gx(int64_t wave) { g_chain_gx_wave = wave; }
 
-template <typename T, int D>
-void run_chain_gx(FwdParams p) {
-  using Tr = tc::ChainTcTraits<D, true>;
+template <typename T, int D, int P>
+void run_chain_gx_p(FwdParams p) {
+  using Tr = tc::ChainTcTraits<D, true, P>;
   const int64_t jobs = p.n_seqs * p.heads, wave = g_chain_gx_wave;
   std::vector<float> xchg(static_cast<size_t>(jobs * 2 * Tr::kP * D), std::nanf(""));
   std::vector<unsigned> xcount(static_cast<size_t>(jobs), 0u);
@@ -166,9 +174,17 @@ void run_chain_gx(FwdParams p) {
     run_jobs(
         Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, std::min(wave, jobs - j0),
         [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); },
-        [&] { tc::ttt_chain_tc_kernel<T, D, true>(p); }, false);
+        [&] { tc::ttt_chain_tc_kernel<T, D, true, P>(p); }, false);
   }
   run_read<T, D>(p);
+}
+
+template <typename T, int D>
+void run_chain_gx(const FwdParams& p) {
+  if constexpr (D == 128) {
+    if (g_fwd_cluster == 16) return run_chain_gx_p<T, D, 16>(p);
+  }
+  run_chain_gx_p<T, D, 8>(p);
 }
 
 // Same signature as emu.cpp's emu_fwd (tests/test_ttt_cuda_emu.py emulated_fwd drives both).
