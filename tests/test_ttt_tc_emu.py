@@ -331,29 +331,6 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.mark.parametrize("case", CHAIN_CASES, ids=[f"case{i}" for i in range(len(CHAIN_CASES))])
-def test_units_chain_matches_float64_op(emu_tc, case):
-    """Split mode's hidden-unit chain (csrc/ttt/ttt_chain_tc.cuh: each CTA of the cluster owns
-    d / 8 hidden units and walks every token, so no gradient partials cross the cluster) followed by
-    the parallel read (ttt_read_tc.cuh), d = h = 64 and 128, against the float64 CPU op with the
-    bounds of the fused kernel's test above."""
-    B, L, H, C, lens, plens, lact, res, dtype, d = case
-    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2
-    q, k, v, eta, mu, wg, wu, wd = ins
-    N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()
-    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
-                                           cu, C, lact, res)
-
-    class Chain:  # emulated_fwd calls lib.emu_fwd
-        emu_fwd = emu_tc.emu_fwd_chain
-
-    got = emulated_fwd(Chain, q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
-    check_forward(got, want, q, fast, res, dtype)
-
-
 # (case, wave, CTAs per job): every units-chain case with 8 CTAs, the d = 128 ones with 16 too
 # (ALLMEM_TTT_TC_CLUSTER=16: 8 units per CTA).
 GX_CASES = [(c, 1 + i % 2, 8) for i, c in enumerate(CHAIN_CASES)] + [
@@ -362,13 +339,16 @@ GX_CASES = [(c, 1 + i % 2, 8) for i, c in enumerate(CHAIN_CASES)] + [
 
 @pytest.mark.parametrize("case,wave,ctas", GX_CASES,
                          ids=[f"case{CHAIN_CASES.index(c)}-{p}ctas" for c, _, p in GX_CASES])
-def test_units_chain_without_clusters(emu_tc, case, wave, ctas):
-    """The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=global: the
-    tensor-core forward off sm_90): row-norm partials through global memory, one barrier per chunk on
-    a global counter, cooperative waves of `wave` jobs (p.job0), -G over the prefetch buffers. The
-    emulator runs it with no cluster (a cluster primitive aborts). Every output bit for bit the
-    cluster chain's (same products, same rank-order sums), and against the float64 op; at d = 128
-    also with 16 CTAs per job (both forms), which changes only the row-norm sums' order."""
+def test_units_chain_matches_float64_op(emu_tc, case, wave, ctas):
+    """Split mode's hidden-unit chain (csrc/ttt/ttt_chain_tc.cuh: each CTA of the cluster owns
+    d / 8 hidden units (d / 16 with 16 CTAs per job at d = 128) and walks every token, so no gradient
+    partials cross the cluster) followed by the parallel read (ttt_read_tc.cuh), d = h = 64 and 128,
+    against the float64 CPU op with the bounds of the fused kernel's test above. Then the same chain
+    without clusters (kGx, ALLMEM_TTT_TC_CHAIN=global: the tensor-core forward off sm_90): row-norm
+    partials through global memory, one barrier per chunk on a global counter, cooperative waves of
+    `wave` jobs (p.job0), -G over the prefetch buffers; the emulator runs it with no cluster (a
+    cluster primitive aborts). Every output bit for bit the cluster chain's (same products, same
+    rank-order sums)."""
     B, L, H, C, lens, plens, lact, res, dtype, d = case
     ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
     ins[3] = ins[3] * 0.2

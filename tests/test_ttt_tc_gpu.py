@@ -424,14 +424,27 @@ def test_tc_cluster_auto_falls_back_to_8(tc, monkeypatch):
     assert clock[11] == 4, clock  # 32 tiles over 8 CTAs
 
 
-def test_tc_cluster_env_is_checked(tc, monkeypatch):
-    _, dev = tc_inputs(1, 256, 1, 64, 64, 64, torch.bfloat16)
-    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "12")
-    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto"):
-        fwd(dev, 64)
-    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "8")
-    monkeypatch.setenv("ALLMEM_TTT_TC_WARPS", "6")
-    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_WARPS: expected 4 or 8"):
+# Bad values of the tensor-core switches: (variables set, the error's start), at d = 64 and 128.
+ENV_ERRORS = [
+    ({"ALLMEM_TTT_TC_CLUSTER": "12"}, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto"),
+    ({"ALLMEM_TTT_TC_WARPS": "6"}, "ALLMEM_TTT_TC_WARPS: expected 4 or 8"),
+    ({"ALLMEM_TTT_TC_CHAIN": "cluster"}, "ALLMEM_TTT_TC_CHAIN: expected tokens, units or global"),
+    ({"ALLMEM_TTT_TC_CHAIN": "global", "ALLMEM_TTT_TC_GX_WAVE": "0"},
+     "ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"),
+]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("env,message", ENV_ERRORS, ids=[next(iter(e)) for e, _ in ENV_ERRORS])
+def test_tc_env_is_checked(tc, monkeypatch, env, message, d):
+    if d == 128 and "ALLMEM_TTT_TC_WARPS" in env:
+        pytest.skip("the token-split forward's warps: d = 64 only")
+    _, dev = tc_inputs(1, 256, 1, d, d, 64, torch.bfloat16)
+    if d == 128:
+        monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")  # its default (the tc fixture sets 0): the units chain
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
         fwd(dev, 64)
 
 
@@ -484,14 +497,3 @@ def test_tc_chain_without_clusters(tc, monkeypatch, case, ctas):
     for name, a, b, r in zip(("o", "fast", "pending", "pending_len", "checkpoints"), one, waves, ref):
         assert torch.equal(a, r), name
         assert torch.equal(b, r), name
-
-
-def test_tc_chain_env_is_checked(tc, monkeypatch):
-    _, dev = tc_inputs(1, 256, 1, 64, 64, 64, torch.bfloat16)
-    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "cluster")
-    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CHAIN: expected tokens, units or global"):
-        fwd(dev, 64)
-    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
-    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "0")
-    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
-        fwd(dev, 64)
