@@ -49,8 +49,9 @@
 # decode tests), the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck
 # has never finished: it timed out at 60 s in run a; issue 6 needs it; one 45 s stage per case,
 # sanitize-ttt-racecheck-{0,1,2,decode}) and of the tensor-core TTT kernels (their case runs every
-# new forward shape); the Hopper SWA sanitizers are skipped (unchanged since run e, where they
-# passed):
+# new forward shape; the split-mode stages include the hidden-unit chain without clusters,
+# sanitize-ttt-split-global-*); the Hopper SWA sanitizers are skipped (unchanged since run e, where
+# they passed):
 #   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize" BUDGET_S=575 \
 #   SKIP="sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-sm90-synccheck sanitize-sm90-alt-memcheck \
 #   sanitize-sm90-alt-racecheck sanitize-sm90-alt-synccheck" bash bench/device_check.sh
