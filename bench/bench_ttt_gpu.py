@@ -26,6 +26,9 @@ weights; FLA: of q, k, v, g, beta) of:
                  row-norm partials in global memory; the tensor-core forward off sm_90, where the
                  SIMT forward runs by default), then the read; here on sm_90 next to allmem_tc_units
                  (the same chain on clusters) and allmem (the SIMT kernels, what sm_80 runs today);
+  * allmem_tcgt - ALLMEM_TTT_TC_CHAIN=tokens-global: at d = 64 the token-split forward without clusters
+                 (its reduction and publish through global memory; fused or split mode as the
+                 default), at d = 128 the same as allmem_tcgx;
   * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite and its fused
                  steps (ALLMEM_TTT_COMPOSITE_KERNELS=1): the batched backward (ttt_bwd_composite.cpp,
                  cuBLAS matmuls over the heads of a group of sequences per chunk); at d = 128
@@ -102,10 +105,10 @@ LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_tcgx",
-        "allmem_comp", "allmem_cfwd", "allmem_c16")
+        "allmem_tcgt", "allmem_comp", "allmem_cfwd", "allmem_c16")
 # Run order: ours, then the peers, then the opt-in variants (last, so a budget cut never drops a
 # peer for them): the tensor-core forward's shapes first, then the composite forward.
-LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_tcgx", "allmem_cfwd", "allmem_c16")
+LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_tcgx", "allmem_tcgt", "allmem_cfwd", "allmem_c16")
 IMPLS = (*(i for i in OURS if i not in LAST), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", *LAST)
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
@@ -326,6 +329,8 @@ IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
             "allmem_tcwg": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CLUSTER": "auto",
                             "ALLMEM_TTT_TC_WGMMA": "1", "ALLMEM_TTT_BWD": None},
             "allmem_tcgx": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": "global",
+                            "ALLMEM_TTT_BWD": None},
+            "allmem_tcgt": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": "tokens-global",
                             "ALLMEM_TTT_BWD": None}}
 
 
@@ -705,7 +710,7 @@ def print_brief(data: dict, by: dict) -> None:
             return f"{r['ms']:.2f}"
         return "skip" if "skipped" in r else "err"
 
-    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
+    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'gt ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
           f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}  (fla: gated, else ungated)")
     keys = sorted({k[1:] for k in by}, key=lambda k: (k[4] != "fwd", k[0], k[2], k[3]))
     for d, H, B, L, pass_ in keys:
@@ -721,6 +726,7 @@ def print_brief(data: dict, by: dict) -> None:
         tw8 = by.get(("allmem_tcw8", d, H, B, L, pass_), {})
         twg = by.get(("allmem_tcwg", d, H, B, L, pass_), {})
         tgx = by.get(("allmem_tcgx", d, H, B, L, pass_), {})
+        tgt = by.get(("allmem_tcgt", d, H, B, L, pass_), {})
         cmp_ = by.get(("allmem_comp", d, H, B, L, pass_), {})
         cfw = by.get(("allmem_cfwd", d, H, B, L, pass_), {})
         c16 = by.get(("allmem_c16", d, H, B, L, pass_), {})
@@ -729,7 +735,7 @@ def print_brief(data: dict, by: dict) -> None:
         need = TARGET_FWD_SPEEDUP if pass_ == "fwd" else TARGET_TRAIN_SPEEDUP
         xf = f"{ours['x_floor']:.1f}" if ours.get("x_floor") is not None else "-"
         best = max(x for x in (sp, sp_tc, 0.0) if x is not None)
-        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
+        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(tgt):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
               f"{cell(peers[1]):>9} {cell(peers[2]):>8} {f'{sp:.2f}x' if sp else '-':>8} "
               f"{f'{sp_tc:.2f}x' if sp_tc else '-':>10} {('PASS' if best >= need else 'fail') if best else '-':>6}")
     print_targets(data)
@@ -797,7 +803,7 @@ def main() -> int:
             fla_fn, fla_dr = load_fla(rec)
     else:
         skip.add("fla_dr")
-    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc16": allmem_tc_impl, "allmem_tcw8": allmem_tc_impl, "allmem_tcwg": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_tcgx": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
+    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc16": allmem_tc_impl, "allmem_tcw8": allmem_tc_impl, "allmem_tcwg": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_tcgx": allmem_tc_impl, "allmem_tcgt": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
            "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     if "decode" not in skip:  # cheap: every head size, whatever --d says

@@ -420,8 +420,9 @@ EOF
   done
   # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
   # chain, with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128) and with the hidden-unit chain
-  # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers).
-  for chain in tokens units global; do
+  # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers),
+  # and the token-split forward without clusters (tokens-global).
+  for chain in tokens units global tokens-global; do
     for tool in memcheck racecheck; do
       run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
         ALLMEM_TTT_TC_CHAIN=$chain "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py

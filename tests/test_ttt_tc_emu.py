@@ -197,6 +197,35 @@ def test_tc_kernel_variants_match_float64_op(variant, case):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case,wave", [(c, 1 + i % 2) for i, c in enumerate(VARIANT_CASES)],
+                         ids=[f"case{i}" for i in range(len(VARIANT_CASES))])
+def test_tc_kernel_without_clusters(emu_tc, case, wave):
+    """The token-split forward without clusters (ttt_fwd_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=tokens-global:
+    sm_80+): the owners' rows published to global memory and pulled by every CTA, the partial
+    gradients and momentum sums through global memory, a global-counter barrier, cooperative waves of
+    `wave` jobs with per-slot buffers; no cluster (a cluster primitive aborts). Fused and split mode,
+    every output bit for bit the cluster kernel's (same products, same rank-order sums), and against
+    the float64 op."""
+    (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu), (C, lact, res, dtype) = case_inputs(case)
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+
+    class Split:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = emu_tc.emu_fwd_split
+
+    args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    ref = [emulated_fwd(lib, *args) for lib in (emu_tc, Split)]
+    emu_tc.emu_set_fwd_gx(ctypes.c_int64(wave))
+    try:
+        got = [emulated_fwd(lib, *args) for lib in (emu_tc, Split)]
+    finally:
+        emu_tc.emu_set_fwd_gx(ctypes.c_int64(0))
+    check_forward(got[0], want, q, fast, res, dtype)
+    for mode in range(2):
+        for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got[mode], ref[mode]):
+            assert torch.equal(a, b), (("fused", "split")[mode], name)
+
+
 def _emulated_bwd_f32(lib, go, gfast, gpend, q, k, v, eta, mu, wg, wu, wd, pend, plen, ckpt, cu, C, lact, res):
     """tests/test_ttt_cuda_emu.py emulated_bwd with the token gradients kept float32 (the kernel's
     outputs, before the op rounds them to the input dtype), so the bounds below see the kernel's own

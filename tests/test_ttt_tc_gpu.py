@@ -424,11 +424,44 @@ def test_tc_cluster_auto_falls_back_to_8(tc, monkeypatch):
     assert clock[11] == 4, clock  # 32 tiles over 8 CTAs
 
 
+def _bitwise_without_clusters(monkeypatch, dev, C, lact, res, chain):
+    """The cluster kernel's outputs under the switches set, then ALLMEM_TTT_TC_CHAIN=`chain` (a kernel
+    without clusters) in one wave and in waves of one job: bit for bit the same. A bad
+    ALLMEM_TTT_TC_GX_WAVE is an error first (it is read only where such a kernel runs: the path is
+    taken)."""
+    ref = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", chain)
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "x")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
+        fwd(dev, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_TC_GX_WAVE")
+    one = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "1")
+    waves = fwd(dev, C, lact, res)
+    for name, a, b, r in zip(("o", "fast", "pending", "pending_len", "checkpoints"), one, waves, ref):
+        assert torch.equal(a, r), name
+        assert torch.equal(b, r), name
+
+
+@pytest.mark.parametrize("split", ["0", "1"])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_forward_without_clusters(tc, monkeypatch, case, split):
+    """ALLMEM_TTT_TC_CHAIN=tokens-global (ttt_fwd_tc.cuh kGx: the token-split forward for sm_80+
+    devices, tried here on sm_90): the owners' rows, the partial gradients and the momentum sums
+    through global memory, a global-counter barrier, cooperative waves; fused and split mode, every
+    output bit for bit the cluster kernel's (test_tc_matches_float64[fused] checks it against
+    float64), in one wave and in waves of one job."""
+    B, L, H, C, lens, plens, lact, res, dtype = case
+    _, dev = tc_inputs(B, L, H, 64, 64, C, dtype, lens, plens)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", split)
+    _bitwise_without_clusters(monkeypatch, dev, C, lact, res, "tokens-global")
+
+
 # Bad values of the tensor-core switches: (variables set, the error's start), at d = 64 and 128.
 ENV_ERRORS = [
     ({"ALLMEM_TTT_TC_CLUSTER": "12"}, "ALLMEM_TTT_TC_CLUSTER: expected 8, 16 or auto"),
     ({"ALLMEM_TTT_TC_WARPS": "6"}, "ALLMEM_TTT_TC_WARPS: expected 4 or 8"),
-    ({"ALLMEM_TTT_TC_CHAIN": "cluster"}, "ALLMEM_TTT_TC_CHAIN: expected tokens, units or global"),
+    ({"ALLMEM_TTT_TC_CHAIN": "cluster"}, "ALLMEM_TTT_TC_CHAIN: expected tokens, units, global or tokens-global"),
     ({"ALLMEM_TTT_TC_CHAIN": "global", "ALLMEM_TTT_TC_GX_WAVE": "0"},
      "ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"),
 ]
@@ -485,15 +518,4 @@ def test_tc_chain_without_clusters(tc, monkeypatch, case, ctas):
     monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", ctas)
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
     monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
-    ref = fwd(dev, C, lact, res)
-    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
-    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "x")  # parsed only where the chain without clusters runs
-    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
-        fwd(dev, C, lact, res)
-    monkeypatch.delenv("ALLMEM_TTT_TC_GX_WAVE")
-    one = fwd(dev, C, lact, res)
-    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "1")
-    waves = fwd(dev, C, lact, res)
-    for name, a, b, r in zip(("o", "fast", "pending", "pending_len", "checkpoints"), one, waves, ref):
-        assert torch.equal(a, r), name
-        assert torch.equal(b, r), name
+    _bitwise_without_clusters(monkeypatch, dev, C, lact, res, "global")

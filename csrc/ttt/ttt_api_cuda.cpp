@@ -92,22 +92,25 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
 // 64 too (3.3x slower there, run d); "global", the hidden-unit chain without clusters (kGx: row-norm
 // partials and one barrier per chunk through global memory, cooperative launches) at d = h = 64 and
 // 128 on any sm_80+ device whose shared memory fits it (an error where it does not), always with
-// split mode's read. Opt-in: emulator-tested, not yet run on a GPU; off sm_90 it is the only
-// tensor-core forward (the SIMT kernel, one CTA per head chain, runs otherwise).
-enum class ChainMode { kTokens, kUnits, kGlobal };
+// split mode's read; "tokens-global", at d = 64 the token-split forward without clusters (its
+// reduction and publish through global memory; fused or split mode as the cluster kernel), at 128
+// the same as "global". Opt-in: emulator-tested, not yet run on a GPU; off sm_90 they are the only
+// tensor-core forwards (the SIMT kernel, one CTA per head chain, runs otherwise).
+enum class ChainMode { kTokens, kUnits, kGlobal, kTokensGlobal };
 
 ChainMode chain_mode() {
   const char* env = std::getenv("ALLMEM_TTT_TC_CHAIN");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "tokens") == 0) return ChainMode::kTokens;
   if (std::strcmp(env, "units") == 0) return ChainMode::kUnits;
-  ALLMEM_CHECK(std::strcmp(env, "global") == 0, "ALLMEM_TTT_TC_CHAIN: expected tokens, units or global, got '", env,
-               "'");
+  if (std::strcmp(env, "tokens-global") == 0) return ChainMode::kTokensGlobal;
+  ALLMEM_CHECK(std::strcmp(env, "global") == 0, "ALLMEM_TTT_TC_CHAIN: expected tokens, units, global or "
+               "tokens-global, got '", env, "'");
   return ChainMode::kGlobal;
 }
 
 bool use_units_chain(int64_t d, ChainMode mode) { return d == 128 || mode == ChainMode::kUnits; }
 
-// Jobs per cooperative launch of the chain without clusters, from ALLMEM_TTT_TC_GX_WAVE (tests:
+// Jobs per cooperative launch of a kernel without clusters, from ALLMEM_TTT_TC_GX_WAVE (tests:
 // several waves on a small batch): unset, as many as the device runs at once.
 int64_t chain_gx_wave() {
   const char* env = std::getenv("ALLMEM_TTT_TC_GX_WAVE");
@@ -119,11 +122,18 @@ int64_t chain_gx_wave() {
   return n;
 }
 
+// Jobs per wave: as many as run at once (`fit`), at most ALLMEM_TTT_TC_GX_WAVE and the jobs there are.
+int64_t gx_wave(int64_t jobs, int64_t fit) {
+  const int64_t cap = chain_gx_wave();
+  const int64_t w = cap > 0 && cap < fit ? cap : fit;
+  return std::max<int64_t>(1, std::min(w, jobs));
+}
+
 // Whether the chain without clusters takes this call (ALLMEM_TTT_TC_CHAIN=global): as the other
 // tensor-core kernels (not switched off, bf16/fp16, d = h in {64, 128}, 16-byte aligned rows), on
 // sm_80+; heads along the read grid's y. Where only the device is what stops it (before sm_80, or
 // too little shared memory) the request is an error rather than a silent change of kernel.
-bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows) {
+bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows, bool tokens) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (lay.d != lay.h || (lay.d != 64 && lay.d != 128) || (dt != InDType::kBFloat16 && dt != InDType::kFloat16) ||
@@ -134,20 +144,24 @@ bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at:
     if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
   }
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  ALLMEM_CHECK(prop->major >= 8, "ALLMEM_TTT_TC_CHAIN=global: needs an sm_80+ device, got sm_", prop->major,
-               prop->minor);
+  ALLMEM_CHECK(prop->major >= 8, "ALLMEM_TTT_TC_CHAIN: the kernels without clusters need an sm_80+ device, got sm_",
+               prop->major, prop->minor);
   static std::mutex mu;
-  static std::map<std::pair<int, int>, int64_t> cache;  // (device, d * 4 + dtype) -> co-resident jobs
-  const std::pair<int, int> key{at::cuda::current_device(), static_cast<int>(lay.d) * 4 + static_cast<int>(dt)};
+  static std::map<std::pair<int, int>, int64_t> cache;  // (device, kernel) -> co-resident jobs
+  const std::pair<int, int> key{at::cuda::current_device(),
+                                (static_cast<int>(lay.d) * 4 + static_cast<int>(dt)) * 2 + (tokens ? 1 : 0)};
   int64_t jobs = 0;
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
-    if (it == cache.end()) it = cache.emplace(key, ttt_chain_gx_jobs(dt, static_cast<int>(lay.d))).first;
+    if (it == cache.end()) {
+      const int64_t n = tokens ? ttt_fwd_tc_gx_jobs(dt) : ttt_chain_gx_jobs(dt, static_cast<int>(lay.d));
+      it = cache.emplace(key, n).first;
+    }
     jobs = it->second;
   }
-  ALLMEM_CHECK(jobs > 0, "ALLMEM_TTT_TC_CHAIN=global: this device cannot run the chain kernel at d = ", lay.d,
-               " (too little shared memory per SM)");
+  ALLMEM_CHECK(jobs > 0, "ALLMEM_TTT_TC_CHAIN: this device cannot run the ", tokens ? "token-split" : "hidden-unit",
+               " kernel without clusters at d = ", lay.d, " (too little shared memory per SM)");
   return true;
 }
 
@@ -325,22 +339,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     p.lact_order = lact_order;
     p.residual = residual;
     const ChainMode chain = chain_mode();
-    const bool gx = chain == ChainMode::kGlobal && use_chain_gx(lay, dt, {&qc, &kc, &vc});
-    const bool split = gx || use_split_read(lay);
+    // Without clusters: the token-split forward (tokens-global, d = 64; fused or split mode as the
+    // cluster kernel), else the hidden-unit chain (always split mode).
+    const bool gx_tokens = chain == ChainMode::kTokensGlobal && lay.d == 64;
+    const bool gx = (chain == ChainMode::kGlobal || chain == ChainMode::kTokensGlobal) &&
+                    use_chain_gx(lay, dt, {&qc, &kc, &vc}, gx_tokens);
+    const bool split = (gx && !gx_tokens) || use_split_read(lay);
     bool wgmma = false;  // the token-split chain ran on wgmma: the read does too
     const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
     const bool profile = phases != nullptr && std::strcmp(phases, "1") == 0;
     if (profile) tc_phase_clock_slot() = at::Tensor();  // no stale clocks if another kernel runs
     // d = h = 128: tensor cores only in split mode (the units chain, then the parallel read).
-    at::Tensor xchg, xcount;  // the chain without clusters' row-norm partials and arrival counters
+    at::Tensor xchg, xcount, xpub;  // the kernels without clusters' exchange buffers, per job slot of a wave
+    auto gx_buffers = [&](int64_t wave, int64_t floats_per_job) {
+      xchg = at::empty({wave * floats_per_job}, fast_in.options());
+      xcount = at::empty({wave}, q.options().dtype(at::kInt));  // zeroed before each wave
+      p.xchg = xchg.data_ptr<float>();
+      p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
+    };
     if (gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
-      if (gx) {
+      if (gx_tokens && gx) {
+        const int64_t wave = gx_wave(lay.N * lay.H, ttt_fwd_tc_gx_jobs(dt));
+        gx_buffers(wave, 8 * kFwdGxPartFloats);
+        xpub = at::empty({wave * 6 * 64 * 64}, q.options());
+        p.xpub = xpub.data_ptr();
+        p.skip_read = split;
+        launch_ttt_fwd_tc_gx(p, at::cuda::getCurrentCUDAStream(), wave);
+      } else if (gx) {
         const int ctas = chain_ctas(lay, dt, true);
-        xchg = at::empty({lay.N * lay.H * 2 * ctas * lay.d}, fast_in.options());
-        xcount = at::zeros({lay.N * lay.H}, q.options().dtype(at::kInt));
-        p.xchg = xchg.data_ptr<float>();
-        p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
-        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, chain_gx_wave(), ctas);
+        const int64_t wave = gx_wave(lay.N * lay.H, ttt_chain_gx_jobs(dt, static_cast<int>(lay.d), ctas));
+        gx_buffers(wave, 2 * ctas * lay.d);
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, wave, ctas);
       } else if (split && use_units_chain(lay.d, chain)) {
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), false, 0,
                             chain_ctas(lay, dt, false));

@@ -18,7 +18,7 @@
 // kGx (any sm_80+ device; the CTAs of a job need not share a cluster): the row-norm partials go
 // through global memory (FwdParams::xchg) and the one barrier per chunk is a counter in global memory
 // (xcta_barrier); the host launches the jobs cooperatively, in waves of jobs that are co-resident
-// (launch_ttt_chain_tc). The sums run in the same rank order, so the results are bitwise the cluster
+// (launch_ttt_chain_tc), buffers and counters indexed by the job's place in its wave. The sums run in the same rank order, so the results are bitwise the cluster
 // kernel's. -G then lies over the prefetch buffers (free between chunks): 143 KB at d = 128 instead
 // of 167 KB, within an A100's 163 KB.
 #pragma once
@@ -122,7 +122,8 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
-  const int64_t job = p.job0 + blockIdx.x / kP;  // job0: this wave's first job (kGx), else 0
+  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
+  const int64_t job = p.job0 + wslot;      // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
   unsigned xgen = 0;  // kGx: barriers passed
   // The job's row-norm partials of this parity: kGx [2][kP][D] floats in global memory (this CTA's
   // row `rank`), else this CTA's sNorm (peers read it through the cluster).
-  float* const xjob = kGx ? p.xchg + job * 2 * kP * D : nullptr;
+  float* const xjob = kGx ? p.xchg + wslot * 2 * kP * D : nullptr;
   // sScale = target / (||row|| + eps) for the owned gate/up rows and every down row of the
   // float weights sW (down rows: partial sums over the cluster in rank order). One cluster barrier.
   auto scales = [&]() {
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
       if (lane == 0) sScale[r] = sTarget[r] / (sqrtf(ss) + kTcNormEps);
     }
     if constexpr (kGx) {
-      xcta_barrier(p.xcount + job, ++xgen * kP);
+      xcta_barrier(p.xcount + wslot, ++xgen * kP);
     } else {
       cluster_sync();
     }

@@ -46,6 +46,11 @@ struct FwdParams {
   float* xchg;
   unsigned* xcount;
   int64_t job0;
+  // The token-split forward without clusters (ttt_fwd_tc.cuh kGx): per job slot of a wave, the
+  // owners' published 16-bit rows [2][3][d][d] (as they are, normalized); xchg then holds per job
+  // slot kP partial blocks (FwdTcTraitsP::kPart floats) and xcount one counter (zeroed before each
+  // wave), indexed by the job's place in its wave.
+  void* xpub;
 };
 
 // The slots of FwdParams::phase_clock: SM cycles of CTA 0's thread 0 summed per phase (each phase
@@ -184,8 +189,9 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // launch_ttt_read_tc. Split mode uses it for d = h = 128 (and for 64 with ALLMEM_TTT_TC_CHAIN=units);
 // split mode is the default at d = 128.
 // global: the chain without clusters (ttt_chain_tc.cuh kGx; any sm_80+ device that fits its
-// shared memory: ttt_chain_gx_jobs > 0), p.xchg ([N * H][2][ctas][d] floats) / p.xcount set, in
-// cooperative waves of at most `wave` jobs (0: as many as run at once). ctas: CTAs per job, 8, or
+// shared memory: ttt_chain_gx_jobs > 0), in cooperative waves of `wave` jobs (1 to
+// ttt_chain_gx_jobs), with per job slot of a wave [2][ctas][d] floats at p.xchg and one counter
+// at p.xcount. ctas: CTAs per job, 8, or
 // 16 at d = 128 (clusters of 16: ttt_chain_tc_active_clusters > 0).
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0,
                          int ctas = 8);
@@ -193,6 +199,14 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool gl
 int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas = 8);
 // Clusters of 16 CTAs of the d = 128 chain the current device runs at once (0: none).
 int ttt_chain_tc_active_clusters(InDType dt, int d, int ctas);
+// The token-split forward without clusters (ttt_fwd_tc.cuh kGx; d = h = 64, 8 CTAs x 4 warps,
+// mma.sync; any sm_80+ device that fits it: ttt_fwd_tc_gx_jobs > 0), fused or split mode
+// (p.skip_read) as launch_ttt_fwd_tc, in cooperative waves of `wave` jobs (1 to
+// ttt_fwd_tc_gx_jobs); per job slot of a wave: p.xchg 8 x kFwdGxPartFloats floats, p.xpub
+// 6 x 64 x 64 values of the input dtype, p.xcount one counter.
+constexpr int64_t kFwdGxPartFloats = 3 * 64 * 64 + 4;
+void launch_ttt_fwd_tc_gx(const FwdParams& p, cudaStream_t stream, int64_t wave);
+int64_t ttt_fwd_tc_gx_jobs(InDType dt);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
 // launch_ttt_bwd (p.scratch unused), from either forward's checkpoints.
 // cluster: 8 or 16 CTAs per (sequence, head), as the forward's (ttt_bwd_tc_active_clusters).

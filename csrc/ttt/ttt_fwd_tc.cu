@@ -68,50 +68,28 @@ void launch_chain(const FwdParams& p, cudaStream_t stream) {
                   Tr::kSmemBytes, Tr::kP, stream);
 }
 
-// The hidden-unit chain without clusters (kGx): how many jobs (kP CTAs each) the device runs at
-// once, 0 where it cannot run one (too little shared memory; the error is cleared).
+// The hidden-unit chain without clusters (kGx).
 template <typename T, int D, int P>
 int64_t chain_gx_jobs() {
   using Tr = tc::ChainTcTraits<D, true, P>;
-  auto kernel = tc::ttt_chain_tc_kernel<T, D, true, P>;
-  int per_sm = 0, dev = 0, sms = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tr::kThreads, Tr::kSmemBytes) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return int64_t{per_sm} * sms / Tr::kP;
+  return cooperative_jobs(tc::ttt_chain_tc_kernel<T, D, true, P>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
 }
 
-// Cooperative launches (every CTA of a launch co-resident, or the launch fails) of at most
-// `wave` jobs each, one after another on the stream: the CTAs of a job wait for each other.
 template <typename T, int D, int P>
 void launch_chain_gx(const FwdParams& p, int64_t wave, cudaStream_t stream) {
   using Tr = tc::ChainTcTraits<D, true, P>;
-  auto kernel = tc::ttt_chain_tc_kernel<T, D, true, P>;
-  const int64_t fit = chain_gx_jobs<T, D, P>();
-  TORCH_CHECK(fit > 0, "allmem: launch_ttt_chain_tc: this device cannot run the chain kernel without clusters (",
-              Tr::kSmemBytes, " bytes of shared memory per CTA)");
-  TORCH_CHECK(p.xchg != nullptr && p.xcount != nullptr, "allmem: launch_ttt_chain_tc: no exchange buffers");
-  wave = wave > 0 ? std::min(wave, fit) : fit;
-  const int64_t jobs = p.n_seqs * p.heads;
-  for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
-    FwdParams w = p;
-    w.job0 = j0;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(std::min(wave, jobs - j0) * Tr::kP));
-    cfg.blockDim = dim3(static_cast<unsigned>(Tr::kThreads));
-    cfg.dynamicSmemBytes = static_cast<size_t>(Tr::kSmemBytes);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeCooperative;
-    attr.val.cooperative = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, w));
-  }
+  launch_cooperative_waves(tc::ttt_chain_tc_kernel<T, D, true, P>, p, p.n_seqs * p.heads, wave, Tr::kThreads,
+                           Tr::kSmemBytes, Tr::kP, stream, "launch_ttt_chain_tc");
+}
+
+// The token-split forward without clusters (kGx: 8 CTAs, 4 warps, mma.sync).
+using FwdGxTraits = tc::FwdTcTraitsP<8, 4, false, true>;
+static_assert(FwdGxTraits::kPart == kFwdGxPartFloats, "ttt_cuda.h's size of a partial block");
+
+template <typename T>
+int64_t fwd_gx_jobs() {
+  return cooperative_jobs(tc::ttt_fwd_tc_kernel<T, 8, 4, false, true>, FwdGxTraits::kThreads, FwdGxTraits::kSmemBytes,
+                          FwdGxTraits::kP);
 }
 
 }  // namespace
@@ -175,6 +153,21 @@ template <typename T>
 int64_t chain_gx_jobs_of(int d, int ctas) {
   if (d == 64) return chain_gx_jobs<T, 64, 8>();
   return ctas == 16 ? chain_gx_jobs<T, 128, 16>() : chain_gx_jobs<T, 128, 8>();
+}
+
+void launch_ttt_fwd_tc_gx(const FwdParams& p, cudaStream_t stream, int64_t wave) {
+  TORCH_CHECK(p.xpub != nullptr, "allmem: launch_ttt_fwd_tc_gx: no publish buffer");
+  auto go = [&](auto kernel) {
+    launch_cooperative_waves(kernel, p, p.n_seqs * p.heads, wave, FwdGxTraits::kThreads, FwdGxTraits::kSmemBytes,
+                             FwdGxTraits::kP, stream, "launch_ttt_fwd_tc_gx");
+  };
+  if (p.dtype == InDType::kBFloat16) return go(tc::ttt_fwd_tc_kernel<__nv_bfloat16, 8, 4, false, true>);
+  if (p.dtype == InDType::kFloat16) return go(tc::ttt_fwd_tc_kernel<__half, 8, 4, false, true>);
+  TORCH_CHECK(false, "allmem: launch_ttt_fwd_tc_gx: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+int64_t ttt_fwd_tc_gx_jobs(InDType dt) {
+  return dt == InDType::kBFloat16 ? fwd_gx_jobs<__nv_bfloat16>() : fwd_gx_jobs<__half>();
 }
 
 int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas) {

@@ -40,7 +40,9 @@ namespace allmem::ttt::cuda::tc {
 // hidden units and gradient columns, so two warps per SM sub-partition hide each other's latency).
 // G: the chain's products on wgmma (sm_90a; ALLMEM_TTT_TC_WGMMA=1, split mode only: no reads, so
 // no raw weight copy): every 16-bit tile in 128-byte-swizzled rows from a 1024-byte-aligned base.
-template <int P, int W = 4, bool G = false>
+// X: without clusters (sm_80+; ALLMEM_TTT_TC_CHAIN=tokens-global): the partial gradients go straight
+// from registers to global memory (no sG: 51 KB less, 133 KB in all, within an A100's 163 KB).
+template <int P, int W = 4, bool G = false, bool X = false>
 struct FwdTcTraitsP {
   static constexpr int kD = 64;  // d = h = 64
   static constexpr int kP = P;
@@ -63,7 +65,7 @@ struct FwdTcTraitsP {
   static constexpr int kOffV = kOffK + kTileElems * 2;          // [64][kLd] v
   static constexpr int kOffX = kOffV + kTileElems * 2;          // [3][64][kLd] Xg, Xu, Sd factors
   static constexpr int kOffG = kOffX + 3 * kTileElems * 2;      // [3][64][kLdG] float partial -G
-  static constexpr int kOffEta = kOffG + 3 * kD * kLdG * 4;     // [64][4] eta_g, eta_u, eta_d, mu
+  static constexpr int kOffEta = kOffG + (X ? 0 : 3 * kD * kLdG * 4);  // [64][4] eta_g, eta_u, eta_d, mu
   static constexpr int kOffOwnW = kOffEta + kTile * 4 * 4;      // [3][kOwn][64] float W rows owned
   static constexpr int kOffOwnM = kOffOwnW + 3 * kOwn * kD * 4; // [3][kOwn][64] float M rows owned
   static constexpr int kOffTarget = kOffOwnM + 3 * kOwn * kD * 4;  // [3][kOwn] row-norm targets
@@ -82,6 +84,9 @@ struct FwdTcTraitsP {
   static_assert(kD % kP == 0 && kOwn * kP == kD, "rows split evenly over the cluster");
   static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
   static_assert(W == 4 || W == 8, "4 or 8 warps");
+  static_assert(!(G && X), "the wgmma chain runs on clusters only");
+  // X: floats per CTA of a job's reduction buffer in global memory: -G [3][64][64], mu's sum, pad.
+  static constexpr int kPart = 3 * kMat + 4;
   static_assert(!G || (kOffK2 % 1024 == 0 && kOffV2 % 1024 == 0 && kOffX % 1024 == 0),
                 "wgmma: 1024-byte-aligned tiles");
   // Element (row, col) of a 16-bit [rows][64] tile: padded rows, or (G) the 128-byte swizzle
@@ -107,6 +112,22 @@ __device__ __forceinline__ float4 cluster_sum4(float* p) {
 #pragma unroll 8  // at most 8 loads in flight (16 peers: registers)
   for (int peer = 0; peer < kP; ++peer) {
     const float4 x = *reinterpret_cast<const float4*>(cluster_peer(p, peer));
+    s.x += x.x;
+    s.y += x.y;
+    s.z += x.z;
+    s.w += x.w;
+  }
+  return s;
+}
+
+// The same sum over kP blocks `stride` floats apart in global memory (the kernels without clusters),
+// read past L1.
+template <int kP>
+__device__ __forceinline__ float4 global_sum4(const float* p, int64_t stride) {
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4  // at most 4 loads in flight (sm_80: registers)
+  for (int peer = 0; peer < kP; ++peer) {
+    const float4 x = ld_cg4(p + peer * stride);
     s.x += x.x;
     s.y += x.y;
     s.z += x.z;
@@ -442,12 +463,15 @@ __device__ __forceinline__ void wg_grads(float (&acc_g)[N / 8][4], float (&acc_u
   wg_fence_regs(acc_d);
 }
 
-template <typename T, int kCtas = 8, int kW = 4, bool kWg = false>
-__global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
-#else
-  using Tr = FwdTcTraitsP<kCtas, kW, kWg>;
+// The kernel's body (ttt_fwd_tc_kernel below). kGx: without clusters (sm_80+): the owners publish
+// their rows to global memory (p.xpub) and every CTA pulls all of them in by cp.async; the partial
+// gradients and mu's partial sums go to global memory (p.xchg) and the owners sum them in rank order
+// (bitwise the cluster kernel's results); each cluster barrier is a barrier on the job's global
+// counter (xcta_barrier). The host launches the jobs cooperatively in waves; buffers and counters
+// are indexed by the job's place in its wave.
+template <typename T, int kCtas, int kW, bool kWg, bool kGx>
+__device__ __forceinline__ void fwd_tc_body(const FwdParams& p) {
+  using Tr = FwdTcTraitsP<kCtas, kW, kWg, kGx>;
   constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int64_t HD = Tr::kMat;
@@ -485,9 +509,20 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     sClock[kPhaseNs] = global_ns();
     sClock[kPhaseSlots - 1] = sClock[kPhaseCycles] = sm_clock();
   }
-  const int rank = cluster_rank();
-  const int64_t job = blockIdx.x / kP;
+  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
+  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
+  const int64_t job = p.job0 + wslot;
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
+  unsigned xgen = 0;  // kGx: barriers passed
+  auto barrier = [&]() {
+    if constexpr (kGx) {
+      xcta_barrier(p.xcount + wslot, ++xgen * kP);
+    } else {
+      cluster_sync();
+    }
+  };
+  // kGx: the partial block of CTA r of this job (kPart floats).
+  auto xpart = [&](int r) { return p.xchg + (wslot * kP + r) * int64_t{Tr::kPart}; };
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
   int64_t slot = p.seq[3 * N + n];
@@ -539,13 +574,35 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
       raw.y = pack2<T>(w[2], w[3]);
       nrm.x = pack2<T>(w[0] * s, w[1] * s);
       nrm.y = pack2<T>(w[2] * s, w[3] * s);
-      const int off = m * kTE + Tr::el(own0 + i, c);
-      for (int peer = 0; peer < kP; ++peer) {
-        if constexpr (!kWg) *reinterpret_cast<uint2*>(cluster_peer(sWr + off, peer)) = raw;
-        *reinterpret_cast<uint2*>(cluster_peer(sWn + off, peer)) = nrm;
+      if constexpr (kGx) {  // [as they are / normalized][m][row][c] of this job's slot
+        T* pub = static_cast<T*>(p.xpub) + wslot * 6 * HD;
+        const int64_t at = m * HD + int64_t{own0 + i} * kD + c;
+        *reinterpret_cast<uint2*>(pub + at) = raw;
+        *reinterpret_cast<uint2*>(pub + 3 * HD + at) = nrm;
+      } else {
+        const int off = m * kTE + Tr::el(own0 + i, c);
+        for (int peer = 0; peer < kP; ++peer) {
+          if constexpr (!kWg) *reinterpret_cast<uint2*>(cluster_peer(sWr + off, peer)) = raw;
+          *reinterpret_cast<uint2*>(cluster_peer(sWn + off, peer)) = nrm;
+        }
       }
     }
     if constexpr (kWg) fence_proxy_async();  // wgmma reads the rows through the async proxy
+  };
+  // After publish() and a barrier: this CTA's operand tiles from every owner's published rows
+  // (kGx; cp.async reads L2, where the owners' writes are). Ends with a barrier.
+  auto pull = [&]() {
+    if constexpr (kGx) {
+      const T* pub = static_cast<const T*>(p.xpub) + wslot * 6 * HD;
+      for (int e = tid; e < 6 * kD * (kD / 8); e += kT) {
+        const int r = e / (kD / 8), c = (e % (kD / 8)) * 8;  // r: [as they are / normalized][m][row]
+        const int m = (r / kD) % 3, row = r % kD;
+        cp_async16((r < 3 * kD ? sWr : sWn) + m * kTE + Tr::el(row, c), pub + int64_t{r} * kD + c, true);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+    }
   };
 
   // Chunk-buffer rows [lo, hi) that fall in this CTA's tiles, as (first, last) pieces.
@@ -564,9 +621,10 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
       pend[t * pstride + c] = pend0[t * pstride + c];
     }
   });
-  cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
+  if constexpr (!kGx) cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
   publish();
-  cluster_sync();
+  barrier();
+  pull();
   mark(kPhasePrologue);
 
   // Read of the tokens [first + t0, first + t0 + nt): o = Wd (silu(Wg q) * (Wu q)) [+ q].
@@ -721,7 +779,8 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
       for (int j = 0; j < 2 * kNb; ++j) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          float* dst = sG + m * kD * kLdG + (row0 + g + 8 * half) * kLdG + nb0 * 16 + j * 8 + c2;
+          const int row = row0 + g + 8 * half, col = nb0 * 16 + j * 8 + c2;
+          float* dst = kGx ? xpart(rank) + m * HD + row * kD + col : sG + m * kD * kLdG + row * kLdG + col;
           dst[0] = acc[j][2 * half];
           dst[1] = acc[j][2 * half + 1];
         }
@@ -730,18 +789,25 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     stash(acc_g, 0);
     stash(acc_u, 1);
     stash(acc_d, 2);
-    if (tid == 0) sRed[0] = mu_part;
-    cluster_sync();
+    if (tid == 0) {
+      if constexpr (kGx) {
+        xpart(rank)[3 * HD] = mu_part;
+      } else {
+        sRed[0] = mu_part;
+      }
+    }
+    barrier();
     mark(kPhaseReduceWait);
     // Owned rows: M = mu_j M - G, W = W_hat + M (W_hat = normalize(W) unless LaCT order), summing
     // the kP partials in rank order.
     float mu_sum = 0.f;
-    for (int peer = 0; peer < kP; ++peer) mu_sum += *cluster_peer(sRed, peer);
+    for (int peer = 0; peer < kP; ++peer) mu_sum += kGx ? ld_cg(xpart(peer) + 3 * HD) : *cluster_peer(sRed, peer);
     const float mu_j = mu_sum / static_cast<float>(C);
     // Four consecutive columns of one owned row per step (kD % 4 == 0, 16-byte aligned rows).
     for (int e = 4 * tid; e < 3 * kOwn * kD; e += 4 * kT) {
       const int r = e / kD, m = r / kOwn, i = r % kOwn, c = e % kD;
-      const float4 neg_g = cluster_sum4<kP>(sG + m * kD * kLdG + (own0 + i) * kLdG + c);
+      const float4 neg_g = kGx ? global_sum4<kP>(xpart(0) + m * HD + (own0 + i) * kD + c, Tr::kPart)
+                               : cluster_sum4<kP>(sG + m * kD * kLdG + (own0 + i) * kLdG + c);
       float4 w = *reinterpret_cast<const float4*>(sOwnW + e), mo = *reinterpret_cast<const float4*>(sOwnM + e);
       const float sc = p.lact_order ? 0.f : sScale[r];  // LaCT order: no scale here
       auto step = [&](float& wv, float& mv, float g) {
@@ -765,7 +831,8 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     }
     mark(kPhaseReduce);
     publish();
-    cluster_sync();
+    barrier();
+    pull();
     mark(kPhasePublish);
     if (timed()) ++sClock[kPhaseChunks];
   };
@@ -820,6 +887,18 @@ __global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams 
     sClock[kPhaseNs] = global_ns() - sClock[kPhaseNs];
     for (int i = 0; i < kPhaseSlots - 1; ++i) p.phase_clock[i] = sClock[i];
   }
+}
+
+template <typename T, int kCtas = 8, int kW = 4, bool kWg = false, bool kGx = false>
+__global__ void __launch_bounds__(kW * 32, 1) ttt_fwd_tc_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (kGx) {
+    fwd_tc_body<T, kCtas, kW, kWg, kGx>(p);
+  } else {
+    __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+  }
+#else
+  fwd_tc_body<T, kCtas, kW, kWg, kGx>(p);
 #endif
 }
 

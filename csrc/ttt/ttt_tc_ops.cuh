@@ -184,6 +184,7 @@ __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
   __syncthreads();
 }
 __device__ __forceinline__ float ld_cg(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float4 ld_cg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // ---- wgmma (sm_90a; ALLMEM_TTT_TC_WGMMA, ttt_fwd_tc.cuh's kWg kernels) --------------------------
 // Operands in 128-byte-swizzled shared memory (rows of 64 16-bit values, 1024-byte atoms of 8

@@ -113,9 +113,41 @@ extern "C" void emu_set_warps(int warps) { g_fwd_warps = warps == 8 ? 8 : 4; }
 static long long* g_phase_clock = nullptr;
 extern "C" void emu_set_phase_clock(long long* buf) { g_phase_clock = buf; }
 
+// A kernel without clusters as launch_cooperative_waves launches it: waves of `wave` jobs (p.job0
+// the first, blockIdx.x within the wave), exchange buffers per job slot of a wave (NaN-filled: a
+// read before a write shows), the slots' counters zeroed before each wave.
+template <typename Tr, typename Kernel>
+void run_waves(FwdParams p, int64_t wave, int64_t xchg_floats, int64_t xpub_bytes, Kernel kernel) {
+  const int64_t jobs = p.n_seqs * p.heads;
+  std::vector<float> xchg(static_cast<size_t>(wave * xchg_floats), std::nanf(""));
+  std::vector<unsigned char> xpub(static_cast<size_t>(wave * xpub_bytes), 0xff);
+  std::vector<unsigned> xcount(static_cast<size_t>(wave));
+  p.xchg = xchg.data();
+  p.xpub = xpub.data();
+  p.xcount = xcount.data();
+  for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
+    p.job0 = j0;
+    std::fill(xcount.begin(), xcount.end(), 0u);
+    run_jobs(
+        Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, std::min(wave, jobs - j0),
+        [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); }, [&] { kernel(p); }, false);
+  }
+}
+
+// The token-split forward without clusters (ALLMEM_TTT_TC_CHAIN=tokens-global): emu_set_fwd_gx(wave),
+// waves of that many jobs; 0: the cluster kernels.
+static int64_t g_fwd_gx_wave = 0;
+extern "C" void emu_set_fwd_gx(int64_t wave) { g_fwd_gx_wave = wave; }
+
 template <typename T>
 void run_fwd_tc(FwdParams p) {
   p.phase_clock = g_phase_clock;
+  if (g_fwd_gx_wave > 0) {
+    using Tr = tc::FwdTcTraitsP<8, 4, false, true>;
+    run_waves<Tr>(p, g_fwd_gx_wave, Tr::kP * Tr::kPart, 6 * Tr::kMat * int64_t{sizeof(T)},
+                  tc::ttt_fwd_tc_kernel<T, 8, 4, false, true>);
+    return;
+  }
   if (g_fwd_wg && g_fwd_warps == 8) {
     if (g_fwd_cluster == 16) run_clusters<tc::FwdTcTraitsP<16, 8, true>>(p, tc::ttt_fwd_tc_kernel<T, 16, 8, true>);
     else run_clusters<tc::FwdTcTraitsP<8, 8, true>>(p, tc::ttt_fwd_tc_kernel<T, 8, 8, true>);
@@ -162,20 +194,9 @@ static int64_t g_chain_gx_wave = 0;  // 0: the cluster chain; > 0: kGx in waves 
 extern "C" void emu_set_chain_gx(int64_t wave) { g_chain_gx_wave = wave; }
 
 template <typename T, int D, int P>
-void run_chain_gx_p(FwdParams p) {
+void run_chain_gx_p(const FwdParams& p) {
   using Tr = tc::ChainTcTraits<D, true, P>;
-  const int64_t jobs = p.n_seqs * p.heads, wave = g_chain_gx_wave;
-  std::vector<float> xchg(static_cast<size_t>(jobs * 2 * Tr::kP * D), std::nanf(""));
-  std::vector<unsigned> xcount(static_cast<size_t>(jobs), 0u);
-  p.xchg = xchg.data();
-  p.xcount = xcount.data();
-  for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
-    p.job0 = j0;
-    run_jobs(
-        Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, std::min(wave, jobs - j0),
-        [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); },
-        [&] { tc::ttt_chain_tc_kernel<T, D, true, P>(p); }, false);
-  }
+  run_waves<Tr>(p, g_chain_gx_wave, 2 * Tr::kP * D, 0, tc::ttt_chain_tc_kernel<T, D, true, P>);
   run_read<T, D>(p);
 }
 

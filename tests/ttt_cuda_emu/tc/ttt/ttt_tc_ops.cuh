@@ -162,6 +162,7 @@ inline void xcta_barrier(unsigned* count, unsigned target) {
   __syncthreads();
 }
 inline float ld_cg(const float* p) { return *p; }
+inline float4 ld_cg4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // Shared addresses are offsets from the CTA's dynamic shared memory (the kernels align tiles on
 // them, as the hardware's swizzle is a function of the shared address).
