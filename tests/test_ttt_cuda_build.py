@@ -28,7 +28,7 @@ TC_KERNELS = {"ttt_fwd_tc_kernel": 18, "ttt_bwd_tc_kernel": 4, "ttt_read_tc_kern
               "ttt_chain_tc_kernel": 12, "ttt_read_wg_kernel": 2}
 
 
-def _is_chain_gx(name: str) -> bool:
+def _is_gx(name: str) -> bool:
     """A kernel without clusters: the units chain (ttt_chain_tc_kernel<T, D, kGx = true, P>) or the
     token-split forward (ttt_fwd_tc_kernel<T, 8, 4, false, kGx = true>)."""
     if "ttt_chain_tc_kernel" in name:
@@ -36,7 +36,7 @@ def _is_chain_gx(name: str) -> bool:
     return "ttt_fwd_tc_kernel" in name and name.endswith("Lb0ELb1EEEvNS1_9FwdParamsE")
 
 
-def _check_chain_gx(name: str, body: str, spills: bool = False):
+def _check_gx(name: str, body: str, spills: bool = False):
     """A kernel without clusters: tensor cores, no cluster barrier; its barrier is a release add
     and acquire loads at gpu scope (the peers' partials read past L1: strong gpu loads too). spills:
     local memory allowed (the token-split one's sm_80 code spills 8 bytes; bounded by the
@@ -59,8 +59,8 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
             assert re.search(r"\bHGMMA\.64x64x16\.F32", body) and not re.search(r"\bHMMA\.16816", body), name
             assert not re.search(r"\b(LDL|STL)\b", body) and re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), name
             continue
-        if _is_chain_gx(name):
-            _check_chain_gx(name, body)
+        if _is_gx(name):
+            _check_gx(name, body)
             continue
         if name.endswith("Lb1ELb0EEEvNS1_9FwdParamsE"):  # the wgmma chain (kWg = true)
             # per tile: a, b, e as m64n16k16 (4 k-steps x 3, per block of 16 units), the gradients
@@ -135,10 +135,10 @@ def test_sm80_code_of_the_tensor_core_forward():
     their sm_80 code is whole (tensor cores; no spills but the token-split one's 8 bytes of stack);
     the cluster kernels' sm_80 code is only a trap (the dispatcher never launches them there)."""
     funcs = _sass_by_function("80")
-    gx = {n: b for n, b in funcs.items() if _is_chain_gx(n)}
+    gx = {n: b for n, b in funcs.items() if _is_gx(n)}
     assert len(gx) == 8, list(gx)
     for name, body in gx.items():
-        _check_chain_gx(name, body, spills="ttt_fwd_tc_kernel" in name)
+        _check_gx(name, body, spills="ttt_fwd_tc_kernel" in name)
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_80", _library()],
                            capture_output=True, text=True, check=True).stdout
     found = re.findall(r"Function (\S*ttt_fwd_tc_kernel\S*Lb0ELb1E\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ "
@@ -149,5 +149,5 @@ def test_sm80_code_of_the_tensor_core_forward():
     for name, body in reads.items():
         assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 16 and not re.search(r"\b(LDL|STL)\b", body), name
     for name, body in funcs.items():
-        if ("ttt_fwd_tc_kernel" in name or "ttt_chain_tc_kernel" in name) and not _is_chain_gx(name):
+        if ("ttt_fwd_tc_kernel" in name or "ttt_chain_tc_kernel" in name) and not _is_gx(name):
             assert "BPT.TRAP" in body and not re.search(r"\bHMMA\b", body), name

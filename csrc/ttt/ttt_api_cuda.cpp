@@ -129,6 +129,22 @@ int64_t gx_wave(int64_t jobs, int64_t fit) {
   return std::max<int64_t>(1, std::min(w, jobs));
 }
 
+// Jobs a kernel without clusters runs at once on the current device (the token-split forward, or the
+// hidden-unit chain at d with `ctas` CTAs per job), asked once per device and kernel.
+int64_t gx_fit(InDType dt, int64_t d, bool tokens, int ctas) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, bool, int>, int64_t> cache;
+  const std::tuple<int, int, int, bool, int> key{at::cuda::current_device(), static_cast<int>(dt),
+                                                 static_cast<int>(d), tokens, ctas};
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    const int64_t n = tokens ? ttt_fwd_tc_gx_jobs(dt) : ttt_chain_gx_jobs(dt, static_cast<int>(d), ctas);
+    it = cache.emplace(key, n).first;
+  }
+  return it->second;
+}
+
 // Whether the chain without clusters takes this call (ALLMEM_TTT_TC_CHAIN=global): as the other
 // tensor-core kernels (not switched off, bf16/fp16, d = h in {64, 128}, 16-byte aligned rows), on
 // sm_80+; heads along the read grid's y. Where only the device is what stops it (before sm_80, or
@@ -146,21 +162,7 @@ bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at:
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   ALLMEM_CHECK(prop->major >= 8, "ALLMEM_TTT_TC_CHAIN: the kernels without clusters need an sm_80+ device, got sm_",
                prop->major, prop->minor);
-  static std::mutex mu;
-  static std::map<std::pair<int, int>, int64_t> cache;  // (device, kernel) -> co-resident jobs
-  const std::pair<int, int> key{at::cuda::current_device(),
-                                (static_cast<int>(lay.d) * 4 + static_cast<int>(dt)) * 2 + (tokens ? 1 : 0)};
-  int64_t jobs = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-      const int64_t n = tokens ? ttt_fwd_tc_gx_jobs(dt) : ttt_chain_gx_jobs(dt, static_cast<int>(lay.d));
-      it = cache.emplace(key, n).first;
-    }
-    jobs = it->second;
-  }
-  ALLMEM_CHECK(jobs > 0, "ALLMEM_TTT_TC_CHAIN: this device cannot run the ", tokens ? "token-split" : "hidden-unit",
+  ALLMEM_CHECK(gx_fit(dt, lay.d, tokens, 8) > 0, "ALLMEM_TTT_TC_CHAIN: this device cannot run the ", tokens ? "token-split" : "hidden-unit",
                " kernel without clusters at d = ", lay.d, " (too little shared memory per SM)");
   return true;
 }
@@ -268,7 +270,7 @@ int chain_ctas(const Layout& lay, InDType dt, bool gx) {
   return sixteen_or_eight(
       lay.N * lay.H, static_cast<int>(dt) * 2 + (gx ? 1 : 0),
       gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)", [&]() -> int64_t {
-        return gx ? ttt_chain_gx_jobs(dt, 128, 16) : ttt_chain_tc_active_clusters(dt, 128, 16);
+        return gx ? gx_fit(dt, 128, false, 16) : ttt_chain_tc_active_clusters16(dt);
       });
 }
 
@@ -359,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     };
     if (gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (gx_tokens && gx) {
-        const int64_t wave = gx_wave(lay.N * lay.H, ttt_fwd_tc_gx_jobs(dt));
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, 64, true, 8));
         gx_buffers(wave, 8 * kFwdGxPartFloats);
         xpub = at::empty({wave * 6 * 64 * 64}, q.options());
         p.xpub = xpub.data_ptr();
@@ -367,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         launch_ttt_fwd_tc_gx(p, at::cuda::getCurrentCUDAStream(), wave);
       } else if (gx) {
         const int ctas = chain_ctas(lay, dt, true);
-        const int64_t wave = gx_wave(lay.N * lay.H, ttt_chain_gx_jobs(dt, static_cast<int>(lay.d), ctas));
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, lay.d, false, ctas));
         gx_buffers(wave, 2 * ctas * lay.d);
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, wave, ctas);
       } else if (split && use_units_chain(lay.d, chain)) {

@@ -192,13 +192,13 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // shared memory: ttt_chain_gx_jobs > 0), in cooperative waves of `wave` jobs (1 to
 // ttt_chain_gx_jobs), with per job slot of a wave [2][ctas][d] floats at p.xchg and one counter
 // at p.xcount. ctas: CTAs per job, 8, or
-// 16 at d = 128 (clusters of 16: ttt_chain_tc_active_clusters > 0).
+// 16 at d = 128 (clusters of 16: ttt_chain_tc_active_clusters16 > 0).
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0,
                          int ctas = 8);
 // (sequence, head) jobs of the chain without clusters the current device runs at once (0: none).
 int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas = 8);
 // Clusters of 16 CTAs of the d = 128 chain the current device runs at once (0: none).
-int ttt_chain_tc_active_clusters(InDType dt, int d, int ctas);
+int ttt_chain_tc_active_clusters16(InDType dt);
 // The token-split forward without clusters (ttt_fwd_tc.cuh kGx; d = h = 64, 8 CTAs x 4 warps,
 // mma.sync; any sm_80+ device that fits it: ttt_fwd_tc_gx_jobs > 0), fused or split mode
 // (p.skip_read) as launch_ttt_fwd_tc, in cooperative waves of `wave` jobs (1 to

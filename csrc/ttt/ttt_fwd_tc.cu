@@ -5,8 +5,6 @@
 // clusters (ttt_chain_tc.cuh kGx) and the mma.sync read run on sm_80+.
 #include <c10/cuda/CUDAException.h>
 
-#include <algorithm>
-
 #include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_tc_launch.h"
@@ -139,8 +137,7 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool gl
   TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-int ttt_chain_tc_active_clusters(InDType dt, int d, int ctas) {
-  TORCH_CHECK(d == 128 && ctas == 16, "allmem: ttt_chain_tc_active_clusters: d = 128, 16 CTAs only");
+int ttt_chain_tc_active_clusters16(InDType dt) {
   using Tr = tc::ChainTcTraits<128, false, 16>;
   if (dt == InDType::kBFloat16) {
     return max_active_clusters(tc::ttt_chain_tc_kernel<__nv_bfloat16, 128, false, 16>, Tr::kThreads, Tr::kSmemBytes,

@@ -150,8 +150,8 @@ __device__ __forceinline__ X* cluster_peer(X* p, int rank) {
 
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
-// A barrier of the kP CTAs of one job without clusters (ttt_chain_tc.cuh kGx, sm_80+: the CTAs are
-// co-resident because the host launches them cooperatively): every CTA adds 1 to the job's counter
+// A barrier of the kP CTAs of one job without clusters (ttt_chain_tc.cuh, ttt_fwd_tc.cuh kGx; sm_80+:
+// the CTAs are co-resident because the host launches them cooperatively): every CTA adds 1 to the job's counter
 // (zeroed before the launch) and waits until it reaches `target` (kP times the number of barriers
 // passed so far, this one included). Global writes of every thread of an arriving CTA before the
 // barrier are visible to every thread of the others after it (CTA barrier, then a release add and
