@@ -421,7 +421,8 @@ EOF
   # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
   # chain, with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128) and with the hidden-unit chain
   # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers),
-  # and the token-split forward without clusters (tokens-global).
+  # and the token-split forward without clusters (tokens-global); with either of the last two the d = 64
+  # backward is the one without clusters too (ttt_bwd_tc.cuh kGx).
   for chain in tokens units global tokens-global; do
     for tool in memcheck racecheck; do
       run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \

@@ -23,16 +23,19 @@ pytestmark = [
 # kernel -> instantiations (bf16 and fp16; the read and the units chain also for d = 64 and 128, the
 # token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
 # backward for clusters of 8 and 16, the units chain with and without clusters, with 8 CTAs per job
-# and at d = 128 16; the token-split forward also without clusters)
-TC_KERNELS = {"ttt_fwd_tc_kernel": 18, "ttt_bwd_tc_kernel": 4, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
+# and at d = 128 16; the token-split forward and the backward also without clusters)
+TC_KERNELS = {"ttt_fwd_tc_kernel": 18, "ttt_bwd_tc_kernel": 6, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
               "ttt_chain_tc_kernel": 12, "ttt_read_wg_kernel": 2}
 
 
 def _is_gx(name: str) -> bool:
-    """A kernel without clusters: the units chain (ttt_chain_tc_kernel<T, D, kGx = true, P>) or the
-    token-split forward (ttt_fwd_tc_kernel<T, 8, 4, false, kGx = true>)."""
+    """A kernel without clusters: the units chain (ttt_chain_tc_kernel<T, D, kGx = true, P>), the
+    token-split forward (ttt_fwd_tc_kernel<T, 8, 4, false, kGx = true>) or the backward
+    (ttt_bwd_tc_kernel<T, 8, kGx = true>)."""
     if "ttt_chain_tc_kernel" in name:
         return re.search(r"Lb1ELi(8|16)EEEvNS1_9FwdParamsE$", name) is not None
+    if "ttt_bwd_tc_kernel" in name:
+        return name.endswith("Li8ELb1EEEvNS1_9BwdParamsE")
     return "ttt_fwd_tc_kernel" in name and name.endswith("Lb0ELb1EEEvNS1_9FwdParamsE")
 
 
@@ -50,6 +53,16 @@ def _check_gx(name: str, body: str, spills: bool = False):
     assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), name
 
 
+def _check_wgmma_not_serialized(name: str, body: str, groups: int):
+    """Each group of wgmmas (issued back to back, then committed and waited for) starts with one
+    warpgroup arrive. ptxas serializes wgmmas whose accumulators it cannot keep in place (e.g. in a
+    rolled k-loop: warning C7520) by putting an arrive before every one of them: at most `groups`
+    arrives, and more wgmmas than arrives."""
+    arrives = len(re.findall(r"\bWARPGROUP\.ARRIVE\b", body))
+    wgmmas = len(re.findall(r"\bHGMMA\.", body))
+    assert arrives <= groups < wgmmas, f"{name}: {arrives} warpgroup arrives for {wgmmas} wgmmas (serialized)"
+
+
 @pytest.mark.parametrize("kernel", TC_KERNELS)
 def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
     funcs = {n: body for n, body in _sass_by_function("90a").items() if kernel in n}
@@ -57,6 +70,7 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
     for name, body in funcs.items():
         if kernel == "ttt_read_wg_kernel":  # the wgmma read: a, b as m64n64k16 SS, o as RS
             assert re.search(r"\bHGMMA\.64x64x16\.F32", body) and not re.search(r"\bHMMA\.16816", body), name
+            _check_wgmma_not_serialized(name, body, groups=2)
             assert not re.search(r"\b(LDL|STL)\b", body) and re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), name
             continue
         if _is_gx(name):
@@ -70,6 +84,7 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
             assert not re.search(r"\bHMMA\.16816", body), name
             assert re.search(r"\bUCGABAR_ARV\b", body) and not re.search(r"\b(LDL|STL)\b", body), name
             assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body), name
+            _check_wgmma_not_serialized(name, body, groups=2)
             continue
         # 4 warps x per tile: read 96, update 192 mma.sync; the loops are partly unrolled (the units
         # chain's products are n8 blocks in rolled k-loops: fewer static instructions).
@@ -129,14 +144,15 @@ def test_composite_kernels_compiled_without_local_memory(kernel):
 
 
 @pytest.mark.skipif("80" not in _expected_archs(), reason="built without the 80 target")
-def test_sm80_code_of_the_tensor_core_forward():
-    """Off sm_90 the tensor-core forwards are the kernels without clusters (the units chain,
-    ALLMEM_TTT_TC_CHAIN=global, and the token-split forward, tokens-global) and the mma.sync read:
-    their sm_80 code is whole (tensor cores; no spills but the token-split one's 8 bytes of stack);
-    the cluster kernels' sm_80 code is only a trap (the dispatcher never launches them there)."""
+def test_sm80_code_of_the_tensor_core_kernels():
+    """Off sm_90 the tensor-core kernels are those without clusters (the units chain,
+    ALLMEM_TTT_TC_CHAIN=global, the token-split forward, tokens-global, and with either the backward)
+    and the mma.sync reads and read backward: their sm_80 code is whole (tensor cores; no spills but
+    the token-split forward's 8 bytes of stack); the cluster kernels' sm_80 code is only a trap (the
+    dispatcher never launches them there)."""
     funcs = _sass_by_function("80")
     gx = {n: b for n, b in funcs.items() if _is_gx(n)}
-    assert len(gx) == 8, list(gx)
+    assert len(gx) == 10, list(gx)
     for name, body in gx.items():
         _check_gx(name, body, spills="ttt_fwd_tc_kernel" in name)
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_80", _library()],
@@ -144,10 +160,10 @@ def test_sm80_code_of_the_tensor_core_forward():
     found = re.findall(r"Function (\S*ttt_fwd_tc_kernel\S*Lb0ELb1E\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ "
                        r"LOCAL:(\d+)", usage)
     assert len(found) == 2 and all(int(stack) <= 16 and local == "0" for _, _, stack, local in found), found
-    reads = {n: b for n, b in funcs.items() if "ttt_read_tc_kernel" in n}
-    assert len(reads) == 4, list(reads)
+    reads = {n: b for n, b in funcs.items() if "ttt_read_tc_kernel" in n or "ttt_read_bwd_tc_kernel" in n}
+    assert len(reads) == 6, list(reads)
     for name, body in reads.items():
         assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 16 and not re.search(r"\b(LDL|STL)\b", body), name
     for name, body in funcs.items():
-        if ("ttt_fwd_tc_kernel" in name or "ttt_chain_tc_kernel" in name) and not _is_gx(name):
+        if any(k in name for k in ("ttt_fwd_tc_kernel", "ttt_chain_tc_kernel", "ttt_bwd_tc_kernel")) and not _is_gx(name):
             assert "BPT.TRAP" in body and not re.search(r"\bHMMA\b", body), name

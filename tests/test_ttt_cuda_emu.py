@@ -161,7 +161,8 @@ class BwdParams(ctypes.Structure):
                                           "d_pend", "dq", "dk", "dv", "deta", "dmu", "d_targets", "scratch", "seq")]
         + [("n_seqs", ctypes.c_int64), ("heads", ctypes.c_int64), ("chunk", ctypes.c_int64),
            ("lact_order", ctypes.c_bool), ("residual", ctypes.c_bool), ("skip_read", ctypes.c_bool),
-           ("dw_read", ctypes.c_void_p)]
+           ("dw_read", ctypes.c_void_p), ("xchg", ctypes.c_void_p), ("xcount", ctypes.c_void_p),
+           ("xpub", ctypes.c_void_p), ("job0", ctypes.c_int64)]
     )
 
 

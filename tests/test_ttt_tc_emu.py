@@ -353,6 +353,34 @@ def test_tc_split_backward_matches(emu_tc, case):
     assert torch.equal(split[0], fused[0])
 
 
+@pytest.mark.parametrize("case,wave", [(c, 1 + i % 2) for i, c in enumerate(CASES)],
+                         ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_backward_without_clusters(emu_tc, case, wave):
+    """The tensor-core backward without clusters (ttt_bwd_tc.cuh kGx, ALLMEM_TTT_TC_CHAIN=global:
+    sm_80+, split mode): Wx and P published to global memory and pulled by every CTA, the dW partials
+    read-modified-written in each CTA's global block and summed by the owners in rank order, mu's and
+    dmu's shares through global memory, a global-counter barrier, cooperative waves of `wave` jobs
+    with per-slot NaN-filled buffers; no cluster (a cluster primitive aborts). Every output bit for bit
+    the split-mode cluster kernel's, and within its bound (4 u) of the float64 backward."""
+    args, want, (*_, dtype) = bwd_case(case)
+
+    class Split:  # emulated_bwd calls lib.emu_bwd
+        emu_bwd = emu_tc.emu_bwd_split
+
+    ref = _emulated_bwd_f32(Split, *args)
+    emu_tc.emu_set_bwd_gx(ctypes.c_int64(wave))
+    try:
+        got = _emulated_bwd_f32(Split, *args)
+    finally:
+        emu_tc.emu_set_bwd_gx(ctypes.c_int64(0))
+    u = UNIT_ROUNDOFF[dtype]
+    names = ("dq", "dk", "dv", "deta", "dmu", "dw_gate", "dw_up", "dw_down", "d_fast", "d_pending")
+    for name, a, r, w in zip(names, got, ref, want):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, r), name
+        assert rel_err(a, w) < 4 * u, name
+
+
 # (B, L, H, C, lens, pending lengths, lact_order, residual, dtype, d = h)
 CHAIN_CASES = [(*c, 64) for c in CASES] + [
     (1, 300, 1, 128, None, None, False, True, torch.bfloat16, 128),

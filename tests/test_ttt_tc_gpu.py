@@ -315,6 +315,31 @@ def test_tc_backward_matches_float64(tc, monkeypatch, case, cluster):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_tc_backward_without_clusters(tc, monkeypatch, case):
+    """ALLMEM_TTT_TC_CHAIN=global at d = 64 (ttt_bwd_tc.cuh kGx: the tensor-core backward for sm_80+
+    devices, tried here on sm_90; split mode): Wx and P published through global memory, the dW
+    partials in each CTA's global block summed by the owners in rank order, a global-counter barrier,
+    cooperative waves. Every gradient bit for bit the split-mode cluster backward's (which
+    test_tc_split_backward checks against float64), in one wave and in waves of one job; within 4 u of
+    float64 itself; a bad ALLMEM_TTT_TC_GX_WAVE is an error (the path is taken)."""
+    dev, outs, grads, want, (C, lact, res, dtype) = _bwd_case(case)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    ref = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "x")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
+        _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.delenv("ALLMEM_TTT_TC_GX_WAVE")
+    one = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "1")
+    waves = _bwd(dev, outs, grads, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    for i, (a, b, r, w) in enumerate(zip(one, waves, ref, want)):
+        assert torch.equal(a, r) and torch.equal(b, r), f"gradient {i}"
+        assert rel_err(a.cpu(), w) < 4 * u, f"gradient {i}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tc_split_forward_is_bitwise_the_fused_one(tc, monkeypatch, case):
     """ALLMEM_TTT_TC_SPLIT=1 (csrc/ttt/ttt_read_tc.cuh): the cluster kernel runs only the updates,
     then one CTA per (segment, head) reads from the checkpoints. Every output bit for bit the fused

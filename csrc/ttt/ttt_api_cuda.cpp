@@ -129,17 +129,27 @@ int64_t gx_wave(int64_t jobs, int64_t fit) {
   return std::max<int64_t>(1, std::min(w, jobs));
 }
 
-// Jobs a kernel without clusters runs at once on the current device (the token-split forward, or the
-// hidden-unit chain at d with `ctas` CTAs per job), asked once per device and kernel.
-int64_t gx_fit(InDType dt, int64_t d, bool tokens, int ctas) {
+// The kernels without clusters: the token-split forward (d = 64), the hidden-unit chain, the
+// tensor-core backward (d = 64).
+enum class GxKernel { kTokens, kChain, kBwd };
+
+const char* gx_name(GxKernel kind) {
+  return kind == GxKernel::kTokens ? "token-split forward" : kind == GxKernel::kChain ? "hidden-unit chain" : "backward";
+}
+
+// Jobs a kernel without clusters runs at once on the current device (the chain at d with `ctas`
+// CTAs per job), asked once per device and kernel.
+int64_t gx_fit(InDType dt, int64_t d, GxKernel kind, int ctas) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int, int, bool, int>, int64_t> cache;
-  const std::tuple<int, int, int, bool, int> key{at::cuda::current_device(), static_cast<int>(dt),
-                                                 static_cast<int>(d), tokens, ctas};
+  static std::map<std::tuple<int, int, int, int, int>, int64_t> cache;
+  const std::tuple<int, int, int, int, int> key{at::cuda::current_device(), static_cast<int>(dt), static_cast<int>(d),
+                                                static_cast<int>(kind), ctas};
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
-    const int64_t n = tokens ? ttt_fwd_tc_gx_jobs(dt) : ttt_chain_gx_jobs(dt, static_cast<int>(d), ctas);
+    const int64_t n = kind == GxKernel::kTokens ? ttt_fwd_tc_gx_jobs(dt)
+                      : kind == GxKernel::kBwd  ? ttt_bwd_tc_gx_jobs(dt)
+                                                : ttt_chain_gx_jobs(dt, static_cast<int>(d), ctas);
     it = cache.emplace(key, n).first;
   }
   return it->second;
@@ -149,7 +159,7 @@ int64_t gx_fit(InDType dt, int64_t d, bool tokens, int ctas) {
 // tensor-core kernels (not switched off, bf16/fp16, d = h in {64, 128}, 16-byte aligned rows), on
 // sm_80+; heads along the read grid's y. Where only the device is what stops it (before sm_80, or
 // too little shared memory) the request is an error rather than a silent change of kernel.
-bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows, bool tokens) {
+bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at::Tensor*> rows, GxKernel kind) {
   const char* env = std::getenv("ALLMEM_TTT_TC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (lay.d != lay.h || (lay.d != 64 && lay.d != 128) || (dt != InDType::kBFloat16 && dt != InDType::kFloat16) ||
@@ -162,8 +172,8 @@ bool use_chain_gx(const Layout& lay, InDType dt, std::initializer_list<const at:
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   ALLMEM_CHECK(prop->major >= 8, "ALLMEM_TTT_TC_CHAIN: the kernels without clusters need an sm_80+ device, got sm_",
                prop->major, prop->minor);
-  ALLMEM_CHECK(gx_fit(dt, lay.d, tokens, 8) > 0, "ALLMEM_TTT_TC_CHAIN: this device cannot run the ", tokens ? "token-split" : "hidden-unit",
-               " kernel without clusters at d = ", lay.d, " (too little shared memory per SM)");
+  ALLMEM_CHECK(gx_fit(dt, lay.d, kind, 8) > 0, "ALLMEM_TTT_TC_CHAIN: this device cannot run the ", gx_name(kind),
+               " without clusters at d = ", lay.d, " (too little shared memory per SM)");
   return true;
 }
 
@@ -270,7 +280,7 @@ int chain_ctas(const Layout& lay, InDType dt, bool gx) {
   return sixteen_or_eight(
       lay.N * lay.H, static_cast<int>(dt) * 2 + (gx ? 1 : 0),
       gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)", [&]() -> int64_t {
-        return gx ? gx_fit(dt, 128, false, 16) : ttt_chain_tc_active_clusters16(dt);
+        return gx ? gx_fit(dt, 128, GxKernel::kChain, 16) : ttt_chain_tc_active_clusters16(dt);
       });
 }
 
@@ -345,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     // cluster kernel), else the hidden-unit chain (always split mode).
     const bool gx_tokens = chain == ChainMode::kTokensGlobal && lay.d == 64;
     const bool gx = (chain == ChainMode::kGlobal || chain == ChainMode::kTokensGlobal) &&
-                    use_chain_gx(lay, dt, {&qc, &kc, &vc}, gx_tokens);
+                    use_chain_gx(lay, dt, {&qc, &kc, &vc}, gx_tokens ? GxKernel::kTokens : GxKernel::kChain);
     const bool split = (gx && !gx_tokens) || use_split_read(lay);
     bool wgmma = false;  // the token-split chain ran on wgmma: the read does too
     const char* phases = std::getenv("ALLMEM_TTT_TC_PHASES");
@@ -361,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     };
     if (gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc}) || (split && tc_conditions(lay, dt, {&qc, &kc, &vc}, 128))) {
       if (gx_tokens && gx) {
-        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, 64, true, 8));
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, 64, GxKernel::kTokens, 8));
         gx_buffers(wave, 8 * kFwdGxPartFloats);
         xpub = at::empty({wave * 6 * 64 * 64}, q.options());
         p.xpub = xpub.data_ptr();
@@ -369,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         launch_ttt_fwd_tc_gx(p, at::cuda::getCurrentCUDAStream(), wave);
       } else if (gx) {
         const int ctas = chain_ctas(lay, dt, true);
-        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, lay.d, false, ctas));
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, lay.d, GxKernel::kChain, ctas));
         gx_buffers(wave, 2 * ctas * lay.d);
         launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, wave, ctas);
       } else if (split && use_units_chain(lay.d, chain)) {
@@ -438,7 +448,14 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
   // one CTA per head chain, took 2.0 s at d = 128 B=1 L=128k H=4 against the composite's 0.10 s on
   // an H100 (bench/results/gpu_2026-11-26e_h100). ALLMEM_TTT_BWD=kernel keeps the SIMT kernel.
   const BwdChoice choice = bwd_choice();
-  const bool tc = use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go});
+  // ALLMEM_TTT_TC_CHAIN=global or tokens-global (the forward's kernels without clusters) at d = h = 64:
+  // the tensor-core backward without clusters too (split mode; sm_80+, an error where the device
+  // cannot run it). Opt-in: emulator-tested, not yet run on a GPU.
+  const ChainMode chain = chain_mode();
+  const bool gx = choice != BwdChoice::kComposite &&
+                  (chain == ChainMode::kGlobal || chain == ChainMode::kTokensGlobal) && d == 64 && h == 64 &&
+                  use_chain_gx(lay, dt, {&qc, &kc, &vc, &go}, GxKernel::kBwd);
+  const bool tc = gx || use_tc_kernels(lay, dt, {&qc, &kc, &vc, &go});
   if (choice == BwdChoice::kComposite || (choice == BwdChoice::kAuto && !tc && dt != InDType::kFloat32)) {
     return ttt_memory_bwd_composite(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending,
                                     pending_len, checkpoints, cu_seqlens, chunk_size, lact_order, residual);
@@ -486,7 +503,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
     p.residual = residual;
     if (tc) {
       at::Tensor work, dw_read;
-      if (use_split_read(lay)) {  // the reads' backward in parallel first, then the chain without it
+      if (gx || use_split_read(lay)) {  // the reads' backward in parallel first, then the chain without it
         work = read_work(lay, q.device());
         dw_read = at::empty({lay.slots(), lay.H, 3, h * d}, f32);
         ReadBwdParams r{};
@@ -504,7 +521,19 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
         p.skip_read = true;
         p.dw_read = dw_read.data_ptr<float>();
       }
-      launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, 4, true));
+      at::Tensor xchg, xcount, xpub;  // the backward without clusters' exchange buffers, per job slot of a wave
+      if (gx) {
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, 64, GxKernel::kBwd, 8));
+        xchg = at::empty({wave * 8 * kBwdGxPartFloats}, f32);
+        xcount = at::empty({wave}, q.options().dtype(at::kInt));  // zeroed before each wave
+        xpub = at::empty({wave * 6 * 64 * 64}, q.options());
+        p.xchg = xchg.data_ptr<float>();
+        p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
+        p.xpub = xpub.data_ptr();
+        launch_ttt_bwd_tc_gx(p, at::cuda::getCurrentCUDAStream(), wave);
+      } else {
+        launch_ttt_bwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, 4, true));
+      }
     } else {
       launch_ttt_bwd(p, static_cast<int>(d), static_cast<int>(h), at::cuda::getCurrentCUDAStream());
     }

@@ -1,6 +1,7 @@
 // Launch code of the tensor-core TTT backward (the kernel and its design: ttt_bwd_tc.cuh). Built
-// for every CUDA arch; the kernel body exists only for sm_90+ (thread block clusters), so the
-// dispatcher (ttt_api_cuda.cpp) takes this path only on such devices.
+// for every CUDA arch; the cluster kernels' bodies exist only for sm_90+ (thread block clusters), so
+// the dispatcher (ttt_api_cuda.cpp) takes those only on such devices; the kernel without clusters
+// (kGx) and the read backward run on sm_80+.
 #include <c10/cuda/CUDAException.h>
 
 #include "ttt/ttt_bwd_tc.cuh"
@@ -21,6 +22,16 @@ template <typename T, int P>
 int active_clusters() {
   using Tr = tc::BwdTcTraitsP<P>;
   return max_active_clusters(tc::ttt_bwd_tc_kernel<T, P>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
+}
+
+// The backward without clusters (kGx: 8 CTAs per job).
+using BwdGxTraits = tc::BwdTcTraitsP<8, true>;
+static_assert(BwdGxTraits::kPart == kBwdGxPartFloats, "ttt_cuda.h's size of a partial block");
+
+template <typename T>
+int64_t bwd_gx_jobs() {
+  return cooperative_jobs(tc::ttt_bwd_tc_kernel<T, 8, true>, BwdGxTraits::kThreads, BwdGxTraits::kSmemBytes,
+                          BwdGxTraits::kP);
 }
 
 template <typename T>
@@ -50,6 +61,23 @@ void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream, int cluster) {
   }
   if (p.dtype == InDType::kFloat16) return c16 ? launch_tc<__half, 16>(p, stream) : launch_tc<__half, 8>(p, stream);
   TORCH_CHECK(false, "allmem: launch_ttt_bwd_tc: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+void launch_ttt_bwd_tc_gx(const BwdParams& p, cudaStream_t stream, int64_t wave) {
+  TORCH_CHECK(p.skip_read && p.dw_read != nullptr, "allmem: launch_ttt_bwd_tc_gx: split mode only (the reads' "
+              "backward first)");
+  TORCH_CHECK(p.xpub != nullptr, "allmem: launch_ttt_bwd_tc_gx: no publish buffer");
+  auto go = [&](auto kernel) {
+    launch_cooperative_waves(kernel, p, p.n_seqs * p.heads, wave, BwdGxTraits::kThreads, BwdGxTraits::kSmemBytes,
+                             BwdGxTraits::kP, stream, "launch_ttt_bwd_tc_gx");
+  };
+  if (p.dtype == InDType::kBFloat16) return go(tc::ttt_bwd_tc_kernel<__nv_bfloat16, 8, true>);
+  if (p.dtype == InDType::kFloat16) return go(tc::ttt_bwd_tc_kernel<__half, 8, true>);
+  TORCH_CHECK(false, "allmem: launch_ttt_bwd_tc_gx: bfloat16 or float16 inputs only (the caller checks)");
+}
+
+int64_t ttt_bwd_tc_gx_jobs(InDType dt) {
+  return dt == InDType::kBFloat16 ? bwd_gx_jobs<__nv_bfloat16>() : bwd_gx_jobs<__half>();
 }
 
 int ttt_bwd_tc_active_clusters(InDType dt, int cluster) {

@@ -18,6 +18,14 @@
 //   After each phase's cluster barrier CTA r sums rows [8r, 8r + 8) of the partials over the kP
 //   CTAs in rank order through distributed shared memory (deterministic, no atomics) and adds
 //   them to the rows of dW it owns; row-local steps (normalization backward, dM *= mu) follow.
+// Without clusters (kGx; sm_80+, split mode only, ALLMEM_TTT_TC_CHAIN=global or tokens-global):
+// the same steps with the cluster's exchanges through global memory, as the forward's kGx kernels:
+// the owners write their 16-bit rows to p.xpub and every CTA pulls all of them by cp.async; the
+// dW partials live in the CTA's block of p.xchg (row-major, read-modified-written per tile: no
+// shared-memory sG) with its shares of mu's sum and dmu's dot product; the owners sum the blocks in
+// rank order (ld.global.cg); each cluster barrier is the job's global counter (xcta_barrier). No k, v
+// prefetch buffers either: 157 KB of shared memory, which an A100 (163 KB) fits. Same products in
+// the same order, so every output is bitwise the split-mode cluster kernel's.
 // Precision: as the forward. The state, accumulations and reductions are float32; the matmul
 // operands (k, v, q, dO, Wx, W, P and the per-token factors) are the input dtype, as a bf16
 // autocast PyTorch backward rounds them.
@@ -32,8 +40,10 @@
 namespace allmem::ttt::cuda::tc {
 
 // P: CTAs per cluster, 8 (portable, the default) or 16 (ALLMEM_TTT_TC_CLUSTER, as the forward).
-template <int P = 8>
+// X: without clusters (kGx: no sG, no prefetch buffers; 8 CTAs).
+template <int P = 8, bool X = false>
 struct BwdTcTraitsP {
+  static constexpr bool kGx = X;
   static constexpr int kD = 64;
   static constexpr int kP = P;
   static constexpr int kWarps = 4;
@@ -52,7 +62,7 @@ struct BwdTcTraitsP {
   static constexpr int kOffB = kOffA + kTileElems * 2;           // [64][kLd] v or dO
   static constexpr int kOffF = kOffB + kTileElems * 2;           // [6][64][kLd] per-token factors
   static constexpr int kOffG = kOffF + 6 * kTileElems * 2;       // [3][64][kLdG] float dW partials
-  static constexpr int kOffEta = kOffG + 3 * kD * kLdG * 4;      // [64][4] eta_g, eta_u, eta_d
+  static constexpr int kOffEta = kOffG + (X ? 0 : 3 * kD * kLdG * 4);  // [64][4] eta_g, eta_u, eta_d
   static constexpr int kOffOwnW = kOffEta + kTile * 4 * 4;       // owned float rows: W (checkpoint)
   static constexpr int kOffOwnM = kOffOwnW + kOwnElems * 4;      //   M (checkpoint)
   static constexpr int kOffOwnX = kOffOwnM + kOwnElems * 4;      //   Wx (or Z = W + M_next)
@@ -62,9 +72,12 @@ struct BwdTcTraitsP {
   static constexpr int kOffDTarget = kOffTarget + 3 * kOwn * 4;  // [3 kOwn] their gradients
   static constexpr int kOffRed = kOffDTarget + 3 * kOwn * 4;     // [8] partial sums
   static constexpr int kOffA2 = kOffRed + 8 * 4;                 // [64][kLd] k, v of the next tile
-  static constexpr int kOffB2 = kOffA2 + kTileElems * 2;         //   (the update backward's prefetch)
-  static constexpr int kSmemBytes = kOffB2 + kTileElems * 2;
+  static constexpr int kOffB2 = kOffA2 + (X ? 0 : kTileElems * 2);  //   (the update backward's prefetch)
+  static constexpr int kSmemBytes = kOffB2 + (X ? 0 : kTileElems * 2);
+  // kGx: a CTA's block of p.xchg: the dW partials [3][64][64], then its mu and dot shares.
+  static constexpr int kPart = 3 * kMat + 4;
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
+  static_assert(!X || (kSmemBytes <= 163 * 1024 && P == 8), "without clusters: 8 CTAs, an A100's 163 KB");
   static_assert(kOffA % 16 == 0 && kOffF % 16 == 0 && kOffG % 16 == 0 && kOffEta % 16 == 0 &&
                     kOffOwnW % 16 == 0 && kOffTarget % 16 == 0 && kOffRed % 16 == 0 && kOffA2 % 16 == 0 &&
                     kOffB2 % 16 == 0,
@@ -93,30 +106,28 @@ __device__ __forceinline__ void mma_n8_w(float (&acc)[4], const uint32_t (&a)[4]
   mma<T>(acc, a, b[0], b[1]);
 }
 
-// sG[m] rows [row0, row0 + 16) += Y^T X over a 64-token tile (the warp's rows of a weight
-// gradient; float32 [3][64][kLdG] in shared memory, read and written with the fragment layout).
+// Rows [row0, row0 + 16) of the float32 [64][64] weight-gradient partial at `g` (rows `ld` floats
+// apart: sG in shared memory, or kGx the CTA's own block in global memory) += Y^T X over a 64-token
+// tile (the warp's rows; read and written with the fragment layout, 8-byte pairs).
 template <typename T>
-__device__ __forceinline__ void add_partial_tc(float* sG, int m, const T* y, const T* x, int row0, int lane) {
-  constexpr int kD = BwdTcTraits::kD, kLdG = BwdTcTraits::kLdG;
-  const int g = lane / 4, c2 = 2 * (lane % 4);
+__device__ __forceinline__ void add_partial_tc(float* g, int ld, const T* y, const T* x, int row0, int lane) {
+  const int gr = lane / 4, c2 = 2 * (lane % 4);
   float acc[8][4];
-  float* base = sG + m * kD * kLdG;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
-      acc[j][2 * half] = s[0];
-      acc[j][2 * half + 1] = s[1];
+      const float2 s = *reinterpret_cast<const float2*>(g + (row0 + gr + 8 * half) * ld + j * 8 + c2);
+      acc[j][2 * half] = s.x;
+      acc[j][2 * half + 1] = s.y;
     }
   mma_yt_x(acc, y, row0, x, lane);
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float* s = base + (row0 + g + 8 * half) * kLdG + j * 8 + c2;
-      s[0] = acc[j][2 * half];
-      s[1] = acc[j][2 * half + 1];
+      *reinterpret_cast<float2*>(g + (row0 + gr + 8 * half) * ld + j * 8 + c2) =
+          make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
     }
 }
 
@@ -203,18 +214,17 @@ __device__ __forceinline__ void read_bwd_tile_tc(const void* q, const void* grad
     }
   }
   __syncthreads();
-  add_partial_tc(sG, 0, sF, sA, row0, lane);            // dWg += da^T Q
-  add_partial_tc(sG, 1, sF + kTE, sA, row0, lane);      // dWu += db^T Q
-  add_partial_tc(sG, 2, sB, sF + 2 * kTE, row0, lane);  // dWd += dO^T s
+  constexpr int kLdG = BwdTcTraits::kLdG, kGE = kD * kLdG;
+  add_partial_tc(sG, kLdG, sF, sA, row0, lane);                      // dWg += da^T Q
+  add_partial_tc(sG + kGE, kLdG, sF + kTE, sA, row0, lane);          // dWu += db^T Q
+  add_partial_tc(sG + 2 * kGE, kLdG, sB, sF + 2 * kTE, row0, lane);  // dWd += dO^T s
   __syncthreads();
 }
 
-template <typename T, int kCtas = 8>
-__global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(const BwdParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
-#else
-  using Tr = BwdTcTraitsP<kCtas>;
+// The kernel's body (ttt_bwd_tc_kernel below); kGx: without clusters (the header comment).
+template <typename T, int kCtas, bool kGx>
+__device__ __forceinline__ void bwd_tc_body(const BwdParams& p) {
+  using Tr = BwdTcTraitsP<kCtas, kGx>;
   constexpr int kD = Tr::kD, kP = Tr::kP, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdG = Tr::kLdG, kOwn = Tr::kOwn, PW = Tr::kPendWidth, kTE = Tr::kTileElems;
   constexpr int kOE = Tr::kOwnElems;
@@ -238,9 +248,20 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   T* sB2 = reinterpret_cast<T*>(smem_tc + Tr::kOffB2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rank = cluster_rank();
-  const int64_t job = blockIdx.x / kP;
+  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
+  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
+  const int64_t job = p.job0 + wslot;
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
+  unsigned xgen = 0;  // kGx: barriers passed
+  auto barrier = [&]() {
+    if constexpr (kGx) {
+      xcta_barrier(p.xcount + wslot, ++xgen * kP);
+    } else {
+      cluster_sync();
+    }
+  };
+  // kGx: the block of CTA r of this job (Tr::kPart floats): dW partials [3][64][64], mu, dot.
+  auto xpart = [&](int r) { return p.xchg + (wslot * kP + r) * int64_t{Tr::kPart}; };
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n], slot0 = p.seq[3 * N + n];
   const int64_t n_segs = (p0 + len) / C + 1;
@@ -267,7 +288,11 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     owned_targets<kOwn>(p.w_gate, p.w_up, p.w_down, hh, own0, sTarget);
     for (int r = tid; r < 3 * kOwn; r += kT) sDTarget[r] = 0.f;
   }
-  cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
+  if constexpr (kGx) {
+    __syncthreads();
+  } else {
+    cluster_sync();  // every CTA of the cluster runs before any writes into its shared memory
+  }
 
   // Fixed-order CTA sum of one value per thread; thread 0 stores it to sRed[slot].
   auto cta_sum_to = [&](float x, int slot) {
@@ -275,7 +300,14 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
     if (lane == 0) sRed[4 + warp] = x;
     __syncthreads();
-    if (tid == 0) sRed[slot] = sRed[4] + sRed[5] + sRed[6] + sRed[7];
+    if (tid == 0) {
+      const float s = sRed[4] + sRed[5] + sRed[6] + sRed[7];
+      if constexpr (kGx) {
+        xpart(rank)[3 * HD + slot] = s;
+      } else {
+        sRed[slot] = s;
+      }
+    }
     __syncthreads();
   };
 
@@ -301,7 +333,8 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     }
   };
 
-  // Writes the owned float rows `src` as 16-bit rows of slots [slot, slot + 3) in every CTA.
+  // Writes the owned float rows `src` as 16-bit rows of slots [slot, slot + 3) in every CTA (kGx:
+  // into the job's rows [6][64][64] in global memory, which pull() brings in).
   auto publish = [&](const float* src, int slot) {
     for (int e = tid; e < 3 * kOwn * (kD / 4); e += kT) {
       const int r = e / (kD / 4), c = (e % (kD / 4)) * 4, m = r / kOwn, i = r % kOwn;
@@ -309,10 +342,27 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       uint2 x;
       x.x = pack2<T>(w[0], w[1]);
       x.y = pack2<T>(w[2], w[3]);
-      const int off = (slot + m) * kTE + (own0 + i) * kLd + c;
+      if constexpr (kGx) {
+        T* pub = static_cast<T*>(p.xpub) + wslot * 6 * HD;
+        *reinterpret_cast<uint2*>(pub + (slot + m) * HD + int64_t{own0 + i} * kD + c) = x;
+      } else {
+        const int off = (slot + m) * kTE + (own0 + i) * kLd + c;
 #pragma unroll 4  // 16 peers: registers
-      for (int peer = 0; peer < kP; ++peer) *reinterpret_cast<uint2*>(cluster_peer(sW + off, peer)) = x;
+        for (int peer = 0; peer < kP; ++peer) *reinterpret_cast<uint2*>(cluster_peer(sW + off, peer)) = x;
+      }
     }
+  };
+  // kGx, after publish() and a barrier: the six 16-bit tiles from every owner's published rows
+  // (cp.async reads L2, where the owners' writes are). Ends with a barrier.
+  auto pull = [&]() {
+    const T* pub = static_cast<const T*>(p.xpub) + wslot * 6 * HD;
+    for (int e = tid; e < 6 * kD * (kD / 8); e += kT) {
+      const int r = e / (kD / 8), c = (e % (kD / 8)) * 8;  // r: [slot][row]
+      cp_async16(sW + (r / kD) * kTE + (r % kD) * kLd + c, pub + int64_t{r} * kD + c, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
   };
 
   // Owned rows of dW += the sum over the cluster of the partials (rank order). After a cluster
@@ -320,7 +370,8 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   auto reduce_partials = [&]() {
     for (int e = 4 * tid; e < kOE; e += 4 * kT) {  // four columns of one owned row per step
       const int r = e / kD, m = r / kOwn, i = r % kOwn, c = e % kD;
-      const float4 s = cluster_sum4<kP>(sG + m * kD * kLdG + (own0 + i) * kLdG + c);
+      const float4 s = kGx ? global_sum4<kP>(xpart(0) + m * HD + (own0 + i) * kD + c, Tr::kPart)
+                           : cluster_sum4<kP>(sG + m * kD * kLdG + (own0 + i) * kLdG + c);
       float4 dw = *reinterpret_cast<const float4*>(oDW + e);
       dw.x += s.x;
       dw.y += s.y;
@@ -332,10 +383,21 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
   };
 
   auto zero_partials = [&]() {
-    for (int e = tid; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
+    if constexpr (kGx) {
+      float4* g = reinterpret_cast<float4*>(xpart(rank));
+      for (int e = tid; e < 3 * kD * kD / 4; e += kT) g[e] = make_float4(0.f, 0.f, 0.f, 0.f);
+    } else {
+      for (int e = tid; e < 3 * kD * kLdG; e += kT) sG[e] = 0.f;
+    }
   };
 
-  auto add_partial = [&](int m, const T* y, const T* x) { add_partial_tc(sG, m, y, x, row0, lane); };
+  auto add_partial = [&](int m, const T* y, const T* x) {
+    if constexpr (kGx) {
+      add_partial_tc(xpart(rank) + m * HD, kD, y, x, row0, lane);
+    } else {
+      add_partial_tc(sG + m * kD * kLdG, kLdG, y, x, row0, lane);
+    }
+  };
 
   for (int64_t i = n_segs - 1; i >= 0; --i) {
     const int64_t pb = i == 0 ? p0 : 0;
@@ -388,11 +450,12 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       cta_sum_to(dot, 1);
       publish(oX, 0);
       publish(oDM, 3);
-      cluster_sync();
+      barrier();
+      if constexpr (kGx) pull();
       float mu_sum = 0.f, dot_sum = 0.f;
       for (int peer = 0; peer < kP; ++peer) {
-        mu_sum += cluster_peer(sRed, peer)[0];
-        dot_sum += cluster_peer(sRed, peer)[1];
+        mu_sum += kGx ? ld_cg(xpart(peer) + 3 * HD) : cluster_peer(sRed, peer)[0];
+        dot_sum += kGx ? ld_cg(xpart(peer) + 3 * HD + 1) : cluster_peer(sRed, peer)[1];
       }
       const float mu_j = mu_sum / static_cast<float>(C), dmu_row = dot_sum / static_cast<float>(C);
       zero_partials();
@@ -407,10 +470,12 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
       // The k, v tiles come one tile ahead (cp.async for this call's tokens) into alternating
       // buffers (sA, sB) / (sA2, sB2); one committed group per tile, so wait_group 1 retires the
       // current tile's. The other buffer was last read by the previous tile (ended by a barrier).
+      // kGx (no second buffer): the next tile is staged after this one's last barrier instead (an
+      // empty group in the prefetch's place keeps the count).
       T* const sA1 = sA;
       T* const sB1 = sB;
-      auto tile_a = [&](int buf) { return buf ? sA2 : sA1; };
-      auto tile_b = [&](int buf) { return buf ? sB2 : sB1; };
+      auto tile_a = [&](int buf) { return buf && !kGx ? sA2 : sA1; };
+      auto tile_b = [&](int buf) { return buf && !kGx ? sB2 : sB1; };
       auto stage_kv = [&](int64_t ti, int buf) {
         const int64_t t0 = ti * kTile;
         const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
@@ -426,7 +491,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
         const int nt = static_cast<int>(C - t0 < kTile ? C - t0 : kTile);
         T* const sA = tile_a(buf);  // this tile's k, v (shadowing the first buffers)
         T* const sB = tile_b(buf);
-        if (ti + kP < n_tiles) stage_kv(ti + kP, buf ^ 1);
+        if (!kGx && ti + kP < n_tiles) stage_kv(ti + kP, buf ^ 1);
         cp_async_commit();
         stage_chunk_eta<T>(p.eta, p.mu, pend, pstride, H, hh, first, pb, t0, nt, kD, sEta);
         cp_async_wait<1>();
@@ -541,8 +606,12 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
         add_partial(1, sF + kTE, sA);      // dWu += db^T K
         add_partial(2, sB, sF + 2 * kTE);  // dWd += V^T de
         __syncthreads();  // sA, sB, sF, sEta are reused
+        if (kGx && ti + kP < n_tiles) {
+          stage_kv(ti + kP, 0);
+          cp_async_commit();
+        }
       }
-      cluster_sync();
+      barrier();
       reduce_partials();
       if (!p.lact_order) own_row_normalize_backward(oW, oDW);
       __syncthreads();
@@ -575,7 +644,7 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     // Read backward: g = dO Wd, da = g b silu'(a), db = g silu(a), s = silu(a) b;
     // dWd += dO^T s, dWg += da^T Q, dWu += db^T Q, dq = da Wg + db Wu [+ dO].
     __syncthreads();
-    if (p.skip_read) {  // split mode: the read's gradients were computed in parallel
+    if (kGx || p.skip_read) {  // split mode (kGx: always): the read's gradients were computed in parallel
       if (seg > 0) {
         const float* dr = p.dw_read + ((slot0 + i) * H + hh) * 3 * HD;
         for (int e = tid; e < kOE; e += kT) oDW[e] += dr[full_off(e)];
@@ -607,7 +676,19 @@ __global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(co
     }
   }
   // No CTA may exit while a peer can still read its shared memory (the last reduction).
-  cluster_sync();
+  if constexpr (!kGx) cluster_sync();
+}
+
+template <typename T, int kCtas = 8, bool kGx = false>
+__global__ void __launch_bounds__(BwdTcTraits::kThreads, 1) ttt_bwd_tc_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if constexpr (kGx) {
+    bwd_tc_body<T, kCtas, kGx>(p);
+  } else {
+    __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
+  }
+#else
+  bwd_tc_body<T, kCtas, kGx>(p);
 #endif
 }
 

@@ -147,6 +147,15 @@ struct BwdParams {
   // launch_ttt_read_bwd_tc; the chain adds dw_read [slots, H, 3, h*d] at each non-empty segment.
   bool skip_read;
   const float* dw_read;
+  // The tensor-core backward without clusters (ttt_bwd_tc.cuh kGx; split mode only): per job slot
+  // of a wave, 8 partial blocks of kBwdGxPartFloats floats at xchg (the CTAs' weight-gradient
+  // partials, row-major [3][d][d], then their shares of mu's sum and of dmu's dot product), the
+  // 16-bit rows [6][d][d] (Wx, P) the owners publish at xpub, one arrival counter at xcount (zeroed
+  // before each wave); job0 the first job of the launch. 0 / null otherwise.
+  float* xchg;
+  unsigned* xcount;
+  void* xpub;
+  int64_t job0;
 };
 
 // The chunk-parallel read backward of split mode: per work item (as ReadParams) and head, dq of
@@ -212,6 +221,14 @@ int64_t ttt_fwd_tc_gx_jobs(InDType dt);
 // cluster: 8 or 16 CTAs per (sequence, head), as the forward's (ttt_bwd_tc_active_clusters).
 void launch_ttt_bwd_tc(const BwdParams& p, cudaStream_t stream, int cluster = 8);
 int ttt_bwd_tc_active_clusters(InDType dt, int cluster);
+// The tensor-core backward without clusters (ttt_bwd_tc.cuh kGx; d = h = 64, 8 CTAs per job; any
+// sm_80+ device that fits its shared memory: ttt_bwd_tc_gx_jobs > 0), split mode only (p.skip_read,
+// after launch_ttt_read_bwd_tc), in cooperative waves of `wave` jobs (1 to ttt_bwd_tc_gx_jobs); per
+// job slot of a wave: p.xchg 8 x kBwdGxPartFloats floats, p.xpub 6 x 64 x 64 values of the input
+// dtype, p.xcount one counter. Bitwise the split-mode cluster backward's outputs.
+constexpr int64_t kBwdGxPartFloats = 3 * 64 * 64 + 4;
+void launch_ttt_bwd_tc_gx(const BwdParams& p, cudaStream_t stream, int64_t wave);
+int64_t ttt_bwd_tc_gx_jobs(InDType dt);
 void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream);
 
 // One decode step that completes no chunk (ttt_decode.cpp, ALLMEM_TTT_DECODE_KERNEL=1): block

@@ -420,8 +420,8 @@ __device__ __forceinline__ void wg_abe(float (&ga)[2][4], float (&gb)[2][4], flo
   wg_fence_regs(gb);
   wg_fence_regs(ge);
   wg_fence();
-#pragma unroll 1
-  for (int ks = 0; ks < 4; ++ks) {  // rolled: the descriptors of one step live at a time
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
     const uint64_t dk = wg_desc(k + ks * 32, 16, 1024), dv = wg_desc(v + ks * 32, 16, 1024);
     wg_mma<T, 16, false, false>(dk, wg_desc(wg + hb * 2048 + ks * 32, 16, 1024), ga, ks > 0);
     wg_mma<T, 16, false, false>(dk, wg_desc(wu + hb * 2048 + ks * 32, 16, 1024), gb, ks > 0);
@@ -448,7 +448,7 @@ __device__ __forceinline__ void wg_grads(float (&acc_g)[N / 8][4], float (&acc_u
   wg_fence_regs(acc_u);
   wg_fence_regs(acc_d);
   wg_fence();
-#pragma unroll 1
+#pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t o = kk * 2048;
     const uint64_t dk = wg_desc(kn + o, 64 * 128, 1024);

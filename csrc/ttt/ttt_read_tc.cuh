@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(ReadWgTraits::kThreads) ttt_read_wg_kernel(con
     wg_fence_regs(a);
     wg_fence_regs(b);
     wg_fence();
-#pragma unroll 1
+#pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
       const uint64_t dq = wg_desc(q + ks * 32, 16, 1024);
       wg_mma<T, 64, false, false>(dq, wg_desc(wg + ks * 32, 16, 1024), a, ks > 0);

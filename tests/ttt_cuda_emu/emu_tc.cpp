@@ -116,8 +116,8 @@ extern "C" void emu_set_phase_clock(long long* buf) { g_phase_clock = buf; }
 // A kernel without clusters as launch_cooperative_waves launches it: waves of `wave` jobs (p.job0
 // the first, blockIdx.x within the wave), exchange buffers per job slot of a wave (NaN-filled: a
 // read before a write shows), the slots' counters zeroed before each wave.
-template <typename Tr, typename Kernel>
-void run_waves(FwdParams p, int64_t wave, int64_t xchg_floats, int64_t xpub_bytes, Kernel kernel) {
+template <typename Tr, typename Params, typename Kernel>
+void run_waves(Params p, int64_t wave, int64_t xchg_floats, int64_t xpub_bytes, Kernel kernel) {
   const int64_t jobs = p.n_seqs * p.heads;
   std::vector<float> xchg(static_cast<size_t>(wave * xchg_floats), std::nanf(""));
   std::vector<unsigned char> xpub(static_cast<size_t>(wave * xpub_bytes), 0xff);
@@ -246,6 +246,11 @@ extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
   else if (p->dtype == InDType::kFloat16) run_bwd_tc<__half>(*p);
 }
 
+// The backward without clusters (ttt_bwd_tc.cuh kGx, split mode; ALLMEM_TTT_TC_CHAIN=global on a
+// GPU): emu_set_bwd_gx(wave), waves of that many jobs; 0: the cluster kernels.
+static int64_t g_bwd_gx_wave = 0;
+extern "C" void emu_set_bwd_gx(int64_t wave) { g_bwd_gx_wave = wave; }
+
 // The split backward (ALLMEM_TTT_TC_SPLIT=1 on a GPU): the reads' backward on a grid of (segment,
 // head) CTAs into a NaN-filled dw_read, then the chain kernel without its read phase.
 template <typename T>
@@ -259,6 +264,12 @@ void run_bwd_split(BwdParams p) {
   run_segment_grid(n_work, H, tc::ReadBwdTcTraits::kSmemBytes, [&] { tc::ttt_read_bwd_tc_kernel<T>(r); });
   p.skip_read = true;
   p.dw_read = dw_read.data();
+  if (g_bwd_gx_wave > 0) {
+    using Tr = tc::BwdTcTraitsP<8, true>;
+    run_waves<Tr>(p, g_bwd_gx_wave, Tr::kP * Tr::kPart, 6 * Tr::kMat * int64_t{sizeof(T)},
+                  tc::ttt_bwd_tc_kernel<T, 8, true>);
+    return;
+  }
   run_bwd_tc<T>(p);
 }
 
