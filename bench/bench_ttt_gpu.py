@@ -28,7 +28,9 @@ weights; FLA: of q, k, v, g, beta) of:
                  (the same chain on clusters) and allmem (the SIMT kernels, what sm_80 runs today);
   * allmem_tcgt - ALLMEM_TTT_TC_CHAIN=tokens-global: at d = 64 the token-split forward without clusters
                  (its reduction and publish through global memory; fused or split mode as the
-                 default), at d = 128 the same as allmem_tcgx;
+                 default), at d = 128 the same as allmem_tcgx; with either switch the d = 64
+                 backward is the tensor-core one without clusters (ttt_bwd_tc.cuh kGx, split mode),
+                 so their fwd+bwd rows time it (the backward sm_80 would run);
   * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite and its fused
                  steps (ALLMEM_TTT_COMPOSITE_KERNELS=1): the batched backward (ttt_bwd_composite.cpp,
                  cuBLAS matmuls over the heads of a group of sequences per chunk); at d = 128

@@ -248,18 +248,12 @@ __device__ __forceinline__ void bwd_tc_body(const BwdParams& p) {
   T* sB2 = reinterpret_cast<T*>(smem_tc + Tr::kOffB2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
-  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
-  const int64_t job = p.job0 + wslot;
+  JobCtas<kP, kGx> ctas;
+  const int rank = ctas.rank;
+  const int64_t wslot = ctas.wslot;
+  const int64_t job = p.job0 + wslot;  // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
-  unsigned xgen = 0;  // kGx: barriers passed
-  auto barrier = [&]() {
-    if constexpr (kGx) {
-      xcta_barrier(p.xcount + wslot, ++xgen * kP);
-    } else {
-      cluster_sync();
-    }
-  };
+  auto barrier = [&]() { ctas.barrier(p.xcount); };
   // kGx: the block of CTA r of this job (Tr::kPart floats): dW partials [3][64][64], mu, dot.
   auto xpart = [&](int r) { return p.xchg + (wslot * kP + r) * int64_t{Tr::kPart}; };
   const int64_t n = job / H, hh = job % H;

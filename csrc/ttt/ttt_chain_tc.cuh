@@ -121,9 +121,10 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
   T* sV2 = reinterpret_cast<T*>(smem + Tr::kOffV2);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
-  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
-  const int64_t job = p.job0 + wslot;      // job0: this wave's first job (kGx), else 0
+  JobCtas<kP, kGx> ctas;
+  const int rank = ctas.rank;
+  const int64_t wslot = ctas.wslot;
+  const int64_t job = p.job0 + wslot;  // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
@@ -168,7 +169,6 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
   __syncthreads();
 
   int parity = 0;
-  unsigned xgen = 0;  // kGx: barriers passed
   // The job's row-norm partials of this parity: kGx [2][kP][D] floats in global memory (this CTA's
   // row `rank`), else this CTA's sNorm (peers read it through the cluster).
   float* const xjob = kGx ? p.xchg + wslot * 2 * kP * D : nullptr;
@@ -192,11 +192,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
       for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
       if (lane == 0) sScale[r] = sTarget[r] / (sqrtf(ss) + kTcNormEps);
     }
-    if constexpr (kGx) {
-      xcta_barrier(p.xcount + wslot, ++xgen * kP);
-    } else {
-      cluster_sync();
-    }
+    ctas.barrier(p.xcount);
     for (int c = tid; c < D; c += kT) {
       float ss = 0.f;
       for (int peer = 0; peer < kP; ++peer) {

@@ -136,6 +136,25 @@ __device__ __forceinline__ float4 global_sum4(const float* p, int64_t stride) {
   return s;
 }
 
+// The kP CTAs of one (sequence, head) job: a cluster (rank in it; barrier: cluster_sync) or, kGx,
+// CTAs without one (blockIdx.x = the job's slot in its cooperative wave * kP + rank; barrier:
+// xcta_barrier on the slot's counter, the slot also indexing the job's exchange buffers).
+template <int kP, bool kGx>
+struct JobCtas {
+  int rank;
+  int64_t wslot;
+  unsigned gen = 0;  // kGx: barriers passed
+  __device__ __forceinline__ JobCtas()
+      : rank(kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank()), wslot(blockIdx.x / kP) {}
+  __device__ __forceinline__ void barrier(unsigned* xcount) {
+    if constexpr (kGx) {
+      xcta_barrier(xcount + wslot, ++gen * kP);
+    } else {
+      cluster_sync();
+    }
+  }
+};
+
 __device__ __forceinline__ float tc_sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 
 // A fragments of the 16 rows [row0, row0 + 16) x kK columns of a 16-bit tile (row stride kLd),
@@ -509,18 +528,12 @@ __device__ __forceinline__ void fwd_tc_body(const FwdParams& p) {
     sClock[kPhaseNs] = global_ns();
     sClock[kPhaseSlots - 1] = sClock[kPhaseCycles] = sm_clock();
   }
-  const int rank = kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank();
-  const int64_t wslot = blockIdx.x / kP;  // kGx: the job's place in its wave (its buffers)
-  const int64_t job = p.job0 + wslot;
+  JobCtas<kP, kGx> ctas;
+  const int rank = ctas.rank;
+  const int64_t wslot = ctas.wslot;
+  const int64_t job = p.job0 + wslot;  // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
-  unsigned xgen = 0;  // kGx: barriers passed
-  auto barrier = [&]() {
-    if constexpr (kGx) {
-      xcta_barrier(p.xcount + wslot, ++xgen * kP);
-    } else {
-      cluster_sync();
-    }
-  };
+  auto barrier = [&]() { ctas.barrier(p.xcount); };
   // kGx: the partial block of CTA r of this job (kPart floats).
   auto xpart = [&](int r) { return p.xchg + (wslot * kP + r) * int64_t{Tr::kPart}; };
   const int64_t n = job / H, hh = job % H;
