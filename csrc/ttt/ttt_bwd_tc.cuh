@@ -24,8 +24,10 @@
 // dW partials live in the CTA's block of p.xchg (row-major, read-modified-written per tile: no
 // shared-memory sG) with its shares of mu's sum and dmu's dot product; the owners sum the blocks in
 // rank order (ld.global.cg); each cluster barrier is the job's global counter (xcta_barrier). No k, v
-// prefetch buffers either: 157 KB of shared memory, which an A100 (163 KB) fits. Same products in
-// the same order, so every output is bitwise the split-mode cluster kernel's.
+// prefetch buffers either (157 KB of shared memory, which an A100's 163 KB fits): a tile's dk, dv
+// products (factors and weights only) run after its dW partials, under the next tile's k, v load.
+// Same products, each summed in the same order, so every output is bitwise the split-mode cluster
+// kernel's.
 // Precision: as the forward. The state, accumulations and reductions are float32; the matmul
 // operands (k, v, q, dO, Wx, W, P and the per-token factors) are the input dtype, as a bf16
 // autocast PyTorch backward rounds them.
@@ -557,52 +559,61 @@ __device__ __forceinline__ void bwd_tc_body(const BwdParams& p) {
             else p.dmu[chunk_row(ct)] = dmu_row;
           }
         }
-        __syncwarp();  // the warp's factor rows are in shared memory
-        // dk = da Wg + db Wu + (eta_u x_u) Pu + (eta_g x_g) Pg; dv = de Wd^T + (eta_d s) Pd^T.
+        // dk = da Wg + db Wu + (eta_u x_u) Pu + (eta_g x_g) Pg; dv = de Wd^T + (eta_d s) Pd^T, from
+        // the warp's own factor rows and the weights (not k, v).
+        auto dk_dv = [&]() {
 #pragma unroll 1
-        for (int db = 0; db < 4; ++db) {
-          float ak[2][4] = {}, av[2][4] = {};
+          for (int db = 0; db < 4; ++db) {
+            float ak[2][4] = {}, av[2][4] = {};
 #pragma unroll 1
-          for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
-            ldsm_x4(a, sF + aoff);
-            mma_step_w(ak, a, Wg, db * 16, kk, lane);
-            ldsm_x4(a, sF + kTE + aoff);
-            mma_step_w(ak, a, Wu, db * 16, kk, lane);
-            ldsm_x4(a, sF + 4 * kTE + aoff);
-            mma_step_w(ak, a, Pu, db * 16, kk, lane);
-            ldsm_x4(a, sF + 5 * kTE + aoff);
-            mma_step_w(ak, a, Pg, db * 16, kk, lane);
-            ldsm_x4(a, sF + 2 * kTE + aoff);
-            mma_step_wt(av, a, Wd, db * 16, kk, lane);
-            ldsm_x4(a, sF + 3 * kTE + aoff);
-            mma_step_wt(av, a, Pd, db * 16, kk, lane);
-          }
+            for (int kk = 0; kk < 4; ++kk) {
+              uint32_t a[4];
+              const int aoff = (row0 + lane % 16) * kLd + kk * 16 + (lane / 16) * 8;
+              ldsm_x4(a, sF + aoff);
+              mma_step_w(ak, a, Wg, db * 16, kk, lane);
+              ldsm_x4(a, sF + kTE + aoff);
+              mma_step_w(ak, a, Wu, db * 16, kk, lane);
+              ldsm_x4(a, sF + 4 * kTE + aoff);
+              mma_step_w(ak, a, Pu, db * 16, kk, lane);
+              ldsm_x4(a, sF + 5 * kTE + aoff);
+              mma_step_w(ak, a, Pg, db * 16, kk, lane);
+              ldsm_x4(a, sF + 2 * kTE + aoff);
+              mma_step_wt(av, a, Wd, db * 16, kk, lane);
+              ldsm_x4(a, sF + 3 * kTE + aoff);
+              mma_step_wt(av, a, Pd, db * 16, kk, lane);
+            }
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < 2; ++j) {
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
-              const int64_t ct = t0 + t;
-              if (t >= nt) continue;
-              float* dk = ct < pb ? dpend + ct * pstride + c : p.dk + chunk_row(ct) * kD + c;
-              float* dv = ct < pb ? dpend + ct * pstride + kD + c : p.dv + chunk_row(ct) * kD + c;
-              dk[0] = ak[j][2 * half];
-              dk[1] = ak[j][2 * half + 1];
-              dv[0] = av[j][2 * half];
-              dv[1] = av[j][2 * half + 1];
+              for (int half = 0; half < 2; ++half) {
+                const int t = row0 + g + 8 * half, c = db * 16 + j * 8 + c2;
+                const int64_t ct = t0 + t;
+                if (t >= nt) continue;
+                float* dk = ct < pb ? dpend + ct * pstride + c : p.dk + chunk_row(ct) * kD + c;
+                float* dv = ct < pb ? dpend + ct * pstride + kD + c : p.dv + chunk_row(ct) * kD + c;
+                dk[0] = ak[j][2 * half];
+                dk[1] = ak[j][2 * half + 1];
+                dv[0] = av[j][2 * half];
+                dv[1] = av[j][2 * half + 1];
+              }
             }
           }
+        };
+        if constexpr (!kGx) {
+          __syncwarp();  // the warp's factor rows are in shared memory
+          dk_dv();
         }
         __syncthreads();  // every warp's factor rows are in shared memory
         add_partial(0, sF, sA);            // dWg += da^T K
         add_partial(1, sF + kTE, sA);      // dWu += db^T K
         add_partial(2, sB, sF + 2 * kTE);  // dWd += V^T de
         __syncthreads();  // sA, sB, sF, sEta are reused
-        if (kGx && ti + kP < n_tiles) {
-          stage_kv(ti + kP, 0);
-          cp_async_commit();
+        if constexpr (kGx) {  // the next tile's k, v load under dk, dv (which read sF until the next barrier)
+          if (ti + kP < n_tiles) {
+            stage_kv(ti + kP, 0);
+            cp_async_commit();
+          }
+          dk_dv();
         }
       }
       barrier();
