@@ -321,10 +321,14 @@ def test_tc_backward_without_clusters(tc, monkeypatch, case):
     partials in each CTA's global block summed by the owners in rank order, a global-counter barrier,
     cooperative waves. Every gradient bit for bit the split-mode cluster backward's (which
     test_tc_split_backward checks against float64), in one wave and in waves of one job; within 4 u of
-    float64 itself; a bad ALLMEM_TTT_TC_GX_WAVE is an error (the path is taken)."""
+    float64 itself; a bad ALLMEM_TTT_TC_GX_WAVE is an error (the path is taken), as is a bad
+    ALLMEM_TTT_TC_CHAIN (the backward reads it too)."""
     dev, outs, grads, want, (C, lact, res, dtype) = _bwd_case(case)
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
     ref = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "globals")
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_CHAIN: expected tokens, units, global or tokens-global"):
+        _bwd(dev, outs, grads, C, lact, res)
     monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global")
     monkeypatch.setenv("ALLMEM_TTT_TC_GX_WAVE", "x")
     with pytest.raises(RuntimeError, match="ALLMEM_TTT_TC_GX_WAVE: expected a positive integer"):
