@@ -44,8 +44,9 @@
 # paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
 # each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
 # A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 500 s): everything's
-# tests (tests-ttt-tc now holds the eighth session's opt-in forward shapes: clusters of 16, 8 warps,
-# the wgmma chain and read, phase clocks; tests-defaults: nothing set, with the composite and
+# tests (tests-ttt-tc the tensor-core forms run on a GPU before; tests-ttt-tc-new-{shapes,wgmma,gx}
+# the others, each group in its own process: clusters of 16, 8 warps; the wgmma chain and read; the
+# kernels without clusters, forward and backward; tests-defaults: nothing set, with the composite and
 # decode tests), the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck
 # has never finished: it timed out at 60 s in run a; issue 6 needs it; one 45 s stage per case,
 # sanitize-ttt-racecheck-{0,1,2,decode}) and of the tensor-core TTT kernels (their case runs every
@@ -160,9 +161,23 @@ if want tests; then
   # The TTT CUDA kernels (issue 6): their own stage, so a TTT failure cannot hide the SWA results.
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu -k "$NOT_ERR" "$REPO/tests/test_ttt_gpu.py"
-  # The tensor-core TTT forward (opt-in ALLMEM_TTT_TC=1 until this stage has passed on a GPU).
-  [[ -f $REPO/tests/test_ttt_tc_gpu.py ]] && run_stage tests-ttt-tc 150 "$OUT/tests.log" \
-    $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu "$REPO/tests/test_ttt_tc_gpu.py"
+  # The tensor-core TTT kernels: the forms that have run on a GPU before, then those that have not
+  # (marked new_kernel: clusters of 16 and 8 warps; wgmma; the kernels without clusters), each group
+  # in a process of its own, so that a crash (an illegal instruction, a barrier's trap, which end
+  # the process's CUDA context) cannot take the other groups' results with it.
+  if [[ -f $REPO/tests/test_ttt_tc_gpu.py ]]; then
+    run_stage tests-ttt-tc 120 "$OUT/tests.log" \
+      $PY -m pytest -q -ra -s -p no:cacheprovider -m "gpu and not new_kernel" "$REPO/tests/test_ttt_tc_gpu.py"
+    for group in shapes wgmma gx; do
+      case $group in
+        shapes) sel="not wgmma and not without_clusters" ;;
+        wgmma) sel="wgmma" ;;
+        gx) sel="without_clusters" ;;
+      esac
+      run_stage "tests-ttt-tc-new-$group" 75 "$OUT/tests.log" \
+        $PY -m pytest -q -ra -s -p no:cacheprovider -m "gpu and new_kernel" -k "$sel" "$REPO/tests/test_ttt_tc_gpu.py"
+    done
+  fi
   err_tests=("${op_tests[@]}")
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && err_tests+=("$REPO/tests/test_ttt_gpu.py")
   run_stage tests-errors 60 "$OUT/tests.log" bash -c '"$0" -m pytest -v -ra -p no:cacheprovider -m gpu -k "not ($1)" "${@:2}"' \

@@ -27,6 +27,15 @@ def _sm90() -> bool:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90(), reason="needs an sm_90 device and the CUDA kernels")]
+# Kernel forms not yet run on a GPU (clusters of 16, 8 warps, wgmma, the kernels without clusters):
+# bench/device_check.sh runs them in processes of their own, so that a crash (an illegal
+# instruction, a barrier's trap) cannot take the other tests' results with it.
+NEW = pytest.mark.new_kernel
+
+
+def new(*values):
+    """parametrize values marked new_kernel."""
+    return [pytest.param(*v, marks=NEW) if isinstance(v, tuple) else pytest.param(v, marks=NEW) for v in values]
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +89,8 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
-@pytest.fixture(params=["fused", "units", "units_cluster16", "cluster16", "warps8", "cluster16_warps8", "wgmma",
-                        "cluster16_wgmma", "warps8_wgmma"])
+@pytest.fixture(params=["fused", "units", *new("units_cluster16", "cluster16", "warps8", "cluster16_warps8", "wgmma",
+                                                 "cluster16_wgmma", "warps8_wgmma")])
 def fwd_kernel(request, monkeypatch):
     """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain (at
     d = 128 also with 16 CTAs per cluster), on the fused kernel in clusters of 16 CTAs
@@ -282,7 +291,7 @@ def _bwd(dev, outs, grads, C, lact, res):
     return out
 
 
-@pytest.mark.parametrize("cluster", ["8", "16"])
+@pytest.mark.parametrize("cluster", ["8", *new("16")])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tc_backward_matches_float64(tc, monkeypatch, case, cluster):
     """The tensor-core backward (csrc/ttt/ttt_bwd_tc.cuh) from the GPU forward's checkpoints vs the
@@ -314,6 +323,7 @@ def test_tc_backward_matches_float64(tc, monkeypatch, case, cluster):
         assert rel_err(a, s) < 4 * u, name
 
 
+@NEW
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tc_backward_without_clusters(tc, monkeypatch, case):
     """ALLMEM_TTT_TC_CHAIN=global at d = 64 (ttt_bwd_tc.cuh kGx: the tensor-core backward for sm_80+
@@ -419,8 +429,8 @@ def _phase_clock(dev, C):
     return out, torch.ops.allmem._ttt_tc_phase_clock().cpu()
 
 
-@pytest.mark.parametrize("warps", ["4", "8"])
-@pytest.mark.parametrize("cluster,tiles", [("8", 8), ("16", 4), ("auto", 4)])
+@pytest.mark.parametrize("warps", ["4", *new("8")])
+@pytest.mark.parametrize("cluster,tiles", [("8", 8), *new(("16", 4), ("auto", 4))])
 def test_tc_cluster_size_and_phase_clock(tc, monkeypatch, cluster, tiles, warps):
     """ALLMEM_TTT_TC_CLUSTER picks the cluster size (auto: 16 for one sequence of one head), seen in
     CTA 0's phase clocks (ALLMEM_TTT_TC_PHASES=1: 2 chunks of 32 tiles, 4 or 2 of them CTA 0's);
@@ -472,6 +482,7 @@ def _bitwise_without_clusters(monkeypatch, dev, C, lact, res, chain):
         assert torch.equal(b, r), name
 
 
+@NEW
 @pytest.mark.parametrize("split", ["0", "1"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_tc_forward_without_clusters(tc, monkeypatch, case, split):
@@ -510,6 +521,7 @@ def test_tc_env_is_checked(tc, monkeypatch, env, message, d):
         fwd(dev, 64)
 
 
+@NEW
 @pytest.mark.parametrize("cluster", ["8", "16"])
 def test_tc_wgmma_chain(tc, monkeypatch, cluster):
     """ALLMEM_TTT_TC_WGMMA=1 in split mode: the wgmma chain runs (its phase clocks count CTA 0's
@@ -534,6 +546,7 @@ def test_tc_wgmma_chain(tc, monkeypatch, cluster):
 GX_CASES = [(c, "8") for c in CHAIN_CASES] + [(c, "16") for c in CHAIN_CASES if c[-1] == 128]
 
 
+@NEW
 @pytest.mark.parametrize("case,ctas", GX_CASES, ids=[f"case{CHAIN_CASES.index(c)}-{p}ctas" for c, p in GX_CASES])
 def test_tc_chain_without_clusters(tc, monkeypatch, case, ctas):
     """ALLMEM_TTT_TC_CHAIN=global (ttt_chain_tc.cuh kGx: the tensor-core forward for sm_80+ devices,
