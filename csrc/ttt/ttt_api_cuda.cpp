@@ -94,8 +94,10 @@ bool use_tc_kernels(const Layout& lay, InDType dt, std::initializer_list<const a
 // 128 on any sm_80+ device whose shared memory fits it (an error where it does not), always with
 // split mode's read; "tokens-global", at d = 64 the token-split forward without clusters (its
 // reduction and publish through global memory; fused or split mode as the cluster kernel), at 128
-// the same as "global". Opt-in: emulator-tested, not yet run on a GPU; off sm_90 they are the only
-// tensor-core forwards (the SIMT kernel, one CTA per head chain, runs otherwise).
+// the same as "global". With either of the last two the d = h = 64 backward is the tensor-core one
+// without clusters (ttt_bwd_tc.cuh kGx, split mode). Opt-in: emulator-tested, not yet run on a GPU;
+// off sm_90 they are the only tensor-core kernels (the SIMT forward, one CTA per head chain, and the
+// composite backward run otherwise).
 enum class ChainMode { kTokens, kUnits, kGlobal, kTokensGlobal };
 
 ChainMode chain_mode() {
