@@ -491,6 +491,15 @@ grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" 2>/dev/null
 [[ -f $OUT/bench_swa_gpu.json ]] && $PY "$REPO/bench/bench_swa_gpu.py" --table "$OUT/bench_swa_gpu.json"
 # (brief: one line per case; the full TTT table is in bench.log and the JSON)
 [[ -f $OUT/bench_ttt_gpu.json ]] && $PY "$REPO/bench/bench_ttt_gpu.py" --table "$OUT/bench_ttt_gpu.json" --brief
+# Which opt-in TTT forms to make defaults (bench/choose_defaults.py): this call's timings against the
+# test stages of every call on this machine (a warm machine keeps /tmp between calls); the rows go
+# to bench.log, the verdicts here.
+mkdir -p /tmp/allmem_summaries && cp "$OUT/summary.json" "/tmp/allmem_summaries/$(date +%s%N).json"
+if [[ -f $OUT/bench_ttt_gpu.json ]]; then
+  echo "== default choices (bench/choose_defaults.py)"
+  $PY "$REPO/bench/choose_defaults.py" "$OUT/bench_ttt_gpu.json" /tmp/allmem_summaries/*.json 2>&1 \
+    | tee -a "$OUT/bench.log" | grep -v '^  '
+fi
 echo "== stages"
 for s in "${STAGE_ORDER[@]}"; do
   [[ -n ${STATUS[$s]:-} ]] && printf '%-36s %-14s %5ss\n' "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
