@@ -31,6 +31,11 @@ weights; FLA: of q, k, v, g, beta) of:
                  default), at d = 128 the same as allmem_tcgx; with either switch the d = 64
                  backward is the tensor-core one without clusters (ttt_bwd_tc.cuh kGx, split mode),
                  so their fwd+bwd rows time it (the backward sm_80 would run);
+  * allmem_tcp2 - d = 128 only: the hidden-unit chain split by tokens too, ALLMEM_TTT_TC_CHAIN_PARTS=2
+                 (8 unit groups x 2 token parts, a cluster of 16: each CTA walks half of a chunk's
+                 tiles);
+  * allmem_tcgp4 - d = 128 only: the same without clusters with 4 token parts
+                 (ALLMEM_TTT_TC_CHAIN=global ALLMEM_TTT_TC_CHAIN_PARTS=4: 32 CTAs per job);
   * allmem_comp - the default forward, the backward with ALLMEM_TTT_BWD=composite and its fused
                  steps (ALLMEM_TTT_COMPOSITE_KERNELS=1): the batched backward (ttt_bwd_composite.cpp,
                  cuBLAS matmuls over the heads of a group of sequences per chunk); at d = 128
@@ -107,10 +112,13 @@ LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_tcgx",
-        "allmem_tcgt", "allmem_comp", "allmem_cfwd", "allmem_c16")
+        "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16")
 # Run order: ours, then the peers, then the opt-in variants (last, so a budget cut never drops a
 # peer for them): the tensor-core forward's shapes first, then the composite forward.
-LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_tcgx", "allmem_tcgt", "allmem_cfwd", "allmem_c16")
+LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_tcgx", "allmem_tcgt", "allmem_cfwd", "allmem_c16", "allmem_tcp2",
+        "allmem_tcgp4")
+# Rows that exist for d = h = 128 only (at 64 they would time the default again).
+D128_ONLY = ("allmem_tcp2", "allmem_tcgp4")
 IMPLS = (*(i for i in OURS if i not in LAST), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", *LAST)
 TARGET_CASE = {"d": 64, "H": 8, "B": 1, "L": 131072}
 TARGET_FWD_SPEEDUP, TARGET_FWD_FLOOR, TARGET_TRAIN_SPEEDUP = 5.0, 3.0, 3.0
@@ -333,7 +341,11 @@ IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
             "allmem_tcgx": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": "global",
                             "ALLMEM_TTT_BWD": None},
             "allmem_tcgt": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": "tokens-global",
-                            "ALLMEM_TTT_BWD": None}}
+                            "ALLMEM_TTT_BWD": None},
+            "allmem_tcp2": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": None,
+                            "ALLMEM_TTT_TC_CHAIN_PARTS": "2", "ALLMEM_TTT_BWD": None},
+            "allmem_tcgp4": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_TC_CHAIN": "global",
+                             "ALLMEM_TTT_TC_CHAIN_PARTS": "4", "ALLMEM_TTT_BWD": None}}
 
 
 def impl_env(impl: str):
@@ -712,7 +724,7 @@ def print_brief(data: dict, by: dict) -> None:
             return f"{r['ms']:.2f}"
         return "skip" if "skipped" in r else "err"
 
-    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'gt ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
+    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'gt ms':>8} {'p2 ms':>8} {'gp4 ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
           f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}  (fla: gated, else ungated)")
     keys = sorted({k[1:] for k in by}, key=lambda k: (k[4] != "fwd", k[0], k[2], k[3]))
     for d, H, B, L, pass_ in keys:
@@ -729,6 +741,8 @@ def print_brief(data: dict, by: dict) -> None:
         twg = by.get(("allmem_tcwg", d, H, B, L, pass_), {})
         tgx = by.get(("allmem_tcgx", d, H, B, L, pass_), {})
         tgt = by.get(("allmem_tcgt", d, H, B, L, pass_), {})
+        tp2 = by.get(("allmem_tcp2", d, H, B, L, pass_), {})
+        tg4 = by.get(("allmem_tcgp4", d, H, B, L, pass_), {})
         cmp_ = by.get(("allmem_comp", d, H, B, L, pass_), {})
         cfw = by.get(("allmem_cfwd", d, H, B, L, pass_), {})
         c16 = by.get(("allmem_c16", d, H, B, L, pass_), {})
@@ -737,7 +751,7 @@ def print_brief(data: dict, by: dict) -> None:
         need = TARGET_FWD_SPEEDUP if pass_ == "fwd" else TARGET_TRAIN_SPEEDUP
         xf = f"{ours['x_floor']:.1f}" if ours.get("x_floor") is not None else "-"
         best = max(x for x in (sp, sp_tc, 0.0) if x is not None)
-        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(tgt):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
+        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(tgt):>8} {cell(tp2):>8} {cell(tg4):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
               f"{cell(peers[1]):>9} {cell(peers[2]):>8} {f'{sp:.2f}x' if sp else '-':>8} "
               f"{f'{sp_tc:.2f}x' if sp_tc else '-':>10} {('PASS' if best >= need else 'fail') if best else '-':>6}")
     print_targets(data)
@@ -747,7 +761,7 @@ def print_brief(data: dict, by: dict) -> None:
         print(f"ERROR {e[:200]}")
     if len(errors) > 3:
         print(f"... {len(errors) - 3} more errors in the JSON")
-    print("(skip/err: see the JSON; tc: the default on sm_90, fused/split: forced, tc16: clusters of 16 where they fit, tcw8: the same with 8 warps per CTA, tcwg: with the wgmma chain, cbwd: allmem_comp (composite "
+    print("(skip/err: see the JSON; tc: the default on sm_90, fused/split: forced, tc16: clusters of 16 where they fit, tcw8: the same with 8 warps per CTA, tcwg: with the wgmma chain, p2/gp4: the d = 128 chain in 2 token parts (cluster) / 4 (no clusters), cbwd: allmem_comp (composite "
           "backward), cfwd: allmem_cfwd (composite forward and backward), c16: the same with 16-bit matmul operands; vs comp: ref_comp's time over allmem's; target: >= 5 forward, >= 3 fwd+bwd)")
 
 
@@ -805,7 +819,7 @@ def main() -> int:
             fla_fn, fla_dr = load_fla(rec)
     else:
         skip.add("fla_dr")
-    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc16": allmem_tc_impl, "allmem_tcw8": allmem_tc_impl, "allmem_tcwg": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_tcgx": allmem_tc_impl, "allmem_tcgt": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
+    fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc16": allmem_tc_impl, "allmem_tcw8": allmem_tc_impl, "allmem_tcwg": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_tcgx": allmem_tc_impl, "allmem_tcgt": allmem_tc_impl, "allmem_tcp2": allmem_tc_impl, "allmem_tcgp4": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
            "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     if "decode" not in skip:  # cheap: every head size, whatever --d says
@@ -828,8 +842,10 @@ def main() -> int:
                             continue
                         note = ""
                         # d = 128: tensor cores in split mode only (the units chain; backward SIMT)
-                        if impl.startswith("allmem_tc") and (args.smoke or (d != 64 and impl == "allmem_tc_fused")):
-                            why = "the tensor-core forward is d = h = 64 on sm_90" if not args.smoke else "smoke run (CPU)"
+                        if impl.startswith("allmem_tc") and (args.smoke or (d != 64 and impl == "allmem_tc_fused")
+                                                             or (d != 128 and impl in D128_ONLY)):
+                            why = ("smoke run (CPU)" if args.smoke else "the tensor-core forward is d = h = 64 on sm_90"
+                                   if impl == "allmem_tc_fused" else "token parts split the d = 128 chain only")
                             rec.data["results"].append({**base, "skipped": why})
                             continue
                         if impl == "ref_eager" and pass_ == "fwd+bwd":

@@ -32,9 +32,13 @@ CANDIDATES = [
     ("ALLMEM_TTT_FWD=composite (composite forward)", "allmem_cfwd", "allmem_tc", ("tests-defaults",), (128,)),
     ("ALLMEM_TTT_COMPOSITE_MM=16 (16-bit composite matmuls)", "allmem_c16", "allmem_cfwd", ("tests-defaults",),
      (64, 128)),
+    ("ALLMEM_TTT_TC_CHAIN_PARTS=2 (the d = 128 chain in 8 x 2 CTAs, a cluster of 16)", "allmem_tcp2", "allmem_tc",
+     ("tests-ttt-tc-new-parts",), (128,)),
     # Off sm_90 these replace the SIMT forward (allmem: ALLMEM_TTT_TC=0 in the benchmark), timed here on sm_90.
     ("off sm_90: ALLMEM_TTT_TC_CHAIN=global", "allmem_tcgx", "allmem", ("tests-ttt-tc-new-gx",), (64, 128)),
     ("off sm_90: ALLMEM_TTT_TC_CHAIN=tokens-global", "allmem_tcgt", "allmem", ("tests-ttt-tc-new-gx",), (64,)),
+    ("ALLMEM_TTT_TC_CHAIN=global + ALLMEM_TTT_TC_CHAIN_PARTS=4 (32 CTAs per d = 128 job, any sm_80+)", "allmem_tcgp4",
+     "allmem_tc", ("tests-ttt-tc-new-parts",), (128,)),
 ]
 FASTER, SLOWER = 0.95, 1.05
 

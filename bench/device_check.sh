@@ -44,7 +44,7 @@
 # paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
 # each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
 # A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 500 s): everything's
-# tests (tests-ttt-tc the tensor-core forms run on a GPU before; tests-ttt-tc-new-{shapes,wgmma,gx}
+# tests (tests-ttt-tc the tensor-core forms run on a GPU before; tests-ttt-tc-new-{shapes,wgmma,gx,parts}
 # the others, each group in its own process: clusters of 16, 8 warps; the wgmma chain and read; the
 # kernels without clusters, forward and backward; tests-defaults: nothing set, with the composite and
 # decode tests), the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck
@@ -162,17 +162,19 @@ if want tests; then
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && run_stage tests-ttt 90 "$OUT/tests.log" \
     $PY -m pytest -q -ra -s -p no:cacheprovider -m gpu -k "$NOT_ERR" "$REPO/tests/test_ttt_gpu.py"
   # The tensor-core TTT kernels: the forms that have run on a GPU before, then those that have not
-  # (marked new_kernel: clusters of 16 and 8 warps; wgmma; the kernels without clusters), each group
+  # (marked new_kernel: clusters of 16 and 8 warps; wgmma; the kernels without clusters; the d = 128
+  # chain split by tokens too, ALLMEM_TTT_TC_CHAIN_PARTS), each group
   # in a process of its own, so that a crash (an illegal instruction, a barrier's trap, which end
   # the process's CUDA context) cannot take the other groups' results with it.
   if [[ -f $REPO/tests/test_ttt_tc_gpu.py ]]; then
     run_stage tests-ttt-tc 120 "$OUT/tests.log" \
       $PY -m pytest -q -ra -s -p no:cacheprovider -m "gpu and not new_kernel" "$REPO/tests/test_ttt_tc_gpu.py"
-    for group in shapes wgmma gx; do
+    for group in shapes wgmma gx parts; do
       case $group in
-        shapes) sel="not wgmma and not without_clusters" ;;
+        shapes) sel="not wgmma and not without_clusters and not parts" ;;
         wgmma) sel="wgmma" ;;
         gx) sel="without_clusters" ;;
+        parts) sel="parts" ;;
       esac
       run_stage "tests-ttt-tc-new-$group" 75 "$OUT/tests.log" \
         $PY -m pytest -q -ra -s -p no:cacheprovider -m "gpu and new_kernel" -k "$sel" "$REPO/tests/test_ttt_tc_gpu.py"
@@ -410,10 +412,15 @@ for dt in (torch.bfloat16, torch.float16):
         q2, k2, v2 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt) for _ in range(3))
         st2 = TTTState.initial(*w2, 3, C, torch.float32)
         st2.pending_len = torch.tensor([0, 7, C - 1], device=dev)
+        # and split by tokens too (ALLMEM_TTT_TC_CHAIN_PARTS: 2 in a cluster of 16; 2 or 4 without clusters)
+        gx = os.environ.get("ALLMEM_TTT_TC_CHAIN", "") in ("global", "tokens-global")
         with torch.no_grad():
-            for lact in (False, True):
-                allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
-                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
+            for parts in ("1", "2", "4") if gx else ("1", "2"):
+                os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"] = parts
+                for lact in (False, True):
+                    allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
+                                          cu_seqlens=cu, lact_order=lact, residual=not lact)
+            del os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"]
     # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
     # on the same varlen/pending case (d = h = 64).
     # Then the composite forward too (ALLMEM_TTT_FWD=composite).
@@ -437,7 +444,8 @@ EOF
   # chain, with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128) and with the hidden-unit chain
   # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers),
   # and the token-split forward without clusters (tokens-global); with either of the last two the d = 64
-  # backward is the one without clusters too (ttt_bwd_tc.cuh kGx).
+  # backward is the one without clusters too (ttt_bwd_tc.cuh kGx). The d = 128 chain in each also
+  # with 2 token parts (and 4 without clusters).
   for chain in tokens units global tokens-global; do
     for tool in memcheck racecheck; do
       run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \

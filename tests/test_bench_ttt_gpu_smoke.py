@@ -38,12 +38,12 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     assert len(fla) == cases and all("skipped" in r for r in fla)
     # The tensor-core kernels need sm_90: recorded as skipped in the smoke run.
     for impl in ("allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units",
-                 "allmem_tcgx", "allmem_tcgt"):
+                 "allmem_tcgx", "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4"):
         tc = [r for r in data["results"] if r["impl"] == impl]
         assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
     ours = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_tcgx",
-            "allmem_tcgt", "allmem_comp", "allmem_cfwd", "allmem_c16")
+            "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16")
     assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
     # The decode step: the three contenders, both buffer fills, every batch of the smoke run, with floors.
     dec = data["decode"]

@@ -23,17 +23,18 @@ pytestmark = [
 # kernel -> instantiations (bf16 and fp16; the read and the units chain also for d = 64 and 128, the
 # token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
 # backward for clusters of 8 and 16, the units chain with and without clusters, with 8 CTAs per job
-# and at d = 128 16; the token-split forward and the backward also without clusters)
+# and at d = 128 16 unit groups or 8 x 2 token parts (and 8 x 4 without clusters); the token-split
+# forward and the backward also without clusters)
 TC_KERNELS = {"ttt_fwd_tc_kernel": 18, "ttt_bwd_tc_kernel": 6, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
-              "ttt_chain_tc_kernel": 12, "ttt_read_wg_kernel": 2}
+              "ttt_chain_tc_kernel": 18, "ttt_read_wg_kernel": 2}
 
 
 def _is_gx(name: str) -> bool:
-    """A kernel without clusters: the units chain (ttt_chain_tc_kernel<T, D, kGx = true, P>), the
+    """A kernel without clusters: the units chain (ttt_chain_tc_kernel<T, D, kGx = true, P, S>), the
     token-split forward (ttt_fwd_tc_kernel<T, 8, 4, false, kGx = true>) or the backward
     (ttt_bwd_tc_kernel<T, 8, kGx = true>)."""
     if "ttt_chain_tc_kernel" in name:
-        return re.search(r"Lb1ELi(8|16)EEEvNS1_9FwdParamsE$", name) is not None
+        return re.search(r"Lb1ELi(8|16)ELi[124]EEEvNS1_9FwdParamsE$", name) is not None
     if "ttt_bwd_tc_kernel" in name:
         return name.endswith("Li8ELb1EEEvNS1_9BwdParamsE")
     return "ttt_fwd_tc_kernel" in name and name.endswith("Lb0ELb1EEEvNS1_9FwdParamsE")
@@ -152,7 +153,7 @@ def test_sm80_code_of_the_tensor_core_kernels():
     dispatcher never launches them there)."""
     funcs = _sass_by_function("80")
     gx = {n: b for n, b in funcs.items() if _is_gx(n)}
-    assert len(gx) == 10, list(gx)
+    assert len(gx) == 14, list(gx)
     for name, body in gx.items():
         _check_gx(name, body, spills="ttt_fwd_tc_kernel" in name)
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_80", _library()],

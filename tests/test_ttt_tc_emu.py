@@ -433,3 +433,53 @@ def test_units_chain_matches_float64_op(emu_tc, case, wave, ctas):
     check_forward(clustered, want, q, fast, res, dtype)
     for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got, clustered):
         assert torch.equal(a, b), name
+
+
+# d = 128 cases of the hidden-unit chain split by token too (ALLMEM_TTT_TC_CHAIN_PARTS): the two
+# above (one or two tiles per chunk: the second part's CTAs of case 1 and every part but the first
+# of the varlen one have no tile) and chunks of 5 tiles, the last partial (parts of 3 and 2 tiles,
+# or 2, 1, 1, 1), LaCT order, fp16, a pending buffer carried in.
+PARTS_CASES = [c for c in CHAIN_CASES if c[-1] == 128] + [
+    (1, 700, 2, 300, None, [17], True, True, torch.float16, 128),
+]
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("case", PARTS_CASES, ids=[f"parts-case{i}" for i in range(len(PARTS_CASES))])
+def test_units_chain_token_parts(emu_tc, case, parts):
+    """The hidden-unit chain at d = 128 with each chunk's tiles dealt over `parts` CTAs per unit
+    group (8 unit groups x parts CTAs per job; ttt_chain_tc.cuh S): each CTA's -G partial and
+    momentum sum summed over the parts in part order by every CTA of its unit group. With 2 parts as
+    a cluster of 16 (DSMEM) and without clusters (global memory, waves of 1 and 2 jobs), bit for bit
+    the same; with 4 parts (32 CTAs) without clusters only. Both against the float64 CPU op with the
+    unsplit chain's bounds."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+
+    class Chain:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = emu_tc.emu_fwd_chain
+
+    args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    runs = []
+    emu_tc.emu_set_chain_parts(parts)
+    try:
+        if parts == 2:
+            emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+            runs.append(emulated_fwd(Chain, *args))
+        for wave in (1, 2):
+            emu_tc.emu_set_chain_gx(ctypes.c_int64(wave))
+            runs.append(emulated_fwd(Chain, *args))
+    finally:
+        emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
+        emu_tc.emu_set_chain_parts(1)
+    for got in runs:
+        check_forward(got, want, q, fast, res, dtype)
+        for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got, runs[0]):
+            assert torch.equal(a, b), name

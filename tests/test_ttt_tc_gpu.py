@@ -90,15 +90,19 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 
 
 @pytest.fixture(params=["fused", "units", *new("units_cluster16", "cluster16", "warps8", "cluster16_warps8", "wgmma",
-                                                 "cluster16_wgmma", "warps8_wgmma")])
+                                                 "cluster16_wgmma", "warps8_wgmma", "units_parts2",
+                                                 "units_parts2_global", "units_parts4_global")])
 def fwd_kernel(request, monkeypatch):
     """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain (at
-    d = 128 also with 16 CTAs per cluster), on the fused kernel in clusters of 16 CTAs
+    d = 128 also with 16 CTAs per cluster, and split by tokens too: ALLMEM_TTT_TC_CHAIN_PARTS=2 in a
+    cluster of 16 or without clusters, 4 without), on the fused kernel in clusters of 16 CTAs
     (ALLMEM_TTT_TC_CLUSTER=16) and/or with 8 warps per CTA (ALLMEM_TTT_TC_WARPS=8), and on split
     mode's wgmma chain (ALLMEM_TTT_TC_WGMMA=1, 8 or 16 CTAs)."""
     if request.param.startswith("units"):
         monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
-        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "global" if request.param.endswith("_global") else "units")
+    if "_parts" in request.param:
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN_PARTS", request.param.split("_parts")[1][0])
     if "cluster16" in request.param:
         monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "16")
     if "warps8" in request.param:
@@ -114,8 +118,8 @@ def test_tc_matches_float64(tc, fwd_kernel, case):
     B, L, H, C, lens, plens, lact, res, dtype, d = case
     if d == 128 and not fwd_kernel.startswith("units"):
         pytest.skip("d = 128 has tensor cores in split mode's units chain only")
-    if d == 64 and fwd_kernel == "units_cluster16":
-        pytest.skip("the units chain takes 16 CTAs at d = 128 only")
+    if d == 64 and (fwd_kernel == "units_cluster16" or "_parts" in fwd_kernel):
+        pytest.skip("the units chain takes 16 CTAs or token parts at d = 128 only")
     cpu, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
     if fwd_kernel.startswith("units"):  # the path is really taken: it differs from the SIMT kernel's in the last bits
         import os
@@ -561,3 +565,45 @@ def test_tc_chain_without_clusters(tc, monkeypatch, case, ctas):
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
     monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
     _bitwise_without_clusters(monkeypatch, dev, C, lact, res, "global")
+
+
+@NEW
+@pytest.mark.parametrize("case", [c for c in CHAIN_CASES if c[-1] == 128],
+                         ids=[f"case{CHAIN_CASES.index(c)}" for c in CHAIN_CASES if c[-1] == 128])
+def test_tc_chain_token_parts(tc, monkeypatch, case):
+    """ALLMEM_TTT_TC_CHAIN_PARTS=2 at d = 128 (ttt_chain_tc.cuh S = 2: 8 unit groups x 2 token parts,
+    each CTA walks every second tile; the parts' -G partials added in part order): the cluster of 16
+    and the form without clusters bit for bit the same, in one wave and in waves of one job (their
+    error against float64: test_tc_matches_float64[units_parts*]); not bitwise the one-part chain
+    (the partial sums are added in another order) but within 2 u of it. The switch's errors: a bad
+    value, 4 parts in a cluster, 2 parts with ALLMEM_TTT_TC_CLUSTER=16. `auto` without clusters
+    gives one of the 1, 2, 4-part results bit for bit."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    _, dev = tc_inputs(B, L, H, d, d, C, dtype, lens, plens)
+    monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "1")
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", "units")
+    one_part = fwd(dev, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN_PARTS", "2")
+    two = fwd(dev, C, lact, res)
+    u = UNIT_ROUNDOFF[dtype]
+    assert torch.equal(two[2], one_part[2]) and torch.equal(two[3], one_part[3])
+    for name, i in (("o", 0), ("fast", 1), ("checkpoints", 4)):
+        assert rel_err(two[i], one_part[i]) < 2 * u, name
+    _bitwise_without_clusters(monkeypatch, dev, C, lact, res, "global")
+    monkeypatch.delenv("ALLMEM_TTT_TC_GX_WAVE")
+    # auto (without clusters: 4, 2 or 1 part, the most with which every job runs at once) is one of them
+    by_parts = {}
+    for parts in ("1", "2", "4", "auto"):
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN_PARTS", parts)
+        by_parts[parts] = fwd(dev, C, lact, res)
+    assert any(all(torch.equal(a, b) for a, b in zip(by_parts["auto"], by_parts[p])) for p in ("1", "2", "4"))
+    for chain, parts, cluster, msg in (
+            ("units", "3", None, "ALLMEM_TTT_TC_CHAIN_PARTS: expected 1, 2, 4 or auto"),
+            ("units", "4", None, "ALLMEM_TTT_TC_CHAIN_PARTS=4: 32 CTAs per job exceed a cluster"),
+            ("global", "2", "16", "not with ALLMEM_TTT_TC_CLUSTER=16")):
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN", chain)
+        monkeypatch.setenv("ALLMEM_TTT_TC_CHAIN_PARTS", parts)
+        if cluster is not None:
+            monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", cluster)
+        with pytest.raises(RuntimeError, match=msg):
+            fwd(dev, C, lact, res)

@@ -140,18 +140,18 @@ const char* gx_name(GxKernel kind) {
 }
 
 // Jobs a kernel without clusters runs at once on the current device (the chain at d with `ctas`
-// CTAs per job), asked once per device and kernel.
-int64_t gx_fit(InDType dt, int64_t d, GxKernel kind, int ctas) {
+// unit groups x `parts` token parts per job), asked once per device and kernel.
+int64_t gx_fit(InDType dt, int64_t d, GxKernel kind, int ctas, int parts = 1) {
   static std::mutex mu;
-  static std::map<std::tuple<int, int, int, int, int>, int64_t> cache;
-  const std::tuple<int, int, int, int, int> key{at::cuda::current_device(), static_cast<int>(dt), static_cast<int>(d),
-                                                static_cast<int>(kind), ctas};
+  static std::map<std::tuple<int, int, int, int, int, int>, int64_t> cache;
+  const std::tuple<int, int, int, int, int, int> key{
+      at::cuda::current_device(), static_cast<int>(dt), static_cast<int>(d), static_cast<int>(kind), ctas, parts};
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it == cache.end()) {
     const int64_t n = kind == GxKernel::kTokens ? ttt_fwd_tc_gx_jobs(dt)
                       : kind == GxKernel::kBwd  ? ttt_bwd_tc_gx_jobs(dt)
-                                                : ttt_chain_gx_jobs(dt, static_cast<int>(d), ctas);
+                                                : ttt_chain_gx_jobs(dt, static_cast<int>(d), ctas, parts);
     it = cache.emplace(key, n).first;
   }
   return it->second;
@@ -282,8 +282,65 @@ int chain_ctas(const Layout& lay, InDType dt, bool gx) {
   return sixteen_or_eight(
       lay.N * lay.H, static_cast<int>(dt) * 2 + (gx ? 1 : 0),
       gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)", [&]() -> int64_t {
-        return gx ? gx_fit(dt, 128, GxKernel::kChain, 16) : ttt_chain_tc_active_clusters16(dt);
+        return gx ? gx_fit(dt, 128, GxKernel::kChain, 16) : ttt_chain_tc_active_clusters(dt, 16, 1);
       });
+}
+
+// The hidden-unit chain's shape: unit groups (ctas) x token parts (parts), CTAs per job their product.
+struct ChainShape {
+  int ctas = 8;
+  int parts = 1;
+};
+
+// Token parts of the hidden-unit chain at d = h = 128, from ALLMEM_TTT_TC_CHAIN_PARTS (read at every
+// call): unset or "1", 1 (each CTA walks every tile of a chunk for its d / 8 or d / 16 units); "2",
+// 8 unit groups x 2 token parts, 16 CTAs per job (a cluster of 16, or 16 co-resident CTAs without
+// clusters): each CTA walks every second tile, and the two parts' -G partials and momentum sums are
+// added in part order, so both hold the same weights; "4", 8 x 4, 32 CTAs per job, without clusters
+// only (ALLMEM_TTT_TC_CHAIN=global); "auto", the most parts (4 only without clusters) with which all
+// B * H jobs run at once, else 1. It halves or quarters the tiles each CTA walks per chunk, which
+// ALLMEM_TTT_TC_CLUSTER=16 does not (that halves each tile's products), for one more barrier per
+// chunk. Opt-in: emulator-tested, not yet run on a GPU. Not with ALLMEM_TTT_TC_CLUSTER=16 (an error;
+// auto then takes 1); it takes precedence over the cluster size's auto; at d = 64 the value is
+// checked and unused (the token-split kernel is the d = 64 chain).
+ChainShape chain_shape(const Layout& lay, InDType dt, bool gx) {
+  const char* env = std::getenv("ALLMEM_TTT_TC_CHAIN_PARTS");
+  int parts = 1;
+  bool automatic = false;
+  if (env != nullptr && *env != '\0' && std::strcmp(env, "1") != 0) {
+    automatic = std::strcmp(env, "auto") == 0;
+    ALLMEM_CHECK(automatic || std::strcmp(env, "2") == 0 || std::strcmp(env, "4") == 0,
+                 "ALLMEM_TTT_TC_CHAIN_PARTS: expected 1, 2, 4 or auto, got '", env, "'");
+    parts = automatic ? 0 : env[0] - '0';
+  }
+  const char* cl = std::getenv("ALLMEM_TTT_TC_CLUSTER");
+  const bool sixteen = cl != nullptr && std::strcmp(cl, "16") == 0;
+  if (parts == 1 || lay.d != 128 || (automatic && sixteen)) return {chain_ctas(lay, dt, gx), 1};
+  ALLMEM_CHECK(!sixteen, "ALLMEM_TTT_TC_CHAIN_PARTS=", parts,
+               " splits the tokens of 8 unit groups; not with ALLMEM_TTT_TC_CLUSTER=16 (16 unit groups)");
+  ALLMEM_CHECK(gx || parts != 4, "ALLMEM_TTT_TC_CHAIN_PARTS=4: 32 CTAs per job exceed a cluster; it needs "
+               "ALLMEM_TTT_TC_CHAIN=global (the chain without clusters)");
+  // Jobs of 8 x `s` CTAs the device runs at once, per device and dtype.
+  auto fit = [&](int s) -> int64_t {
+    if (gx) return gx_fit(dt, 128, GxKernel::kChain, 8, s);
+    static std::mutex mu;
+    static std::map<std::pair<int, int>, int64_t> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    const std::pair<int, int> key{at::cuda::current_device(), static_cast<int>(dt)};
+    auto it = cache.find(key);
+    if (it == cache.end()) it = cache.emplace(key, ttt_chain_tc_active_clusters(dt, 8, 2)).first;
+    return it->second;
+  };
+  if (automatic) {
+    for (int s : {4, 2}) {
+      if ((gx || s == 2) && lay.N * lay.H <= fit(s)) return {8, s};
+    }
+    return {chain_ctas(lay, dt, gx), 1};
+  }
+  ALLMEM_CHECK(fit(parts) > 0, "ALLMEM_TTT_TC_CHAIN_PARTS=", parts, ": this device cannot run the ", 8 * parts,
+               " CTAs of a hidden-unit chain job at once", gx ? "" : " (a cluster of 16; ALLMEM_TTT_TC_CHAIN=global "
+               "runs it without clusters)");
+  return {8, parts};
 }
 
 // The read work of split mode (segment_reads), on the device.
@@ -380,13 +437,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         p.skip_read = split;
         launch_ttt_fwd_tc_gx(p, at::cuda::getCurrentCUDAStream(), wave);
       } else if (gx) {
-        const int ctas = chain_ctas(lay, dt, true);
-        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, lay.d, GxKernel::kChain, ctas));
-        gx_buffers(wave, 2 * ctas * lay.d);
-        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, wave, ctas);
+        const ChainShape cs = chain_shape(lay, dt, true);
+        const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, lay.d, GxKernel::kChain, cs.ctas, cs.parts));
+        gx_buffers(wave, ttt_chain_gx_xchg_floats(static_cast<int>(lay.d), cs.ctas, cs.parts));
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), true, wave, cs.ctas,
+                            cs.parts);
       } else if (split && use_units_chain(lay.d, chain)) {
-        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), false, 0,
-                            chain_ctas(lay, dt, false));
+        const ChainShape cs = chain_shape(lay, dt, false);
+        launch_ttt_chain_tc(p, static_cast<int>(lay.d), at::cuda::getCurrentCUDAStream(), false, 0, cs.ctas,
+                            cs.parts);
       } else {
         p.skip_read = split;
         at::Tensor clock;

@@ -15,6 +15,11 @@
 // computed by every CTA in the same order.
 // Same segments, checkpoints, final state and chunk buffer as ttt_fwd_tc.cuh; o is not written.
 //
+// S > 1 (d = 128; ALLMEM_TTT_TC_CHAIN_PARTS): the job's CTAs are P unit groups x S token parts; the
+// CTA of part t walks only the chunk's tiles t, t + S, ..., so its -G and momentum sum are partial:
+// after the tiles one more barrier, and every CTA of a unit group adds the S parts' partials in part
+// order (so all S hold the same weights; part 0 writes the state). See kOffGsum, kXchgFloats.
+//
 // kGx (any sm_80+ device; the CTAs of a job need not share a cluster): the row-norm partials go
 // through global memory (FwdParams::xchg) and the one barrier per chunk is a counter in global memory
 // (xcta_barrier); the host launches the jobs cooperatively, in waves of jobs that are co-resident
@@ -30,11 +35,13 @@
 
 namespace allmem::ttt::cuda::tc {
 
-template <int D, bool kGx = false, int P = 8>
+template <int D, bool kGx = false, int P = 8, int S = 1>
 struct ChainTcTraits {
   static constexpr int kD = D;
-  static constexpr int kP = P;
-  static constexpr int kU = D / kP;  // hidden units owned by one CTA
+  static constexpr int kUG = P;      // unit groups: CTAs that split the hidden units
+  static constexpr int kS = S;       // token parts: CTAs of one unit group that split a chunk's tiles
+  static constexpr int kP = P * S;   // CTAs per job (rank r: unit group r % P, token part r / P)
+  static constexpr int kU = D / kUG;  // hidden units owned by one CTA
   static_assert(kU >= 8 && kU % 8 == 0, "whole n8 blocks of owned units");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
@@ -66,6 +73,16 @@ struct ChainTcTraits {
   // tile, read before the next chunk's first prefetch).
   static constexpr int kOffG = kGx ? kOffK2 : kOffM + kOwnElems * 4;
   static_assert(!kGx || kOwnElems * 4 <= 2 * kTile * kLd * 2, "-G fits over the prefetch buffers");
+  // S > 1: the sum of the S token parts' -G (float, sG's layout) over the prefetch buffers, which
+  // are free between a chunk's last tile and the next chunk's first prefetch. kGx: the partials
+  // themselves go through global memory (below), so this is sG's place too.
+  static constexpr int kOffGsum = kOffK2;
+  static_assert(S == 1 || kOwnElems * 4 <= 2 * kTile * kLd * 2, "the summed -G fits over the prefetch buffers");
+  static_assert(S == 1 || S == 2 || S == 4, "1, 2 or 4 token parts");
+  // kGx: floats of FwdParams::xchg per job slot of a wave: the row-norm partials [2][kP][D] and,
+  // S > 1, every CTA's -G partial and its tiles' momentum sum ([kP][kOwnElems + 4]).
+  static constexpr int kPartStride = kOwnElems + 4;
+  static constexpr int kXchgFloats = 2 * kP * D + (S > 1 ? kP * kPartStride : 0);
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0 &&
                     kOffK2 % 16 == 0 && kOffV2 % 16 == 0,
@@ -90,16 +107,16 @@ __device__ __forceinline__ void mma_n8_w_ld(float (&acc)[4], const uint32_t (&a)
   mma<T>(acc, a, b[0], b[1]);
 }
 
-template <typename T, int D, bool kGx = false, int P = 8>
-__global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
+template <typename T, int D, bool kGx = false, int P = 8, int S = 1>
+__global__ void __launch_bounds__(ChainTcTraits<D, kGx, P, S>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   if constexpr (!kGx) {
     __trap();  // launched with kP-CTA clusters, which need sm_90 (the dispatcher checks)
     return;
   }
 #endif
-  using Tr = ChainTcTraits<D, kGx, P>;
-  constexpr int kP = Tr::kP, kU = Tr::kU, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
+  using Tr = ChainTcTraits<D, kGx, P, S>;
+  constexpr int kP = Tr::kP, kUG = Tr::kUG, kU = Tr::kU, kT = Tr::kThreads, kTile = Tr::kTile, kLd = Tr::kLd;
   constexpr int kLdU = Tr::kLdU, kMB = Tr::kMB, kNB = Tr::kNB, PW = Tr::kPendWidth, kOE = Tr::kOwnElems;
   constexpr int64_t HD = int64_t{D} * D;
   unsigned char* smem = dynamic_smem();
@@ -119,17 +136,19 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
   float* sRed = reinterpret_cast<float*>(smem + Tr::kOffRed);
   T* sK2 = reinterpret_cast<T*>(smem + Tr::kOffK2);
   T* sV2 = reinterpret_cast<T*>(smem + Tr::kOffV2);
+  float* sGsum = reinterpret_cast<float*>(smem + Tr::kOffGsum);  // S > 1: the summed -G
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   JobCtas<kP, kGx> ctas;
   const int rank = ctas.rank;
+  const int ug = S == 1 ? rank : rank % kUG, tp = S == 1 ? 0 : rank / kUG;  // unit group, token part
   const int64_t wslot = ctas.wslot;
   const int64_t job = p.job0 + wslot;  // job0: this wave's first job (kGx), else 0
   const int64_t H = p.heads, C = p.chunk, N = p.n_seqs;
   const int64_t n = job / H, hh = job % H;
   const int64_t start = p.seq[n], len = p.seq[N + n], p0 = p.seq[2 * N + n];
   int64_t slot = p.seq[3 * N + n];
-  const int u0 = rank * kU;  // first owned hidden unit
+  const int u0 = ug * kU;  // first owned hidden unit
   const int64_t pstride = H * PW;
   const float* pend0 = p.pend_in + (n * C * H + hh) * PW;  // row t at pend0 + t * pstride
   float* pend = p.pend_out + (n * C * H + hh) * PW;
@@ -171,9 +190,12 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
   int parity = 0;
   // The job's row-norm partials of this parity: kGx [2][kP][D] floats in global memory (this CTA's
   // row `rank`), else this CTA's sNorm (peers read it through the cluster).
-  float* const xjob = kGx ? p.xchg + wslot * 2 * kP * D : nullptr;
+  float* const xjob = kGx ? p.xchg + wslot * int64_t{Tr::kXchgFloats} : nullptr;
+  // kGx, S > 1: CTA r's -G partial (sG's layout) and, after it, its tiles' momentum sum.
+  auto xpart = [&](int r) { return xjob + 2 * kP * D + r * int64_t{Tr::kPartStride}; };
   // sScale = target / (||row|| + eps) for the owned gate/up rows and every down row of the
-  // float weights sW (down rows: partial sums over the cluster in rank order). One cluster barrier.
+  // float weights sW (down rows: partial sums over the unit groups in rank order, read from the CTAs
+  // of this token part: every token part holds the same weights). One cluster barrier.
   auto scales = [&]() {
     float* part = kGx ? xjob + (parity * kP + rank) * D : sNorm + parity * D;
     for (int c = tid; c < D; c += kT) {
@@ -195,7 +217,7 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
     ctas.barrier(p.xcount);
     for (int c = tid; c < D; c += kT) {
       float ss = 0.f;
-      for (int peer = 0; peer < kP; ++peer) {
+      for (int peer = tp * kUG; peer < (tp + 1) * kUG; ++peer) {
         ss += kGx ? ld_cg(xjob + (parity * kP + peer) * D + c) : cluster_peer(part, peer)[c];
       }
       sScale[2 * kU + c] = sTarget[2 * kU + c] / (sqrtf(ss) + kTcNormEps);
@@ -221,7 +243,8 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
     __syncthreads();
   };
 
-  auto write_state = [&](float* dst) {
+  auto write_state = [&](float* dst) {  // token part 0's CTAs (the others hold the same values)
+    if (tp != 0) return;
     for (int e = tid; e < kOE; e += kT) {
       dst[full_off(e)] = sW[e];
       dst[3 * HD + full_off(e)] = sM[e];
@@ -274,11 +297,12 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
         }
       }
     };
-    stage_kv(0, 0);
+    // S > 1: this CTA takes the tiles tp, tp + S, ... (possibly none).
+    if (tp < n_tiles) stage_kv(tp, 0);
     cp_async_commit();
-    load_rates(0);
+    load_rates(tp);
     int buf = 0;
-    for (int64_t ti = 0; ti < n_tiles; ++ti, buf ^= 1) {
+    for (int64_t ti = tp; ti < n_tiles; ti += S, buf ^= 1) {
       const int64_t t0 = ti * kTile;
       T* const sK = buf ? sK2 : sK1;  // this tile's k, v (shadowing the first buffers)
       T* const sV = buf ? sV2 : sV1;
@@ -289,9 +313,9 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
         const int e = tid + j * kT;
         sEta[e] = t0 + e / 4 < pb ? eta_pend[j] : to_float(eta_tok[j]);
       }
-      if (ti + 1 < n_tiles) {
-        stage_kv(ti + 1, buf ^ 1);
-        load_rates(ti + 1);
+      if (ti + S < n_tiles) {
+        stage_kv(ti + S, buf ^ 1);
+        load_rates(ti + S);
       }
       cp_async_commit();
       cp_async_wait<1>();
@@ -367,7 +391,8 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
       }
       __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
     }
-    // -G to shared memory: matrix m, [D][kU] (c, unit).
+    // -G to shared memory (kGx with S > 1: to this CTA's block of xchg): matrix m, [D][kU] (c, unit).
+    float* const gpart = kGx && S > 1 ? xpart(rank) : sG;
 #pragma unroll
     for (int m = 0; m < 3; ++m)
 #pragma unroll
@@ -377,22 +402,52 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P>::kThreads, 1) ttt_cha
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int c = warp * (D / 4) + mb * 16 + g + 8 * half, u = nb * 8 + c2;
-            sG[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
-            sG[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
+            gpart[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
+            gpart[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
           }
-    if (tid == 0) sRed[0] = mu_part;
+    if (tid == 0) {
+      sRed[0] = mu_part;
+      if constexpr (kGx && S > 1) gpart[kOE] = mu_part;
+    }
+    // S > 1: every token part's -G partials and momentum sums, summed in part order (0, 1, ...) by
+    // each CTA of the unit group into sGsum / sRed[1] (so all of them hold the same weights). The
+    // peers' sG / sRed[0] (or xchg blocks) are read before the barrier in scales() below and next
+    // written after it (the next chunk's tiles).
+    const float* gsum = sG;
+    if constexpr (S > 1) {
+      ctas.barrier(p.xcount);
+      auto src = [&](int j) -> const float* { return kGx ? xpart(ug + j * kUG) : cluster_peer(sG, ug + j * kUG); };
+      for (int e = tid * 4; e < kOE; e += kT * 4) {
+        float4 x = kGx ? ld_cg4(src(0) + e) : *reinterpret_cast<const float4*>(src(0) + e);
+#pragma unroll
+        for (int j = 1; j < S; ++j) {
+          const float4 y = kGx ? ld_cg4(src(j) + e) : *reinterpret_cast<const float4*>(src(j) + e);
+          x.x += y.x;
+          x.y += y.y;
+          x.z += y.z;
+          x.w += y.w;
+        }
+        *reinterpret_cast<float4*>(sGsum + e) = x;
+      }
+      if (tid == 0) {
+        float m = kGx ? ld_cg(src(0) + kOE) : cluster_peer(sRed, ug)[0];
+        for (int j = 1; j < S; ++j) m += kGx ? ld_cg(src(j) + kOE) : cluster_peer(sRed, ug + j * kUG)[0];
+        sRed[1] = m;
+      }
+      gsum = sGsum;
+    }
     __syncthreads();
-    const float mu_j = sRed[0] / static_cast<float>(C);
+    const float mu_j = sRed[S > 1 ? 1 : 0] / static_cast<float>(C);
     // M = mu_j M - G, W = W_hat + M (W_hat = normalize(W) unless LaCT order).
     for (int e = tid; e < kOE; e += kT) {
       float neg_g, s;
       if (e < 2 * kU * D) {
         const int m = e / (kU * D), i = (e / D) % kU, c = e % D;
-        neg_g = sG[m * D * kU + c * kU + i];
+        neg_g = gsum[m * D * kU + c * kU + i];
         s = sScale[m * kU + i];
       } else {
         const int f = e - 2 * kU * D;
-        neg_g = sG[2 * D * kU + f];
+        neg_g = gsum[2 * D * kU + f];
         s = sScale[2 * kU + f / kU];
       }
       const float w_hat = p.lact_order ? sW[e] : sW[e] * s;

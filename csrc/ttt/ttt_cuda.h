@@ -199,15 +199,19 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream);
 // split mode is the default at d = 128.
 // global: the chain without clusters (ttt_chain_tc.cuh kGx; any sm_80+ device that fits its
 // shared memory: ttt_chain_gx_jobs > 0), in cooperative waves of `wave` jobs (1 to
-// ttt_chain_gx_jobs), with per job slot of a wave [2][ctas][d] floats at p.xchg and one counter
-// at p.xcount. ctas: CTAs per job, 8, or
-// 16 at d = 128 (clusters of 16: ttt_chain_tc_active_clusters16 > 0).
+// ttt_chain_gx_jobs), with per job slot of a wave ttt_chain_gx_xchg_floats floats at p.xchg and one
+// counter at p.xcount. ctas x parts: unit groups x token parts (CTAs per job = their product;
+// ttt_chain_tc.cu lists the shapes: 8 x 1 at d = 64; 8 x 1, 16 x 1, 8 x 2 and, without clusters,
+// 8 x 4 at d = 128; a cluster of 16 needs ttt_chain_tc_active_clusters > 0).
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global = false, int64_t wave = 0,
-                         int ctas = 8);
+                         int ctas = 8, int parts = 1);
 // (sequence, head) jobs of the chain without clusters the current device runs at once (0: none).
-int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas = 8);
-// Clusters of 16 CTAs of the d = 128 chain the current device runs at once (0: none).
-int ttt_chain_tc_active_clusters16(InDType dt);
+int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas = 8, int parts = 1);
+// Floats of p.xchg per job slot of the chain without clusters.
+int64_t ttt_chain_gx_xchg_floats(int d, int ctas, int parts);
+// Clusters of the d = 128 chain with ctas x parts CTAs (16 x 1 or 8 x 2) the current device runs
+// at once (0: none).
+int ttt_chain_tc_active_clusters(InDType dt, int ctas, int parts);
 // The token-split forward without clusters (ttt_fwd_tc.cuh kGx; d = h = 64, 8 CTAs x 4 warps,
 // mma.sync; any sm_80+ device that fits it: ttt_fwd_tc_gx_jobs > 0), fused or split mode
 // (p.skip_read) as launch_ttt_fwd_tc, in cooperative waves of `wave` jobs (1 to

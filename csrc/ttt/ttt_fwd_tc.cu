@@ -1,11 +1,10 @@
 // Launch code of the tensor-core TTT forward (the kernel and its design: ttt_fwd_tc.cuh) and of
 // the chunk-parallel read of its split mode (ttt_read_tc.cuh). Built
 // for every CUDA arch; the cluster kernels' bodies exist only for sm_90+ (thread block clusters), so
-// the dispatcher (ttt_api_cuda.cpp) takes those only on such devices; the hidden-unit chain without
-// clusters (ttt_chain_tc.cuh kGx) and the mma.sync read run on sm_80+.
+// the dispatcher (ttt_api_cuda.cpp) takes those only on such devices; the token-split forward
+// without clusters and the mma.sync read run on sm_80+. The hidden-unit chain: ttt_chain_tc.cu.
 #include <c10/cuda/CUDAException.h>
 
-#include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_tc_launch.h"
 #include "ttt/ttt_fwd_tc.cuh"
@@ -59,27 +58,6 @@ void launch_read(const ReadParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D, int P>
-void launch_chain(const FwdParams& p, cudaStream_t stream) {
-  using Tr = tc::ChainTcTraits<D, false, P>;
-  launch_clusters(tc::ttt_chain_tc_kernel<T, D, false, P>, p, p.n_seqs * p.heads * Tr::kP, Tr::kThreads,
-                  Tr::kSmemBytes, Tr::kP, stream);
-}
-
-// The hidden-unit chain without clusters (kGx).
-template <typename T, int D, int P>
-int64_t chain_gx_jobs() {
-  using Tr = tc::ChainTcTraits<D, true, P>;
-  return cooperative_jobs(tc::ttt_chain_tc_kernel<T, D, true, P>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
-}
-
-template <typename T, int D, int P>
-void launch_chain_gx(const FwdParams& p, int64_t wave, cudaStream_t stream) {
-  using Tr = tc::ChainTcTraits<D, true, P>;
-  launch_cooperative_waves(tc::ttt_chain_tc_kernel<T, D, true, P>, p, p.n_seqs * p.heads, wave, Tr::kThreads,
-                           Tr::kSmemBytes, Tr::kP, stream, "launch_ttt_chain_tc");
-}
-
 // The token-split forward without clusters (kGx: 8 CTAs, 4 warps, mma.sync).
 using FwdGxTraits = tc::FwdTcTraitsP<8, 4, false, true>;
 static_assert(FwdGxTraits::kPart == kFwdGxPartFloats, "ttt_cuda.h's size of a partial block");
@@ -117,41 +95,6 @@ void launch_ttt_read_tc(const ReadParams& p, cudaStream_t stream) {
   TORCH_CHECK(false, "allmem: launch_ttt_read_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-// One chain shape: d = 64 with 8 CTAs, d = 128 with 8 or 16, with or without clusters.
-template <typename T>
-void launch_chain_shape(const FwdParams& p, int d, int ctas, bool global, int64_t wave, cudaStream_t stream) {
-  if (global) {
-    if (d == 64) return launch_chain_gx<T, 64, 8>(p, wave, stream);
-    return ctas == 16 ? launch_chain_gx<T, 128, 16>(p, wave, stream) : launch_chain_gx<T, 128, 8>(p, wave, stream);
-  }
-  if (d == 64) return launch_chain<T, 64, 8>(p, stream);
-  return ctas == 16 ? launch_chain<T, 128, 16>(p, stream) : launch_chain<T, 128, 8>(p, stream);
-}
-
-void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global, int64_t wave, int ctas) {
-  TORCH_CHECK(d == 64 || d == 128, "allmem: launch_ttt_chain_tc: d = h = 64 or 128, got ", d);
-  TORCH_CHECK(ctas == 8 || (ctas == 16 && d == 128), "allmem: launch_ttt_chain_tc: 8 CTAs per job (16 at d = 128), got ",
-              ctas, " at d = ", d);
-  if (p.dtype == InDType::kBFloat16) return launch_chain_shape<__nv_bfloat16>(p, d, ctas, global, wave, stream);
-  if (p.dtype == InDType::kFloat16) return launch_chain_shape<__half>(p, d, ctas, global, wave, stream);
-  TORCH_CHECK(false, "allmem: launch_ttt_chain_tc: bfloat16 or float16 inputs only (the caller checks)");
-}
-
-int ttt_chain_tc_active_clusters16(InDType dt) {
-  using Tr = tc::ChainTcTraits<128, false, 16>;
-  if (dt == InDType::kBFloat16) {
-    return max_active_clusters(tc::ttt_chain_tc_kernel<__nv_bfloat16, 128, false, 16>, Tr::kThreads, Tr::kSmemBytes,
-                               16);
-  }
-  return max_active_clusters(tc::ttt_chain_tc_kernel<__half, 128, false, 16>, Tr::kThreads, Tr::kSmemBytes, 16);
-}
-
-template <typename T>
-int64_t chain_gx_jobs_of(int d, int ctas) {
-  if (d == 64) return chain_gx_jobs<T, 64, 8>();
-  return ctas == 16 ? chain_gx_jobs<T, 128, 16>() : chain_gx_jobs<T, 128, 8>();
-}
-
 void launch_ttt_fwd_tc_gx(const FwdParams& p, cudaStream_t stream, int64_t wave) {
   TORCH_CHECK(p.xpub != nullptr, "allmem: launch_ttt_fwd_tc_gx: no publish buffer");
   auto go = [&](auto kernel) {
@@ -165,12 +108,6 @@ void launch_ttt_fwd_tc_gx(const FwdParams& p, cudaStream_t stream, int64_t wave)
 
 int64_t ttt_fwd_tc_gx_jobs(InDType dt) {
   return dt == InDType::kBFloat16 ? fwd_gx_jobs<__nv_bfloat16>() : fwd_gx_jobs<__half>();
-}
-
-int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas) {
-  TORCH_CHECK(d == 64 || d == 128, "allmem: ttt_chain_gx_jobs: d = h = 64 or 128, got ", d);
-  TORCH_CHECK(ctas == 8 || (ctas == 16 && d == 128), "allmem: ttt_chain_gx_jobs: 8 CTAs per job (16 at d = 128)");
-  return dt == InDType::kBFloat16 ? chain_gx_jobs_of<__nv_bfloat16>(d, ctas) : chain_gx_jobs_of<__half>(d, ctas);
 }
 
 bool ttt_fwd_wg_available() {

@@ -172,11 +172,22 @@ void run_split(FwdParams p) {
   run_read<T, 64>(p);
 }
 
+// Token parts of the hidden-unit chain at d = 128 (ALLMEM_TTT_TC_CHAIN_PARTS on a GPU): 1, 2 (8
+// unit groups x 2 parts, with or without clusters) or 4 (without clusters only).
+static int g_chain_parts = 1;
+extern "C" void emu_set_chain_parts(int parts) { g_chain_parts = parts == 2 || parts == 4 ? parts : 1; }
+
 // The split forward with the hidden-unit chain (ttt_chain_tc.cuh), then the read kernel.
-// d = 128 with emu_set_cluster(16): 16 CTAs per job (as ALLMEM_TTT_TC_CLUSTER=16 on a GPU).
+// d = 128 with emu_set_cluster(16): 16 CTAs per job (as ALLMEM_TTT_TC_CLUSTER=16 on a GPU); with
+// emu_set_chain_parts(2): 8 unit groups x 2 token parts.
 template <typename T, int D>
 void run_chain(const FwdParams& p) {
   if constexpr (D == 128) {
+    if (g_chain_parts == 2) {
+      run_clusters<tc::ChainTcTraits<D, false, 8, 2>>(p, tc::ttt_chain_tc_kernel<T, D, false, 8, 2>);
+      run_read<T, D>(p);
+      return;
+    }
     if (g_fwd_cluster == 16) {
       run_clusters<tc::ChainTcTraits<D, false, 16>>(p, tc::ttt_chain_tc_kernel<T, D, false, 16>);
       run_read<T, D>(p);
@@ -193,16 +204,18 @@ void run_chain(const FwdParams& p) {
 static int64_t g_chain_gx_wave = 0;  // 0: the cluster chain; > 0: kGx in waves of that many jobs
 extern "C" void emu_set_chain_gx(int64_t wave) { g_chain_gx_wave = wave; }
 
-template <typename T, int D, int P>
+template <typename T, int D, int P, int S = 1>
 void run_chain_gx_p(const FwdParams& p) {
-  using Tr = tc::ChainTcTraits<D, true, P>;
-  run_waves<Tr>(p, g_chain_gx_wave, 2 * Tr::kP * D, 0, tc::ttt_chain_tc_kernel<T, D, true, P>);
+  using Tr = tc::ChainTcTraits<D, true, P, S>;
+  run_waves<Tr>(p, g_chain_gx_wave, Tr::kXchgFloats, 0, tc::ttt_chain_tc_kernel<T, D, true, P, S>);
   run_read<T, D>(p);
 }
 
 template <typename T, int D>
 void run_chain_gx(const FwdParams& p) {
   if constexpr (D == 128) {
+    if (g_chain_parts == 2) return run_chain_gx_p<T, D, 8, 2>(p);
+    if (g_chain_parts == 4) return run_chain_gx_p<T, D, 8, 4>(p);
     if (g_fwd_cluster == 16) return run_chain_gx_p<T, D, 16>(p);
   }
   run_chain_gx_p<T, D, 8>(p);

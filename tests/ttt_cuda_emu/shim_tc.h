@@ -23,7 +23,7 @@ struct __nv_bfloat16 { uint16_t b; };
 struct __half { uint16_t b; };
 
 namespace emu {
-constexpr int kMaxCtas = 16, kWarpsPerCta = 8;  // the most a kernel launches
+constexpr int kMaxCtas = 32, kWarpsPerCta = 8;  // the most a kernel launches (per job)
 struct WarpEx {
   const void* ptr[32];
   uint32_t reg[32][6];
