@@ -424,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
     at::Tensor xchg, xcount, xpub;  // the kernels without clusters' exchange buffers, per job slot of a wave
     auto gx_buffers = [&](int64_t wave, int64_t floats_per_job) {
       xchg = at::empty({wave * floats_per_job}, fast_in.options());
-      xcount = at::empty({wave}, q.options().dtype(at::kInt));  // zeroed before each wave
+      xcount = at::empty({wave * kXcountStride}, q.options().dtype(at::kInt));  // zeroed before each wave
       p.xchg = xchg.data_ptr<float>();
       p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());
     };
@@ -586,7 +586,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
       if (gx) {
         const int64_t wave = gx_wave(lay.N * lay.H, gx_fit(dt, 64, GxKernel::kBwd, 8));
         xchg = at::empty({wave * 8 * kBwdGxPartFloats}, f32);
-        xcount = at::empty({wave}, q.options().dtype(at::kInt));  // zeroed before each wave
+        xcount = at::empty({wave * kXcountStride}, q.options().dtype(at::kInt));  // zeroed before each wave
         xpub = at::empty({wave * 6 * 64 * 64}, q.options());
         p.xchg = xchg.data_ptr<float>();
         p.xcount = reinterpret_cast<unsigned*>(xcount.data_ptr<int32_t>());

@@ -8,6 +8,11 @@
 
 namespace allmem::ttt::cuda {
 
+// The arrival counters of the kernels without clusters: one per job slot of a wave, each in its own
+// 128-byte line (the jobs' polls do not share an L2 line); FwdParams / BwdParams::xcount holds
+// wave * kXcountStride of them, zeroed before each wave.
+constexpr int kXcountStride = 32;
+
 // Element type of q, k, v, eta, mu and o (the state is always float32 on the GPU path).
 enum class InDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -44,7 +49,7 @@ struct FwdParams {
   // floats of row-norm partials and one arrival counter (zeroed before the first wave), and the
   // first job of this launch (the jobs run in waves of co-resident ones). 0 / null otherwise.
   float* xchg;
-  unsigned* xcount;
+  unsigned* xcount;  // job slot j's counter at xcount[j * kXcountStride]
   int64_t job0;
   // The token-split forward without clusters (ttt_fwd_tc.cuh kGx): per job slot of a wave, the
   // owners' published 16-bit rows [2][3][d][d] (as they are, normalized); xchg then holds per job

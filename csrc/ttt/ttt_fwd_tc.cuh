@@ -148,7 +148,7 @@ struct JobCtas {
       : rank(kGx ? static_cast<int>(blockIdx.x % kP) : cluster_rank()), wslot(blockIdx.x / kP) {}
   __device__ __forceinline__ void barrier(unsigned* xcount) {
     if constexpr (kGx) {
-      xcta_barrier(xcount + wslot, ++gen * kP);
+      xcta_barrier(xcount + wslot * kXcountStride, ++gen * kP);
     } else {
       cluster_sync();
     }
@@ -328,7 +328,7 @@ __device__ __forceinline__ void prefetched_tiles(int64_t len, Stage&& stage, Bod
     if (t0 + kTile < len) stage(t0 + kTile, buf ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
-    if constexpr (kProxyFence) fence_proxy_async();
+    if constexpr (kProxyFence) fence_proxy_async_shared();
     __syncthreads();
     body(t0, static_cast<int>(len - t0 < kTile ? len - t0 : kTile), buf);
   }
@@ -615,6 +615,8 @@ __device__ __forceinline__ void fwd_tc_body(const FwdParams& p) {
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
+    } else if constexpr (kWg) {
+      fence_proxy_async_shared();  // reader side too (the writers fenced before the cluster barrier)
     }
   };
 
@@ -728,7 +730,7 @@ __device__ __forceinline__ void fwd_tc_body(const FwdParams& p) {
           sEta[e] = t < nt ? pend[(t0 + t) * pstride + 2 * kD + m] : 0.f;
         }
       }
-      if constexpr (kWg) fence_proxy_async();  // k, v (cp.async or stores) -> the wgmmas' async proxy
+      if constexpr (kWg) fence_proxy_async_shared();  // k, v (cp.async or stores) -> the wgmmas' async proxy
       __syncthreads();
       static_assert(kTile == 64, "warp 0 sums a tile's momenta two per lane");
       mark(kPhaseStage);
@@ -772,7 +774,7 @@ __device__ __forceinline__ void fwd_tc_body(const FwdParams& p) {
           }
         }
       }
-      if constexpr (kWg) fence_proxy_async();  // the factor tiles -> the wgmmas' async proxy
+      if constexpr (kWg) fence_proxy_async_shared();  // the factor tiles -> the wgmmas' async proxy
       __syncthreads();
       mark(kPhaseFactors);
       // -G partials: warp w owns rows [16 (w % 4), +16) and column blocks [nb0, nb0 + kNb) of each matrix.

@@ -66,6 +66,7 @@ int max_active_clusters(void (*kernel)(Params), int threads, int smem_bytes, int
 template <typename Params>
 int64_t cooperative_jobs(void (*kernel)(Params), int threads, int smem_bytes, int ctas) {
   int per_sm = 0, dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaPeekAtLastError());  // an earlier error is reported, not cleared below
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -78,7 +79,7 @@ int64_t cooperative_jobs(void (*kernel)(Params), int threads, int smem_bytes, in
 
 // Cooperative launches (every CTA of a launch co-resident, or the launch fails) of `wave` jobs at a
 // time (p.job0 the first), one after another on the stream; before each, the wave's job counters
-// p.xcount[0, wave) are zeroed (the buffers are indexed by a job's place in its wave).
+// p.xcount[0, wave * kXcountStride) are zeroed (the buffers are indexed by a job's place in its wave).
 template <typename Params>
 void launch_cooperative_waves(void (*kernel)(Params), const Params& p, int64_t jobs, int64_t wave, int threads,
                               int smem_bytes, int ctas, cudaStream_t stream, const char* who) {
@@ -90,7 +91,7 @@ void launch_cooperative_waves(void (*kernel)(Params), const Params& p, int64_t j
   for (int64_t j0 = 0; j0 < jobs; j0 += wave) {
     Params w = p;
     w.job0 = j0;
-    C10_CUDA_CHECK(cudaMemsetAsync(w.xcount, 0, static_cast<size_t>(wave) * sizeof(unsigned), stream));
+    C10_CUDA_CHECK(cudaMemsetAsync(w.xcount, 0, static_cast<size_t>(wave) * kXcountStride * sizeof(unsigned), stream));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(static_cast<unsigned>(std::min(wave, jobs - j0) * ctas));
     cfg.blockDim = dim3(static_cast<unsigned>(threads));

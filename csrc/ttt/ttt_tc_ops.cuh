@@ -155,11 +155,14 @@ __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 // (zeroed before the launch) and waits until it reaches `target` (kP times the number of barriers
 // passed so far, this one included). Global writes of every thread of an arriving CTA before the
 // barrier are visible to every thread of the others after it (CTA barrier, then a release add and
-// acquire loads at gpu scope by thread 0, then a CTA barrier); read peers' data with ld_cg, which
-// skips the SM's L1 (not coherent with other SMs' writes). A wait longer than kXctaTimeoutNs (the
-// peers do at most one chunk's work between barriers: well under a millisecond, or a second under
-// compute-sanitizer) means they are not running, which a cooperative launch rules out; it traps
-// (a launch error the caller sees) rather than hang the device.
+// relaxed polls at gpu scope by thread 0 closed by one acq_rel fence (an acquire pattern: an acquire
+// load in the loop would invalidate the SM's L1 at every poll, under the co-resident CTAs of other
+// jobs), then a CTA barrier); read peers' data with ld_cg, which skips the SM's L1 (not coherent with
+// other SMs' writes). A wait longer than kXctaTimeoutNs (the peers do at most one chunk's work
+// between barriers: well under a millisecond, or a second under compute-sanitizer) means they are
+// not running, which a cooperative launch rules out; it traps rather than hang the device: a sticky
+// error that ends the process's CUDA context (every later CUDA call fails), reported at the next
+// synchronization.
 constexpr long long kXctaTimeoutNs = 20'000'000'000LL;
 __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
   __syncthreads();
@@ -170,12 +173,13 @@ __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
     unsigned seen = 0;
     long long start = -1, now = 0;
     while (true) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+      asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
       if (seen >= target) break;
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
       if (start < 0) start = now;
       if (now - start > kXctaTimeoutNs) __trap();
     }
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 #else
     (void)count;
     (void)target;
@@ -292,11 +296,18 @@ __device__ __forceinline__ void wg_fence_regs(float (&d)[kN][4]) {
   (void)d;
 #endif
 }
-// Generic-proxy writes of shared memory (stores, cp.async, distributed stores from peers) made
-// visible to the async proxy that wgmma reads through: the writers fence before the barrier.
+// Generic-proxy writes of shared memory made visible to the async proxy that wgmma reads through:
+// the writers fence before the barrier. This form (no state space: every one, a gpu-scope MEMBAR in
+// the SASS) for the distributed stores into peers' shared memory (publish); the CTA's own tiles
+// (stores, cp.async) take fence_proxy_async_shared (a CTA-scope MEMBAR, as the SWA kernels).
 __device__ __forceinline__ void fence_proxy_async() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("fence.proxy.async;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 

@@ -121,7 +121,7 @@ void run_waves(Params p, int64_t wave, int64_t xchg_floats, int64_t xpub_bytes, 
   const int64_t jobs = p.n_seqs * p.heads;
   std::vector<float> xchg(static_cast<size_t>(wave * xchg_floats), std::nanf(""));
   std::vector<unsigned char> xpub(static_cast<size_t>(wave * xpub_bytes), 0xff);
-  std::vector<unsigned> xcount(static_cast<size_t>(wave));
+  std::vector<unsigned> xcount(static_cast<size_t>(wave * kXcountStride));
   p.xchg = xchg.data();
   p.xpub = xpub.data();
   p.xcount = xcount.data();

@@ -285,6 +285,7 @@ inline void wg_wait() {
 template <int kN>
 inline void wg_fence_regs(float (&)[kN][4]) {}
 inline void fence_proxy_async() {}
+inline void fence_proxy_async_shared() {}
 // The profiling clocks: both the steady clock's nanoseconds here.
 inline long long sm_clock() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
