@@ -388,6 +388,25 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 ]
 
 
+def _chain_case(emu_tc, case):
+    """A CHAIN_CASES row as the emulated chain's arguments, with the float64 op's outputs and the
+    class emulated_fwd calls (its emu_fwd is the chain's)."""
+    B, L, H, C, lens, plens, lact, res, dtype, d = case
+    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
+    ins[3] = ins[3] * 0.2
+    q, k, v, eta, mu, wg, wu, wd = ins
+    N = B if lens is None else len(lens)
+    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
+    pend = pend.to(dtype).float()
+    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
+                                           cu, C, lact, res)
+
+    class Chain:  # emulated_fwd calls lib.emu_fwd
+        emu_fwd = emu_tc.emu_fwd_chain
+
+    return Chain, (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res), want
+
+
 # (case, wave, CTAs per job): every units-chain case with 8 CTAs, the d = 128 ones with 16 too
 # (ALLMEM_TTT_TC_CLUSTER=16: 8 units per CTA).
 GX_CASES = [(c, 1 + i % 2, 8) for i, c in enumerate(CHAIN_CASES)] + [
@@ -406,20 +425,8 @@ def test_units_chain_matches_float64_op(emu_tc, case, wave, ctas):
     `wave` jobs (p.job0), -G over the prefetch buffers; the emulator runs it with no cluster (a
     cluster primitive aborts). Every output bit for bit the cluster chain's (same products, same
     rank-order sums)."""
-    B, L, H, C, lens, plens, lact, res, dtype, d = case
-    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2
-    q, k, v, eta, mu, wg, wu, wd = ins
-    N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()
-    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
-                                           cu, C, lact, res)
-
-    class Chain:  # emulated_fwd calls lib.emu_fwd
-        emu_fwd = emu_tc.emu_fwd_chain
-
-    args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    Chain, args, want = _chain_case(emu_tc, case)
+    q, fast, res, dtype = args[0], args[8], args[14], case[8]
     emu_tc.emu_set_cluster(ctas)
     try:
         emu_tc.emu_set_chain_gx(ctypes.c_int64(0))
@@ -453,20 +460,8 @@ def test_units_chain_token_parts(emu_tc, case, parts):
     a cluster of 16 (DSMEM) and without clusters (global memory, waves of 1 and 2 jobs), bit for bit
     the same; with 4 parts (32 CTAs) without clusters only. Both against the float64 CPU op with the
     unsplit chain's bounds."""
-    B, L, H, C, lens, plens, lact, res, dtype, d = case
-    ins, cu = make_inputs(B, L, H, d, d, dtype=dtype, lens=lens)
-    ins[3] = ins[3] * 0.2
-    q, k, v, eta, mu, wg, wu, wd = ins
-    N = B if lens is None else len(lens)
-    fast, pend, plen = packed_state(N, C, H, d, d, wg, wu, wd, plens)
-    pend = pend.to(dtype).float()
-    want = torch.ops.allmem.ttt_memory_fwd(*[t.double() for t in (q, k, v, eta, mu, wg, wu, wd, fast, pend)], plen,
-                                           cu, C, lact, res)
-
-    class Chain:  # emulated_fwd calls lib.emu_fwd
-        emu_fwd = emu_tc.emu_fwd_chain
-
-    args = (q, k, v, eta, mu, wg, wu, wd, fast, pend, plen, cu, C, lact, res)
+    Chain, args, want = _chain_case(emu_tc, case)
+    q, fast, res, dtype = args[0], args[8], args[14], case[8]
     runs = []
     emu_tc.emu_set_chain_parts(parts)
     try:
