@@ -11,8 +11,8 @@
   * ttt_fwd64 - TTT d=h=64 forward at B=1 L=128k H=8 (split mode): 12x its floor; the sequential
                 chain vs the parallel reads, clusters of 8/16 x 4/8 warps or wgmma, and the chain's phase
                 clocks (ALLMEM_TTT_TC_PHASES: microseconds per chunk per phase).
-  * ttt_fwd128 - TTT d=h=128 forward at B=1 L=32k H=4: the units chain (default) vs the opt-in
-                composite forward.
+  * ttt_fwd128 - TTT d=h=128 forward at B=1 L=32k H=4: the units chain (default; 16 unit groups;
+                split by tokens too, ALLMEM_TTT_TC_CHAIN_PARTS=2/4) vs the opt-in composite forward.
   * decode    - one in-place TTT decode step (ttt_memory_decode_) at B=1, d=64: its launches and
                 the host time between them.
   * model_decode - one decode token of a small AllMem model (8 layers, hidden 1024) at B=1 and 8:
@@ -190,8 +190,9 @@ def case_ttt_fwd64() -> dict:
 
 
 def case_ttt_fwd128() -> dict:
-    """d = h = 128 forward at B=1 L=32k H=4: the default (split mode: units chain + reads) against
-    the composite forward (ALLMEM_TTT_FWD=composite: cuBLAS and the fused steps per chunk)."""
+    """d = h = 128 forward at B=1 L=32k H=4: the default (split mode: units chain + reads), its
+    opt-in shapes (16 unit groups; 2 or 4 token parts) and the composite forward
+    (ALLMEM_TTT_FWD=composite: cuBLAS and the fused steps per chunk)."""
     import allmem_ops
 
     ins = _ttt_inputs(1, 32768, 4, 128)
@@ -201,12 +202,21 @@ def case_ttt_fwd128() -> dict:
             allmem_ops.ttt_memory(*ins, 2048)
 
     out = {}
+    # then the chain's never-GPU-run shapes (last: a crash ends the CUDA context), each on its own:
+    # 16 unit groups, 8 x 2 token parts (cluster; without clusters), 8 x 4
     for name, env in (("default", {"ALLMEM_TTT_FWD": None}),
                       ("composite", {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1"}),
                       ("composite_mm16", {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
-                                          "ALLMEM_TTT_COMPOSITE_MM": "16"})):
+                                          "ALLMEM_TTT_COMPOSITE_MM": "16"}),
+                      ("units16", {"ALLMEM_TTT_TC_CLUSTER": "16"}),
+                      ("parts2", {"ALLMEM_TTT_TC_CHAIN_PARTS": "2"}),
+                      ("parts2_global", {"ALLMEM_TTT_TC_CHAIN": "global", "ALLMEM_TTT_TC_CHAIN_PARTS": "2"}),
+                      ("parts4_global", {"ALLMEM_TTT_TC_CHAIN": "global", "ALLMEM_TTT_TC_CHAIN_PARTS": "4"})):
         with env_vars(env):
-            out[name] = profile(fwd)
+            try:
+                out[name] = profile(fwd)
+            except Exception as exc:  # one variant failing keeps the others' numbers
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     return out
 
 
@@ -282,6 +292,9 @@ def main() -> int:
             print(f"== {name}: {variants['error']}")
             continue
         for variant, r in variants.items():
+            if "error" in r:
+                print(f"== {name} / {variant}: {r['error']}")
+                continue
             print(f"== {name} / {variant}: wall {r['wall_ms_per_call']:.3f} ms, kernels {r['kernel_ms_per_call']:.3f} ms, "
                   f"{r['launches_per_call']:.0f} launches per call")
             for row in r["top"]:
