@@ -58,8 +58,9 @@
 #   sanitize-sm90-alt-racecheck sanitize-sm90-alt-synccheck" bash bench/device_check.sh
 # with carry [".whl"]; then on the warm machine (the build is kept; about 220 s): the profile (the
 # d = 64 B = 1 128k forward's kernels and phase clocks for every shape: which one to make the
-# default; the composite TTT passes at d = 128) and the TTT benchmark (the new shapes' rows run
-# after the peers):
+# default; the composite TTT passes at d = 128; the d = 128 chain's shapes, 16 unit groups and 2/4
+# token parts) and the TTT benchmark (the new shapes' rows run after the peers; the d = 128 token
+# parts' rows allmem_tcp2 / allmem_tcgp4 last, so a short budget may cut them: the profile has them):
 #   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt" BENCH_TTT_BUDGET=120 \
 #   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_dr" \
 #   BUDGET_S=230 bash bench/device_check.sh
