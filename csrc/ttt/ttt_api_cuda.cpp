@@ -262,12 +262,13 @@ int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16) {
 // tensor-core backward: clusters of 16 at B = 1, H = 8 give twice the SMs per chain, half the tiles
 // per CTA per chunk. The outputs (checkpoints, gradients) do not depend on it beyond float32
 // summation order (mu's mean, the gradient partials).
-int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward) {
-  return sixteen_or_eight(lay.N * lay.H, backward ? 0 : warps,
+// wgmma: the forward's wgmma form (its occupancy is its own: less shared memory).
+int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward, bool wgmma = false) {
+  return sixteen_or_eight(lay.N * lay.H, backward ? 0 : warps + (wgmma ? 16 : 0),
                           backward ? "tensor-core TTT backward (a cluster of 16)"
                                    : "tensor-core TTT forward (a cluster of 16)",
                           [&] { return backward ? ttt_bwd_tc_active_clusters(dt, 16)
-                                                : ttt_fwd_tc_active_clusters(dt, 16, warps); });
+                                                : ttt_fwd_tc_active_clusters(dt, 16, warps, wgmma); });
 }
 
 // CTAs per job of split mode's hidden-unit chain (ttt_chain_tc.cuh): 8 (each owns d / 8 hidden
@@ -455,7 +456,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ttt_memor
         }
         const int warps = fwd_tc_warps();
         wgmma = split && fwd_tc_wgmma();
-        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, warps, false), warps, wgmma);
+        launch_ttt_fwd_tc(p, at::cuda::getCurrentCUDAStream(), tc_cluster(lay, dt, warps, false, wgmma), warps,
+                          wgmma);
         if (clock.defined()) tc_phase_clock_slot() = clock;
       }
       if (split) {

@@ -191,9 +191,9 @@ void launch_ttt_bwd(const BwdParams& p, int d, int h, cudaStream_t stream);
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster = 8, int warps = 4, bool wgmma = false);
 // Whether the device runs this binary's sm_90a code (the wgmma chain's target).
 bool ttt_fwd_wg_available();
-// Clusters of that many CTAs of the kernel (with that many warps) the current device runs at once
-// (0: none).
-int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps);
+// Clusters of that many CTAs of the kernel (with that many warps; wgmma: its wgmma form) the current
+// device runs at once (0: none).
+int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps, bool wgmma = false);
 // Split mode (use_split_read in ttt_api_cuda.cpp): the cluster forward with p.skip_read runs only the
 // sequential updates and writes the checkpoints; then every segment's read runs in parallel from
 // them (ttt_read_tc.cuh), one CTA per (segment, head). Same outputs, bit for bit.

@@ -36,16 +36,17 @@ void launch_shape(const FwdParams& p, cudaStream_t stream, int cluster, int warp
   return warps == 8 ? launch_tc<T, 8, 8, G>(p, stream) : launch_tc<T, 8, 4, G>(p, stream);
 }
 
-template <typename T, int P, int W>
+// The kernel that will run (G: the wgmma one, with its own shared-memory size).
+template <typename T, int P, int W, bool G>
 int active_clusters() {
-  using Tr = tc::FwdTcTraitsP<P, W>;
-  return max_active_clusters(tc::ttt_fwd_tc_kernel<T, P, W>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
+  using Tr = tc::FwdTcTraitsP<P, W, G>;
+  return max_active_clusters(tc::ttt_fwd_tc_kernel<T, P, W, G>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
 }
 
-template <typename T>
+template <typename T, bool G>
 int active_clusters_of(int cluster, int warps) {
-  if (cluster == 16) return warps == 8 ? active_clusters<T, 16, 8>() : active_clusters<T, 16, 4>();
-  return warps == 8 ? active_clusters<T, 8, 8>() : active_clusters<T, 8, 4>();
+  if (cluster == 16) return warps == 8 ? active_clusters<T, 16, 8, G>() : active_clusters<T, 16, 4, G>();
+  return warps == 8 ? active_clusters<T, 8, 8, G>() : active_clusters<T, 8, 4, G>();
 }
 
 template <typename T, int D>
@@ -134,11 +135,14 @@ void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int
   TORCH_CHECK(false, "allmem: launch_ttt_fwd_tc: bfloat16 or float16 inputs only (the caller checks)");
 }
 
-int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps) {
+int ttt_fwd_tc_active_clusters(InDType dt, int cluster, int warps, bool wgmma) {
   TORCH_CHECK(cluster == 8 || cluster == 16, "allmem: ttt_fwd_tc_active_clusters: 8 or 16 CTAs, got ", cluster);
   TORCH_CHECK(warps == 4 || warps == 8, "allmem: ttt_fwd_tc_active_clusters: 4 or 8 warps, got ", warps);
-  if (dt == InDType::kBFloat16) return active_clusters_of<__nv_bfloat16>(cluster, warps);
-  return active_clusters_of<__half>(cluster, warps);
+  if (dt == InDType::kBFloat16) {
+    return wgmma ? active_clusters_of<__nv_bfloat16, true>(cluster, warps)
+                 : active_clusters_of<__nv_bfloat16, false>(cluster, warps);
+  }
+  return wgmma ? active_clusters_of<__half, true>(cluster, warps) : active_clusters_of<__half, false>(cluster, warps);
 }
 
 }  // namespace allmem::ttt::cuda
