@@ -271,6 +271,20 @@ int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward, bool wgm
                                                 : ttt_fwd_tc_active_clusters(dt, 16, warps, wgmma); });
 }
 
+// Jobs of the d = 128 hidden-unit chain with ctas x parts CTAs each the current device runs at once:
+// without clusters gx_fit's count, else the clusters of that shape (asked once per device, dtype
+// and shape).
+int64_t chain_fit(InDType dt, bool gx, int ctas, int parts) {
+  if (gx) return gx_fit(dt, 128, GxKernel::kChain, ctas, parts);
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, int>, int64_t> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const std::tuple<int, int, int, int> key{at::cuda::current_device(), static_cast<int>(dt), ctas, parts};
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, ttt_chain_tc_active_clusters(dt, ctas, parts)).first;
+  return it->second;
+}
+
 // CTAs per job of split mode's hidden-unit chain (ttt_chain_tc.cuh): 8 (each owns d / 8 hidden
 // units), or at d = h = 128 16 (8 units each: twice the SMs per chain, half the products per CTA;
 // a cluster of 16, or 16 co-resident CTAs without clusters). d = 64 keeps 8 (the products take n8
@@ -282,9 +296,8 @@ int chain_ctas(const Layout& lay, InDType dt, bool gx) {
   }
   return sixteen_or_eight(
       lay.N * lay.H, static_cast<int>(dt) * 2 + (gx ? 1 : 0),
-      gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)", [&]() -> int64_t {
-        return gx ? gx_fit(dt, 128, GxKernel::kChain, 16) : ttt_chain_tc_active_clusters(dt, 16, 1);
-      });
+      gx ? "TTT hidden-unit chain (without clusters)" : "TTT hidden-unit chain (a cluster of 16)",
+      [&]() -> int64_t { return chain_fit(dt, gx, 16, 1); });
 }
 
 // The hidden-unit chain's shape: unit groups (ctas) x token parts (parts), CTAs per job their product.
@@ -321,26 +334,15 @@ ChainShape chain_shape(const Layout& lay, InDType dt, bool gx) {
                " splits the tokens of 8 unit groups; not with ALLMEM_TTT_TC_CLUSTER=16 (16 unit groups)");
   ALLMEM_CHECK(gx || parts != 4, "ALLMEM_TTT_TC_CHAIN_PARTS=4: 32 CTAs per job exceed a cluster; it needs "
                "ALLMEM_TTT_TC_CHAIN=global (the chain without clusters)");
-  // Jobs of 8 x `s` CTAs the device runs at once, per device and dtype.
-  auto fit = [&](int s) -> int64_t {
-    if (gx) return gx_fit(dt, 128, GxKernel::kChain, 8, s);
-    static std::mutex mu;
-    static std::map<std::pair<int, int>, int64_t> cache;
-    std::lock_guard<std::mutex> lock(mu);
-    const std::pair<int, int> key{at::cuda::current_device(), static_cast<int>(dt)};
-    auto it = cache.find(key);
-    if (it == cache.end()) it = cache.emplace(key, ttt_chain_tc_active_clusters(dt, 8, 2)).first;
-    return it->second;
-  };
   if (automatic) {
     for (int s : {4, 2}) {
-      if ((gx || s == 2) && lay.N * lay.H <= fit(s)) return {8, s};
+      if ((gx || s == 2) && lay.N * lay.H <= chain_fit(dt, gx, 8, s)) return {8, s};
     }
     return {chain_ctas(lay, dt, gx), 1};
   }
-  ALLMEM_CHECK(fit(parts) > 0, "ALLMEM_TTT_TC_CHAIN_PARTS=", parts, ": this device cannot run the ", 8 * parts,
-               " CTAs of a hidden-unit chain job at once", gx ? "" : " (a cluster of 16; ALLMEM_TTT_TC_CHAIN=global "
-               "runs it without clusters)");
+  ALLMEM_CHECK(chain_fit(dt, gx, 8, parts) > 0, "ALLMEM_TTT_TC_CHAIN_PARTS=", parts, ": this device cannot run the ",
+               8 * parts, " CTAs of a hidden-unit chain job at once",
+               gx ? "" : " (a cluster of 16; ALLMEM_TTT_TC_CHAIN=global runs it without clusters)");
   return {8, parts};
 }
 

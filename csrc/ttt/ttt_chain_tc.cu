@@ -73,6 +73,16 @@ void launch_typed(const FwdParams& p, int d, int ctas, int parts, bool global, i
   });
 }
 
+// f.template operator()<T>() with T the 16-bit type of dt (callers check it is one).
+template <typename F>
+void with_dtype(InDType dt, F&& f) {
+  if (dt == InDType::kBFloat16) {
+    f.template operator()<__nv_bfloat16>();
+  } else {
+    f.template operator()<__half>();
+  }
+}
+
 }  // namespace
 
 void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool global, int64_t wave, int ctas,
@@ -86,35 +96,25 @@ void launch_ttt_chain_tc(const FwdParams& p, int d, cudaStream_t stream, bool gl
 int ttt_chain_tc_active_clusters(InDType dt, int ctas, int parts) {
   check_shape(128, ctas, parts, false, "ttt_chain_tc_active_clusters");
   int n = 0;
-  auto count = [&]<typename T>() {
+  with_dtype(dt, [&]<typename T>() {
     with_shape(128, ctas, parts, false, [&]<int D, int P, int S, bool G>() {
       if constexpr (!G) {
         using Tr = tc::ChainTcTraits<D, false, P, S>;
         n = max_active_clusters(tc::ttt_chain_tc_kernel<T, D, false, P, S>, Tr::kThreads, Tr::kSmemBytes, Tr::kP);
       }
     });
-  };
-  if (dt == InDType::kBFloat16) {
-    count.template operator()<__nv_bfloat16>();
-  } else {
-    count.template operator()<__half>();
-  }
+  });
   return n;
 }
 
 int64_t ttt_chain_gx_jobs(InDType dt, int d, int ctas, int parts) {
   check_shape(d, ctas, parts, true, "ttt_chain_gx_jobs");
   int64_t n = 0;
-  auto count = [&]<typename T>() {
+  with_dtype(dt, [&]<typename T>() {
     with_shape(d, ctas, parts, true, [&]<int D, int P, int S, bool G>() {
       if constexpr (G) n = chain_gx_jobs<T, D, P, S>();
     });
-  };
-  if (dt == InDType::kBFloat16) {
-    count.template operator()<__nv_bfloat16>();
-  } else {
-    count.template operator()<__half>();
-  }
+  });
   return n;
 }
 
