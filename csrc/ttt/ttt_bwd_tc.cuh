@@ -76,8 +76,10 @@ struct BwdTcTraitsP {
   static constexpr int kOffA2 = kOffRed + 8 * 4;                 // [64][kLd] k, v of the next tile
   static constexpr int kOffB2 = kOffA2 + (X ? 0 : kTileElems * 2);  //   (the update backward's prefetch)
   static constexpr int kSmemBytes = kOffB2 + (X ? 0 : kTileElems * 2);
-  // kGx: a CTA's block of p.xchg: the dW partials [3][64][64], then its mu and dot shares.
-  static constexpr int kPart = 3 * kMat + 4;
+  // kGx: a CTA's block of p.xchg: the dW partials [3][64][64], then its mu and dot shares, padded
+  // to 8 floats (every block starts on a 32-byte sector).
+  static constexpr int kPart = 3 * kMat + 8;
+  static_assert(kPart % 8 == 0, "32-byte blocks");
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(!X || (kSmemBytes <= 163 * 1024 && P == 8), "without clusters: 8 CTAs, an A100's 163 KB");
   static_assert(kOffA % 16 == 0 && kOffF % 16 == 0 && kOffG % 16 == 0 && kOffEta % 16 == 0 &&

@@ -80,8 +80,10 @@ struct ChainTcTraits {
   static_assert(S == 1 || kOwnElems * 4 <= 2 * kTile * kLd * 2, "the summed -G fits over the prefetch buffers");
   static_assert(S == 1 || S == 2 || S == 4, "1, 2 or 4 token parts");
   // kGx: floats of FwdParams::xchg per job slot of a wave: the row-norm partials [2][kP][D] and,
-  // S > 1, every CTA's -G partial and its tiles' momentum sum ([kP][kOwnElems + 4]).
-  static constexpr int kPartStride = kOwnElems + 4;
+  // S > 1, every CTA's -G partial and its tiles' momentum sum ([kP][kOwnElems + 8]: the sum padded
+  // to 8 floats, so every block starts on a 32-byte sector).
+  static constexpr int kPartStride = kOwnElems + 8;
+  static_assert((2 * kP * D) % 8 == 0 && kPartStride % 8 == 0, "32-byte blocks");
   static constexpr int kXchgFloats = 2 * kP * D + (S > 1 ? kP * kPartStride : 0);
   static_assert(kSmemBytes <= 227 * 1024, "must fit the opt-in shared memory of sm_90");
   static_assert(kOffWg % 16 == 0 && kOffWd % 16 == 0 && kOffX % 16 == 0 && kOffEta % 16 == 0 && kOffW % 16 == 0 &&

@@ -222,7 +222,7 @@ int ttt_chain_tc_active_clusters(InDType dt, int ctas, int parts);
 // (p.skip_read) as launch_ttt_fwd_tc, in cooperative waves of `wave` jobs (1 to
 // ttt_fwd_tc_gx_jobs); per job slot of a wave: p.xchg 8 x kFwdGxPartFloats floats, p.xpub
 // 6 x 64 x 64 values of the input dtype, p.xcount one counter.
-constexpr int64_t kFwdGxPartFloats = 3 * 64 * 64 + 4;
+constexpr int64_t kFwdGxPartFloats = 3 * 64 * 64 + 8;  // padded to 32 bytes
 void launch_ttt_fwd_tc_gx(const FwdParams& p, cudaStream_t stream, int64_t wave);
 int64_t ttt_fwd_tc_gx_jobs(InDType dt);
 // The tensor-core backward (ttt_bwd_tc.cuh): same sizes and devices; same inputs and outputs as
@@ -235,7 +235,7 @@ int ttt_bwd_tc_active_clusters(InDType dt, int cluster);
 // after launch_ttt_read_bwd_tc), in cooperative waves of `wave` jobs (1 to ttt_bwd_tc_gx_jobs); per
 // job slot of a wave: p.xchg 8 x kBwdGxPartFloats floats, p.xpub 6 x 64 x 64 values of the input
 // dtype, p.xcount one counter. Bitwise the split-mode cluster backward's outputs.
-constexpr int64_t kBwdGxPartFloats = 3 * 64 * 64 + 4;
+constexpr int64_t kBwdGxPartFloats = 3 * 64 * 64 + 8;  // padded to 32 bytes
 void launch_ttt_bwd_tc_gx(const BwdParams& p, cudaStream_t stream, int64_t wave);
 int64_t ttt_bwd_tc_gx_jobs(InDType dt);
 void launch_ttt_read_bwd_tc(const ReadBwdParams& p, cudaStream_t stream);

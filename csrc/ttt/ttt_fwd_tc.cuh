@@ -85,8 +85,10 @@ struct FwdTcTraitsP {
   static_assert(kP == 8 || kP == 16, "clusters of 8 or 16 CTAs");
   static_assert(W == 4 || W == 8, "4 or 8 warps");
   static_assert(!(G && X), "the wgmma chain runs on clusters only");
-  // X: floats per CTA of a job's reduction buffer in global memory: -G [3][64][64], mu's sum, pad.
-  static constexpr int kPart = 3 * kMat + 4;
+  // X: floats per CTA of a job's reduction buffer in global memory: -G [3][64][64], mu's sum, pad
+  // to 8 floats, so every CTA's block starts on a 32-byte sector.
+  static constexpr int kPart = 3 * kMat + 8;
+  static_assert(kPart % 8 == 0, "32-byte blocks");
   static_assert(!G || (kOffK2 % 1024 == 0 && kOffV2 % 1024 == 0 && kOffX % 1024 == 0),
                 "wgmma: 1024-byte-aligned tiles");
   // Element (row, col) of a 16-bit [rows][64] tile: padded rows, or (G) the 128-byte swizzle
