@@ -326,10 +326,13 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order, layout)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("lact_order", [False, True])
-def test_cuda_float32_both_passes(monkeypatch, lact_order):
-    """float32 inputs on the GPU through both composite passes (TF32 off, as PyTorch's default):
-    outputs, checkpoints and every gradient against the float64 CPU op within float32 rounding
-    over the chain (1e-4 relative). (The default for float32 inputs stays the SIMT kernels.)"""
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cuda_float32_both_passes(monkeypatch, lact_order, tf32):
+    """float32 inputs on the GPU through both composite passes, with TF32 off (PyTorch's default)
+    and on (the op's matmuls stay IEEE float32: ALLMEM_NO_TF32; TF32's 10-bit operands would miss
+    the bound by about 10x): outputs, checkpoints and every gradient against the float64 CPU op
+    within float32 rounding over the chain (1e-4 relative). (The default for float32 inputs stays
+    the SIMT kernels.)"""
     from test_ttt_gpu import raw_inputs
 
     C, d = 64, 128
@@ -338,8 +341,8 @@ def test_cuda_float32_both_passes(monkeypatch, lact_order):
     want_f = torch.ops.allmem.ttt_memory_fwd(*cpu, C, lact_order, res)
     monkeypatch.setenv("ALLMEM_TTT_FWD", "composite")
     monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         got_f = torch.ops.allmem.ttt_memory_fwd(*dev, C, lact_order, res)
         g = torch.Generator().manual_seed(3)
@@ -349,7 +352,7 @@ def test_cuda_float32_both_passes(monkeypatch, lact_order):
         got_b = torch.ops.allmem.ttt_memory_bwd(go.float().cuda(), None, None, *dev[:8], dev[9], dev[10], got_f[4],
                                                 dev[11], C, lact_order, res)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = saved
     for name, a, w in list(zip(FWD_NAMES, got_f, want_f)) + list(zip(NAMES, got_b, want_b)):
         if name == "pending_len":
             assert torch.equal(a.cpu(), w)

@@ -87,6 +87,26 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+def test_cuda_float32_ignores_tf32():
+    """float32 on the GPU with TF32 on: the step's reads stay IEEE float32 products (ALLMEM_NO_TF32),
+    so the decode outputs and state equal one prefill over the whole sequences (the SIMT kernels,
+    exact float32) up to float32 summation order; TF32 operands (10 mantissa bits) would be about
+    1e-3 off."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got, state, want, want_state, _ = decode_all([0, 30, 70], 40, 2, 64, 64, 64, torch.float32, device="cuda",
+                                                     seed=7)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert rel < 2e-5, rel
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(want_state, n), rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_bf16_within_prefill_error(d, fused, monkeypatch):

@@ -1,6 +1,7 @@
 // Argument checks shared by every op: each message names the argument, what was expected, and
 // what was given, so a user calling torch.ops.allmem.* directly learns what to fix.
 #pragma once
+#include <ATen/Context.h>
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
@@ -63,6 +64,12 @@ inline std::string shape_str(const at::Tensor& t) { return detail::int_list(t.si
 // 16 bits; the ops define their own precision (float32 state and accumulation).
 #define ALLMEM_NO_AUTOCAST() \
   const c10::impl::ExcludeDispatchKeyGuard allmem_no_autocast_guard_(c10::autocast_dispatch_keyset)
+
+// The ops' float32 ATen matmuls (the composite TTT passes, the decode step's read) are IEEE float32
+// products whatever torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision say, as
+// in the hand-written kernels (at::NoTF32Guard: thread-local, honoured by the cuBLAS path). Without
+// it a user's TF32 setting silently rounded their operands to 10 mantissa bits.
+#define ALLMEM_NO_TF32() const at::NoTF32Guard allmem_no_tf32_guard_
 
 #define ALLMEM_CHECK(cond, ...) TORCH_CHECK(cond, ::allmem::detail::message("allmem: ", __VA_ARGS__))
 

@@ -74,8 +74,8 @@ bool use_kernels(const at::Tensor& t) {
 }
 
 // How the composite's matmuls take their operands. Default: float32 (float64 on the CPU for float64
-// inputs), exact whatever the TF32 setting. ALLMEM_TTT_COMPOSITE_MM=16 (read at every call; opt-in,
-// for bfloat16/float16 inputs): operands rounded to the input dtype, float32 accumulation and
+// inputs), IEEE whatever the TF32 setting (ALLMEM_NO_TF32 at both entry points).
+// ALLMEM_TTT_COMPOSITE_MM=16 (read at every call; opt-in, for bfloat16/float16 inputs): operands rounded to the input dtype, float32 accumulation and
 // results, as the tensor-core kernels and a bf16-autocast reference round them: on CUDA cuBLAS's
 // 16-bit tensor-core GEMMs (at::bmm with out_dtype float32); on the CPU the same values in float32
 // (a product of two 16-bit numbers is exact in float32), for the tests.
@@ -495,6 +495,7 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
                                     bool residual) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
+  ALLMEM_NO_TF32();  // float32 matmuls exact whatever the TF32 setting
   const auto acc = accumulate_dtype(q.scalar_type());
   const Layout lay = check_fwd_and_layout(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len,
                                           cu_seqlens, chunk_size, acc);
@@ -587,6 +588,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
                                     bool lact_order, bool residual) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   ALLMEM_NO_AUTOCAST();
+  ALLMEM_NO_TF32();  // float32 matmuls exact whatever the TF32 setting
   BwdArgs io(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len, checkpoints,
              cu_seqlens, chunk_size, /*token_copies=*/false);
   const Layout& lay = io.lay;

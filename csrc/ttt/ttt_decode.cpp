@@ -52,6 +52,7 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
                                   at::Tensor& pending_len, int64_t chunk_size, bool lact_order, bool residual,
                                   at::OptionalIntArrayRef pending_len_host) {
   ALLMEM_NO_AUTOCAST();  // the read's matmuls run in the state's precision
+  ALLMEM_NO_TF32();      // ... and in IEEE float32 whatever the TF32 setting (decode == prefill)
   check_floating(q, "q");
   if (q.is_cuda()) check_cuda_input_dtype(q);
   check_dim(q, 4, "q", "[B, 1, H, d] (one decode token per sequence)");
