@@ -340,6 +340,10 @@ ChainShape chain_shape(const Layout& lay, InDType dt, bool gx) {
     }
     return {chain_ctas(lay, dt, gx), 1};
   }
+  // The cluster form launches every job's CTAs in one grid (the form without clusters, in waves).
+  ALLMEM_CHECK(gx || lay.N * lay.H <= INT_MAX / (8 * parts), "ALLMEM_TTT_TC_CHAIN_PARTS=",
+               parts, ": ", lay.N * lay.H, " (sequence, head) jobs of ", 8 * parts,
+               " CTAs exceed a grid's 2^31 - 1 blocks; use 1 part or ALLMEM_TTT_TC_CHAIN=global");
   ALLMEM_CHECK(chain_fit(dt, gx, 8, parts) > 0, "ALLMEM_TTT_TC_CHAIN_PARTS=", parts, ": this device cannot run the ",
                8 * parts, " CTAs of a hidden-unit chain job at once",
                gx ? "" : " (a cluster of 16; ALLMEM_TTT_TC_CHAIN=global runs it without clusters)");
