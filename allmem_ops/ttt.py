@@ -18,23 +18,27 @@ __all__ = ["TTTState", "ttt_memory", "ttt_memory_decode_"]
 _FAST_ROWS = 6  # gate, up, down, then their momenta
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of t's shape, dtype and device (an op output's metadata)."""
+    return t.new_empty(t.shape)
+
+
 @torch.library.register_fake("allmem::ttt_memory_fwd")
 def _fwd_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, cu_seqlens, chunk_size,
               lact_order, residual):
     T = q.shape[0] if cu_seqlens is not None else q.shape[0] * q.shape[1]
     N = pending.shape[0]
     ckpt = fast.new_empty((2 * N + T // chunk_size, *fast.shape[1:]))
-    return (torch.empty_like(q), torch.empty_like(fast), torch.empty_like(pending), torch.empty_like(pending_len),
-            ckpt)
+    # The op's outputs are contiguous whatever the inputs' strides (empty_like would keep a dense
+    # permuted input's strides, which the real outputs do not have).
+    return (_dense(q), _dense(fast), _dense(pending), _dense(pending_len), ckpt)
 
 
 @torch.library.register_fake("allmem::ttt_memory_bwd")
 def _bwd_fake(grad_o, grad_fast, grad_pending, q, k, v, eta, mu, w_gate, w_up, w_down, pending, pending_len,
               checkpoints, cu_seqlens, chunk_size, lact_order, residual):
     fast = checkpoints.new_empty((pending.shape[0], *checkpoints.shape[1:]))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(eta),
-            torch.empty_like(mu), torch.empty_like(w_gate), torch.empty_like(w_up), torch.empty_like(w_down),
-            fast, torch.empty_like(pending))
+    return (*(_dense(t) for t in (q, k, v, eta, mu, w_gate, w_up, w_down)), fast, _dense(pending))
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,7 +181,7 @@ def ttt_memory(
 @torch.library.register_fake("allmem::ttt_memory_decode_step")
 def _decode_step_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, chunk_size, lact_order,
                       residual, pending_len_host=None):
-    return torch.empty_like(q)
+    return _dense(q)
 
 
 def decode_needs_autograd(state: TTTState, *tensors: torch.Tensor) -> bool:

@@ -231,6 +231,32 @@ def test_opcheck(varlen, lact_order):
     torch.library.opcheck(torch.ops.allmem.ttt_memory_bwd.default, bwd_args)
 
 
+def _h_major(t):
+    """t's values in a dense but non-contiguous layout: [B, H, L, ...] storage seen as [B, L, H, ...]
+    (a weight [H, a, b]: its transpose's storage)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_opcheck_permuted_inputs(varlen):
+    """Dense permuted inputs (H-major tokens, transposed weights): the outputs are contiguous on every
+    backend, and the fake kernels must say so (empty_like kept the inputs' strides: opcheck's fake
+    tensor test failed on output 0 of both ops)."""
+    args = _op_args(varlen, requires_grad=False) + [False, True]
+    for i in range(8):
+        if not varlen or i >= 5:  # varlen tokens are [T, H, x]: nothing to permute but the weights
+            args[i] = _h_major(args[i])
+            assert not args[i].is_contiguous()
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_fwd.default, args)
+    o, fast, pend, _, ckpt = torch.ops.allmem.ttt_memory_fwd(*args)
+    assert o.is_contiguous()
+    q, k, v, eta, mu, wg, wu, wd, _, pending, plen, cu, C = args[:13]
+    bwd_args = [_h_major(torch.randn_like(o)) if not varlen else torch.randn_like(o), torch.randn_like(fast),
+                torch.randn_like(pend), q, k, v, eta, mu, wg, wu, wd, pending, plen, ckpt, cu, C, False, True]
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_bwd.default, bwd_args)
+    assert all(g.is_contiguous() for g in torch.ops.allmem.ttt_memory_bwd(*bwd_args))
+
+
 def _decode_check(fn, dtype, tol, device="cpu", H=2, d=4, h=3, C=4, pre=(5, 7, 2), steps=(1, 1, 3, 1, 1, 2)):
     """Varlen prefill of uneven lengths (different pending lengths), then dense decode steps of 1
     and of 3 tokens == one varlen prefill of the whole sequences."""

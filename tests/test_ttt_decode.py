@@ -193,6 +193,18 @@ def test_opcheck(plens):
                           _packed_op_args(plens=plens) + [list(plens)])
 
 
+def test_opcheck_permuted_token():
+    """A dense permuted token (q, k, v stored H-major, [B, H, 1, d] seen as [B, 1, H, d]; transposed
+    weights): the output is contiguous, and the fake kernel says so."""
+    args = _packed_op_args()
+    for i in range(8):
+        if args[i].dim() >= 3:
+            args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not args[5].is_contiguous()
+    torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default, args)
+    assert torch.ops.allmem.ttt_memory_decode_step(*_packed_op_args()).is_contiguous()
+
+
 def test_op_rejects_non_contiguous_state():
     args = _packed_op_args()
     args[8] = args[8].transpose(0, 1).contiguous().transpose(0, 1)

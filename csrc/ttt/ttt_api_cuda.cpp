@@ -232,11 +232,11 @@ bool fwd_tc_wgmma() {
 // 8 or 16 CTAs per (sequence, head) job, from ALLMEM_TTT_TC_CLUSTER (read at every call): unset or
 // "8", 8 (the default: the 16-CTA kernels have passed their emulator tests, not yet a GPU's); "16",
 // 16 (an error naming `what` where the device cannot run a job of 16 at once); "auto", 16 where all
-// `jobs` jobs of 16 run at once, else 8. fit16() (jobs of 16 the device runs at once; it may set
+// `jobs` jobs of 16 run at once (and `split` has work for 16 CTAs), else 8. fit16() (jobs of 16 the device runs at once; it may set
 // kernel attributes) is asked once per device and `key` (per call site: each lambda type has its
 // own cache).
 template <class Fit>
-int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16) {
+int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16, bool split = true) {
   const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
   if (env == nullptr || std::strcmp(env, "8") == 0) return 8;
   const bool force = std::strcmp(env, "16") == 0;
@@ -255,7 +255,7 @@ int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16) {
   }
   ALLMEM_CHECK(!force || fit > 0, "ALLMEM_TTT_TC_CLUSTER=16: this device cannot run 16 CTAs of the ", what,
                " at once");
-  return force || jobs <= fit ? 16 : 8;
+  return force || (split && jobs <= fit) ? 16 : 8;
 }
 
 // CTAs per cluster of the token-split tensor-core forward (with `warps` warps) and of the
@@ -268,7 +268,10 @@ int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward, bool wgm
                           backward ? "tensor-core TTT backward (a cluster of 16)"
                                    : "tensor-core TTT forward (a cluster of 16)",
                           [&] { return backward ? ttt_bwd_tc_active_clusters(dt, 16)
-                                                : ttt_fwd_tc_active_clusters(dt, 16, warps, wgmma); });
+                                                : ttt_fwd_tc_active_clusters(dt, 16, warps, wgmma); },
+                          // auto: 16 only where a chunk has a 64-token tile for each CTA (else the
+                          // ranks without one only add a reduction over 16 peers)
+                          (lay.C + 63) / 64 >= 16);
 }
 
 // Jobs of the d = 128 hidden-unit chain with ctas x parts CTAs each the current device runs at once:
@@ -613,7 +616,7 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
   auto param_grad = [&](const at::Tensor& w, const at::Tensor& dtarget) {
     auto target = at::linalg_vector_norm(w, 2, at::IntArrayRef{-1}, false, std::nullopt);
     auto safe = at::where(target > 0, target, at::ones_like(target));
-    return w * (dtarget * (target > 0).to(at::kFloat) / safe).unsqueeze(-1);
+    return w.contiguous() * (dtarget * (target > 0).to(at::kFloat) / safe).unsqueeze(-1);  // contiguous
   };
   auto dwg = param_grad(wg, dT.narrow(1, 0, h));
   auto dwu = param_grad(wu, dT.narrow(1, h, h));

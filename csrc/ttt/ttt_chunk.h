@@ -69,7 +69,8 @@ struct ChunkView {
 // (0 for a zero row).
 inline at::Tensor target_param_grad(const at::Tensor& w, const at::Tensor& target, const at::Tensor& dtarget) {
   auto safe = at::where(target > 0, target, at::ones_like(target));
-  return w * (dtarget * (target > 0).to(w.scalar_type()) / safe).unsqueeze(-1);
+  // w.contiguous(): the gradient is contiguous whatever w's strides (as the fake kernel says).
+  return w.contiguous() * (dtarget * (target > 0).to(w.scalar_type()) / safe).unsqueeze(-1);
 }
 
 // The elementwise parts below run as one fused pass over [n, h] (sigmoid itself stays a

@@ -71,7 +71,7 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   check_state_tensor(fast, "fast", {B, H, kFastRows, h * d}, st, q);
   ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
                "fast, pending and pending_len must be contiguous (they are updated in place)");
-  if (B == 0 || H == 0) return at::empty_like(q);
+  if (B == 0 || H == 0) return at::empty(q.sizes(), q.options());  // contiguous, as every other return
   const int64_t lo = *std::min_element(lay.p0.begin(), lay.p0.end());
   const int64_t hi = *std::max_element(lay.p0.begin(), lay.p0.end());
   if (hi + 1 == chunk_size) {  // some sequence completes its chunk: the update, as in prefill
