@@ -467,6 +467,15 @@ def test_tc_cluster_auto_falls_back_to_8(tc, monkeypatch):
     assert clock[11] == 4, clock  # 32 tiles over 8 CTAs
 
 
+def test_tc_cluster_auto_keeps_8_for_short_chunks(tc, monkeypatch):
+    """auto: chunks of fewer than 16 tiles (C = 512: 8 tiles) keep clusters of 8 even for one
+    sequence of one head (16 CTAs would leave 8 of them without a tile)."""
+    _, dev = tc_inputs(1, 1024, 1, 64, 64, 512, torch.bfloat16)
+    monkeypatch.setenv("ALLMEM_TTT_TC_CLUSTER", "auto")
+    _, clock = _phase_clock(dev, 512)
+    assert clock[10] == 2 and clock[11] == 2, clock  # 2 chunks of 8 tiles over 8 CTAs (16: 1)
+
+
 def _bitwise_without_clusters(monkeypatch, dev, C, lact, res, chain):
     """The cluster kernel's outputs under the switches set, then ALLMEM_TTT_TC_CHAIN=`chain` (a kernel
     without clusters) in one wave and in waves of one job: bit for bit the same. A bad
