@@ -22,6 +22,7 @@
 
 #include "common/checks.h"
 #include "ttt/ttt_bwd_composite.h"
+#include "ttt/ttt_chunk.h"
 #include "ttt/ttt_composite_cuda.h"
 #include "ttt/ttt_decode_cuda.h"
 #include "ttt/ttt_common.h"
@@ -232,9 +233,9 @@ bool fwd_tc_wgmma() {
 // 8 or 16 CTAs per (sequence, head) job, from ALLMEM_TTT_TC_CLUSTER (read at every call): unset or
 // "8", 8 (the default: the 16-CTA kernels have passed their emulator tests, not yet a GPU's); "16",
 // 16 (an error naming `what` where the device cannot run a job of 16 at once); "auto", 16 where all
-// `jobs` jobs of 16 run at once (and `split` has work for 16 CTAs), else 8. fit16() (jobs of 16 the device runs at once; it may set
-// kernel attributes) is asked once per device and `key` (per call site: each lambda type has its
-// own cache).
+// `jobs` jobs of 16 run at once (and `split` has work for 16 CTAs), else 8. fit16() (jobs of 16
+// the device runs at once; it may set kernel attributes) is asked once per device and `key` (per
+// call site: each lambda type has its own cache).
 template <class Fit>
 int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16, bool split = true) {
   const char* env = std::getenv("ALLMEM_TTT_TC_CLUSTER");
@@ -613,10 +614,9 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
 
   // The targets are the params' row norms: dN[r] * w[r] / ||w[r]|| (0 for a zero row), as on the CPU.
   auto dT = d_targets.sum(0);
+  // ttt_chunk.h's, as the CPU op's (float32 weights here).
   auto param_grad = [&](const at::Tensor& w, const at::Tensor& dtarget) {
-    auto target = at::linalg_vector_norm(w, 2, at::IntArrayRef{-1}, false, std::nullopt);
-    auto safe = at::where(target > 0, target, at::ones_like(target));
-    return w.contiguous() * (dtarget * (target > 0).to(at::kFloat) / safe).unsqueeze(-1);  // contiguous
+    return target_param_grad(w, row_norm(w), dtarget);
   };
   auto dwg = param_grad(wg, dT.narrow(1, 0, h));
   auto dwu = param_grad(wu, dT.narrow(1, h, h));

@@ -75,8 +75,8 @@ bool use_kernels(const at::Tensor& t) {
 
 // How the composite's matmuls take their operands. Default: float32 (float64 on the CPU for float64
 // inputs), IEEE whatever the TF32 setting (ALLMEM_NO_TF32 at both entry points).
-// ALLMEM_TTT_COMPOSITE_MM=16 (read at every call; opt-in, for bfloat16/float16 inputs): operands rounded to the input dtype, float32 accumulation and
-// results, as the tensor-core kernels and a bf16-autocast reference round them: on CUDA cuBLAS's
+// ALLMEM_TTT_COMPOSITE_MM=16 (read at every call; opt-in, for bfloat16/float16 inputs): operands
+// rounded to the input dtype, float32 accumulation and results, as the tensor-core kernels and a bf16-autocast reference round them: on CUDA cuBLAS's
 // 16-bit tensor-core GEMMs (at::bmm with out_dtype float32); on the CPU the same values in float32
 // (a product of two 16-bit numbers is exact in float32), for the tests.
 struct Mm {
