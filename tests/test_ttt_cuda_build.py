@@ -49,6 +49,8 @@ def _check_gx(name: str, body: str, spills: bool = False):
     assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= least, f"{name}: too few HMMA.16816.F32"
     assert not re.search(r"\bUCGABAR_(ARV|WAIT)\b", body), f"{name}: a cluster barrier"
     assert re.search(r"\bREDG?\.E\.ADD\.STRONG\.GPU\b", body), f"{name}: no gpu-scope arrival"
+    # The release add alone (no __threadfence() before it: a MEMBAR.SC and an L1 invalidation more).
+    assert not re.search(r"\bMEMBAR\.SC\.GPU\b", body), f"{name}: a sequentially consistent fence"
     assert re.search(r"\bLDG\.E\.STRONG\.GPU\b", body), f"{name}: no gpu-scope loads"
     assert spills or not re.search(r"\b(LDL|STL)\b", body), f"{name} spills to local memory"
     assert re.search(r"\bLDGSTS\.E\.BYPASS\.128\b", body) and re.search(r"\bLDGDEPBAR\b", body), name

@@ -186,7 +186,7 @@ def _packed_op_args(C=4, plens=(1, 2), seed=7):
 
 @pytest.mark.parametrize("plens", [(1, 1), (0, 2), (3, 1)])
 def test_opcheck(plens):
-    """Uniform pending lengths (one row copy), different ones (index_put), one completing its chunk
+    """Uniform pending lengths, different ones, one completing its chunk
     (the prefill op, copied into the state)."""
     torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default, _packed_op_args(plens=plens))
     torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default,
@@ -318,6 +318,71 @@ def test_op_checks_host_lengths():
     got = torch.ops.allmem.ttt_memory_decode_step(*args, [1, 2])
     want = torch.ops.allmem.ttt_memory_decode_step(*ref)
     assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(args[8:11], ref[8:11]))
+
+
+def test_row_goes_where_the_device_lengths_say():
+    """The host lengths (pending_len_host) only decide whether a chunk completes: a step that
+    completes none writes the token's row at the device length whatever host values it was given
+    (valid ones that complete nothing), so a recorded step (a CUDA graph) stays right as the lengths
+    advance. Uniform and different lengths."""
+    for plens, stale in (((2, 2), [0, 0]), ((2, 1), [1, 1]), ((0, 2), [2, 0])):
+        args = _packed_op_args(plens=plens)
+        ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        got = torch.ops.allmem.ttt_memory_decode_step(*args, stale)
+        want = torch.ops.allmem.ttt_memory_decode_step(*ref, list(plens))
+        assert torch.equal(got, want), plens
+        for a, b, name in zip(args[8:11], ref[8:11], ("fast", "pending", "pending_len")):
+            assert torch.equal(a, b), (plens, name)
+        assert args[10].tolist() == [p + 1 for p in plens]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("kernel", [False, True])
+def test_cuda_graph_replays_steps_that_complete_no_chunk(kernel, monkeypatch):
+    """A decode step that completes no chunk, recorded once in a CUDA graph (the op with the host
+    lengths given, so nothing syncs) and replayed for the following steps with new tokens copied
+    into its inputs: outputs and state equal the eager steps' bit for bit, as long as no sequence
+    completes its chunk (the caller's side: here lengths 3, 20 and 40 of C = 64, 20 steps). With
+    the ATen sequence and with the fused kernel (ALLMEM_TTT_DECODE_KERNEL=1)."""
+    if kernel:
+        monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
+    C, H, d, steps = 64, 2, 64, 20
+    lens = [3, 20, 40]
+    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=3)
+    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    fast = torch.stack([getattr(st, n).reshape(len(lens), H, -1) for n in STATE_FIELDS6], 2).contiguous()
+    pending = torch.cat([st.pending_k, st.pending_v, st.pending_eta, st.pending_mu[..., None]], -1).contiguous()
+    plen = st.pending_len.clone()
+    eager = [fast.clone(), pending.clone(), plen.clone()]
+    static = [t[:, :1].clone() for t in dec]
+
+    def step(state, toks, host):
+        return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, host)
+
+    want = []
+    for s in range(steps):
+        want.append(step(eager, [t[:, s:s + 1] for t in dec], [n + s for n in lens]))
+    graph_state = [fast, pending, plen]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits), then undone
+        saved = [t.clone() for t in graph_state]
+        step(graph_state, static, lens)
+        for t, v in zip(graph_state, saved):
+            t.copy_(v)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step(graph_state, static, lens)  # recorded only: nothing ran yet
+    for s in range(steps):
+        for t, src in zip(static, dec):
+            t.copy_(src[:, s:s + 1])
+        g.replay()
+        assert torch.equal(out, want[s]), s
+    for a, b, name in zip(graph_state, eager, ("fast", "pending", "pending_len")):
+        assert torch.equal(a, b), name
+    assert plen.tolist() == [n + steps for n in lens]
 
 
 @pytest.mark.gpu

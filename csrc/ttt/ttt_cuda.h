@@ -45,8 +45,9 @@ struct FwdParams {
   // Token-split tensor-core forward only (ttt_fwd_tc.cuh), profiling: nullptr, or kPhaseSlots
   // int64 on the device that CTA 0 of the grid fills with its phase clocks (ALLMEM_TTT_TC_PHASES=1).
   long long* phase_clock;
-  // The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx): per (sequence, head) 2 x 8 x d
-  // floats of row-norm partials and one arrival counter (zeroed before the first wave), and the
+  // The hidden-unit chain without clusters (ttt_chain_tc.cuh kGx): per job slot of a wave
+  // ChainTcTraits::kXchgFloats floats (row-norm partials, double-buffered, and with token parts
+  // their -G partials) and one arrival counter (zeroed before each wave), and the
   // first job of this launch (the jobs run in waves of co-resident ones). 0 / null otherwise.
   float* xchg;
   unsigned* xcount;  // job slot j's counter at xcount[j * kXcountStride]

@@ -72,7 +72,6 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   ALLMEM_CHECK(fast.is_contiguous() && pending.is_contiguous() && pending_len.is_contiguous(),
                "fast, pending and pending_len must be contiguous (they are updated in place)");
   if (B == 0 || H == 0) return at::empty(q.sizes(), q.options());  // contiguous, as every other return
-  const int64_t lo = *std::min_element(lay.p0.begin(), lay.p0.end());
   const int64_t hi = *std::max_element(lay.p0.begin(), lay.p0.end());
   if (hi + 1 == chunk_size) {  // some sequence completes its chunk: the update, as in prefill
     auto [o, fast_out, pend_out, plen_out, ckpt] =
@@ -96,14 +95,13 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   const at::Tensor x = q.select(1, 0).to(st).reshape({B * H, d, 1});
   const at::Tensor s = at::silu(at::bmm(mat(0, h, d), x)).mul_(at::bmm(mat(1, h, d), x));
   const at::Tensor o = residual ? at::baddbmm(x, mat(2, d, h), s) : at::bmm(mat(2, d, h), s);
-  // The token's k | v | eta | mu into row pending_len of each sequence's buffer.
+  // The token's k | v | eta | mu into row pending_len of each sequence's buffer, by the device
+  // lengths (not the host copy): the host values only decide whether a chunk completes, so a step
+  // that completes none is the same launches whatever the lengths, and a CUDA graph of it replays
+  // correctly for as long as no sequence completes its chunk (the caller's side of the contract).
   const at::Tensor row =
       at::cat({k.select(1, 0), v.select(1, 0), eta.select(1, 0), mu.select(1, 0).unsqueeze(-1)}, -1);  // [B, H, 2d+4]
-  if (lo == hi) {
-    pending.select(1, lo).copy_(row);
-  } else {
-    pending.index_put_({at::arange(B, pending_len.options()), pending_len}, row.to(st));
-  }
+  pending.index_put_({at::arange(B, pending_len.options()), pending_len}, row.to(st));
   pending_len.add_(1);
   return o.view({B, 1, H, d}).to(q.scalar_type());
 }

@@ -168,7 +168,8 @@ __device__ __forceinline__ void xcta_barrier(unsigned* count, unsigned target) {
   __syncthreads();
   if (threadIdx.x == 0) {
 #if defined(__CUDA_ARCH__)
-    __threadfence();
+    // No __threadfence() first: the release add is cumulative over what the CTA barrier ordered
+    // before it (review, thirteenth session: the fence added a MEMBAR.SC.GPU and an L1 invalidation).
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
     unsigned seen = 0;
     long long start = -1, now = 0;
