@@ -775,12 +775,18 @@ def main() -> int:
     ap.add_argument("--table", default="", help="only print the table of an existing JSON")
     ap.add_argument("--brief", action="store_true", help="with --table: one line per case and pass")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU with the CPU op (< 60 s)")
-    ap.add_argument("--skip", default="", help="comma list: allmem,ref_comp,ref_eager,fla_gdn,correctness,fwd+bwd,"
-                    "decode")
+    ap.add_argument("--skip", default="", help="comma list of rows (" + ",".join(IMPLS) + ") and stages "
+                    "(correctness, fwd, fwd+bwd, decode); an unknown name is an error")
     ap.add_argument("--budget-s", type=float, default=None, help="stages after this many seconds are skipped "
                     "(default 140, smoke 50)")
     ap.add_argument("--d", default="", help="comma list of head sizes to run (default: all of HEAD_CONFIGS)")
+    ap.add_argument("--lengths", default="", help="comma list of sequence lengths to run (default: LENGTHS)")
+    ap.add_argument("--batches", default="", help="comma list of batch sizes to run (default: BATCHES)")
     args = ap.parse_args()
+    unknown = set(filter(None, args.skip.split(","))) - {*IMPLS, "correctness", "fwd", "fwd+bwd", "decode"}
+    if unknown:
+        ap.error(f"--skip: unknown names {sorted(unknown)}; rows are {', '.join(IMPLS)}, stages correctness, fwd, "
+                 "fwd+bwd, decode")
     if args.table:
         with open(args.table) as f:
             print_table(json.load(f), brief=args.brief)
@@ -797,6 +803,10 @@ def main() -> int:
     if args.d:
         wanted = {int(x) for x in args.d.split(",")}
         heads = [(d, H) for d, H in heads if d in wanted]
+    if args.lengths:
+        lengths = tuple(int(x) for x in args.lengths.split(","))
+    if args.batches:
+        batches = tuple(int(x) for x in args.batches.split(","))
     budget = args.budget_s if args.budget_s is not None else (50.0 if args.smoke else 140.0)
     skip = set(filter(None, args.skip.split(",")))
     config = {"C": C, "lengths": list(lengths), "batches": list(batches),

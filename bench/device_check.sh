@@ -28,7 +28,7 @@
 # "sweep" (not in the default set) bench/swa_seed_sweep.py with SWEEP_SEEDS seeds; "profile" (not in
 # the default set) bench/profile_gpu.py, per-kernel times of the cases still short of their targets;
 # "tests-defaults" (not in the default set) the tests with no switch set); single stages are left out by name with
-# SKIP="sanitize-ttt-racecheck ...". Every stage runs
+# SKIP="sanitize-ttt-racecheck-0 ...". Every stage runs
 # under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
 # recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
 # the sanitizer cases are small).
@@ -43,28 +43,32 @@
 # 30-90 s of the lease. On an H100 (run e, gpu_2026-11-26e_h100): build 42 s, tests (three SWA
 # paths) 58 s, tests-sm90 19 s, bench (SWA, --skip sdpa,decode) 43 s, sanitize-sm90(-alt) 7-9 s
 # each, tests-tc 42 s, bench-ttt (run d's skips) 64 s, TTT sanitizers 4-25 s each.
-# A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 500 s): everything's
+# A whole check on a 15-minute lease, two calls. First (timeout_s 600; about 550 s): everything's
 # tests (tests-ttt-tc the tensor-core forms run on a GPU before; tests-ttt-tc-new-{shapes,wgmma,gx,parts}
 # the others, each group in its own process: clusters of 16, 8 warps; the wgmma chain and read; the
 # kernels without clusters, forward and backward; tests-defaults: nothing set, with the composite and
-# decode tests), the sanitizers of the portable SWA and SIMT TTT kernels (the SIMT TTT racecheck
-# has never finished: it timed out at 60 s in run a; issue 6 needs it; one 45 s stage per case,
-# sanitize-ttt-racecheck-{0,1,2,decode}) and of the tensor-core TTT kernels (their case runs every
-# new forward shape; the split-mode stages include the hidden-unit chain without clusters,
-# sanitize-ttt-split-global-*); the Hopper SWA sanitizers are skipped (unchanged since run e, where
-# they passed):
+# decode tests), then the sanitizers, those of kernels never run on a GPU first: the tensor-core TTT
+# kernels (their case runs every new forward shape), the split-mode chains (without clusters first,
+# sanitize-ttt-split-{global,tokens-global}-*), then the portable SWA kernels (passed in run e) and
+# the SIMT TTT kernels last (their racecheck has never finished: it timed out at 60 s in run a; one
+# 45 s stage per case, sanitize-ttt-racecheck-{0,1,2,decode}), so a short budget cuts those; the
+# Hopper SWA sanitizers are skipped (unchanged since run e, where they passed). The build took 42 s
+# in run e; the tensor-core files have many more kernels since (expect 70-100 s):
 #   ALLMEM_COMMIT=<sha> STAGES="build tests tests-defaults sanitize" BUDGET_S=575 \
 #   SKIP="sanitize-sm90-memcheck sanitize-sm90-racecheck sanitize-sm90-synccheck sanitize-sm90-alt-memcheck \
 #   sanitize-sm90-alt-racecheck sanitize-sm90-alt-synccheck" bash bench/device_check.sh
-# with carry [".whl"]; then on the warm machine (the build is kept; about 220 s): the profile (the
-# d = 64 B = 1 128k forward's kernels and phase clocks for every shape: which one to make the
-# default; the composite TTT passes at d = 128; the d = 128 chain's shapes, 16 unit groups and 2/4
-# token parts) and the TTT benchmark (the new shapes' rows run after the peers; the d = 128 token
-# parts' rows allmem_tcp2 / allmem_tcgp4 last, so a short budget may cut them: the profile has them):
-#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt" BENCH_TTT_BUDGET=120 \
-#   BENCH_TTT_ARGS="--skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,fla_dr" \
-#   BUDGET_S=230 bash bench/device_check.sh
-# then give_back at once (idle release is 30 s).
+# with carry [".whl"] (download the wheels first: .whl/ is not in git); then at once (the idle
+# release is 30 s; a call that finds no build builds first) on the warm machine, with BUDGET_S =
+# status's budget_left_s - 25: the profile first (the d = 64 B = 1 128k forward's kernels and phase
+# clocks for every shape: which one to make the default; the d = 128 chain's shapes, 16 unit groups
+# and 2/4 token parts; the composite TTT passes at d = 128), then the TTT benchmark at the target
+# length and B = 1 (the peers' other rows were measured in runs b-e; the new shapes' rows run after
+# the peers, the d = 128 token parts' last):
+#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt" PROFILE_CASES="ttt_fwd64,ttt_fwd128,ttt_bwd128" \
+#   BENCH_TTT_BUDGET=150 BUDGET_S=<left - 25> \
+#   BENCH_TTT_ARGS="--lengths 131072 --batches 1 --skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,allmem_tc_fused,fla_gdn,fla_dr,correctness,decode" \
+#   bash bench/device_check.sh
+# with carry [".whl"] again; then give_back at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -135,6 +139,12 @@ else
 fi
 
 # ---- build: CUDA for this machine's arch, all cores, ptxas report in build.log ----
+# A call without "build" on a machine that has none (a fresh one: the warm machine was given back
+# or idled out) builds first rather than failing every stage on the import.
+if ! want build && [[ ! -d $SITE/allmem_ops ]]; then
+  echo "no build at $SITE on this machine: building first" | tee -a "$OUT/build.log"
+  STAGES="build $STAGES"
+fi
 if want build; then
   rm -rf "$SITE" build
   run_stage build 270 "$OUT/build.log" env MAX_JOBS=16 ALLMEM_PTXAS_VERBOSE=1 \
@@ -183,6 +193,7 @@ if want tests; then
   fi
   err_tests=("${op_tests[@]}")
   [[ -f $REPO/tests/test_ttt_gpu.py ]] && err_tests+=("$REPO/tests/test_ttt_gpu.py")
+  [[ -f $REPO/tests/test_ttt_decode.py ]] && err_tests+=("$REPO/tests/test_ttt_decode.py")
   run_stage tests-errors 60 "$OUT/tests.log" bash -c '"$0" -m pytest -v -ra -p no:cacheprovider -m gpu -k "not ($1)" "${@:2}"' \
     "$PY" "$NOT_ERR" "${err_tests[@]}"
 fi
@@ -221,6 +232,13 @@ if want sweep; then
     --out "$OUT/swa_seed_sweep.json"
 fi
 
+# Per-kernel time of the cases whose distance to their targets is unexplained (not in the default
+# set; bench/profile_gpu.py, PROFILE_CASES picks some of them). Before the benchmarks: its per-kernel
+# times and phase clocks answer more per second than the benchmark's rows.
+if want profile; then
+  run_stage profile 150 "$OUT/bench.log" $PY "$REPO/bench/profile_gpu.py" --out "$OUT/profile_gpu.json" \
+    ${PROFILE_CASES:+--cases "$PROFILE_CASES"}
+fi
 # ---- benchmarks ----
 if want bench || want bench-swa; then
   # BENCH_SWA_ARGS: e.g. "--skip sdpa,decode" (rows measured in earlier runs) to fit a budget.
@@ -238,12 +256,6 @@ if want bench || want bench-ttt; then
     $PY "$REPO/bench/bench_ttt_gpu.py" --out "$OUT/bench_ttt_gpu.json" --budget-s "$ttt_budget" ${BENCH_TTT_ARGS:-}
 fi
 
-# Per-kernel time of the cases whose distance to their targets is unexplained (not in the default
-# set; bench/profile_gpu.py, PROFILE_CASES picks some of them).
-if want profile; then
-  run_stage profile 150 "$OUT/bench.log" $PY "$REPO/bench/profile_gpu.py" --out "$OUT/profile_gpu.json" \
-    ${PROFILE_CASES:+--cases "$PROFILE_CASES"}
-fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
 # ("sanitize-sm90" alone: the SWA cases on the Hopper forward and backward only.)
@@ -251,11 +263,12 @@ if want sanitize || want sanitize-sm90; then
   cat >/tmp/swa_sanitize_cases.py <<'EOF'
 # A small case of every SWA CUDA kernel: forward, backward (preprocess, dK/dV, dQ), dense and
 # varlen, both head dims, GQA, sinks; decode (split, combine, cache write), with a ring wrap.
+import os
 import torch
 from allmem_ops import SWAKVCache, sliding_window_attention
 
 torch.manual_seed(0)
-dev, dt = "cuda", torch.bfloat16
+dev, dt = os.environ.get("ALLMEM_CASE_DEVICE", "cuda"), torch.bfloat16  # cpu: tests/test_device_check.py
 for d in (64, 128):
     q = torch.randn(1, 150, 4, d, device=dev, dtype=dt, requires_grad=True)
     k = torch.randn(1, 150, 2, d, device=dev, dtype=dt, requires_grad=True)
@@ -268,7 +281,8 @@ for d in (64, 128):
         cache.update_and_attend(torch.randn(2, n, 4, d, device=dev, dtype=dt),
                                 torch.randn(2, n, 2, d, device=dev, dtype=dt),
                                 torch.randn(2, n, 2, d, device=dev, dtype=dt))
-torch.cuda.synchronize()
+if dev == "cuda":
+    torch.cuda.synchronize()
 print("sanitizer cases ran")
 EOF
   cat >/tmp/ttt_sanitize_cases.py <<'EOF'
@@ -282,7 +296,7 @@ import allmem_ops
 from allmem_ops.reference.ttt import TTTState
 
 torch.manual_seed(0)
-dev = "cuda"
+dev = os.environ.get("ALLMEM_CASE_DEVICE", "cuda")  # cpu: tests/test_device_check.py
 small = os.environ.get("TTT_SAN_SMALL") == "1"
 only = os.environ.get("TTT_SAN_ONLY")  # "0".."2": that (d, h) case alone, "decode": the decode case alone
 for i, (d, h, dt) in enumerate(((64, 64, torch.bfloat16), (128, 128, torch.float16), (64, 128, torch.float32))):
@@ -319,16 +333,11 @@ if only in (None, "decode"):
             allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
                                           (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
                                           torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C)
-torch.cuda.synchronize()
+if dev == "cuda":
+    torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
 EOF
   SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  if want sanitize; then
-    for tool in memcheck racecheck; do
-      run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 ALLMEM_SWA_SM90_BWD=0 "$SANITIZER" \
-        --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
-    done
-  fi
   # The same cases on the Hopper forward and backward (swa_fwd_sm90.cuh, swa_bwd_sm90.cuh;
   # "require": an error, not a fallback).
   for tool in memcheck racecheck synccheck; do
@@ -339,6 +348,114 @@ EOF
   for tool in memcheck racecheck synccheck; do
     run_stage "sanitize-sm90-alt-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=pingpong \
       ALLMEM_SWA_SM90_BWD=atomic "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
+  done
+fi
+# The tensor-core TTT kernels (forward and backward, d = h = 64) on their own small cases.
+if want sanitize || want sanitize-tc; then
+  cat >/tmp/ttt_tc_sanitize_cases.py <<'EOF'
+# bf16 and fp16, varlen with an empty sequence and a pending initial state (buffered and direct
+# chunks, a partial tile), both variant flags: forward and backward on the tensor-core kernels.
+import os
+import torch
+import allmem_ops
+from allmem_ops.reference.ttt import TTTState
+
+torch.manual_seed(0)
+dev = os.environ.get("ALLMEM_CASE_DEVICE", "cuda")  # cpu: tests/test_device_check.py
+for dt in (torch.bfloat16, torch.float16):
+    H, C, lens, d = 2, 40, [70, 0, 33], 64
+    T = sum(lens)
+    q, k, v = (torch.nn.functional.normalize(torch.randn(T, H, d, device=dev), dim=-1).to(dt) for _ in range(3))
+    eta, mu = (torch.rand(T, H, 3, device=dev) * 0.1).to(dt), torch.rand(T, H, device=dev).to(dt)
+    w = [torch.randn(H, d, d, device=dev) / 8 for _ in range(3)]
+    cu = torch.tensor([0, 70, 70, T], dtype=torch.int32, device=dev)
+    state = TTTState.initial(*w, 3, C, torch.float32)
+    state.pending_len = torch.tensor([0, 7, 39], device=dev)
+    q.requires_grad_()
+    k.requires_grad_()
+    state.w_gate.requires_grad_()
+    for lact in (False, True):
+        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                     cu_seqlens=cu, lact_order=lact, residual=not lact)
+        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+    # The token-split forward's opt-in shapes (ALLMEM_TTT_TC_CLUSTER=16, ALLMEM_TTT_TC_WARPS=8, the wgmma
+    # chain ALLMEM_TTT_TC_WGMMA=1), forward only; only where the token-split chain runs (the other
+    # chains ignore these switches at d = 64: the same kernels again).
+    tokens_chain = os.environ.get("ALLMEM_TTT_TC_CHAIN", "tokens") in ("", "tokens")
+    with torch.no_grad():
+        split0 = os.environ.get("ALLMEM_TTT_TC_SPLIT")
+        for cl, wp, wg in (("16", "4", "0"), ("8", "8", "0"), ("16", "8", "0"), ("8", "4", "1"), ("16", "4", "1"),
+                           ("8", "8", "1"), ("16", "8", "1")) if tokens_chain else ():
+            os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"] = cl, wp
+            os.environ["ALLMEM_TTT_TC_WGMMA"] = wg
+            if wg == "1":  # the wgmma chain is split mode's
+                os.environ["ALLMEM_TTT_TC_SPLIT"] = "1"
+            for lact in (False, True):
+                allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
+        for name in ("ALLMEM_TTT_TC_CLUSTER", "ALLMEM_TTT_TC_WARPS", "ALLMEM_TTT_TC_WGMMA"):
+            os.environ.pop(name, None)
+        if split0 is None:
+            os.environ.pop("ALLMEM_TTT_TC_SPLIT", None)
+        else:
+            os.environ["ALLMEM_TTT_TC_SPLIT"] = split0
+    if os.environ.get("ALLMEM_TTT_TC_SPLIT") == "1":  # d = h = 128: the units chain + read (forward only)
+        w2 = [torch.randn(H, 128, 128, device=dev) / 11.3 for _ in range(3)]
+        q2, k2, v2 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt) for _ in range(3))
+        st2 = TTTState.initial(*w2, 3, C, torch.float32)
+        st2.pending_len = torch.tensor([0, 7, C - 1], device=dev)
+        # and split by tokens too (ALLMEM_TTT_TC_CHAIN_PARTS: 2 in a cluster of 16; 2 or 4 without clusters)
+        gx = os.environ.get("ALLMEM_TTT_TC_CHAIN", "") in ("global", "tokens-global")
+        with torch.no_grad():
+            for parts in ("1", "2", "4") if gx else ("1", "2"):
+                os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"] = parts
+                for lact in (False, True):
+                    allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
+                                          cu_seqlens=cu, lact_order=lact, residual=not lact)
+            del os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"]
+    # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
+    # on the same varlen/pending case (d = h = 64). Then the composite forward too
+    # (ALLMEM_TTT_FWD=composite). Neither depends on the chain switches: in the sanitize-ttt-tc stages only.
+    os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"] = "1"  # its fused steps (opt-in until GPU-tested)
+    for fwd in ("", "composite") if os.environ.get("ALLMEM_TTT_TC_SPLIT") != "1" else ():
+        os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"] = "composite", fwd
+        q.grad = None
+        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                     cu_seqlens=cu)
+        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+    for name in ("ALLMEM_TTT_BWD", "ALLMEM_TTT_FWD", "ALLMEM_TTT_COMPOSITE_KERNELS"):
+        os.environ.pop(name, None)
+if dev == "cuda":
+    torch.cuda.synchronize()
+print("ttt tensor-core sanitizer cases ran")
+EOF
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck synccheck; do
+    run_stage "sanitize-ttt-tc-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
+      --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
+  done
+  # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
+  # chain, with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128) and with the hidden-unit chain
+  # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers),
+  # and the token-split forward without clusters (tokens-global); with either of the last two the d = 64
+  # backward is the one without clusters too (ttt_bwd_tc.cuh kGx). The d = 128 chain in each also
+  # with 2 token parts (and 4 without clusters).
+  # The forms never run on a GPU first (a short budget cuts the last stages).
+  for chain in global tokens-global tokens units; do
+    for tool in memcheck racecheck; do
+      run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
+        ALLMEM_TTT_TC_CHAIN=$chain "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
+    done
+  done
+fi
+
+# Last (the kernels that ran on a GPU before go after those that have not): the portable SWA kernels
+# (passed in run e) and the SIMT TTT kernels (memcheck passed in run a; racecheck never finished).
+if want sanitize; then
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 ALLMEM_SWA_SM90_BWD=0 "$SANITIZER" \
+      --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
 fi
 if want sanitize; then
@@ -362,99 +479,6 @@ if want sanitize; then
     fi
   done
 fi
-# The tensor-core TTT kernels (forward and backward, d = h = 64) on their own small cases.
-if want sanitize || want sanitize-tc; then
-  cat >/tmp/ttt_tc_sanitize_cases.py <<'EOF'
-# bf16 and fp16, varlen with an empty sequence and a pending initial state (buffered and direct
-# chunks, a partial tile), both variant flags: forward and backward on the tensor-core kernels.
-import os
-import torch
-import allmem_ops
-from allmem_ops.reference.ttt import TTTState
-
-torch.manual_seed(0)
-dev = "cuda"
-for dt in (torch.bfloat16, torch.float16):
-    H, C, lens, d = 2, 40, [70, 0, 33], 64
-    T = sum(lens)
-    q, k, v = (torch.nn.functional.normalize(torch.randn(T, H, d, device=dev), dim=-1).to(dt) for _ in range(3))
-    eta, mu = (torch.rand(T, H, 3, device=dev) * 0.1).to(dt), torch.rand(T, H, device=dev).to(dt)
-    w = [torch.randn(H, d, d, device=dev) / 8 for _ in range(3)]
-    cu = torch.tensor([0, 70, 70, T], dtype=torch.int32, device=dev)
-    state = TTTState.initial(*w, 3, C, torch.float32)
-    state.pending_len = torch.tensor([0, 7, 39], device=dev)
-    q.requires_grad_()
-    k.requires_grad_()
-    state.w_gate.requires_grad_()
-    for lact in (False, True):
-        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
-                                     cu_seqlens=cu, lact_order=lact, residual=not lact)
-        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    # The token-split forward's opt-in shapes (ALLMEM_TTT_TC_CLUSTER=16, ALLMEM_TTT_TC_WARPS=8, the wgmma
-    # chain ALLMEM_TTT_TC_WGMMA=1), forward only.
-    with torch.no_grad():
-        split0 = os.environ.get("ALLMEM_TTT_TC_SPLIT")
-        for cl, wp, wg in (("16", "4", "0"), ("8", "8", "0"), ("16", "8", "0"), ("8", "4", "1"), ("16", "4", "1"),
-                           ("8", "8", "1"), ("16", "8", "1")):
-            os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"] = cl, wp
-            os.environ["ALLMEM_TTT_TC_WGMMA"] = wg
-            if wg == "1":  # the wgmma chain is split mode's
-                os.environ["ALLMEM_TTT_TC_SPLIT"] = "1"
-            for lact in (False, True):
-                allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
-                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
-        del os.environ["ALLMEM_TTT_TC_CLUSTER"], os.environ["ALLMEM_TTT_TC_WARPS"], os.environ["ALLMEM_TTT_TC_WGMMA"]
-        if split0 is None:
-            os.environ.pop("ALLMEM_TTT_TC_SPLIT", None)
-        else:
-            os.environ["ALLMEM_TTT_TC_SPLIT"] = split0
-    if os.environ.get("ALLMEM_TTT_TC_SPLIT") == "1":  # d = h = 128: the units chain + read (forward only)
-        w2 = [torch.randn(H, 128, 128, device=dev) / 11.3 for _ in range(3)]
-        q2, k2, v2 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt) for _ in range(3))
-        st2 = TTTState.initial(*w2, 3, C, torch.float32)
-        st2.pending_len = torch.tensor([0, 7, C - 1], device=dev)
-        # and split by tokens too (ALLMEM_TTT_TC_CHAIN_PARTS: 2 in a cluster of 16; 2 or 4 without clusters)
-        gx = os.environ.get("ALLMEM_TTT_TC_CHAIN", "") in ("global", "tokens-global")
-        with torch.no_grad():
-            for parts in ("1", "2", "4") if gx else ("1", "2"):
-                os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"] = parts
-                for lact in (False, True):
-                    allmem_ops.ttt_memory(q2, k2, v2, eta, mu, *w2, C, initial_state=st2, output_final_state=True,
-                                          cu_seqlens=cu, lact_order=lact, residual=not lact)
-            del os.environ["ALLMEM_TTT_TC_CHAIN_PARTS"]
-    # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
-    # on the same varlen/pending case (d = h = 64).
-    # Then the composite forward too (ALLMEM_TTT_FWD=composite).
-    os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"] = "1"  # its fused steps (opt-in until GPU-tested)
-    for fwd in ("", "composite"):
-        os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"] = "composite", fwd
-        q.grad = None
-        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
-                                     cu_seqlens=cu)
-        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    del os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"], os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"]
-torch.cuda.synchronize()
-print("ttt tensor-core sanitizer cases ran")
-EOF
-  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck synccheck; do
-    run_stage "sanitize-ttt-tc-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 "$SANITIZER" --tool "$tool" \
-      --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
-  done
-  # Split mode (ALLMEM_TTT_TC_SPLIT=1: the chunk-parallel reads, ttt_read_tc.cuh), with the token-split
-  # chain, with the hidden-unit chain (ttt_chain_tc.cuh; also d = 128) and with the hidden-unit chain
-  # without clusters (global: its barrier and partials in global memory, -G over the prefetch buffers),
-  # and the token-split forward without clusters (tokens-global); with either of the last two the d = 64
-  # backward is the one without clusters too (ttt_bwd_tc.cuh kGx). The d = 128 chain in each also
-  # with 2 token parts (and 4 without clusters).
-  for chain in tokens units global tokens-global; do
-    for tool in memcheck racecheck; do
-      run_stage "sanitize-ttt-split-$chain-$tool" 60 "$OUT/sanitizer.log" env ALLMEM_TTT_TC=1 ALLMEM_TTT_TC_SPLIT=1 \
-        ALLMEM_TTT_TC_CHAIN=$chain "$SANITIZER" --tool "$tool" --error-exitcode 3 $PY /tmp/ttt_tc_sanitize_cases.py
-    done
-  done
-fi
-
 # ---- summary, table last ----
 {
   echo "{"

@@ -32,7 +32,8 @@ def test_verdicts():
             rows.append(("allmem_tc16", 64, B, 131072, p, 8.0 if B == 1 else 10.2))  # faster at B=1, par at 8
             rows.append(("allmem_tcw8", 64, B, 131072, p, 8.0 if B == 1 else 12.0))   # faster at 1, slower at 8
             rows.append(("allmem_tcwg", 64, B, 131072, p, 11.0))                       # slower everywhere
-            rows.append(("allmem_tcgt", 64, B, 131072, p, 20.0))                       # beats the SIMT kernel
+            rows.append(("allmem_tcgt", 64, B, 131072, p, 20.0))                       # 2x the cluster form
+            rows.append(("allmem_tcgx", 64, B, 131072, p, 20.0 if B == 1 else 35.0))  # 3.5x at B=8
     ok = {"stages": {"tests-ttt-tc-new-shapes": {"status": "ok"}, "tests-ttt-tc-new-wgmma": {"status": "ok"},
                      "tests-ttt-tc-new-gx": {"status": "failed(rc=1)"}, "tests-defaults": {"status": "ok"}}}
     v = _verdicts(_bench(rows), [ok])
@@ -43,7 +44,11 @@ def test_verdicts():
     assert v["allmem_tcgx"] == "not tested" and v["allmem_comp"] == "no rows"
     # A later call's summary decides a stage run twice; without summaries the verdict says so.
     rerun = {"stages": {"tests-ttt-tc-new-gx": {"status": "ok"}}}
-    assert _verdicts(_bench(rows), [ok, rerun])["allmem_tcgt"] == "make it the default"
+    # The forms without clusters replace the SIMT kernels off sm_90: within OFF_SM90_BOUND of the
+    # cluster form on every row (not faster than it) makes them the default there.
+    v2 = _verdicts(_bench(rows), [ok, rerun])
+    assert v2["allmem_tcgt"] == "make it the default off sm_90"
+    assert v2["allmem_tcgx"].startswith("keep opt-in (a row over 3x")
     assert _verdicts(_bench(rows), [])["allmem_tc16"].startswith("make it the default (if its tests passed")
     # Rows of other head sizes than the candidate's do not count.
     assert _verdicts(_bench([("allmem_tcwg", 128, 1, 8192, "fwd", 1.0), ("allmem_tc", 128, 1, 8192, "fwd", 9.0)]),

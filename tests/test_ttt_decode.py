@@ -109,7 +109,7 @@ def test_cuda_float32_ignores_tf32():
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("fused", [False, True])
-def test_cuda_bf16_within_prefill_error(d, fused, monkeypatch):
+def test_cuda_bf16_decode_within_prefill_accuracy(d, fused, monkeypatch):
     """On the GPU (default kernels for the chunk-completing steps), bf16, chunks of 64 filled at
     different steps: the decode outputs' error vs float64 (the CPU op over the whole sequences)
     is no larger than the GPU prefill's on the same tokens (x 1.25: the GEMV reads in float32, the
