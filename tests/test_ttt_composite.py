@@ -146,6 +146,15 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 GPU_LAYOUTS = {"pending": ([150, 0, 97], [13, 5, 0]), "ragged": ([150, 120, 0, 97], [0, 0, 0, 0])}
 
 
+def _fused_vs_aten_bound(a: torch.Tensor, u: float) -> float:
+    """The fused steps against their ATen sequences: float32 rounding apart (fast-math sigmoid,
+    warp-tree sums) before the outputs are stored. Float32 outputs: 1e-4. Outputs rounded to the
+    16-bit input dtype: a float32 difference of about 1e-7 flips an element's rounding now and then,
+    a whole 16-bit step each (a review measured 5.6e-5 on the CPU for bf16 o at d = 128, so 1e-4
+    could fail with correct kernels): u / 8, still far below a wrong formula's error of order u or more."""
+    return 1e-4 if a.dtype in (torch.float32, torch.float64) else u / 8
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("d", [64, 128])
@@ -185,7 +194,7 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order, layo
     monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "1")
     for name, a, b in zip(NAMES, got, aten):
         err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-        assert err < 1e-4, (name, err, "fused steps vs ATen")
+        assert err < _fused_vs_aten_bound(a, u), (name, err, "fused steps vs ATen")
     assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"
     # 16-bit matmul operands (ALLMEM_TTT_COMPOSITE_MM=16: cuBLAS bf16/fp16 GEMMs, float32 out): 4 u too.
     monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_MM", "16")
@@ -319,7 +328,7 @@ def test_cuda_forward_matches_float64(monkeypatch, d, dtype, lact_order, layout)
     aten = fwd(dev, C, lact_order, not lact_order)
     for name, a, b in zip(FWD_NAMES, got, aten):
         err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-        assert err < 1e-4, (name, err, "fused steps vs ATen")
+        assert err < _fused_vs_aten_bound(a, UNIT_ROUNDOFF[dtype]), (name, err, "fused steps vs ATen")
     assert any(not torch.equal(a, b) for a, b in zip(got, aten)), "the fused steps were not taken"
 
 

@@ -52,6 +52,10 @@ def tc(monkeypatch):
     that want it set ALLMEM_TTT_TC_SPLIT=1 after this fixture)."""
     monkeypatch.setenv("ALLMEM_TTT_TC", "1")
     monkeypatch.setenv("ALLMEM_TTT_TC_SPLIT", "0")
+    # The shape switches at their defaults unless a test sets them (none may leak in from outside).
+    for name in ("ALLMEM_TTT_TC_WGMMA", "ALLMEM_TTT_TC_CLUSTER", "ALLMEM_TTT_TC_WARPS", "ALLMEM_TTT_TC_CHAIN",
+                 "ALLMEM_TTT_TC_CHAIN_PARTS", "ALLMEM_TTT_TC_GX_WAVE", "ALLMEM_TTT_TC_PHASES"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def tc_inputs(*args, **kw):
@@ -92,7 +96,7 @@ CHAIN_CASES = [(*c, 64) for c in CASES] + [
 @pytest.fixture(params=["fused", "units", *new("units_cluster16", "cluster16", "warps8", "cluster16_warps8", "wgmma",
                                                  "cluster16_wgmma", "warps8_wgmma", "units_parts2",
                                                  "units_parts2_global", "units_parts4_global")])
-def fwd_kernel(request, monkeypatch):
+def fwd_kernel(request, monkeypatch, tc):  # after tc (which resets the shape switches)
     """test_tc_matches_float64 runs on the default fused kernel, on split mode's units chain (at
     d = 128 also with 16 CTAs per cluster, and split by tokens too: ALLMEM_TTT_TC_CHAIN_PARTS=2 in a
     cluster of 16 or without clusters, 4 without), on the fused kernel in clusters of 16 CTAs
