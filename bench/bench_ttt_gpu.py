@@ -783,7 +783,8 @@ def main() -> int:
     ap.add_argument("--lengths", default="", help="comma list of sequence lengths to run (default: LENGTHS)")
     ap.add_argument("--batches", default="", help="comma list of batch sizes to run (default: BATCHES)")
     args = ap.parse_args()
-    unknown = set(filter(None, args.skip.split(","))) - {*IMPLS, "correctness", "fwd", "fwd+bwd", "decode"}
+    skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - {*IMPLS, "correctness", "fwd", "fwd+bwd", "decode"}
     if unknown:
         ap.error(f"--skip: unknown names {sorted(unknown)}; rows are {', '.join(IMPLS)}, stages correctness, fwd, "
                  "fwd+bwd, decode")
@@ -808,7 +809,6 @@ def main() -> int:
     if args.batches:
         batches = tuple(int(x) for x in args.batches.split(","))
     budget = args.budget_s if args.budget_s is not None else (50.0 if args.smoke else 140.0)
-    skip = set(filter(None, args.skip.split(",")))
     config = {"C": C, "lengths": list(lengths), "batches": list(batches),
               "heads": [{"d": d, "h": d, "H": H} for d, H in heads], "dtype": "bf16", "state": "float32",
               "variant": "residual, normalize before update", "smoke": args.smoke, "target_case": target_case,

@@ -451,14 +451,12 @@ fi
 
 # Last (the kernels that ran on a GPU before go after those that have not): the portable SWA kernels
 # (passed in run e) and the SIMT TTT kernels (memcheck passed in run a; racecheck never finished).
+# (SANITIZER and the case scripts: set in the sanitize block above.)
 if want sanitize; then
-  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   for tool in memcheck racecheck; do
     run_stage "sanitize-$tool" 90 "$OUT/sanitizer.log" env ALLMEM_SWA_SM90=0 ALLMEM_SWA_SM90_BWD=0 "$SANITIZER" \
       --tool "$tool" --error-exitcode 3 $PY /tmp/swa_sanitize_cases.py
   done
-fi
-if want sanitize; then
   for tool in memcheck racecheck; do
     small=0
     [[ $tool == racecheck ]] && small=1

@@ -172,6 +172,14 @@ def test_bad_inputs():
         assert torch.equal(getattr(state, n), before[n]), n
 
 
+def _pack(st: TTTState) -> list[torch.Tensor]:
+    """A TTTState as the op's packed (fast [B, H, 6, h*d], pending [B, C, H, 2d+4], pending_len)."""
+    B, H = st.pending_len.shape[0], st.pending_k.shape[2]
+    fast = torch.stack([getattr(st, n).reshape(B, H, -1) for n in STATE_FIELDS6], 2)
+    pending = torch.cat([st.pending_k, st.pending_v, st.pending_eta, st.pending_mu[..., None]], -1)
+    return [fast, pending, st.pending_len.clone()]
+
+
 def _packed_op_args(C=4, plens=(1, 2), seed=7):
     """Arguments of torch.ops.allmem.ttt_memory_decode_step: one token for each of two sequences
     and a packed state with the given pending lengths."""
@@ -179,9 +187,7 @@ def _packed_op_args(C=4, plens=(1, 2), seed=7):
 
     step, weights, _, _ = _one_step_args(C)
     st = random_state(2, C, 2, 3, 3, list(plens), seed=seed)
-    fast = torch.stack([getattr(st, n).reshape(2, 2, -1) for n in STATE_FIELDS6], 2)
-    pending = torch.cat([st.pending_k, st.pending_v, st.pending_eta, st.pending_mu[..., None]], -1)
-    return [*step, *weights, fast, pending, st.pending_len.clone(), C, False, True]
+    return [*step, *weights, *_pack(st), C, False, True]
 
 
 @pytest.mark.parametrize("plens", [(1, 1), (0, 2), (3, 1)])
@@ -351,9 +357,7 @@ def test_cuda_graph_replays_steps_that_complete_no_chunk(kernel, monkeypatch):
     lens = [3, 20, 40]
     pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=3)
     _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
-    fast = torch.stack([getattr(st, n).reshape(len(lens), H, -1) for n in STATE_FIELDS6], 2).contiguous()
-    pending = torch.cat([st.pending_k, st.pending_v, st.pending_eta, st.pending_mu[..., None]], -1).contiguous()
-    plen = st.pending_len.clone()
+    fast, pending, plen = _pack(st)
     eager = [fast.clone(), pending.clone(), plen.clone()]
     static = [t[:, :1].clone() for t in dec]
 
