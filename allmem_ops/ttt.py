@@ -180,7 +180,7 @@ def ttt_memory(
 
 @torch.library.register_fake("allmem::ttt_memory_decode_step")
 def _decode_step_fake(q, k, v, eta, mu, w_gate, w_up, w_down, fast, pending, pending_len, chunk_size, lact_order,
-                      residual, pending_len_host=None):
+                      residual, pending_len_host=None, chunk_update="auto"):
     return _dense(q)
 
 
@@ -228,6 +228,7 @@ def ttt_memory_decode_(
     chunk_size: int,
     lact_order: bool = False,
     residual: bool = True,
+    chunk_update: str = "auto",
 ) -> torch.Tensor:
     """One decode step of the TTT memory that updates ``state`` in place; returns o [B, 1, H, d].
 
@@ -237,20 +238,37 @@ def ttt_memory_decode_(
     but a step that does not complete a chunk moves only what it needs: the read o = f(W; q) as
     batched GEMVs over the B * H fast weights in the state's precision, and the token's k, v, eta,
     mu written into row pending_len of the chunk buffer; the functional call copies the whole
-    C-token chunk buffer (B * C * H * (2d + 4) floats) in and out at every token. A step in which
-    some sequence completes its chunk runs the prefill op (the chunk update, exactly as in prefill)
-    and copies its result into the state. The op is ``torch.ops.allmem.ttt_memory_decode_step`` on
-    the packed state; a state whose fields are not views of packed tensors (one from
-    ``TTTState.initial``, say) is packed on its first step and its fields rebound to views of the
-    packed tensors. The pending lengths are read on the host at the first step and then kept on
-    the state (checked against the tensor's version counter), so a step that completes no chunk
-    does not wait for the device (inference-mode tensors have no version counter: one sync per
-    step there). Inference only: no autograd (``ttt_memory`` differentiates through decoding).
+    C-token chunk buffer (B * C * H * (2d + 4) floats) in and out at every token. The sequences
+    whose chunk the token completes then run the chunk update in place (normalize, gradient,
+    momentum as in prefill, in the state's precision). The op is
+    ``torch.ops.allmem.ttt_memory_decode_step`` on the packed state; a state whose fields are not
+    views of packed tensors (one from ``TTTState.initial``, say) is packed on its first step and its
+    fields rebound to views of the packed tensors. Inference only: no autograd (``ttt_memory``
+    differentiates through decoding).
+
+    chunk_update says how the step finds the sequences that complete their chunk:
+
+    * ``"auto"``: from the pending lengths on the host, read at the first step and then kept on the
+      state (checked against the tensor's version counter), so a step does not wait for the device
+      (inference-mode tensors have no version counter: one sync per step there).
+    * ``"none"``: the caller knows that no sequence completes its chunk at this step.
+    * ``"masked"``: any step; every sequence's update is computed (a whole chunk update's work) and
+      kept where its chunk completes.
+
+    ``"none"`` and ``"masked"`` read nothing on the host and launch the same work whatever the
+    lengths, so each can be captured in a CUDA graph: capture one step of each and replay the
+    ``"masked"`` one at the steps where some sequence's token count reaches a multiple of
+    chunk_size (the caller counts tokens; a replay does not tell this wrapper, so after replays
+    give the state a fresh ``pending_len`` tensor before an ``"auto"`` step). Nothing checks the
+    device lengths there: a sequence whose length is out of range, or that would complete its chunk
+    at a ``"none"`` step, gets NaN outputs and keeps its state.
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(state, TTTState):
         raise TypeError(f"state must be a TTTState, got {type(state).__name__}")
+    if chunk_update not in ("auto", "none", "masked"):
+        raise ValueError(f"chunk_update must be 'auto', 'none' or 'masked', got {chunk_update!r}")
     if q.dim() != 4 or q.shape[1] != 1:
         raise ValueError(f"q must be [B, 1, H, d] (one token per sequence), got {list(q.shape)}")
     B, _, H, d = q.shape
@@ -292,10 +310,15 @@ def ttt_memory_decode_(
     host = None
     if version is not None:
         mirror = getattr(state, "_allmem_plen_host", None)
-        host = mirror[2] if mirror is not None and mirror[0] is plen and mirror[1] == version else plen.tolist()
+        if mirror is not None and mirror[0] is plen and mirror[1] == version:
+            host = mirror[2]
+        elif chunk_update == "auto":
+            host = plen.tolist()
+    # With 'none' / 'masked' the op only checks the host lengths it is given (never reads them).
     o = torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, w_gate, w_up, w_down, *packed, plen, chunk_size,
-                                                lact_order, residual, host)
-    if host is not None:  # every length + 1, mod C (a step that completes a chunk for one sequence ran
-        # the prefill op for all, which leaves each at (p + 1) % C)
+                                                lact_order, residual, host, chunk_update)
+    if host is not None and chunk_update == "auto":  # every length + 1, mod C
         state._allmem_plen_host = (plen, plen._version, [(p + 1) % chunk_size for p in host])
+    else:  # a capturable step may be replayed behind this wrapper's back: the next 'auto' step reads
+        state._allmem_plen_host = None
     return o

@@ -56,13 +56,16 @@ TORCH_LIBRARY(allmem, m) {
       "Tensor dk, Tensor dv, Tensor deta, Tensor dmu, Tensor dw_gate, Tensor dw_up, Tensor dw_down, "
       "Tensor d_fast, Tensor d_pending)");
   // One decode token per sequence (q/k/v [B, 1, H, d], eta [B, 1, H, 3], mu [B, 1, H]) with the
-  // packed state of B sequences advanced in place: fast and pending change only when a sequence
-  // completes its chunk; returns o [B, 1, H, d] (csrc/ttt/ttt_decode.cpp). pending_len_host: the
-  // values of pending_len if the caller knows them (saves the step's host sync; must be right).
+  // packed state of B sequences advanced in place: fast changes only when a sequence completes its
+  // chunk; returns o [B, 1, H, d] (csrc/ttt/ttt_decode.cpp). pending_len_host: the values of
+  // pending_len if the caller knows them (saves the step's host sync; must be right).
+  // chunk_update: 'auto' (the lengths on the host decide), 'none' (no sequence may complete its
+  // chunk; one that would gets NaN and keeps its state) or 'masked' (every sequence's update, kept
+  // where its chunk completes): the last two never read the device and are CUDA-graph capturable.
   m.def(
       "ttt_memory_decode_step(Tensor q, Tensor k, Tensor v, Tensor eta, Tensor mu, Tensor w_gate, Tensor w_up, "
       "Tensor w_down, Tensor(a!) fast, Tensor(b!) pending, Tensor(c!) pending_len, int chunk_size, bool lact_order, "
-      "bool residual, int[]? pending_len_host=None) -> Tensor");
+      "bool residual, int[]? pending_len_host=None, str chunk_update=\"auto\") -> Tensor");
   // Profiling (not part of the op contract): the phase clocks of the last tensor-core TTT forward
   // run with ALLMEM_TTT_TC_PHASES=1 (int64 [16], csrc/ttt/ttt_cuda.h FwdPhase), empty if none.
   m.def("_ttt_tc_phase_clock() -> Tensor", []() -> at::Tensor {

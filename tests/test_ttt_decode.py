@@ -38,7 +38,15 @@ def split_case(prefill_lens, steps, H, d, h, dtype, device="cpu", seed=0):
     return pre, cu_pre, dec, dec_rows, toks, cu_full, weights
 
 
-def decode_all(prefill_lens, steps, H, d, h, C, dtype, device="cpu", lact_order=False, residual=True, seed=0):
+def graph_mode(prefill_lens, s, C):
+    """The chunk_update a CUDA-graph user replays at decode step s: 'masked' where the host-side token
+    count says some sequence completes its chunk, else 'none'."""
+    return "masked" if any((p + s) % C == C - 1 for p in prefill_lens) else "none"
+
+
+def decode_all(prefill_lens, steps, H, d, h, C, dtype, device="cpu", lact_order=False, residual=True, seed=0,
+               mode=None):
+    """mode(s) -> the chunk_update of step s (default 'auto')."""
     pre, cu_pre, dec, dec_rows, toks, cu_full, weights = split_case(prefill_lens, steps, H, d, h, dtype, device, seed)
     flags = dict(lact_order=lact_order, residual=residual)
     _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre, **flags)
@@ -46,7 +54,9 @@ def decode_all(prefill_lens, steps, H, d, h, C, dtype, device="cpu", lact_order=
     outs = []
     with torch.no_grad():
         for s in range(steps):
-            outs.append(ttt_memory_decode_(*[t[:, s:s + 1] for t in dec], *weights, state, C, **flags))
+            upd = "auto" if mode is None else mode(s)
+            outs.append(ttt_memory_decode_(*[t[:, s:s + 1] for t in dec], *weights, state, C, chunk_update=upd,
+                                           **flags))
     for n in FIELDS:
         assert getattr(state, n).data_ptr() == ptrs[n], f"state.{n} was replaced, not updated in place"
     o_full, state_full = ttt_memory(*toks, *weights, C, output_final_state=True, cu_seqlens=cu_full, **flags)
@@ -58,6 +68,21 @@ def decode_all(prefill_lens, steps, H, d, h, C, dtype, device="cpu", lact_order=
 def test_float64_equals_one_prefill(prefill_lens, steps, C, lact_order, residual):
     got, state, want, want_state, _ = decode_all(prefill_lens, steps, 2, 3, 5, C, torch.float64,
                                                  lact_order=lact_order, residual=residual)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(want_state, n), rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("pattern", ["masked", "graph"])
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+@pytest.mark.parametrize("prefill_lens,steps,C", [([0, 3, 6, 9], 9, 4), ([5], 12, 3), ([0, 0], 1, 2), ([7, 2], 5, 1)])
+def test_capturable_steps_equal_one_prefill(prefill_lens, steps, C, lact_order, residual, pattern):
+    """The two capturable steps (no host read): 'masked' at every step, or as a CUDA-graph user
+    replays them ('none' unless the host-side count says some sequence completes its chunk, then
+    'masked'), equal one prefill over the whole sequences, outputs and every state field."""
+    mode = (lambda s: "masked") if pattern == "masked" else (lambda s: graph_mode(prefill_lens, s, C))
+    got, state, want, want_state, _ = decode_all(prefill_lens, steps, 2, 3, 5, C, torch.float64,
+                                                 lact_order=lact_order, residual=residual, mode=mode)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for n in FIELDS:
         torch.testing.assert_close(getattr(state, n), getattr(want_state, n), rtol=1e-10, atol=1e-12, msg=n)
@@ -190,13 +215,16 @@ def _packed_op_args(C=4, plens=(1, 2), seed=7):
     return [*step, *weights, *_pack(st), C, False, True]
 
 
-@pytest.mark.parametrize("plens", [(1, 1), (0, 2), (3, 1)])
+@pytest.mark.parametrize("plens", [(1, 1), (0, 2), (3, 1), (3, 3)])
 def test_opcheck(plens):
-    """Uniform pending lengths, different ones, one completing its chunk
-    (the prefill op, copied into the state)."""
-    torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default, _packed_op_args(plens=plens))
-    torch.library.opcheck(torch.ops.allmem.ttt_memory_decode_step.default,
-                          _packed_op_args(plens=plens) + [list(plens)])
+    """Uniform pending lengths, different ones, one or every sequence completing its chunk; each
+    chunk_update ('none' only where no sequence completes)."""
+    op = torch.ops.allmem.ttt_memory_decode_step.default
+    torch.library.opcheck(op, _packed_op_args(plens=plens))
+    torch.library.opcheck(op, _packed_op_args(plens=plens) + [list(plens)])
+    torch.library.opcheck(op, _packed_op_args(plens=plens) + [None, "masked"])
+    if 3 not in plens:
+        torch.library.opcheck(op, _packed_op_args(plens=plens) + [None, "none"])
 
 
 def test_opcheck_permuted_token():
@@ -340,6 +368,143 @@ def test_row_goes_where_the_device_lengths_say():
         for a, b, name in zip(args[8:11], ref[8:11], ("fast", "pending", "pending_len")):
             assert torch.equal(a, b), (plens, name)
         assert args[10].tolist() == [p + 1 for p in plens]
+
+
+def test_capturable_modes_vs_auto():
+    """Op level, float64, lengths (1, 3) of C = 4 (the second completes its chunk): 'masked' equals
+    'auto' (the same update, here of one sequence of two); where no sequence completes, 'none',
+    'masked' and 'auto' are bit for bit the same step (the masked update keeps every state)."""
+    args = _packed_op_args(plens=(1, 3))
+    runs = {}
+    for mode in ("auto", "masked"):
+        a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+        runs[mode] = (torch.ops.allmem.ttt_memory_decode_step(*a, None, mode), a[8:11])
+    assert not torch.equal(runs["auto"][1][0], args[8]), "the completing sequence's weights did not change"
+    torch.testing.assert_close(runs["masked"][0], runs["auto"][0], rtol=1e-12, atol=1e-12)
+    for x, y in zip(runs["masked"][1], runs["auto"][1]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert runs["auto"][1][2].tolist() == [2, 0]
+    args = _packed_op_args(plens=(1, 2))
+    for mode in ("auto", "none", "masked"):
+        a = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+        runs[mode] = (torch.ops.allmem.ttt_memory_decode_step(*a, None, mode), a[8:11])
+    for mode in ("none", "masked"):
+        assert torch.equal(runs[mode][0], runs["auto"][0]), mode
+        assert all(torch.equal(x, y) for x, y in zip(runs[mode][1], runs["auto"][1])), mode
+
+
+@pytest.mark.parametrize("mode", ["none", "masked"])
+def test_capturable_steps_flag_lengths_nobody_checked(mode):
+    """'none' and 'masked' read no length on the host, so nothing checks them before the step: a
+    sequence whose device length is out of [0, C) (or, with 'none', would complete its chunk) gets
+    NaN outputs and keeps its whole state, nothing out of bounds is touched, and the other
+    sequences' step is the one of valid lengths. Host lengths given to 'none' are checked."""
+    C = 4
+    bad_lens = [C, -1, C + 5] + ([C - 1] if mode == "none" else [])
+    for bad in bad_lens:
+        args = _packed_op_args(C, plens=(1, 2))
+        args[10][1] = bad
+        before = [t.clone() for t in args[8:11]]
+        got = torch.ops.allmem.ttt_memory_decode_step(*args, None, mode)
+        assert torch.isnan(got[1]).all() and torch.isfinite(got[0]).all(), bad
+        for name, a, b in zip(("fast", "pending", "pending_len"), args[8:11], before):
+            assert torch.equal(a[1], b[1]), (bad, name)
+        ref = _packed_op_args(C, plens=(1, 2))
+        want = torch.ops.allmem.ttt_memory_decode_step(*ref)
+        assert torch.equal(got[0], want[0]), bad
+        for name, a, b in zip(("fast", "pending", "pending_len"), args[8:11], ref[8:11]):
+            assert torch.equal(a[0], b[0]), (bad, name)
+    args = _packed_op_args(C, plens=(1, 3))
+    with pytest.raises(RuntimeError, match=r"chunk_update='none' but sequence 1 completes its chunk"):
+        torch.ops.allmem.ttt_memory_decode_step(*args, [1, 3], "none")
+    with pytest.raises(RuntimeError, match="chunk_update must be 'auto', 'none' or 'masked', got 'always'"):
+        torch.ops.allmem.ttt_memory_decode_step(*args, None, "always")
+    step, weights, state, _ = _one_step_args(C)
+    with pytest.raises(ValueError, match="chunk_update must be 'auto', 'none' or 'masked', got 'Masked'"):
+        ttt_memory_decode_(*step, *weights, state, C, chunk_update="Masked")
+
+
+def test_auto_step_after_unseen_capturable_steps():
+    """A capturable step leaves no host copy of the lengths behind: capturable steps replayed
+    behind the wrapper's back (here the op on .data aliases of the state's packed tensors, which
+    bump no version counter, as a CUDA-graph replay) are followed by an 'auto' step that reads the
+    lengths again. Every answer equals the functional steps'."""
+    C, steps = 3, 8
+    lens = [2, 0]
+    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, 2, 3, 3, torch.float64, seed=19)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    _, ref = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    with torch.no_grad():
+        for s in range(steps):
+            step = [t[:, s:s + 1] for t in dec]
+            if s in (2, 3, 4):  # "replays": the op on aliases the wrapper cannot see
+                fast, pending = state._allmem_packed[2]
+                got = torch.ops.allmem.ttt_memory_decode_step(*step, *weights, fast.data, pending.data,
+                                                              state.pending_len.data, C, False, True, None,
+                                                              graph_mode(lens, s, C))
+            else:
+                got = ttt_memory_decode_(*step, *weights, state, C, chunk_update="auto" if s != 1 else "none")
+            want, ref = ttt_memory(*step, *weights, C, initial_state=ref, output_final_state=True)
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=str(s))
+    for n in FIELDS:
+        torch.testing.assert_close(getattr(state, n), getattr(ref, n), rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+def test_cuda_graphs_of_both_capturable_steps():
+    """Every decode step from CUDA graphs, chunk-completing ones included: one graph of a 'none'
+    step and one of a 'masked' step (recorded with no host lengths and the sync debug mode set to
+    error, so a host read fails the capture), replayed as the host-side token count says (C = 16,
+    lengths 3, 9, 15: sequences complete their chunks at different steps). Outputs and state equal
+    the same eager steps bit for bit, and the 'auto' steps within float32 summation order."""
+    C, H, d, steps = 16, 2, 64, 40
+    lens = [3, 9, 15]
+    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=4)
+    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    fast, pending, plen = _pack(st)
+    eager = [fast.clone(), pending.clone(), plen.clone()]
+    auto = [fast.clone(), pending.clone(), plen.clone()]
+    static = [t[:, :1].clone() for t in dec]
+
+    def step(state, toks, mode):
+        return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, None, mode)
+
+    want, want_auto = [], []
+    for s in range(steps):
+        toks = [t[:, s:s + 1] for t in dec]
+        want.append(step(eager, toks, graph_mode(lens, s, C)))
+        want_auto.append(step(auto, toks, "auto"))
+    graph_state = [fast, pending, plen]
+    saved = [t.clone() for t in graph_state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (lazy inits), then undone
+        for mode in ("none", "masked"):
+            step(graph_state, static, mode)
+    torch.cuda.current_stream().wait_stream(side)
+    for t, v in zip(graph_state, saved):
+        t.copy_(v)
+    graphs, outs = {}, {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in ("none", "masked"):
+            graphs[mode] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graphs[mode]):
+                outs[mode] = step(graph_state, static, mode)  # recorded only
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for s in range(steps):
+        for t, src in zip(static, dec):
+            t.copy_(src[:, s:s + 1])
+        mode = graph_mode(lens, s, C)
+        graphs[mode].replay()
+        assert torch.equal(outs[mode], want[s]), s
+        torch.testing.assert_close(outs[mode], want_auto[s], rtol=2e-2, atol=2e-2)
+    for a, b, c, name in zip(graph_state, eager, auto, ("fast", "pending", "pending_len")):
+        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=name)
+    assert plen.tolist() == [(n + steps) % C for n in lens]
 
 
 @pytest.mark.gpu

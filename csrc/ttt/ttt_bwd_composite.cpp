@@ -578,6 +578,44 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
   return {o_r.narrow(0, 0, T * H).view(q.sizes()), fast_out, pend_out, plen_out, ckpt};
 }
 
+void decode_chunk_update_(at::Tensor& fast, at::Tensor& pending, const at::Tensor& complete, const at::Tensor& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, bool lact_order) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  ALLMEM_NO_AUTOCAST();
+  ALLMEM_NO_TF32();
+  const int64_t B = fast.size(0), H = fast.size(1), hd = fast.size(3), C = pending.size(1), PW = pending.size(3);
+  const int64_t d = (PW - 4) / 2, h = hd / d, BH = B * H;
+  if (BH == 0) return;
+  const auto st = fast.scalar_type();
+  // The buffered chunk as [B*H, C, x] chains (head-major, as the state), one copy.
+  const auto buf = pending.permute({0, 2, 1, 3}).reshape({BH, C, PW});
+  const auto K = buf.narrow(2, 0, d).contiguous(), V = buf.narrow(2, d, d).contiguous();
+  const auto eta = buf.narrow(2, 2 * d, 3).contiguous();
+  const auto mu_j = buf.narrow(2, 2 * d + 3, 1).mean(1).view({BH, 1, 1});
+  const auto tgt = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(st).repeat({B, 1});
+  const Mm mm;  // IEEE products in the state's precision
+  const auto state = fast.view({BH, kFastRows, hd});
+  const auto W = state.narrow(1, 0, 3), M = state.narrow(1, kMomentumRow, 3);
+  auto next = at::empty({BH, kFastRows, hd}, fast.options());
+  auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
+  if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
+    M_new.copy_(M * mu_j - update_grad3(W, K, V, eta, d, h, mm));
+    W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
+  } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
+    const auto W_hat = row_normalize3(W, tgt, d, h);
+    M_new.copy_(M * mu_j - update_grad3(W_hat, K, V, eta, d, h, mm));
+    at::add_out(W_new, W_hat, M_new);
+  }
+  if (!complete.defined()) {
+    fast.copy_(next.view(fast.sizes()));
+    pending.zero_();
+    return;
+  }
+  const auto where_b = complete.view({B, 1, 1, 1});
+  fast.copy_(at::where(where_b, next.view(fast.sizes()), fast));
+  pending.masked_fill_(where_b, 0.0);
+}
+
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,

@@ -29,6 +29,16 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
                                     bool residual);
 bool composite_fwd_requested();
 
+// The chunk update of decoding (SPEC.md "Decoding"), in place, for sequences whose chunk buffer is
+// full: fast [B, H, 6, h*d] (W, M) and pending [B, C, H, 2d+4] (every row written) of the packed
+// decode state. Where `complete` (bool [B], on the state's device) is true, or for every sequence
+// if it is undefined, (W, M) becomes the update of the buffered chunk (normalize, gradient,
+// momentum: the composite forward's batched matmuls, IEEE in the state's precision) and the buffer
+// rows are zeroed (as a prefill leaves the buffer of a sequence whose chunk completed); elsewhere
+// both are kept. The launches do not depend on the values (no host read): CUDA-graph capturable.
+void decode_chunk_update_(at::Tensor& fast, at::Tensor& pending, const at::Tensor& complete, const at::Tensor& w_gate,
+                          const at::Tensor& w_up, const at::Tensor& w_down, bool lact_order);
+
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,

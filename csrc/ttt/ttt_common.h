@@ -47,7 +47,8 @@ inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& mu, const at::Tensor& w_gate, const at::Tensor& w_up,
                                const at::Tensor& w_down, const at::Tensor& pending, const at::Tensor& pending_len,
                                const std::optional<at::Tensor>& cu_seqlens, int64_t chunk_size, at::ScalarType st,
-                               std::optional<at::IntArrayRef> pending_len_host = std::nullopt) {
+                               std::optional<at::IntArrayRef> pending_len_host = std::nullopt,
+                               bool read_lengths = true) {
   ALLMEM_CHECK(chunk_size >= 1, "chunk_size must be >= 1, got ", chunk_size);
   check_floating(q, "q");
   const bool varlen = cu_seqlens.has_value();
@@ -104,6 +105,7 @@ inline Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const a
   ALLMEM_CHECK(pending_len.scalar_type() == at::kLong && pending_len.dim() == 1 && pending_len.size(0) == lay.N,
                "pending_len must be int64 [N] with N = ", lay.N, " sequences, got ", pending_len.scalar_type(), " ",
                shape_str(pending_len));
+  if (!read_lengths) return lay;  // the lengths stay on the device (lay.p0, slots: empty)
   at::Tensor plen;
   const int64_t* pl = nullptr;
   if (pending_len_host.has_value()) {
