@@ -481,8 +481,9 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
     C - 2 tokens (the step reads and buffers) or C - 1 (it also completes the chunk: the update and
     a new checkpoint); the functional op (default kernels, allmem_tc), the in-place step
     allmem_ops.ttt_memory_decode_ (allmem_inplace; on a GPU also with its fused kernel,
-    ALLMEM_TTT_DECODE_KERNEL=1: allmem_inplace_kernel) and the chunked reference, eager, on the same
-    state.
+    ALLMEM_TTT_DECODE_KERNEL=1: allmem_inplace_kernel; and replayed from a CUDA graph of the
+    capturable step, chunk_update 'none' / 'masked' as the step completes no chunk / every one:
+    allmem_graph) and the chunked reference, eager, on the same state.
     Bytes: what a step must move at least (the read's three float32 weight matrices per sequence
     and head, the token in, o out; `need_bytes`) and what the functional state API makes the op
     move (the whole fast state and chunk buffer in, their copies out; `state_bytes`); both at the
@@ -514,8 +515,9 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
 
             contenders = [("allmem_tc", allmem_ops.ttt_memory), ("allmem_inplace", inplace),
                           ("ref_eager", ttt_memory_chunked)]
-            if rec.dev == "cuda":  # the fused kernel of a step (ALLMEM_TTT_DECODE_KERNEL=1)
+            if rec.dev == "cuda":  # the fused kernel of a step (ALLMEM_TTT_DECODE_KERNEL=1); a graph replay
                 contenders.insert(2, ("allmem_inplace_kernel", inplace))
+                contenders.insert(3, ("allmem_graph", decode_graph(ins, state, C, filled)))
             for impl, fn in contenders:
                 def run():
                     with torch.no_grad():
@@ -531,6 +533,33 @@ def bench_decode(rec: Recorder, d: int, H: int, C: int, batches=DECODE_BATCHES) 
                     row.update(need_floor_ms=need / (bw * 1e9) * 1e3, state_floor_ms=have / (bw * 1e9) * 1e3)
                 print(f"[bench]   decode {row}", flush=True)
                 rec.data.setdefault("decode", []).append(row)
+
+
+def decode_graph(ins, state, C: int, filled: int) -> Callable:
+    """A CUDA graph of one capturable decode step on copies of the inputs and state (the pending
+    length set back to `filled` inside the graph): chunk_update 'masked' where the step completes
+    every chunk, else 'none'. Returns a callable with the bench's contender signature that replays it."""
+    import allmem_ops
+    from allmem_ops.reference.ttt import TTTState
+
+    gstate = TTTState(*[getattr(state, f.name).clone() for f in dataclasses.fields(TTTState)])
+    static = [t.clone() for t in ins]
+    mode = "masked" if filled == C - 1 else "none"
+
+    def step():
+        with torch.no_grad():
+            gstate.pending_len.fill_(filled)
+            allmem_ops.ttt_memory_decode_(*static[:5], *static[5:8], gstate, C, chunk_update=mode)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # packs the state and runs the lazy inits outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return lambda *args, **kwargs: graph.replay()
 
 
 def print_decode(data: dict) -> None:

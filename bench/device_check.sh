@@ -318,7 +318,8 @@ for i, (d, h, dt) in enumerate(((64, 64, torch.bfloat16), (128, 128, torch.float
                                      cu_seqlens=cu, lact_order=lact, residual=not lact)
         (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
 # The fused decode step (csrc/ttt/ttt_decode_kernel.cu): three in-place steps of two sequences whose
-# buffers fill at different steps (the last one completes a chunk: the prefill op).
+# buffers fill at different steps (the last one completes a chunk: the in-place update), then the
+# capturable steps: 'masked' (lengths 0 and 6 of 8) and 'none' with sequence 1 at 7 (its guard: NaN).
 if only in (None, "decode"):
     os.environ["ALLMEM_TTT_DECODE_KERNEL"] = "1"
     with torch.no_grad():
@@ -333,6 +334,11 @@ if only in (None, "decode"):
             allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
                                           (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
                                           torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C)
+        for mode in ("masked", "none"):
+            allmem_ops.ttt_memory_decode_(mk(2, 1, H, d), mk(2, 1, H, d), mk(2, 1, H, d),
+                                          (torch.rand(2, 1, H, 3, device=dev) * 0.1).to(torch.bfloat16),
+                                          torch.rand(2, 1, H, device=dev).to(torch.bfloat16), *w, st, C,
+                                          chunk_update=mode)
 if dev == "cuda":
     torch.cuda.synchronize()
 print("ttt sanitizer cases ran")
