@@ -119,15 +119,21 @@ def test_tc_kernels_have_no_stack_or_local_memory(kernel):
 
 def test_decode_kernel_compiled_without_local_memory():
     """The fused decode step (csrc/ttt/ttt_decode_kernel.cu): one non-template kernel per target, warp
-    shuffle sums (SHFL.BFLY), no stack or local memory."""
-    body = [b for n, b in _sass_by_function("90a").items() if "ttt_decode_kernel" in n]
-    assert len(body) == 1, "ttt_decode_kernel not found (or more than once) in the sm_90a code"
-    assert re.search(r"\bSHFL\.BFLY\b", body[0]) and not re.search(r"\b(LDL|STL)\b", body[0])
+    shuffle sums (SHFL.BFLY), no stack or local memory; its length-advance kernel likewise (no
+    shuffles). Names are matched by their mangled length prefix: the file's own name
+    (ttt_decode_kernel_cu) is in every kernel's anonymous namespace."""
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-arch", "sm_90a", _library()],
                            capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"Function (\S*ttt_decode_kernel\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
-                       usage)
-    assert len(found) == 1 and found[0][2] == "0" and found[0][3] == "0", found
+    sass = _sass_by_function("90a")
+    for kernel in ("ttt_decode_kernel", "ttt_decode_advance_kernel"):
+        tag = f"{len(kernel)}{kernel}E"
+        body = [b for n, b in sass.items() if tag in n]
+        assert len(body) == 1, f"{kernel} not found (or more than once) in the sm_90a code"
+        assert not re.search(r"\b(LDL|STL)\b", body[0]), kernel
+        if kernel == "ttt_decode_kernel":
+            assert re.search(r"\bSHFL\.BFLY\b", body[0])
+        found = re.findall(r"Function (\S*" + tag + r"\S*):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+        assert len(found) == 1 and found[0][2] == "0" and found[0][3] == "0", (kernel, found)
 
 
 @pytest.mark.parametrize("kernel", ["update_terms_kernel", "read_terms_kernel", "grad_terms_kernel", "row_norm_kernel",

@@ -222,7 +222,7 @@ class DecodeParams(ctypes.Structure):
         + [("dtype", ctypes.c_int)]
         + [(n, ctypes.c_void_p) for n in ("fast", "pending", "pending_len")]
         + [("n_seqs", ctypes.c_int64), ("heads", ctypes.c_int64), ("chunk", ctypes.c_int64),
-           ("d", ctypes.c_int), ("h", ctypes.c_int), ("residual", ctypes.c_bool)]
+           ("row_limit", ctypes.c_int64), ("d", ctypes.c_int), ("h", ctypes.c_int), ("residual", ctypes.c_bool)]
     )
 
 
@@ -253,7 +253,7 @@ def test_emulated_decode_matches_op(emu, case):
     dt = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
     fast_before = fast.clone()
     p = DecodeParams(*[t.data_ptr() for t in (*toks, o)], dt, fast.data_ptr(), got_pend.data_ptr(), plen.data_ptr(),
-                     B, H, C, d, h, res)
+                     B, H, C, C, d, h, res)
     emu.emu_decode(ctypes.byref(p))
     assert not torch.isnan(o).any(), "o elements left unwritten"
     assert rel_err(o, want) < (1e-2 if dtype != torch.float32 else 1e-6)
@@ -261,6 +261,51 @@ def test_emulated_decode_matches_op(emu, case):
         torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_pend, want_pend, rtol=0, atol=0)  # the row copied exactly, nothing else written
     assert torch.equal(fast, fast_before)
+    assert torch.equal(plen, torch.tensor(plens)), "the step kernel wrote the lengths"
+    emu.emu_decode_advance(ctypes.byref(p))
+    assert torch.equal(plen, want_plen)
+
+
+@pytest.mark.parametrize("row_limit", ["none", "masked"])
+def test_emulated_decode_guards_lengths_nobody_checked(emu, row_limit):
+    """The capturable steps' guard in the fused kernels (row_limit C - 1 for 'none', C for 'masked'):
+    a sequence whose length is outside [0, row_limit) gets NaN in every output element of every head
+    and nothing written, its length kept by the advance kernel; the valid ones are the unguarded
+    step's (o, buffer row), their lengths + 1 wrapping at C. Against the op's ATen path, which
+    guards the same way."""
+    B, H, d, h, C, dtype = 6, 2, 64, 64, 8, torch.bfloat16
+    limit = C - 1 if row_limit == "none" else C
+    plens = [0, C - 1, C, -3, 5, C + 40]
+    ins, _ = make_inputs(B, 1, H, d, h, dtype=dtype, seed=21)
+    q, k, v, eta, mu, wg, wu, wd = ins
+    fast, pend, _ = packed_state(B, C, H, d, h, wg, wu, wd, [0] * B)
+    plen = torch.tensor(plens)
+    toks = [t.contiguous() for t in (q, k, v, eta, mu)]
+    o = torch.zeros_like(toks[0])
+    got_pend = pend.clone()
+    p = DecodeParams(*[t.data_ptr() for t in (*toks, o)], 1, fast.data_ptr(), got_pend.data_ptr(), plen.data_ptr(),
+                     B, H, C, limit, d, h, True)
+    emu.emu_decode(ctypes.byref(p))
+    emu.emu_decode_advance(ctypes.byref(p))
+    valid = [0 <= n < limit for n in plens]
+    # The op's ATen path on the same state: its guards and, where a length is C - 1 under 'masked',
+    # the update, which the kernels leave to the op (the buffer row is compared before it).
+    want_pend, want_plen = pend.clone(), torch.tensor(plens)
+    want = torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, wg, wu, wd, fast.clone(), want_pend, want_plen,
+                                                   C, False, True, None, row_limit)
+    for n, good in enumerate(valid):
+        if not good:
+            assert torch.isnan(o[n]).all() and torch.isnan(want[n]).all(), n
+            assert torch.equal(got_pend[n], pend[n]), n
+            assert plen[n].item() == plens[n], n
+            continue
+        assert torch.isfinite(o[n]).all(), n
+        assert rel_err(o[n], want[n]) < 1e-2, n
+        assert plen[n].item() == want_plen[n].item() == (plens[n] + 1) % C, n
+        if plens[n] != C - 1:
+            assert torch.equal(got_pend[n], want_pend[n]), n
+        else:  # the kernel wrote the row; the op's update then zeroed the buffer
+            assert torch.equal(got_pend[n, :C - 1], pend[n, :C - 1]) and not torch.equal(got_pend[n], pend[n]), n
 
 
 # The composite backward's fused steps (csrc/ttt/ttt_composite_kernels.cu), against the formulas of

@@ -452,12 +452,16 @@ def test_auto_step_after_unseen_capturable_steps():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
-def test_cuda_graphs_of_both_capturable_steps():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_cuda_graphs_of_both_capturable_steps(kernel, monkeypatch):
     """Every decode step from CUDA graphs, chunk-completing ones included: one graph of a 'none'
     step and one of a 'masked' step (recorded with no host lengths and the sync debug mode set to
     error, so a host read fails the capture), replayed as the host-side token count says (C = 16,
     lengths 3, 9, 15: sequences complete their chunks at different steps). Outputs and state equal
-    the same eager steps bit for bit, and the 'auto' steps within float32 summation order."""
+    the same eager steps bit for bit, and the 'auto' steps within float32 summation order. With the
+    ATen sequence and with the fused kernels (ALLMEM_TTT_DECODE_KERNEL=1)."""
+    if kernel:
+        monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
     C, H, d, steps = 16, 2, 64, 40
     lens = [3, 9, 15]
     pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=4)
@@ -486,14 +490,14 @@ def test_cuda_graphs_of_both_capturable_steps():
     for t, v in zip(graph_state, saved):
         t.copy_(v)
     graphs, outs = {}, {}
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for mode in ("none", "masked"):
-            graphs[mode] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[mode]):
+    for mode in ("none", "masked"):
+        graphs[mode] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[mode]):  # (its own synchronize on entry is before the mode is set)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
                 outs[mode] = step(graph_state, static, mode)  # recorded only
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     for s in range(steps):
         for t, src in zip(static, dec):
             t.copy_(src[:, s:s + 1])
@@ -505,6 +509,43 @@ def test_cuda_graphs_of_both_capturable_steps():
         assert torch.equal(a, b), name
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6, msg=name)
     assert plen.tolist() == [(n + steps) % C for n in lens]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("mode", ["none", "masked"])
+def test_cuda_capturable_guards_with_and_without_kernel(mode, monkeypatch):
+    """On the GPU, lengths nobody checked (out of [0, C), or C - 1 at a 'none' step) give NaN outputs
+    and keep the state, with the ATen sequence and with the fused kernels; the valid sequences'
+    outputs agree between the two (float32 summation order), their state exactly but for the
+    completed chunk's update (float32 order too)."""
+    C, H, d = 16, 2, 64
+    plens = [0, C - 1, C, -2, 7, C + 9]
+    B = len(plens)
+    pre, cu_pre, dec, _, _, _, weights = split_case([5] * B, 1, H, d, d, torch.bfloat16, device="cuda", seed=8)
+    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    fast, pending, _ = _pack(st)
+    runs = {}
+    for kernel in (False, True):
+        monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1" if kernel else "0")
+        state = [fast.clone(), pending.clone(), torch.tensor(plens, device="cuda")]
+        o = torch.ops.allmem.ttt_memory_decode_step(*[t[:, :1] for t in dec], *weights, *state, C, False, True, None,
+                                                    mode)
+        runs[kernel] = (o, state)
+    limit = C - 1 if mode == "none" else C
+    for n, p in enumerate(plens):
+        for kernel, (o, state) in runs.items():
+            if 0 <= p < limit:
+                assert torch.isfinite(o[n]).all(), (n, kernel)
+                assert state[2][n].item() == (p + 1) % C, (n, kernel)
+            else:
+                assert torch.isnan(o[n]).all(), (n, kernel)
+                assert state[2][n].item() == p, (n, kernel)
+                assert torch.equal(state[0][n], fast[n]) and torch.equal(state[1][n], pending[n]), (n, kernel)
+    ok = [n for n, p in enumerate(plens) if 0 <= p < limit]
+    torch.testing.assert_close(runs[True][0][ok].float(), runs[False][0][ok].float(), rtol=1e-2, atol=1e-2)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a[ok], b[ok], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -635,7 +635,7 @@ namespace allmem::ttt {
 at::Tensor ttt_decode_step_kernel_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& eta, const at::Tensor& mu, const at::Tensor& fast,
                                        at::Tensor& pending, const at::Tensor& pending_len, int64_t chunk_size,
-                                       int64_t h, bool residual) {
+                                       int64_t h, bool residual, int64_t row_limit) {
   using namespace allmem::ttt::cuda;
   const c10::cuda::CUDAGuard guard(q.device());
   ALLMEM_CHECK(q.size(0) * q.size(2) <= INT32_MAX, "B * H must fit the grid (2^31 - 1), got ", q.size(0) * q.size(2));
@@ -651,15 +651,27 @@ at::Tensor ttt_decode_step_kernel_cuda(const at::Tensor& q, const at::Tensor& k,
   p.dtype = cuda_dtype(q);
   p.fast = fast.data_ptr<float>();
   p.pending = pending.data_ptr<float>();
-  p.pending_len = pending_len.data_ptr<int64_t>();
+  p.pending_len = const_cast<int64_t*>(pending_len.data_ptr<int64_t>());  // only read here
   p.n_seqs = q.size(0);
   p.heads = q.size(2);
   p.chunk = chunk_size;
+  p.row_limit = row_limit;
   p.d = static_cast<int>(q.size(3));
   p.h = static_cast<int>(h);
   p.residual = residual;
   launch_ttt_decode(p, at::cuda::getCurrentCUDAStream());
   return o;
+}
+
+void ttt_decode_advance_cuda(at::Tensor& pending_len, int64_t chunk_size, int64_t row_limit) {
+  using namespace allmem::ttt::cuda;
+  const c10::cuda::CUDAGuard guard(pending_len.device());
+  DecodeParams p{};
+  p.pending_len = pending_len.data_ptr<int64_t>();
+  p.n_seqs = pending_len.size(0);
+  p.chunk = chunk_size;
+  p.row_limit = row_limit;
+  launch_ttt_decode_advance(p, at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace allmem::ttt

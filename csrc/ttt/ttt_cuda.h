@@ -251,12 +251,15 @@ struct DecodeParams {
   InDType dtype;
   const float* fast;
   float* pending;
-  const int64_t* pending_len;
+  int64_t* pending_len;  // read by the step kernel, advanced by the advance kernel
   int64_t n_seqs, heads, chunk;
+  int64_t row_limit;  // a sequence whose length is outside [0, row_limit) is guarded: NaN o, nothing written
   int d, h;
   bool residual;
 };
 void launch_ttt_decode(const DecodeParams& p, cudaStream_t stream);
+// pending_len[n] = (pending_len[n] + 1) % chunk where it is in [0, row_limit); kept elsewhere.
+void launch_ttt_decode_advance(const DecodeParams& p, cudaStream_t stream);
 
 // The elementwise steps of the composite backward (ttt_bwd_composite.cpp) as single launches on
 // float32 rows (the ATen sequence they replace: about 40 launches per chunk). Row-major, contiguous

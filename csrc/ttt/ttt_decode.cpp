@@ -82,37 +82,49 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
     }
   }
   if (B == 0 || H == 0) return at::empty(q.sizes(), q.options());  // contiguous, as every other return
+  // Rows [0, row_limit) are valid lengths: 'auto' checked them on the host, the capturable steps
+  // guard them on the device.
+  const int64_t row_limit = mode == Update::kNone ? C - 1 : C;
+  bool kernel = false;
 #ifdef ALLMEM_WITH_CUDA
   // ALLMEM_TTT_DECODE_KERNEL=1 (read at every call; opt-in until it has run on a GPU): the read and
-  // the row write in one launch (ttt_decode_kernel.cu) instead of the ATen sequence below.
-  if (q.is_cuda() && st == at::kFloat && mode == Update::kAuto && completing == 0 && decode_kernel_requested()) {
-    at::Tensor o = ttt_decode_step_kernel_cuda(q, k, v, eta, mu, fast, pending, pending_len, chunk_size, h, residual);
-    pending_len.add_(1);
-    return o;
-  }
+  // the row write in one launch, the length advance in another (ttt_decode_kernel.cu, with the same
+  // guard) instead of the ATen sequences below.
+  kernel = q.is_cuda() && st == at::kFloat && decode_kernel_requested();
 #endif
-  // The read with the weights as they are (before this step's update: SPEC.md step 1), as three
-  // batched GEMVs over W [B*H, rows, cols] views of the packed state.
-  auto mat = [&](int64_t i, int64_t rows, int64_t cols) { return fast.select(2, i).view({B * H, rows, cols}); };
-  const at::Tensor x = q.select(1, 0).to(st).reshape({B * H, d, 1});
-  const at::Tensor s = at::silu(at::bmm(mat(0, h, d), x)).mul_(at::bmm(mat(1, h, d), x));
-  at::Tensor o = residual ? at::baddbmm(x, mat(2, d, h), s) : at::bmm(mat(2, d, h), s);
-  // The token's k | v | eta | mu into row pending_len of each sequence's buffer, by the device
-  // lengths (not the host copy): the host values only decide whether a chunk completes, so a step
-  // that completes none is the same launches whatever the lengths, and a CUDA graph of it replays
-  // correctly for as long as no sequence completes its chunk (the caller's side of the contract).
-  const at::Tensor seqs = at::arange(B, pending_len.options());
-  at::Tensor row =
-      at::cat({k.select(1, 0), v.select(1, 0), eta.select(1, 0), mu.select(1, 0).unsqueeze(-1)}, -1).to(st);
-  at::Tensor ok, at_row = pending_len;
-  if (on_device) {
-    // Nobody checked the device lengths: a sequence whose length is out of range (or, with 'none',
-    // would complete its chunk) gets NaN outputs and keeps its state; nothing out of bounds is touched.
-    ok = pending_len.ge(0).logical_and_(pending_len.lt(mode == Update::kNone ? C - 1 : C));
-    at_row = pending_len.clamp(0, C - 1);
-    row = at::where(ok.view({B, 1, 1}), row, pending.index({seqs, at_row}));
+  at::Tensor o, ok;
+  if (kernel) {
+#ifdef ALLMEM_WITH_CUDA
+    o = ttt_decode_step_kernel_cuda(q, k, v, eta, mu, fast, pending, pending_len, C, h, residual, row_limit);
+#endif
+  } else {
+    // The read with the weights as they are (before this step's update: SPEC.md step 1), as three
+    // batched GEMVs over W [B*H, rows, cols] views of the packed state.
+    auto mat = [&](int64_t i, int64_t rows, int64_t cols) { return fast.select(2, i).view({B * H, rows, cols}); };
+    const at::Tensor x = q.select(1, 0).to(st).reshape({B * H, d, 1});
+    const at::Tensor s = at::silu(at::bmm(mat(0, h, d), x)).mul_(at::bmm(mat(1, h, d), x));
+    o = residual ? at::baddbmm(x, mat(2, d, h), s) : at::bmm(mat(2, d, h), s);
+    // The token's k | v | eta | mu into row pending_len of each sequence's buffer, by the device
+    // lengths (not the host copy): the host values only decide whether a chunk completes, so a
+    // step that completes none is the same launches whatever the lengths, and a CUDA graph of it
+    // replays correctly for as long as no sequence completes its chunk.
+    const at::Tensor seqs = at::arange(B, pending_len.options());
+    at::Tensor row =
+        at::cat({k.select(1, 0), v.select(1, 0), eta.select(1, 0), mu.select(1, 0).unsqueeze(-1)}, -1).to(st);
+    at::Tensor at_row = pending_len;
+    if (on_device) {
+      // Nobody checked the device lengths: a sequence whose length is out of range (or, with
+      // 'none', would complete its chunk) gets NaN outputs and keeps its state; nothing out of
+      // bounds is touched (its row write goes to a clamped row with that row's own contents).
+      ok = pending_len.ge(0).logical_and_(pending_len.lt(row_limit));
+      at_row = pending_len.clamp(0, C - 1);
+      row = at::where(ok.view({B, 1, 1}), row, pending.index({seqs, at_row}));
+      o = o.view({B, H * d}).masked_fill_(ok.logical_not().view({B, 1}), std::numeric_limits<double>::quiet_NaN());
+    }
+    pending.index_put_({seqs, at_row}, row);
+    o = o.view({B, 1, H, d}).to(q.scalar_type());
   }
-  pending.index_put_({seqs, at_row}, row);
+  // The chunk update, after the read (which uses the weights before it) and the row write.
   if (mode == Update::kMasked) {  // every sequence's update, kept where its chunk completes
     decode_chunk_update_(fast, pending, pending_len.eq(C - 1), w_gate, w_up, w_down, lact_order);
   } else if (completing == B) {  // every sequence completes (equal phases)
@@ -128,15 +140,19 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
     fast.index_copy_(0, ids, sub_fast);
     pending.index_copy_(0, ids, sub_pending);
   }
-  if (on_device) {
+  // The lengths: + 1, wrapping to 0 where a chunk completed; guarded ones kept.
+  if (kernel) {
+#ifdef ALLMEM_WITH_CUDA
+    ttt_decode_advance_cuda(pending_len, C, row_limit);
+#endif
+  } else if (on_device) {
     pending_len.copy_(at::where(ok, pending_len.add(1).remainder_(C), pending_len));
-    o = o.view({B, H * d}).masked_fill_(ok.logical_not().view({B, 1}), std::numeric_limits<double>::quiet_NaN());
   } else if (completing > 0) {
     pending_len.add_(1).remainder_(C);
   } else {
     pending_len.add_(1);
   }
-  return o.view({B, 1, H, d}).to(q.scalar_type());
+  return o;
 }
 
 }  // namespace

@@ -76,6 +76,10 @@ extern "C" void emu_bwd(const BwdParams* p, int d, int h) {
 extern "C" void emu_decode(const DecodeParams* p) {
   run_grid(p->n_seqs * p->heads, kDecodeThreads, p->d + p->h, [&] { ttt_decode_kernel(*p); });
 }
+// The length advance: one thread per sequence.
+extern "C" void emu_decode_advance(const DecodeParams* p) {
+  run_grid((p->n_seqs + kDecodeThreads - 1) / kDecodeThreads, kDecodeThreads, 0, [&] { ttt_decode_advance_kernel(*p); });
+}
 
 // The composite backward's kernels (ttt_composite_kernels.cu) with their launch geometry: a warp
 // per row (8 rows per block) or a thread per element.
