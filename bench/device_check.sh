@@ -205,7 +205,8 @@ if want tests-tc; then
 fi
 
 # The library's defaults, nothing set (not in the default set): the SWA op tests (on sm_90 the
-# Hopper forward and backward), the default-selection tests, the in-place TTT decode, the TTT GPU
+# Hopper forward and backward), the default-selection tests, the in-place TTT decode and the
+# model's CUDA-graph decoding (test_model_gpu.py, no transformers needed), the TTT GPU
 # tests (their fixtures pin the hand-written backward; test_ttt_composite checks the default's).
 # Not test_ttt_tc_gpu.py: its fixtures set every switch they depend on, and tests-ttt-tc runs it
 # with nothing set already.
@@ -213,7 +214,7 @@ if want tests-defaults; then
   run_stage tests-defaults 180 "$OUT/tests.log" env -u ALLMEM_SWA_SM90 -u ALLMEM_SWA_SM90_BWD -u ALLMEM_TTT_BWD \
     -u ALLMEM_TTT_TC -u ALLMEM_TTT_TC_SPLIT $PY -m pytest -q -ra -p no:cacheprovider -m gpu -k "$NOT_ERR" \
     "$REPO/tests/test_swa.py" "$REPO/tests/test_swa_gpu.py::test_default_kernels" "$REPO/tests/test_ttt_decode.py" \
-    "$REPO/tests/test_ttt_composite.py" "$REPO/tests/test_ttt_gpu.py"
+    "$REPO/tests/test_model_gpu.py" "$REPO/tests/test_ttt_composite.py" "$REPO/tests/test_ttt_gpu.py"
 fi
 
 # The SWA op tests with the Hopper forward as the default (ALLMEM_SWA_SM90=1), SM90_REPS times

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference for allmem_ops: the oracle ops and the AllMem model (float64-capable)."""
 from .convert import convert_from_hf
-from .generate import generate, state_nbytes
+from .generate import CUDAGraphDecoder, generate, state_nbytes
 from .model import AllMemForCausalLM
 from .model_config import AllMemConfig
 from .swa import swa_mask, swa_naive
@@ -11,6 +11,7 @@ __all__ = [
     "AllMemForCausalLM",
     "TTTState",
     "convert_from_hf",
+    "CUDAGraphDecoder",
     "generate",
     "state_nbytes",
     "swa_mask",

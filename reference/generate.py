@@ -2,7 +2,7 @@
 token-by-token decoding on a constant-size state (SWA S+W cache, conv tail, TTT state)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,6 +31,70 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
+def _state_tensors(state: AllMemState) -> list[torch.Tensor]:
+    """Every tensor a decode_ step writes (TTT fields are views of its packed tensors)."""
+    out = [state.lengths]
+    for layer in state.layers:
+        out += [layer.swa.k, layer.swa.v, layer.swa.seqlens, layer.conv]
+        out += [getattr(layer.ttt, f.name) for f in fields(layer.ttt)]
+    return out
+
+
+class CUDAGraphDecoder:
+    """Decode steps of `model` on `state` (one token per sequence) replayed from two CUDA graphs of
+    model.decode_: one with chunk_update 'none' (no sequence's TTT chunk completes at the step) and
+    one with 'masked' (any step: every sequence's chunk update computed, kept where its chunk
+    completes), chosen on the host from the sequences' token counts (read once, here). Nothing in
+    a step waits for the device or runs Python per layer. The state is advanced in place, as by
+    model.decode; the graphs hold its tensors, so decode this state only through this object while
+    it is in use. allmem_ops backend on a CUDA device; inference only.
+
+    step(tokens [B]) -> logits [B, vocab], a tensor that the next step overwrites.
+    """
+
+    def __init__(self, model: AllMemForCausalLM, state: AllMemState) -> None:
+        if state.backend != "allmem_ops" or state.lengths.device.type != "cuda":
+            raise ValueError("CUDA-graph decoding needs a state of the allmem_ops backend on a CUDA device, got "
+                             f"backend {state.backend!r} on {state.lengths.device}")
+        self.model, self.state = model, state
+        self.chunk = state.chunk_size
+        self.lengths = [int(n) for n in state.lengths.tolist()]
+        self.ids = torch.zeros((len(self.lengths), 1), dtype=torch.long, device=state.lengths.device)
+        # Warm-up of both steps (lazy initialisations, the TTT state's packed views) outside the
+        # capture, on a side stream, then the state put back as it was.
+        tensors = _state_tensors(state)
+        saved = [t.clone() for t in tensors]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for mode in ("none", "masked"):
+                model.decode_(self.ids, state, mode)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, v in zip(_state_tensors(state), saved):
+            t.copy_(v)
+        for layer in state.layers:  # the caches' lengths are as they were, valid: no check (a sync) in the capture
+            layer.swa._vouch()
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[str, torch.Tensor] = {}
+        for mode in ("none", "masked"):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits[mode] = model.decode_(self.ids, state, mode)[:, -1]
+            self.graphs[mode] = graph
+
+    def mode(self) -> str:
+        """The step the next token needs: 'masked' if some sequence's chunk completes with it."""
+        C = self.chunk
+        return "masked" if any(n % C == C - 1 for n in self.lengths) else "none"
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mode = self.mode()
+        self.ids.copy_(tokens.reshape(-1, 1))
+        self.graphs[mode].replay()
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.logits[mode]
+
+
 @torch.no_grad()
 def generate(
     model: AllMemForCausalLM,
@@ -42,13 +106,15 @@ def generate(
     window: int | None = None,
     sinks: int | None = None,
     chunk_size: int | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationOutput:
     """Generate max_new_tokens tokens after each prompt.
 
     prompts: int64 [B,L] (equal lengths) or a list of 1-D token sequences of any lengths (packed
     into one varlen prefill). temperature 0 is greedy; otherwise sampling from softmax(logits / T),
     restricted to the top_k most likely tokens if top_k is given, drawn with `generator`.
-    window / sinks / chunk_size override the model config for this generation.
+    window / sinks / chunk_size override the model config for this generation. cuda_graph: decode
+    steps replayed from CUDA graphs (CUDAGraphDecoder; allmem_ops backend on a CUDA device).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -57,6 +123,8 @@ def generate(
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     device = model.model.embed_tokens.weight.device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {device}")
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] < 1:
             raise ValueError(f"a prompt tensor must be [B,L] with L >= 1, got shape {tuple(prompts.shape)}")
@@ -75,12 +143,13 @@ def generate(
             torch.cat(seqs), cu_seqlens=cu_seqlens, window=window, sinks=sinks, chunk_size=chunk_size, last_only=True
         )
         last = logits
+    decoder = CUDAGraphDecoder(model, state) if cuda_graph and max_new_tokens > 1 else None
     out = []
     for step in range(max_new_tokens):
         token = _pick(last, temperature, top_k, generator)
         out.append(token)
         if step + 1 < max_new_tokens:
-            last = model.decode(token[:, None], state)[:, -1]
+            last = decoder.step(token) if decoder is not None else model.decode(token[:, None], state)[:, -1]
     tokens = torch.stack(out, 1)
     return GenerationOutput(sequences=list(tokens.unbind(0)), state=state)
 

@@ -132,6 +132,8 @@ class _Call:
     seq_pos: torch.Tensor | None  # [B,L] position inside the sequence, varlen prefill only
     make_state: bool  # prefill that returns a decoding state
     decoding: bool  # continue from a decoding state
+    in_place: bool = False  # decoding: every state tensor updated in place (decode_, CUDA graphs)
+    chunk_update: str = "auto"  # decoding: allmem_ops.ttt_memory_decode_'s chunk_update
 
 
 class Attention(nn.Module):
@@ -253,6 +255,7 @@ class MemoryBranch(nn.Module):
             initial_state=state.ttt if call.decoding else None,
             output_final_state=call.make_state or call.decoding,
             cu_seqlens=call.cu_seqlens, lact_order=self.lact_order, residual=self.residual,
+            chunk_update=call.chunk_update,
         )
         if self.out_norm is not None:
             o = self.out_norm(o)
@@ -294,7 +297,10 @@ class DecoderLayer(nn.Module):
         if call.mixer == "allmem":
             mem, tail, ttt_state = self.memory(u, call, state)
             mixed = mixed + self.alpha * mem
-            if call.make_state or call.decoding:
+            if call.in_place:  # the SWA cache and the TTT state were updated in place
+                state.conv.copy_(tail)
+                new_state = state
+            elif call.make_state or call.decoding:
                 new_state = LayerState(swa=swa_cache, conv=tail, ttt=ttt_state)
         x = x + mixed
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -384,6 +390,27 @@ class AllMemForCausalLM(nn.Module):
         logits, new_states = self._run(input_ids, call, positions, state.layers)
         state.layers = new_states
         state.lengths = state.lengths + input_ids.shape[1]
+        return logits
+
+    @torch.no_grad()
+    def decode_(self, input_ids: torch.Tensor, state: AllMemState, chunk_update: str = "auto") -> torch.Tensor:
+        """decode of one token per sequence (input_ids int64 [B,1] -> logits [B,1,vocab]) that
+        updates every tensor of `state` in place (the SWA caches, the conv tails, the TTT states,
+        the lengths) and reads nothing on the host with chunk_update 'none' or 'masked'
+        (allmem_ops.ttt_memory_decode_): the step a CUDA graph records (generate(cuda_graph=True)).
+        allmem_ops backend only; no autograd."""
+        _check_ids(input_ids)
+        if state.backend != "allmem_ops":
+            raise ValueError(f"decode_ needs a state of the allmem_ops backend (in-place kernels), got {state.backend!r}")
+        if input_ids.dim() != 2 or input_ids.shape != (state.lengths.shape[0], 1):
+            raise ValueError(
+                f"input_ids must be [B,1] with B = {state.lengths.shape[0]} sequences in the state, "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        call = _Call("allmem", state.window, state.sinks, state.chunk_size, state.backend, None, None, None,
+                     make_state=False, decoding=True, in_place=True, chunk_update=chunk_update)
+        logits, _ = self._run(input_ids, call, state.lengths[:, None], state.layers)
+        state.lengths.add_(1)
         return logits
 
     def save_pretrained(self, directory: str) -> None:

@@ -64,9 +64,11 @@ def ttt_memory(
     cu_seqlens: torch.Tensor | None = None,
     lact_order: bool = False,
     residual: bool = True,
+    chunk_update: str = "auto",
 ):
     """The chunked TTT memory (SPEC.md): q/k/v [B,L,H,d], eta [B,L,H,3], mu [B,L,H],
-    w_gate/w_up [H,h,d], w_down [H,d,h] -> (o [B,L,H,d], TTTState or None)."""
+    w_gate/w_up [H,h,d], w_down [H,d,h] -> (o [B,L,H,d], TTTState or None). chunk_update: of the
+    in-place decode step (allmem_ops.ttt_memory_decode_); anything but 'auto' needs that step."""
     check_backend(backend)
     if backend == "reference":
         from .ttt import ttt_memory_chunked as fn
@@ -80,8 +82,11 @@ def ttt_memory(
                 and q.shape[1] == 1 and not torch.compiler.is_compiling()
                 and not kernels.ttt.decode_needs_autograd(initial_state, q, k, v, eta, mu, w_gate, w_up, w_down)):
             o = kernels.ttt_memory_decode_(q, k, v, eta, mu, w_gate, w_up, w_down, initial_state, chunk_size,
-                                          lact_order=lact_order, residual=residual)
+                                          lact_order=lact_order, residual=residual, chunk_update=chunk_update)
             return o, initial_state
+    if chunk_update != "auto":
+        raise ValueError(f"chunk_update={chunk_update!r} needs the in-place decode step (allmem_ops backend, one "
+                         "token per sequence, no autograd)")
     return fn(
         q, k, v, eta, mu, w_gate, w_up, w_down, chunk_size,
         initial_state=initial_state, output_final_state=output_final_state,

@@ -249,6 +249,64 @@ def test_prefill_then_decode_equals_forward_kernels(lengths):
     _decode_vs_forward(_tiny_model(), "allmem_ops", lengths, steps=14, per_call=1)
 
 
+def _graph_mode(lengths, C):
+    """The chunk_update a CUDA-graph decoder picks for the next token of sequences of these lengths."""
+    return "masked" if any(n % C == C - 1 for n in lengths) else "none"
+
+
+@pytest.mark.parametrize("pattern", ["auto", "masked", "graph"])
+@pytest.mark.parametrize("lengths", [[5, 9], [6, 6], [2, 4, 7]])
+def test_in_place_decode_equals_forward(lengths, pattern):
+    """model.decode_ (one token per sequence, every state tensor updated in place: the step a CUDA
+    graph records) with chunk_update 'auto', 'masked' at every step, or as CUDAGraphDecoder picks
+    ('none' unless some sequence's TTT chunk completes): logits equal one forward over the whole
+    sequences (float64, C = 3: many chunk boundaries, at different steps per sequence), and no state
+    tensor is replaced."""
+    from allmem_ops.reference.generate import _state_tensors
+
+    model = _tiny_model(backend="allmem_ops")
+    C, steps = model.config.chunk_size, 10
+    torch.manual_seed(5)
+    seqs = [torch.randint(0, 50, (n + steps,)) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        expected = [model(s[None])[0] for s in seqs]
+        logits, state = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), cu_seqlens=cu)
+    got = [[logits[a:b]] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    layers = list(state.layers)
+    ptrs = None
+    for t in range(steps):
+        mode = pattern if pattern != "graph" else _graph_mode([n + t for n in lengths], C)
+        out = model.decode_(torch.stack([s[n + t:n + t + 1] for s, n in zip(seqs, lengths)]), state, mode)
+        for b in range(len(seqs)):
+            got[b].append(out[b])
+        now = [x.data_ptr() for x in _state_tensors(state)]
+        assert ptrs is None or now == ptrs, "a state tensor was replaced"
+        ptrs = now
+    assert all(a is b for a, b in zip(state.layers, layers))
+    assert state.lengths.tolist() == [n + steps for n in lengths]
+    for b in range(len(seqs)):
+        torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=0, atol=1e-10)
+
+
+def test_bad_in_place_decode_and_cuda_graph_arguments():
+    from allmem_ops.reference.generate import CUDAGraphDecoder
+
+    model = _tiny_model(backend="allmem_ops")
+    _, state = model.prefill(torch.randint(0, 50, (2, 5)))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B,1\] with B = 2 sequences in the state, got shape \(2, 2\)"):
+        model.decode_(torch.randint(0, 50, (2, 2)), state)
+    with pytest.raises(ValueError, match="chunk_update must be 'auto', 'none' or 'masked', got 'all'"):
+        model.decode_(torch.randint(0, 50, (2, 1)), state, "all")
+    with pytest.raises(ValueError, match="CUDA-graph decoding needs a state of the allmem_ops backend on a CUDA device"):
+        CUDAGraphDecoder(model, state)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, got cpu"):
+        generate(model, [[1, 2]], max_new_tokens=2, cuda_graph=True)
+    _, ref_state = _tiny_model().prefill(torch.randint(0, 50, (2, 5)))
+    with pytest.raises(ValueError, match="decode_ needs a state of the allmem_ops backend"):
+        model.decode_(torch.randint(0, 50, (2, 1)), ref_state)
+
+
 @pytest.mark.parametrize(
     "backend",
     ["reference", "allmem_ops"],
