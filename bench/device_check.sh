@@ -6,7 +6,8 @@
 #   on a small case of every kernel -> bench/bench_swa_gpu.py -> bench/bench_ttt_gpu.py -> a short
 #   table, printed last.
 # Logs and JSON go to $OUT (at most 8 files come back): build.log, tests.log, sanitizer.log,
-# bench.log (both benchmarks), bench_swa_gpu.json, bench_ttt_gpu.json, summary.json.
+# bench.log (the benchmarks), bench_swa_gpu.json, bench_ttt_gpu.json, bench_model_decode.json, profile_gpu.json,
+# summary.json (a call's stages decide which).
 #
 # Wheels it installs from .whl/ (the device machine has no network). Fetch them beforehand, from
 # the repo root of a machine with pip:
@@ -27,7 +28,8 @@
 # "tests-tc" and "sanitize-tc" the tensor-core TTT kernels' tests and sanitizer cases alone;
 # "sweep" (not in the default set) bench/swa_seed_sweep.py with SWEEP_SEEDS seeds; "profile" (not in
 # the default set) bench/profile_gpu.py, per-kernel times of the cases still short of their targets;
-# "tests-defaults" (not in the default set) the tests with no switch set); single stages are left out by name with
+# "tests-defaults" (not in the default set) the tests with no switch set; "bench-model" the model's
+# decode step, bench/bench_model_decode.py, also in "bench"); single stages are left out by name with
 # SKIP="sanitize-ttt-racecheck-0 ...". Every stage runs
 # under its own time limit, cut to what is left of BUDGET_S (default 540 s); a failing stage is
 # recorded and the next one still runs. The benchmark runs before the sanitizers (numbers first;
@@ -63,8 +65,8 @@
 # clocks for every shape: which one to make the default; the d = 128 chain's shapes, 16 unit groups
 # and 2/4 token parts; the composite TTT passes at d = 128), then the TTT benchmark at the target
 # length and B = 1 (the peers' other rows were measured in runs b-e; the new shapes' rows run after
-# the peers, the d = 128 token parts' last):
-#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt" PROFILE_CASES="ttt_fwd64,ttt_fwd128,ttt_bwd128" \
+# the peers, the d = 128 token parts' last), then the model's decode step, eager vs CUDA graphs:
+#   ALLMEM_COMMIT=<sha> STAGES="profile bench-ttt bench-model" PROFILE_CASES="ttt_fwd64,ttt_fwd128,ttt_bwd128" \
 #   BENCH_TTT_BUDGET=150 BUDGET_S=<left - 25> \
 #   BENCH_TTT_ARGS="--lengths 131072 --batches 1 --skip allmem,ref_eager,allmem_tc_units,allmem_tc_split,allmem_tc_fused,fla_gdn,fla_dr,correctness,decode" \
 #   bash bench/device_check.sh
@@ -256,7 +258,12 @@ if want bench || want bench-ttt; then
   run_stage bench-ttt $((ttt_cap + 15)) "$OUT/bench.log" env PYTHONPATH="$PYTHONPATH:$FLA_SITE" \
     $PY "$REPO/bench/bench_ttt_gpu.py" --out "$OUT/bench_ttt_gpu.json" --budget-s "$ttt_budget" ${BENCH_TTT_ARGS:-}
 fi
-
+# The whole model's decode step (Qwen3-0.6B shape, bf16): eager vs the CUDA-graph decoder, B = 1, 8,
+# 64 (BENCH_MODEL_ARGS added to its command line); "bench-model" alone, or with "bench".
+if want bench || want bench-model; then
+  run_stage bench-model 120 "$OUT/bench.log" $PY "$REPO/bench/bench_model_decode.py" \
+    --out "$OUT/bench_model_decode.json" ${BENCH_MODEL_ARGS:-}
+fi
 
 # ---- compute-sanitizer: memcheck and racecheck on a small case of every kernel ----
 # ("sanitize-sm90" alone: the SWA cases on the Hopper forward and backward only.)

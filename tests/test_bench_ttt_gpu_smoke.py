@@ -73,3 +73,18 @@ def test_bench_ttt_gpu_selection(tmp_path):
     data = json.loads(out.read_text())
     timed = {(r["impl"], r["d"], r["B"], r["L"], r["pass_"]) for r in data["results"] if "ms" in r}
     assert timed == {("allmem", 16, 2, 64, "fwd"), ("ref_comp", 16, 2, 64, "fwd")}, timed
+
+
+def test_bench_model_decode_smoke(tmp_path):
+    """bench/bench_model_decode.py --smoke: the model decode benchmark's code path (prefill, the
+    eager rows, floors, JSON, table) on the CPU with a tiny config; its graph rows need a GPU."""
+    script = os.path.join(os.path.dirname(BENCH), "bench_model_decode.py")
+    out = tmp_path / "bench_model_decode.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, script, "--smoke", "--reps", "3", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["commit"] and data["date_utc"] and data["hbm_gbps"] > 0
+    assert [r["impl"] for r in data["rows"]] == ["eager_decode", "eager_decode_"], data["rows"]
+    assert all(r["ms"] > 0 and r["x_floor"] > 1 and r["need_bytes"] > 0 for r in data["rows"])
