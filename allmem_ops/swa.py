@@ -188,16 +188,21 @@ class SWAKVCache:
         return torch.where(pos < self.sinks, pos, ring)
 
     @torch.no_grad()
-    def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None) -> Tensor:
+    def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None = None,
+                          check_lengths: bool | None = None) -> Tensor:
         """Decodes Lnew tokens for every sequence: q [B, Lnew, Hq, D], k/v [B, Lnew, Hkv, D]
         -> out [B, Lnew, Hq, D]; then advances the lengths by Lnew. Under torch.autocast the
-        inputs are cast to the cache's dtype."""
+        inputs are cast to the cache's dtype. check_lengths: None checks the lengths (a host sync on
+        CUDA) unless this cache alone wrote them since they were last checked; False never (CUDA-graph
+        capture: a negative length then gives NaN outputs), True always."""
         if torch.is_autocast_enabled(q.device.type):
             q, k, v = (t.to(self.k.dtype) for t in (q, k, v))
-        version = self._seqlens_version()
-        vouched = version is not None and self._vouched[0] is self.seqlens and self._vouched[1] == version
+        if check_lengths is None:
+            version = self._seqlens_version()
+            check_lengths = not (version is not None and self._vouched[0] is self.seqlens
+                                 and self._vouched[1] == version)
         out = sliding_window_attention_decode(
-            q, k, v, self.k, self.v, self.seqlens, self.window, self.sinks, softmax_scale, check_lengths=not vouched
+            q, k, v, self.k, self.v, self.seqlens, self.window, self.sinks, softmax_scale, check_lengths=check_lengths
         )
         self.seqlens += q.shape[1]
         self._vouch()

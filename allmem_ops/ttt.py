@@ -308,16 +308,14 @@ def ttt_memory_decode_(
     except RuntimeError:  # inference-mode tensors keep no version counter: the op reads the lengths
         version = None
     host = None
-    if version is not None:
+    if version is not None and chunk_update == "auto":
         mirror = getattr(state, "_allmem_plen_host", None)
-        if mirror is not None and mirror[0] is plen and mirror[1] == version:
-            host = mirror[2]
-        elif chunk_update == "auto":
-            host = plen.tolist()
-    # With 'none' / 'masked' the op only checks the host lengths it is given (never reads them).
+        host = mirror[2] if mirror is not None and mirror[0] is plen and mirror[1] == version else plen.tolist()
+    # 'none' / 'masked' get no host lengths: they guard the device ones (a host copy would turn a
+    # guarded sequence into an error after the op had started).
     o = torch.ops.allmem.ttt_memory_decode_step(q, k, v, eta, mu, w_gate, w_up, w_down, *packed, plen, chunk_size,
                                                 lact_order, residual, host, chunk_update)
-    if host is not None and chunk_update == "auto":  # every length + 1, mod C
+    if host is not None:  # every length + 1, mod C
         state._allmem_plen_host = (plen, plen._version, [(p + 1) % chunk_size for p in host])
     else:  # a capturable step may be replayed behind this wrapper's back: the next 'auto' step reads
         state._allmem_plen_host = None

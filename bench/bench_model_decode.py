@@ -118,29 +118,36 @@ def main() -> None:
     model = model.to(torch.bfloat16).eval()
     prompt = cfg["sinks"] + cfg["window"] + 61
     for B in batches:
+        state = dec = None
         try:
             with torch.no_grad():
                 ids = torch.randint(0, cfg["vocab_size"], (B, prompt), device=dev)
                 _, state = model.prefill(ids, last_only=True)
                 tok = torch.randint(0, cfg["vocab_size"], (B, 1), device=dev)
-                rows = {"eager_decode": lambda: model.decode(tok, state),
-                        "eager_decode_": lambda: model.decode_(tok, state, "none")}
-                if dev == "cuda":
-                    dec = CUDAGraphDecoder(model, state)
-                    rows["graph_none"] = dec.graphs["none"].replay
-                    rows["graph_masked"] = dec.graphs["masked"].replay
                 need = need_bytes(model, cfg, B)
-                for name, fn in rows.items():
+
+                def record(name, fn):
                     ms = time_ms(fn, dev, reps=args.reps)
                     row = dict(impl=name, B=B, ms=ms, tokens_per_s=B / (ms * 1e-3), need_bytes=need,
                                floor_ms=need / (bw * 1e9) * 1e3)
                     row["x_floor"] = ms / row["floor_ms"]
                     data["rows"].append(row)
                     print(f"[decode] B={B:>3} {name:14} {ms:8.3f} ms  {row['x_floor']:6.1f}x floor", flush=True)
-                del state, rows
+
+                # model.decode replaces the state's lengths and conv tails: the eager rows first, then
+                # the decoder on the state as they left it (its graphs hold those tensors).
+                record("eager_decode", lambda: model.decode(tok, state))
+                record("eager_decode_", lambda: model.decode_(tok, state, "none"))
+                if dev == "cuda":
+                    dec = CUDAGraphDecoder(model, state)
+                    record("graph_none", dec.graphs["none"].replay)
+                    record("graph_masked", dec.graphs["masked"].replay)
         except Exception as exc:  # noqa: BLE001 - record and go on with the next batch size
             data["rows"].append(dict(B=B, error=f"{type(exc).__name__}: {exc}"))
             print(f"[decode] B={B}: {type(exc).__name__}: {exc}", flush=True)
+        del state, dec
+        if dev == "cuda":
+            torch.cuda.empty_cache()
         with open(args.out, "w") as f:
             json.dump(data, f, indent=1)
     print(f"\n== AllMem decode step ({'Qwen3-0.6B shape' if dev == 'cuda' else 'smoke'}), {data['gpu']}, "

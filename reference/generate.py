@@ -32,12 +32,44 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
 
 
 def _state_tensors(state: AllMemState) -> list[torch.Tensor]:
-    """Every tensor a decode_ step writes (TTT fields are views of its packed tensors)."""
+    """Every tensor a decode_ step writes (TTT fields are views of its packed tensors); for tests."""
     out = [state.lengths]
     for layer in state.layers:
         out += [layer.swa.k, layer.swa.v, layer.swa.seqlens, layer.conv]
         out += [getattr(layer.ttt, f.name) for f in fields(layer.ttt)]
     return out
+
+
+@torch.no_grad()
+def decode_steps_undone(model: AllMemForCausalLM, state: AllMemState, ids: torch.Tensor, modes) -> None:
+    """model.decode_(ids, state, mode) for each mode, then the state put back as it was (bit for
+    bit): the warm-up before a CUDA-graph capture. The TTT lengths are set to -1 first, so the TTT
+    steps guard every sequence and write nothing (their launches are the same); the SWA caches'
+    slots the steps write, the conv tails and the lengths are saved and put back. No copy of the
+    whole state (tens of GB at a large batch)."""
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    saved = [(state.lengths, state.lengths.clone())]
+    slots = []
+    for layer in state.layers:
+        saved += [(layer.conv, layer.conv.clone()), (layer.swa.seqlens, layer.swa.seqlens.clone()),
+                  (layer.ttt.pending_len, layer.ttt.pending_len.clone())]
+        pos = layer.swa.seqlens.long()
+        for step in range(len(modes)):
+            s = layer.swa.slot(pos + step)
+            slots.append((layer.swa, s, layer.swa.k[rows, s].clone(), layer.swa.v[rows, s].clone()))
+        layer.ttt.pending_len.fill_(-1)
+    try:
+        for mode in modes:
+            model.decode_(ids, state, mode)
+    finally:
+        for swa, s, k, v in reversed(slots):
+            swa.k[rows, s] = k
+            swa.v[rows, s] = v
+        for t, v in saved:
+            t.copy_(v)
+        for layer in state.layers:  # the caches' lengths are as they were: valid
+            if hasattr(layer.swa, "_vouch"):
+                layer.swa._vouch()
 
 
 class CUDAGraphDecoder:
@@ -47,7 +79,8 @@ class CUDAGraphDecoder:
     completes), chosen on the host from the sequences' token counts (read once, here). Nothing in
     a step waits for the device or runs Python per layer. The state is advanced in place, as by
     model.decode; the graphs hold its tensors, so decode this state only through this object while
-    it is in use. allmem_ops backend on a CUDA device; inference only.
+    it is in use (model.decode replaces the lengths and conv tails: step() then refuses).
+    allmem_ops backend on a CUDA device; inference only.
 
     step(tokens [B]) -> logits [B, vocab], a tensor that the next step overwrites.
     """
@@ -59,28 +92,26 @@ class CUDAGraphDecoder:
         self.model, self.state = model, state
         self.chunk = state.chunk_size
         self.lengths = [int(n) for n in state.lengths.tolist()]
-        self.ids = torch.zeros((len(self.lengths), 1), dtype=torch.long, device=state.lengths.device)
-        # Warm-up of both steps (lazy initialisations, the TTT state's packed views) outside the
-        # capture, on a side stream, then the state put back as it was.
-        tensors = _state_tensors(state)
-        saved = [t.clone() for t in tensors]
+        B = len(self.lengths)
+        for i, layer in enumerate(state.layers):  # the graphs' steps check no length (a sync): here, once
+            if (layer.swa.seqlens.tolist() != self.lengths
+                    or layer.ttt.pending_len.tolist() != [n % self.chunk for n in self.lengths]):
+                raise ValueError(f"layer {i}'s decode state does not match the state's lengths {self.lengths}")
+        self.ids = torch.zeros((B, 1), dtype=torch.long, device=state.lengths.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for mode in ("none", "masked"):
-                model.decode_(self.ids, state, mode)
+        with torch.cuda.stream(side):  # lazy initialisations, the TTT state's packed views
+            decode_steps_undone(model, state, self.ids, ("none", "masked"))
         torch.cuda.current_stream().wait_stream(side)
-        for t, v in zip(_state_tensors(state), saved):
-            t.copy_(v)
-        for layer in state.layers:  # the caches' lengths are as they were, valid: no check (a sync) in the capture
-            layer.swa._vouch()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.logits: dict[str, torch.Tensor] = {}
         for mode in ("none", "masked"):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits[mode] = model.decode_(self.ids, state, mode)[:, -1]
+                self.logits[mode] = self.model.decode_(self.ids, state, mode)[:, -1]
             self.graphs[mode] = graph
+        # The objects the graphs read and write: kept alive here, and checked at every step.
+        self._held = (state.lengths, list(state.layers), [layer.conv for layer in state.layers])
 
     def mode(self) -> str:
         """The step the next token needs: 'masked' if some sequence's chunk completes with it."""
@@ -88,6 +119,14 @@ class CUDAGraphDecoder:
         return "masked" if any(n % C == C - 1 for n in self.lengths) else "none"
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        lengths, layers, convs = self._held
+        if (self.state.lengths is not lengths or any(a is not b for a, b in zip(self.state.layers, layers))
+                or any(layer.conv is not c for layer, c in zip(layers, convs))):
+            raise RuntimeError("the state's tensors were replaced since the graphs were recorded (model.decode "
+                               "replaces the lengths and conv tails): decode it only through this CUDAGraphDecoder")
+        if tokens.shape not in ((len(self.lengths),), (len(self.lengths), 1)) or tokens.device != self.ids.device:
+            raise ValueError(f"tokens must be [B] = [{len(self.lengths)}] on {self.ids.device}, got "
+                             f"{list(tokens.shape)} on {tokens.device}")
         mode = self.mode()
         self.ids.copy_(tokens.reshape(-1, 1))
         self.graphs[mode].replay()

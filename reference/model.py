@@ -165,7 +165,10 @@ class Attention(nn.Module):
         cache = None
         if call.decoding:
             cache = state.swa
-            out = cache.update_and_attend(q, k, v)
+            if call.in_place and call.chunk_update != "auto":  # capturable: no length check (a host sync)
+                out = cache.update_and_attend(q, k, v, check_lengths=False)
+            else:
+                out = cache.update_and_attend(q, k, v)
         else:
             varlen = call.cu_seqlens is not None
             # Varlen ops take [T,H,D]; the model keeps a batch of 1 around the packed tokens.
@@ -397,9 +400,11 @@ class AllMemForCausalLM(nn.Module):
         """decode of one token per sequence (input_ids int64 [B,1] -> logits [B,1,vocab]) that
         updates every tensor of `state` in place (the SWA caches, the conv tails, the TTT states,
         the lengths) and reads nothing on the host with chunk_update 'none' or 'masked'
-        (allmem_ops.ttt_memory_decode_): the step a CUDA graph records (generate(cuda_graph=True)).
-        allmem_ops backend only; no autograd."""
+        (allmem_ops.ttt_memory_decode_; nor do the SWA caches check their lengths then): the step a
+        CUDA graph records (generate(cuda_graph=True)). allmem_ops backend only; no autograd."""
         _check_ids(input_ids)
+        if chunk_update not in ("auto", "none", "masked"):  # before any layer has changed its state
+            raise ValueError(f"chunk_update must be 'auto', 'none' or 'masked', got {chunk_update!r}")
         if state.backend != "allmem_ops":
             raise ValueError(f"decode_ needs a state of the allmem_ops backend (in-place kernels), got {state.backend!r}")
         if input_ids.dim() != 2 or input_ids.shape != (state.lengths.shape[0], 1):

@@ -274,19 +274,46 @@ def test_in_place_decode_equals_forward(lengths, pattern):
         logits, state = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), cu_seqlens=cu)
     got = [[logits[a:b]] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
     layers = list(state.layers)
-    ptrs = None
+    ptrs = [x.data_ptr() for x in _state_tensors(state)]
     for t in range(steps):
         mode = pattern if pattern != "graph" else _graph_mode([n + t for n in lengths], C)
         out = model.decode_(torch.stack([s[n + t:n + t + 1] for s, n in zip(seqs, lengths)]), state, mode)
         for b in range(len(seqs)):
             got[b].append(out[b])
-        now = [x.data_ptr() for x in _state_tensors(state)]
-        assert ptrs is None or now == ptrs, "a state tensor was replaced"
-        ptrs = now
+        assert [x.data_ptr() for x in _state_tensors(state)] == ptrs, "a state tensor was replaced"
     assert all(a is b for a, b in zip(state.layers, layers))
     assert state.lengths.tolist() == [n + steps for n in lengths]
     for b in range(len(seqs)):
         torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[5, 9], [2, 7, 11]])
+def test_warm_up_steps_are_undone(lengths):
+    """decode_steps_undone (CUDAGraphDecoder's warm-up before its captures) runs a 'none' and a
+    'masked' step and leaves every state tensor bit for bit as it was, with sequences whose TTT
+    chunk would complete at either step (C = 3: lengths 5, 11 at C - 1; 7 at C - 2) and SWA rings
+    that wrap (W = 4); the next steps then equal one forward."""
+    from allmem_ops.reference.generate import _state_tensors, decode_steps_undone
+
+    model = _tiny_model(backend="allmem_ops")
+    torch.manual_seed(7)
+    seqs = [torch.randint(0, 50, (n + 4,)) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    with torch.no_grad():
+        expected = [model(s[None])[0, n:] for s, n in zip(seqs, lengths)]
+        _, state = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), cu_seqlens=cu)
+    model.decode_(torch.stack([s[n:n + 1] for s, n in zip(seqs, lengths)]), state)  # packs the TTT state
+    before = [t.clone() for t in _state_tensors(state)]
+    decode_steps_undone(model, state, torch.zeros((len(lengths), 1), dtype=torch.long), ("none", "masked"))
+    for i, (a, b) in enumerate(zip(_state_tensors(state), before)):
+        assert torch.equal(a, b), i
+    got = [[] for _ in seqs]
+    for t in range(1, 4):
+        out = model.decode_(torch.stack([s[n + t:n + t + 1] for s, n in zip(seqs, lengths)]), state)
+        for b in range(len(seqs)):
+            got[b].append(out[b])
+    for b in range(len(seqs)):
+        torch.testing.assert_close(torch.cat(got[b]), expected[b][1:], rtol=0, atol=1e-10)
 
 
 def test_bad_in_place_decode_and_cuda_graph_arguments():
@@ -296,8 +323,12 @@ def test_bad_in_place_decode_and_cuda_graph_arguments():
     _, state = model.prefill(torch.randint(0, 50, (2, 5)))
     with pytest.raises(ValueError, match=r"input_ids must be \[B,1\] with B = 2 sequences in the state, got shape \(2, 2\)"):
         model.decode_(torch.randint(0, 50, (2, 2)), state)
+    from allmem_ops.reference.generate import _state_tensors
+
+    before = [t.clone() for t in _state_tensors(state)]
     with pytest.raises(ValueError, match="chunk_update must be 'auto', 'none' or 'masked', got 'all'"):
         model.decode_(torch.randint(0, 50, (2, 1)), state, "all")
+    assert all(torch.equal(a, b) for a, b in zip(_state_tensors(state), before)), "a refused step changed the state"
     with pytest.raises(ValueError, match="CUDA-graph decoding needs a state of the allmem_ops backend on a CUDA device"):
         CUDAGraphDecoder(model, state)
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device, got cpu"):

@@ -32,13 +32,15 @@ HAS_CUDA_OP = torch.cuda.is_available() and "cuda" in allmem_ops.build_info()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@torch.no_grad()
 def test_cuda_graph_decoder_matches_eager_steps():
     """CUDAGraphDecoder (two graphs of model.decode_, 'none' and 'masked', replayed as the token
     counts say) on a bf16 model with CUDA-sized heads (SWA 64, memory d = 64, C = 16, W = 32),
     prompts of 5, 20 and 31 tokens (their chunks complete at different steps), 40 teacher-forced
     steps: logits and every state tensor bit for bit those of the same eager decode_ steps, logits
     close to the eager decode's ('auto': the same update math batched differently), and
-    generate(cuda_graph=True) runs."""
+    generate(cuda_graph=True) runs (also under inference_mode, where nothing has a version counter,
+    giving the same tokens); a replaced state tensor and a wrong token shape are refused."""
     from allmem_ops.reference.generate import CUDAGraphDecoder, _state_tensors
 
     model = _model(torch.bfloat16, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
@@ -64,3 +66,11 @@ def test_cuda_graph_decoder_matches_eager_steps():
     out = generate(model, [p.tolist() for p in prompts], max_new_tokens=24, cuda_graph=True)
     assert [len(s) for s in out.sequences] == [24] * 3
     assert out.state.lengths.tolist() == [n + 23 for n in lengths]
+    with torch.inference_mode():  # no version counters: the captured steps must not check lengths
+        again = generate(model, [p.tolist() for p in prompts], max_new_tokens=24, cuda_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(again.sequences, out.sequences))
+    decoder.state.lengths = decoder.state.lengths + 0  # replaced, as model.decode would
+    with pytest.raises(RuntimeError, match="the state's tensors were replaced since the graphs were recorded"):
+        decoder.step(toks[:, 0])
+    with pytest.raises(ValueError, match=r"tokens must be \[B\] = \[3\]"):
+        CUDAGraphDecoder(model, model.prefill(torch.cat(prompts), cu_seqlens=cu)[1]).step(toks[:1, 0])

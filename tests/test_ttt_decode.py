@@ -424,6 +424,24 @@ def test_capturable_steps_flag_lengths_nobody_checked(mode):
         ttt_memory_decode_(*step, *weights, state, C, chunk_update="Masked")
 
 
+def test_capturable_step_guards_after_an_auto_step():
+    """After an 'auto' step the wrapper holds valid host lengths; a following 'none' step at which a
+    sequence would complete its chunk still guards it (NaN, its state kept) rather than failing
+    halfway (the host copy is not given to the capturable steps), and the other sequence advances."""
+    C = 4
+    pre, cu_pre, dec, _, _, _, weights = split_case([2, 1], 2, 2, 3, 3, torch.float64, seed=23)
+    _, state = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    with torch.no_grad():
+        ttt_memory_decode_(*[t[:, :1] for t in dec], *weights, state, C)  # lengths 2, 1 -> 3, 2
+        assert state._allmem_plen_host is not None
+        before = {n: getattr(state, n)[0].clone() for n in FIELDS}
+        got = ttt_memory_decode_(*[t[:, 1:2] for t in dec], *weights, state, C, chunk_update="none")
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1]).all()
+    for n in FIELDS:
+        assert torch.equal(getattr(state, n)[0], before[n]), n
+    assert state.pending_len.tolist() == [3, 3]
+
+
 def test_auto_step_after_unseen_capturable_steps():
     """A capturable step leaves no host copy of the lengths behind: capturable steps replayed
     behind the wrapper's back (here the op on .data aliases of the state's packed tensors, which

@@ -4,6 +4,7 @@
 // layouts and meaning, so the Python wrapper (allmem_ops/ttt.py) is the same for both backends.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -661,6 +662,11 @@ at::Tensor ttt_decode_step_kernel_cuda(const at::Tensor& q, const at::Tensor& k,
   p.residual = residual;
   launch_ttt_decode(p, at::cuda::getCurrentCUDAStream());
   return o;
+}
+
+bool cuda_stream_capturing(const at::Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 void ttt_decode_advance_cuda(at::Tensor& pending_len, int64_t chunk_size, int64_t row_limit) {

@@ -130,6 +130,12 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   } else if (completing == B) {  // every sequence completes (equal phases)
     decode_chunk_update_(fast, pending, at::Tensor(), w_gate, w_up, w_down, lact_order);
   } else if (completing > 0) {  // the update of the completing sequences only, by indices sent without a sync
+#ifdef ALLMEM_WITH_CUDA
+    ALLMEM_CHECK(!fast.is_cuda() || !cuda_stream_capturing(fast),
+                 "a chunk_update='auto' step in which some sequences complete their chunk cannot be captured in a "
+                 "CUDA graph (its index copy would be recorded with a host buffer): capture 'none' and 'masked' "
+                 "steps");
+#endif
     auto ids_host = at::empty({completing}, at::TensorOptions(at::kLong).pinned_memory(fast.is_cuda()));
     int64_t* p = ids_host.data_ptr<int64_t>();
     for (int64_t n = 0; n < B; ++n)

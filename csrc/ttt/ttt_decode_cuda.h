@@ -14,5 +14,7 @@ at::Tensor ttt_decode_step_kernel_cuda(const at::Tensor& q, const at::Tensor& k,
 // Then (after the chunk update, where one runs): pending_len = (pending_len + 1) % chunk_size where
 // it is in [0, row_limit), in one launch.
 void ttt_decode_advance_cuda(at::Tensor& pending_len, int64_t chunk_size, int64_t row_limit);
+// Whether the current CUDA stream of `t`'s device is capturing a graph.
+bool cuda_stream_capturing(const at::Tensor& t);
 
 }  // namespace allmem::ttt
