@@ -23,11 +23,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import subprocess
-import time
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ttt_gpu import git_commit, time_ms as _time_ms  # noqa: E402
 
 QWEN3_06B = dict(
     vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -40,37 +41,9 @@ SMOKE = dict(
 )
 
 
-def git_commit() -> str:
-    if os.environ.get("ALLMEM_COMMIT"):
-        return os.environ["ALLMEM_COMMIT"]
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git on the device machine is fine
-        return "unknown"
-
-
-def time_ms(fn, dev: str, reps: int, warmup: int = 3) -> float:
-    """Median ms of `reps` calls after `warmup` (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if dev == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def time_ms(fn, dev: str, reps: int) -> float:
+    """Median ms of up to `reps` calls after 3 warm-up ones (bench_ttt_gpu's timer: CUDA events)."""
+    return _time_ms(fn, dev, warmup=3, reps=reps, max_s=2.0)[0]
 
 
 def hbm_gbps(dev: str) -> float:

@@ -468,6 +468,14 @@ def test_auto_step_after_unseen_capturable_steps():
         torch.testing.assert_close(getattr(state, n), getattr(ref, n), rtol=1e-10, atol=1e-12, msg=n)
 
 
+def _cuda_decode_case(lens, steps, C, seed, H=2, d=64):
+    """A bf16 CUDA case of the graph tests: the decode tokens [B, steps, ...], the weights, the packed
+    state (fast, pending, pending_len) after prefilling `lens` tokens, and one-token input buffers."""
+    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=seed)
+    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
+    return dec, weights, _pack(st), [t[:, :1].clone() for t in dec]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("kernel", [False, True])
@@ -480,14 +488,10 @@ def test_cuda_graphs_of_both_capturable_steps(kernel, monkeypatch):
     ATen sequence and with the fused kernels (ALLMEM_TTT_DECODE_KERNEL=1)."""
     if kernel:
         monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
-    C, H, d, steps = 16, 2, 64, 40
-    lens = [3, 9, 15]
-    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=4)
-    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
-    fast, pending, plen = _pack(st)
+    C, steps, lens = 16, 40, [3, 9, 15]
+    dec, weights, (fast, pending, plen), static = _cuda_decode_case(lens, steps, C, seed=4)
     eager = [fast.clone(), pending.clone(), plen.clone()]
     auto = [fast.clone(), pending.clone(), plen.clone()]
-    static = [t[:, :1].clone() for t in dec]
 
     def step(state, toks, mode):
         return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, None, mode)
@@ -577,13 +581,9 @@ def test_cuda_graph_replays_steps_that_complete_no_chunk(kernel, monkeypatch):
     the ATen sequence and with the fused kernel (ALLMEM_TTT_DECODE_KERNEL=1)."""
     if kernel:
         monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
-    C, H, d, steps = 64, 2, 64, 20
-    lens = [3, 20, 40]
-    pre, cu_pre, dec, _, _, _, weights = split_case(lens, steps, H, d, d, torch.bfloat16, device="cuda", seed=3)
-    _, st = ttt_memory(*pre, *weights, C, output_final_state=True, cu_seqlens=cu_pre)
-    fast, pending, plen = _pack(st)
+    C, steps, lens = 64, 20, [3, 20, 40]
+    dec, weights, (fast, pending, plen), static = _cuda_decode_case(lens, steps, C, seed=3)
     eager = [fast.clone(), pending.clone(), plen.clone()]
-    static = [t[:, :1].clone() for t in dec]
 
     def step(state, toks, host):
         return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, host)
