@@ -177,6 +177,12 @@ class SWAKVCache:
         writes them first (the tensor's version counter changes, or the tensor is replaced)."""
         self._vouched = (self.seqlens, self._seqlens_version())
 
+    def vouched(self) -> bool:
+        """Whether the lengths are still the ones this class last wrote or checked (then the next
+        decode skips its check)."""
+        version = self._seqlens_version()
+        return version is not None and self._vouched[0] is self.seqlens and self._vouched[1] == version
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache (keys, values and the per-sequence lengths)."""
@@ -197,15 +203,15 @@ class SWAKVCache:
         capture: a negative length then gives NaN outputs), True always."""
         if torch.is_autocast_enabled(q.device.type):
             q, k, v = (t.to(self.k.dtype) for t in (q, k, v))
+        vouched = self.vouched()
         if check_lengths is None:
-            version = self._seqlens_version()
-            check_lengths = not (version is not None and self._vouched[0] is self.seqlens
-                                 and self._vouched[1] == version)
+            check_lengths = not vouched
         out = sliding_window_attention_decode(
             q, k, v, self.k, self.v, self.seqlens, self.window, self.sinks, softmax_scale, check_lengths=check_lengths
         )
         self.seqlens += q.shape[1]
-        self._vouch()
+        if check_lengths or vouched:  # still lengths this class checked or wrote (not ones nobody checked)
+            self._vouch()
         return out
 
     @torch.no_grad()

@@ -49,16 +49,18 @@ def decode_steps_undone(model: AllMemForCausalLM, state: AllMemState, ids: torch
     whole state (tens of GB at a large batch)."""
     rows = torch.arange(ids.shape[0], device=ids.device)
     saved = [(state.lengths, state.lengths.clone())]
-    slots = []
-    for layer in state.layers:
-        saved += [(layer.conv, layer.conv.clone()), (layer.swa.seqlens, layer.swa.seqlens.clone()),
-                  (layer.ttt.pending_len, layer.ttt.pending_len.clone())]
+    slots, ttt_lens = [], []
+    vouched = [getattr(layer.swa, "vouched", lambda: False)() for layer in state.layers]
+    for layer in state.layers:  # every copy first: nothing is changed until all are taken
+        saved += [(layer.conv, layer.conv.clone()), (layer.swa.seqlens, layer.swa.seqlens.clone())]
+        ttt_lens.append(layer.ttt.pending_len.clone())
         pos = layer.swa.seqlens.long()
         for step in range(len(modes)):
             s = layer.swa.slot(pos + step)
             slots.append((layer.swa, s, layer.swa.k[rows, s].clone(), layer.swa.v[rows, s].clone()))
-        layer.ttt.pending_len.fill_(-1)
     try:
+        for layer in state.layers:
+            layer.ttt.pending_len.fill_(-1)
         for mode in modes:
             model.decode_(ids, state, mode)
     finally:
@@ -67,8 +69,9 @@ def decode_steps_undone(model: AllMemForCausalLM, state: AllMemState, ids: torch
             swa.v[rows, s] = v
         for t, v in saved:
             t.copy_(v)
-        for layer in state.layers:  # the caches' lengths are as they were: valid
-            if hasattr(layer.swa, "_vouch"):
+        for layer, n, was in zip(state.layers, ttt_lens, vouched):
+            layer.ttt.pending_len.copy_(n)  # the current field (a step may have rebound it)
+            if was:  # the caches' lengths are as they were: vouched again where they were
                 layer.swa._vouch()
 
 
@@ -79,7 +82,8 @@ class CUDAGraphDecoder:
     completes), chosen on the host from the sequences' token counts (read once, here). Nothing in
     a step waits for the device or runs Python per layer. The state is advanced in place, as by
     model.decode; the graphs hold its tensors, so decode this state only through this object while
-    it is in use (model.decode replaces the lengths and conv tails: step() then refuses).
+    it is in use (step() refuses a state decoded eagerly since, or with replaced tensors; decoding
+    it eagerly after the last step is fine: its 'auto' steps read the lengths again).
     allmem_ops backend on a CUDA device; inference only.
 
     step(tokens [B]) -> logits [B, vocab], a tensor that the next step overwrites.
@@ -94,9 +98,10 @@ class CUDAGraphDecoder:
         self.lengths = [int(n) for n in state.lengths.tolist()]
         B = len(self.lengths)
         for i, layer in enumerate(state.layers):  # the graphs' steps check no length (a sync): here, once
-            if (layer.swa.seqlens.tolist() != self.lengths
+            if (layer.swa.seqlens.tolist() != self.lengths or min(self.lengths, default=0) < 0
                     or layer.ttt.pending_len.tolist() != [n % self.chunk for n in self.lengths]):
                 raise ValueError(f"layer {i}'s decode state does not match the state's lengths {self.lengths}")
+            layer.swa._vouch()  # checked
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=state.lengths.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -110,8 +115,23 @@ class CUDAGraphDecoder:
             with torch.cuda.graph(graph):
                 self.logits[mode] = self.model.decode_(self.ids, state, mode)[:, -1]
             self.graphs[mode] = graph
-        # The objects the graphs read and write: kept alive here, and checked at every step.
-        self._held = (state.lengths, list(state.layers), [layer.conv for layer in state.layers])
+        # The objects the graphs read and write: kept alive here, and checked at every step, with the
+        # lengths' version (an eager decode_ step bumps it; replays do not).
+        self._held = self._objects()
+        self._version = self._lengths_version()
+
+    def _objects(self) -> list:
+        st = self.state
+        out = [st.lengths]
+        for layer in st.layers:
+            out += [layer, layer.conv, layer.swa, layer.swa.seqlens, layer.ttt, layer.ttt.pending_len]
+        return out
+
+    def _lengths_version(self) -> int | None:
+        try:
+            return self.state.lengths._version
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return None
 
     def mode(self) -> str:
         """The step the next token needs: 'masked' if some sequence's chunk completes with it."""
@@ -119,11 +139,12 @@ class CUDAGraphDecoder:
         return "masked" if any(n % C == C - 1 for n in self.lengths) else "none"
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        lengths, layers, convs = self._held
-        if (self.state.lengths is not lengths or any(a is not b for a, b in zip(self.state.layers, layers))
-                or any(layer.conv is not c for layer, c in zip(layers, convs))):
-            raise RuntimeError("the state's tensors were replaced since the graphs were recorded (model.decode "
-                               "replaces the lengths and conv tails): decode it only through this CUDAGraphDecoder")
+        now = self._objects()
+        if len(now) != len(self._held) or any(a is not b for a, b in zip(now, self._held)) or (
+                self._lengths_version() != self._version):
+            raise RuntimeError("the state was decoded or its tensors replaced since the graphs were recorded "
+                               "(model.decode replaces the lengths and conv tails): decode it only through this "
+                               "CUDAGraphDecoder")
         if tokens.shape not in ((len(self.lengths),), (len(self.lengths), 1)) or tokens.device != self.ids.device:
             raise ValueError(f"tokens must be [B] = [{len(self.lengths)}] on {self.ids.device}, got "
                              f"{list(tokens.shape)} on {tokens.device}")

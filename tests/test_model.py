@@ -287,33 +287,33 @@ def test_in_place_decode_equals_forward(lengths, pattern):
         torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("lengths", [[5, 9], [2, 7, 11]])
-def test_warm_up_steps_are_undone(lengths):
+@pytest.mark.parametrize("lengths,window", [([5, 9], 4), ([1, 7, 11], 4), ([1, 6], 1)])
+def test_warm_up_steps_are_undone(lengths, window):
     """decode_steps_undone (CUDAGraphDecoder's warm-up before its captures) runs a 'none' and a
-    'masked' step and leaves every state tensor bit for bit as it was, with sequences whose TTT
-    chunk would complete at either step (C = 3: lengths 5, 11 at C - 1; 7 at C - 2) and SWA rings
-    that wrap (W = 4); the next steps then equal one forward."""
+    'masked' step on a state fresh from prefill and leaves every state tensor bit for bit as it was
+    (C = 3: sequences whose TTT chunk would complete at either step; S = 2: a sequence of length 1
+    writes a sink slot and then a ring slot; W = 4 rings that wrap, and W = 1); the next steps then
+    equal one forward."""
     from allmem_ops.reference.generate import _state_tensors, decode_steps_undone
 
-    model = _tiny_model(backend="allmem_ops")
+    model = _tiny_model(backend="allmem_ops", window=window)
     torch.manual_seed(7)
     seqs = [torch.randint(0, 50, (n + 4,)) for n in lengths]
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     with torch.no_grad():
         expected = [model(s[None])[0, n:] for s, n in zip(seqs, lengths)]
         _, state = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, lengths)]), cu_seqlens=cu)
-    model.decode_(torch.stack([s[n:n + 1] for s, n in zip(seqs, lengths)]), state)  # packs the TTT state
     before = [t.clone() for t in _state_tensors(state)]
     decode_steps_undone(model, state, torch.zeros((len(lengths), 1), dtype=torch.long), ("none", "masked"))
     for i, (a, b) in enumerate(zip(_state_tensors(state), before)):
         assert torch.equal(a, b), i
     got = [[] for _ in seqs]
-    for t in range(1, 4):
+    for t in range(4):
         out = model.decode_(torch.stack([s[n + t:n + t + 1] for s, n in zip(seqs, lengths)]), state)
         for b in range(len(seqs)):
             got[b].append(out[b])
     for b in range(len(seqs)):
-        torch.testing.assert_close(torch.cat(got[b]), expected[b][1:], rtol=0, atol=1e-10)
+        torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=0, atol=1e-10)
 
 
 def test_bad_in_place_decode_and_cuda_graph_arguments():

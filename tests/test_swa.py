@@ -391,7 +391,8 @@ def test_fill_from_prefill_uneven_prompts(packed, seed):
 def test_cache_vouches_for_its_own_lengths(monkeypatch):
     """SWAKVCache tells the op to skip its length check (a host sync on CUDA) only while it alone
     has written its lengths: after __init__, a decode or fill_from_prefill; not after the caller
-    writes them in place or replaces the tensor, nor for inference-mode tensors."""
+    writes them in place or replaces the tensor, nor for inference-mode tensors, nor after a step
+    told not to check lengths that were not vouched for."""
     import allmem_ops.swa as swa_mod
 
     seen = []
@@ -423,6 +424,15 @@ def test_cache_vouches_for_its_own_lengths(monkeypatch):
     cache.seqlens[0] = -1
     with pytest.raises(RuntimeError, match="cache_seqlens must be >= 0"):
         cache.update_and_attend(q, k, k)
+    # check_lengths=False (a CUDA-graph capture) skips the check but vouches only for lengths that
+    # were vouched before: after the caller's write above, the next default step checks again.
+    cache.seqlens[0] = 2
+    del seen[:]
+    cache.update_and_attend(q, k, k, check_lengths=False)
+    cache.update_and_attend(q, k, k)
+    cache.update_and_attend(q, k, k, check_lengths=False)
+    cache.update_and_attend(q, k, k)
+    assert seen == [False, True, False, False]
 
 
 def test_fill_from_prefill_rejects_bad_lengths():

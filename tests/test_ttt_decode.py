@@ -573,36 +573,37 @@ def test_cuda_capturable_guards_with_and_without_kernel(mode, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
 @pytest.mark.parametrize("kernel", [False, True])
-def test_cuda_graph_replays_steps_that_complete_no_chunk(kernel, monkeypatch):
-    """A decode step that completes no chunk, recorded once in a CUDA graph (the op with the host
-    lengths given, so nothing syncs) and replayed for the following steps with new tokens copied
-    into its inputs: outputs and state equal the eager steps' bit for bit, as long as no sequence
-    completes its chunk (the caller's side: here lengths 3, 20 and 40 of C = 64, 20 steps). With
-    the ATen sequence and with the fused kernel (ALLMEM_TTT_DECODE_KERNEL=1)."""
+def test_cuda_graph_of_a_none_step_and_auto_refused(kernel, monkeypatch):
+    """A 'none' decode step recorded once in a CUDA graph and replayed for the following steps with
+    new tokens copied into its inputs: outputs and state equal the eager 'auto' steps' bit for bit
+    while no sequence completes its chunk (lengths 3, 20 and 40 of C = 64, 20 steps). An 'auto' step
+    refuses to be captured (its launches depend on the lengths; until the fourteenth session one
+    recorded with pending_len_host was the recipe). With the ATen sequence and with the fused
+    kernels (ALLMEM_TTT_DECODE_KERNEL=1)."""
     if kernel:
         monkeypatch.setenv("ALLMEM_TTT_DECODE_KERNEL", "1")
     C, steps, lens = 64, 20, [3, 20, 40]
     dec, weights, (fast, pending, plen), static = _cuda_decode_case(lens, steps, C, seed=3)
     eager = [fast.clone(), pending.clone(), plen.clone()]
 
-    def step(state, toks, host):
-        return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, host)
+    def step(state, toks, host, mode):
+        return torch.ops.allmem.ttt_memory_decode_step(*toks, *weights, *state, C, False, True, host, mode)
 
     want = []
     for s in range(steps):
-        want.append(step(eager, [t[:, s:s + 1] for t in dec], [n + s for n in lens]))
+        want.append(step(eager, [t[:, s:s + 1] for t in dec], [n + s for n in lens], "auto"))
     graph_state = [fast, pending, plen]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up on a side stream (lazy inits), then undone
         saved = [t.clone() for t in graph_state]
-        step(graph_state, static, lens)
+        step(graph_state, static, None, "none")
         for t, v in zip(graph_state, saved):
             t.copy_(v)
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = step(graph_state, static, lens)  # recorded only: nothing ran yet
+        out = step(graph_state, static, None, "none")  # recorded only: nothing ran yet
     for s in range(steps):
         for t, src in zip(static, dec):
             t.copy_(src[:, s:s + 1])
@@ -611,6 +612,10 @@ def test_cuda_graph_replays_steps_that_complete_no_chunk(kernel, monkeypatch):
     for a, b, name in zip(graph_state, eager, ("fast", "pending", "pending_len")):
         assert torch.equal(a, b), name
     assert plen.tolist() == [n + steps for n in lens]
+    refused = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="a chunk_update='auto' decode step cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(refused):
+            step(graph_state, static, [n + steps for n in lens], "auto")
 
 
 @pytest.mark.gpu

@@ -54,6 +54,13 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   ALLMEM_NO_TF32();      // ... and in IEEE float32 whatever the TF32 setting (decode == prefill)
   const Update mode = parse_update(chunk_update);
   const bool on_device = mode != Update::kAuto;  // the lengths stay on the device: nothing read, capturable
+#ifdef ALLMEM_WITH_CUDA
+  // An 'auto' step's launches depend on the lengths it was given (wrap or not, which sequences
+  // update, an index copy from a host buffer): a graph of one would be wrong at other lengths.
+  ALLMEM_CHECK(on_device || !q.is_cuda() || !cuda_stream_capturing(q),
+               "a chunk_update='auto' decode step cannot be captured in a CUDA graph (its launches depend on the "
+               "lengths): capture chunk_update='none' and 'masked' steps");
+#endif
   check_floating(q, "q");
   if (q.is_cuda()) check_cuda_input_dtype(q);
   check_dim(q, 4, "q", "[B, 1, H, d] (one decode token per sequence)");
@@ -130,12 +137,6 @@ at::Tensor ttt_memory_decode_step(const at::Tensor& q, const at::Tensor& k, cons
   } else if (completing == B) {  // every sequence completes (equal phases)
     decode_chunk_update_(fast, pending, at::Tensor(), w_gate, w_up, w_down, lact_order);
   } else if (completing > 0) {  // the update of the completing sequences only, by indices sent without a sync
-#ifdef ALLMEM_WITH_CUDA
-    ALLMEM_CHECK(!fast.is_cuda() || !cuda_stream_capturing(fast),
-                 "a chunk_update='auto' step in which some sequences complete their chunk cannot be captured in a "
-                 "CUDA graph (its index copy would be recorded with a host buffer): capture 'none' and 'masked' "
-                 "steps");
-#endif
     auto ids_host = at::empty({completing}, at::TensorOptions(at::kLong).pinned_memory(fast.is_cuda()));
     int64_t* p = ids_host.data_ptr<int64_t>();
     for (int64_t n = 0; n < B; ++n)
