@@ -70,7 +70,7 @@ def test_cuda_graph_decoder_matches_eager_steps():
         again = generate(model, [p.tolist() for p in prompts], max_new_tokens=24, cuda_graph=True)
     assert all(torch.equal(a, b) for a, b in zip(again.sequences, out.sequences))
     decoder.state.lengths = decoder.state.lengths + 0  # replaced, as model.decode would
-    with pytest.raises(RuntimeError, match="the state's tensors were replaced since the graphs were recorded"):
+    with pytest.raises(RuntimeError, match="the state was decoded or its tensors replaced since the graphs were recorded"):
         decoder.step(toks[:, 0])
     with pytest.raises(ValueError, match=r"tokens must be \[B\] = \[3\]"):
         CUDAGraphDecoder(model, model.prefill(torch.cat(prompts), cu_seqlens=cu)[1]).step(toks[:1, 0])
