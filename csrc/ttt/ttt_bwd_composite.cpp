@@ -288,6 +288,25 @@ at::Tensor update_grad3(const at::Tensor& Wx, const at::Tensor& k, const at::Ten
   return at::cat({ggu.view({B, 2, h * d}), gd.view({B, 1, h * d})}, 1);
 }
 
+// One chunk's update of the packed state (W, M) [B, 6, h*d] -> the new (W, M) (SPEC.md steps 2-3,
+// or LaCT's order), with the chunk's tokens k, v, eta, its momentum mu_j [B, 1, 1], the targets.
+at::Tensor chunk_update3(const at::Tensor& state, const at::Tensor& mu_j, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& eta, const at::Tensor& tgt, int64_t d, int64_t h, bool lact_order,
+                         const Mm& mm) {
+  const auto W = state.narrow(1, 0, 3), M = state.narrow(1, kMomentumRow, 3);
+  auto next = at::empty({state.size(0), kFastRows, h * d}, state.options());
+  auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
+  if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
+    M_new.copy_(M * mu_j - update_grad3(W, k, v, eta, d, h, mm));
+    W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
+  } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
+    const auto W_hat = row_normalize3(W, tgt, d, h);
+    M_new.copy_(M * mu_j - update_grad3(W_hat, k, v, eta, d, h, mm));
+    at::add_out(W_new, W_hat, M_new);
+  }
+  return next;
+}
+
 // Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D) and the
 // weights stacked by prep3 ([Wx_g; Wx_u; Dg; Du] and [Wx_d | Dd]): writes dk, dv, deta of the
 // chunk's rows, returns dL/dWx [B, 3, h*d] of that path. Two products for every per-token product,
@@ -538,18 +557,8 @@ FwdOutputs ttt_memory_fwd_composite(const at::Tensor& q, const at::Tensor& k, co
         for (int64_t j = 0; j < nb; ++j) {
           ckb[j].copy_(state);
           if (j >= n_complete) continue;
-          const auto W = ckb[j].narrow(1, 0, 3), M = ckb[j].narrow(1, kMomentumRow, 3);
-          const auto mu_j = mu_chunk[j].view({GH, 1, 1});
-          auto next = at::empty({GH, kFastRows, hd}, opts);
-          auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
-          if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
-            M_new.copy_(M * mu_j - update_grad3(W, K[j], V[j], in[2][j], d, h, mm));
-            W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
-          } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
-            const auto W_hat = row_normalize3(W, tgt, d, h);
-            M_new.copy_(M * mu_j - update_grad3(W_hat, K[j], V[j], in[2][j], d, h, mm));
-            at::add_out(W_new, W_hat, M_new);
-          }
+          const auto next = chunk_update3(ckb[j], mu_chunk[j].view({GH, 1, 1}), K[j], V[j], in[2][j], tgt, d, h,
+                                          lact_order, mm);
           state = g.ragged ? at::where(upd[j], next, state) : next;
         }
         // Every chunk's read in one pass: o = Wd (silu(Wg q) * (Wu q)) [+ q] with its segment's weights.
@@ -594,18 +603,7 @@ void decode_chunk_update_(at::Tensor& fast, at::Tensor& pending, const at::Tenso
   const auto mu_j = buf.narrow(2, 2 * d + 3, 1).mean(1).view({BH, 1, 1});
   const auto tgt = at::cat({row_norm(w_gate), row_norm(w_up), row_norm(w_down)}, 1).to(st).repeat({B, 1});
   const Mm mm;  // IEEE products in the state's precision
-  const auto state = fast.view({BH, kFastRows, hd});
-  const auto W = state.narrow(1, 0, 3), M = state.narrow(1, kMomentumRow, 3);
-  auto next = at::empty({BH, kFastRows, hd}, fast.options());
-  auto W_new = next.narrow(1, 0, 3), M_new = next.narrow(1, kMomentumRow, 3);
-  if (lact_order) {  // M' = mu M - G(W), W' = normalize(W + M')
-    M_new.copy_(M * mu_j - update_grad3(W, K, V, eta, d, h, mm));
-    W_new.copy_(row_normalize3(W + M_new, tgt, d, h));
-  } else {  // W_hat = normalize(W), M' = mu M - G(W_hat), W' = W_hat + M'
-    const auto W_hat = row_normalize3(W, tgt, d, h);
-    M_new.copy_(M * mu_j - update_grad3(W_hat, K, V, eta, d, h, mm));
-    at::add_out(W_new, W_hat, M_new);
-  }
+  const auto next = chunk_update3(fast.view({BH, kFastRows, hd}), mu_j, K, V, eta, tgt, d, h, lact_order, mm);
   if (!complete.defined()) {
     fast.copy_(next.view(fast.sizes()));
     pending.zero_();
