@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EMU = os.path.join(HERE, "ttt_cuda_emu")
 CSRC = os.path.join(HERE, "..", "csrc")
 SOURCES = [os.path.join(CSRC, "ttt", f) for f in ("ttt_fwd_tc.cuh", "ttt_bwd_tc.cuh", "ttt_read_tc.cuh",
-                                                  "ttt_chain_tc.cuh", "ttt_cuda.h")] + [
+                                                  "ttt_chain_tc.cuh", "ttt_bwd_step_tc.cuh", "ttt_cuda.h")] + [
     os.path.join(EMU, f) for f in ("emu_tc.cpp", "shim_tc.h", os.path.join("tc", "ttt", "ttt_tc_ops.cuh"))
 ]
 CXX = shutil.which("g++")
@@ -479,3 +479,123 @@ def test_units_chain_token_parts(emu_tc, case, parts):
         check_forward(got, want, q, fast, res, dtype)
         for name, a, b in zip(("o", "fast", "pending", "checkpoints"), got, runs[0]):
             assert torch.equal(a, b), name
+
+
+class BwdStepParams(ctypes.Structure):
+    """csrc/ttt/ttt_cuda.h BwdStepParams, field by field."""
+    _fields_ = (
+        [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("dtype", ctypes.c_int)]
+        + [(n, ctypes.c_void_p) for n in ("eta", "mu", "w", "m_next")]
+        + [("w_stride", ctypes.c_int64)]
+        + [(n, ctypes.c_void_p) for n in ("targets", "dw", "dm", "dw_read", "d_targets", "dmu", "f1", "f2", "wk", "wv",
+                                          "deta_part")]
+        + [("chains", ctypes.c_int64), ("chunk", ctypes.c_int64), ("lact_order", ctypes.c_bool)]
+    )
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
+
+
+def bwd_step_case(G, C, D, lact, dtype, seed, read_grad=True):
+    """Random inputs of one completed chunk's update backward for G chains (d = h = D), the float64
+    gradients by autograd through reference.ttt.chunk_update, and the emulated kernel's buffers."""
+    from allmem_ops.reference.ttt import chunk_update
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    k = torch.nn.functional.normalize(rnd(G, C, D), dim=-1).to(dtype)
+    v = rnd(G, C, D).to(dtype)
+    eta = (torch.rand(G, C, 3, generator=g, dtype=torch.float64) * 0.5).float()
+    mu = torch.rand(G, generator=g, dtype=torch.float64).float()
+    W = [rnd(G, D, D, scale=D**-0.5).float() for _ in range(3)]
+    M = [rnd(G, D, D, scale=0.1).float() for _ in range(3)]
+    tg = [(1 + rnd(G, D).abs()).float() for _ in range(3)]
+    dWup = [rnd(G, D, D, scale=0.1).float() for _ in range(3)]
+    dMup = [rnd(G, D, D, scale=0.1).float() for _ in range(3)]
+    dWr = rnd(G, 3, D * D, scale=0.1).float() if read_grad else None
+    dtg0 = rnd(G, 3 * D).float()
+
+    leaves = [t.double().requires_grad_() for t in W + M + tg] + [
+        t.double().requires_grad_() for t in (k, v, eta, mu)]
+    Wl, Ml, tgl = tuple(leaves[0:3]), tuple(leaves[3:6]), tuple(leaves[6:9])
+    kl, vl, el, mul = leaves[9:]
+    Wn, Mn = chunk_update(Wl, Ml, tgl, kl, vl, el, mul, lact)
+    loss = sum((a * b.double()).sum() for a, b in zip(Wn + Mn, dWup + dMup))
+    grads = torch.autograd.grad(loss, leaves)
+    want = {
+        "dw": torch.stack([x.reshape(G, D * D) for x in grads[0:3]], 1) + (dWr.double() if read_grad else 0),
+        "dm": torch.stack([x.reshape(G, D * D) for x in grads[3:6]], 1),
+        "d_targets": torch.cat(grads[6:9], 1) + dtg0.double(),
+        "dk": grads[9], "dv": grads[10], "deta": grads[11],
+        "dmu": (grads[12] / C)[:, None].expand(G, C),
+    }
+    buf = {
+        "k": k.contiguous(), "v": v.contiguous(), "eta": eta.contiguous(), "mu": mu.contiguous(),
+        "w": torch.stack([x.reshape(G, D * D) for x in W + M], 1).contiguous(),
+        # LaCT order: the next checkpoint's (W, M), M after the update (W's rows NaN: not read).
+        "m_next": torch.cat([torch.full((G, 3, D * D), float("nan")),
+                             torch.stack([x.detach().float().reshape(G, D * D) for x in Mn], 1)], 1) if lact else None,
+        "targets": torch.cat(tg, 1).contiguous(),
+        "dw": torch.stack([x.reshape(G, D * D) for x in dWup], 1).contiguous(),
+        "dm": torch.stack([x.reshape(G, D * D) for x in dMup], 1).contiguous(),
+        "dw_read": dWr,
+        "d_targets": dtg0.clone(),
+        "dmu": torch.full((G, C), float("nan")),
+        "f1": torch.full((G, C, 4 * D), float("nan")).to(dtype),
+        "f2": torch.full((G, C, 2 * D), float("nan")).to(dtype),
+        "wk": torch.full((G, 4 * D, D), float("nan")).to(dtype),
+        "wv": torch.full((G, D, 2 * D), float("nan")).to(dtype),
+        "deta_part": torch.full((G, 8, C, 3), float("nan")),
+    }
+    return buf, want
+
+
+def emulated_bwd_step(lib, buf, G, C, D, lact, dtype):
+    """The kernel on buf (in place), then what the composite's caller makes of its outputs: dk, dv
+    by the products with the stacked weights (float64 here), deta as the sum of the 8 CTAs' parts."""
+    p = BwdStepParams(_ptr(buf["k"]), _ptr(buf["v"]), 1 if dtype == torch.bfloat16 else 2, _ptr(buf["eta"]),
+                      _ptr(buf["mu"]), _ptr(buf["w"]),
+                      ctypes.c_void_p(buf["m_next"][:, 3].data_ptr()) if lact else ctypes.c_void_p(0), 6 * D * D, _ptr(buf["targets"]),
+                      _ptr(buf["dw"]), _ptr(buf["dm"]), _ptr(buf["dw_read"]), _ptr(buf["d_targets"]),
+                      _ptr(buf["dmu"]), _ptr(buf["f1"]), _ptr(buf["f2"]), _ptr(buf["wk"]), _ptr(buf["wv"]),
+                      _ptr(buf["deta_part"]), G, C, bool(lact))
+    lib.emu_bwd_step(ctypes.byref(p), D)
+    got = {n: buf[n] for n in ("dw", "dm", "d_targets", "dmu")}
+    got["dk"] = buf["f1"].double() @ buf["wk"].double()
+    got["dv"] = buf["f2"].double() @ buf["wv"].double().transpose(1, 2)
+    got["deta"] = buf["deta_part"].double().sum(1)
+    return got
+
+
+# (chains, C, D, lact_order, dtype): a chunk of one tile, of 2 tiles and a partial third (rows past
+# the chunk end must add nothing), both orders, both 16-bit types, both head sizes.
+STEP_CASES = [
+    (2, 64, 64, False, torch.bfloat16),
+    (3, 150, 64, True, torch.float16),
+    (2, 150, 128, False, torch.bfloat16),
+    (1, 96, 128, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=[f"step-case{i}" for i in range(len(STEP_CASES))])
+def test_bwd_step_matches_float64_autograd(emu_tc, case):
+    """One completed chunk's update backward on the tensor cores (ttt_bwd_step_tc.cuh, the composite
+    backward's step with ALLMEM_TTT_COMPOSITE_STEP=tc) against float64 autograd through the
+    reference's chunk update on the same 16-bit k, v: every gradient (the weights' and momenta's,
+    the targets' added to what was there, dk, dv and the rates' from the kernel's factors, mu's in
+    every row) within a few units of the input dtype's rounding, as the tensor-core backward's
+    16-bit operands give; every output element written (the buffers start as NaN)."""
+    G, C, D, lact, dtype = case
+    buf, want = bwd_step_case(G, C, D, lact, dtype, seed=7 + C + D)
+    got = emulated_bwd_step(emu_tc, buf, G, C, D, lact, dtype)
+    u = UNIT_ROUNDOFF[dtype]
+    for name in ("f1", "f2", "wk", "wv"):
+        assert torch.isfinite(buf[name].float()).all(), name
+    errs = {n: rel_err(got[n], want[n]) for n in want}
+    for n, e in errs.items():
+        assert torch.isfinite(got[n]).all(), n
+        assert e < 4 * u, (n, errs)

@@ -331,6 +331,49 @@ struct MomentumParams {
   float* dmu_rows;    // [batch, chunk]
   int64_t batch, n, chunk;
 };
+// One completed chunk's update backward for a batch of chains on the tensor cores (d = h = D in
+// {64, 128}, bf16/fp16 operands, float32 state; ttt_bwd_step_tc.cuh), the step of the composite
+// backward's walk (ttt_bwd_composite.cpp) that its ATen sequence (prep, two products, the
+// per-token terms, two weight-gradient products, the normalization's backward, the momentum
+// step) computes. Per chain c (all tensors contiguous, chain-major):
+//   in:  k, v [C][D] (16-bit), eta [C][3], mu [c] (the chunk's mean momentum), w: (W, M) at the
+//        chunk start [6][D*D] at w + c * w_stride, m_next (LaCT order: M after the update, at
+//        m_next + c * w_stride; else null), targets [3D] (gate | up | down row norms);
+//        dw, dm [3][D*D]: the gradients wrt the W, M after the update;
+//        dw_read [3][D*D] or null: added to dw at the end (the read of the chunk's segment).
+//   out: dw, dm in place: the gradients wrt the W, M before it (plus dw_read);
+//        d_targets [3D] += this chunk's share; dmu [C]: every row the momentum's gradient / C;
+//        the per-token factors f1 [C][4D] = [da | db | eta_g x_g | eta_u x_u] and f2 [C][2D] =
+//        [de | eta_d s] (16-bit), the stacked weights wk [4D][D] = [Wg; Wu; Dg; Du] and wv [D][2D]
+//        = [Wd | Dd] (16-bit, W normalized or as the order takes it, D the gradient wrt the new
+//        momentum), so that dk = f1 wk and dv = f2 wv^T (the caller's batched products), and
+//        deta_part [8][C][3]: the rate gradients summed over each CTA's hidden units (the caller
+//        sums the 8 in order).
+struct BwdStepParams {
+  const void* k;
+  const void* v;
+  InDType dtype;
+  const float* eta;
+  const float* mu;
+  const float* w;
+  const float* m_next;
+  int64_t w_stride;
+  const float* targets;
+  float* dw;
+  float* dm;
+  const float* dw_read;
+  float* d_targets;
+  float* dmu;
+  void* f1;
+  void* f2;
+  void* wk;
+  void* wv;
+  float* deta_part;
+  int64_t chains;
+  int64_t chunk;
+  bool lact_order;
+};
+void launch_bwd_step_tc(const BwdStepParams& p, int d, cudaStream_t stream);
 void launch_update_terms(const UpdateTermsParams& p, cudaStream_t stream);
 void launch_prep(const PrepParams& p, cudaStream_t stream);
 void launch_momentum(const MomentumParams& p, cudaStream_t stream);

@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "ttt/ttt_bwd_step_tc.cuh"
 #include "ttt/ttt_bwd_tc.cuh"
 #include "ttt/ttt_chain_tc.cuh"
 #include "ttt/ttt_fwd_tc.cuh"
@@ -316,5 +317,27 @@ extern "C" void emu_fwd_chain(const void* q, const void* k, const void* v, const
   } else {
     if (d == 64) run_chain<__half, 64>(p);
     else run_chain<__half, 128>(p);
+  }
+}
+
+// One chunk's update backward on the tensor cores (ttt_bwd_step_tc.cuh): a cluster of 8 CTAs per
+// chain, as launch_bwd_step_tc launches them.
+template <typename T, int D>
+void run_bwd_step(const BwdStepParams& p) {
+  using Tr = tc::BwdStepTraits<D>;
+  run_jobs(
+      Tr::kP, Tr::kThreads, Tr::kWarps, Tr::kSmemBytes, p.chains,
+      [](int64_t job, int r) { blockIdx.x = static_cast<unsigned>(job * Tr::kP + r); },
+      [&] { tc::ttt_bwd_step_tc_kernel<T, D>(p); });
+}
+
+extern "C" void emu_bwd_step(const BwdStepParams* p, int d) {
+  if (d != 64 && d != 128) return;
+  if (p->dtype == InDType::kBFloat16) {
+    if (d == 64) run_bwd_step<__nv_bfloat16, 64>(*p);
+    else run_bwd_step<__nv_bfloat16, 128>(*p);
+  } else if (p->dtype == InDType::kFloat16) {
+    if (d == 64) run_bwd_step<__half, 64>(*p);
+    else run_bwd_step<__half, 128>(*p);
   }
 }
