@@ -46,6 +46,10 @@ weights; FLA: of q, k, v, g, beta) of:
                  reads from the checkpoints per block of chunks) against the hand-written ones;
   * allmem_c16 - the same with ALLMEM_TTT_COMPOSITE_MM=16: matmul operands in the input dtype
                  (cuBLAS bf16 tensor-core GEMMs, float32 accumulation), as the tensor-core kernels;
+  * allmem_cstep - the default forward, the composite backward with its tensor-core step
+                 (ALLMEM_TTT_COMPOSITE_STEP=tc: one launch per completed chunk, ttt_bwd_step_tc.cuh;
+                 fused steps, 16-bit matmul operands in the rest of the walk); fwd+bwd rows only
+                 (its forward is allmem_tc's);
   * ref_comp   - the chunked PyTorch reference (allmem_ops.reference.ttt), torch.compile'd the way
                  LaCT does it: the per-chunk read + update (reference.ttt.swiglu / chunk_update) as
                  one compiled function (batch*heads dimension marked dynamic, so each (d, pass)
@@ -112,11 +116,11 @@ LENGTHS = (8192, 32768, 131072)
 BATCHES = (1, 8)
 HEAD_CONFIGS = ((64, 8), (128, 4))  # (d = h, H)
 OURS = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_tcgx",
-        "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16")
+        "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16", "allmem_cstep")
 # Run order: ours, then the peers, then the opt-in variants (last, so a budget cut never drops a
 # peer for them): the tensor-core forward's shapes first, then the composite forward.
-LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_tcgx", "allmem_tcgt", "allmem_cfwd", "allmem_c16", "allmem_tcp2",
-        "allmem_tcgp4")
+LAST = ("allmem_tcwg", "allmem_tc16", "allmem_tcw8", "allmem_cstep", "allmem_tcgx", "allmem_tcgt", "allmem_cfwd", "allmem_c16",
+        "allmem_tcp2", "allmem_tcgp4")
 # Rows that exist for d = h = 128 only (at 64 they would time the default again).
 D128_ONLY = ("allmem_tcp2", "allmem_tcgp4")
 IMPLS = (*(i for i in OURS if i not in LAST), "ref_comp", "fla_gdn", "fla_dr", "ref_eager", *LAST)
@@ -328,6 +332,9 @@ IMPL_ENV = {"allmem": {"ALLMEM_TTT_TC": "0", "ALLMEM_TTT_BWD": "kernel"},
                             "ALLMEM_TTT_COMPOSITE_KERNELS": "1"},
             "allmem_c16": {"ALLMEM_TTT_FWD": "composite", "ALLMEM_TTT_BWD": "composite", "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
                            "ALLMEM_TTT_COMPOSITE_MM": "16"},
+            "allmem_cstep": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": None, "ALLMEM_TTT_BWD": "composite",
+                             "ALLMEM_TTT_COMPOSITE_KERNELS": "1", "ALLMEM_TTT_COMPOSITE_MM": "16",
+                             "ALLMEM_TTT_COMPOSITE_STEP": "tc"},
             "allmem_tc_split": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "tokens",
                                 "ALLMEM_TTT_BWD": None},
             "allmem_tc_units": {"ALLMEM_TTT_TC": "1", "ALLMEM_TTT_TC_SPLIT": "1", "ALLMEM_TTT_TC_CHAIN": "units",
@@ -753,7 +760,7 @@ def print_brief(data: dict, by: dict) -> None:
             return f"{r['ms']:.2f}"
         return "skip" if "skipped" in r else "err"
 
-    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'gt ms':>8} {'p2 ms':>8} {'gp4 ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'comp ms':>9} "
+    print(f"{'pass':8} {'d':>3} {'B':>2} {'L':>5} {'allmem ms':>10} {'x floor':>8} {'tc ms':>8} {'fused ms':>8} {'split ms':>8} {'tc16 ms':>8} {'tcw8 ms':>8} {'tcwg ms':>8} {'gx ms':>8} {'gt ms':>8} {'p2 ms':>8} {'gp4 ms':>8} {'cbwd ms':>8} {'cfwd ms':>8} {'c16 ms':>8} {'cstep ms':>8} {'comp ms':>9} "
           f"{'eager ms':>9} {'fla ms':>8} {'vs comp':>8} {'tc vs comp':>10} {'target':>6}  (fla: gated, else ungated)")
     keys = sorted({k[1:] for k in by}, key=lambda k: (k[4] != "fwd", k[0], k[2], k[3]))
     for d, H, B, L, pass_ in keys:
@@ -775,12 +782,13 @@ def print_brief(data: dict, by: dict) -> None:
         cmp_ = by.get(("allmem_comp", d, H, B, L, pass_), {})
         cfw = by.get(("allmem_cfwd", d, H, B, L, pass_), {})
         c16 = by.get(("allmem_c16", d, H, B, L, pass_), {})
+        cst = by.get(("allmem_cstep", d, H, B, L, pass_), {})
         # The default's speedup (split mode where the default does not reach tensor cores: d = 128).
         sp_tc = next((speedup(by, r, "ref_comp") for r in (tcr, spl) if "ms" in r), None)
         need = TARGET_FWD_SPEEDUP if pass_ == "fwd" else TARGET_TRAIN_SPEEDUP
         xf = f"{ours['x_floor']:.1f}" if ours.get("x_floor") is not None else "-"
         best = max(x for x in (sp, sp_tc, 0.0) if x is not None)
-        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(tgt):>8} {cell(tp2):>8} {cell(tg4):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(peers[0]):>9} "
+        print(f"{pass_:8} {d:>3} {B:>2} {label(L):>5} {cell(ours):>10} {xf:>8} {cell(tcr):>8} {cell(fus):>8} {cell(spl):>8} {cell(t16):>8} {cell(tw8):>8} {cell(twg):>8} {cell(tgx):>8} {cell(tgt):>8} {cell(tp2):>8} {cell(tg4):>8} {cell(cmp_):>8} {cell(cfw):>8} {cell(c16):>8} {cell(cst):>8} {cell(peers[0]):>9} "
               f"{cell(peers[1]):>9} {cell(peers[2]):>8} {f'{sp:.2f}x' if sp else '-':>8} "
               f"{f'{sp_tc:.2f}x' if sp_tc else '-':>10} {('PASS' if best >= need else 'fail') if best else '-':>6}")
     print_targets(data)
@@ -791,7 +799,7 @@ def print_brief(data: dict, by: dict) -> None:
     if len(errors) > 3:
         print(f"... {len(errors) - 3} more errors in the JSON")
     print("(skip/err: see the JSON; tc: the default on sm_90, fused/split: forced, tc16: clusters of 16 where they fit, tcw8: the same with 8 warps per CTA, tcwg: with the wgmma chain, p2/gp4: the d = 128 chain in 2 token parts (cluster) / 4 (no clusters), cbwd: allmem_comp (composite "
-          "backward), cfwd: allmem_cfwd (composite forward and backward), c16: the same with 16-bit matmul operands; vs comp: ref_comp's time over allmem's; target: >= 5 forward, >= 3 fwd+bwd)")
+          "backward), cfwd: allmem_cfwd (composite forward and backward), c16: the same with 16-bit matmul operands, cstep: the composite backward with its tensor-core step; vs comp: ref_comp's time over allmem's; target: >= 5 forward, >= 3 fwd+bwd)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,7 +867,7 @@ def main() -> int:
     else:
         skip.add("fla_dr")
     fns = {"allmem": allmem_impl, "allmem_tc": allmem_tc_impl, "allmem_tc_fused": allmem_tc_impl, "allmem_tc_split": allmem_tc_impl, "allmem_tc16": allmem_tc_impl, "allmem_tcw8": allmem_tc_impl, "allmem_tcwg": allmem_tc_impl, "allmem_tc_units": allmem_tc_impl, "allmem_tcgx": allmem_tc_impl, "allmem_tcgt": allmem_tc_impl, "allmem_tcp2": allmem_tc_impl, "allmem_tcgp4": allmem_tc_impl, "allmem_comp": allmem_tc_impl, "allmem_cfwd": allmem_tc_impl, "allmem_c16": allmem_tc_impl,
-           "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
+           "allmem_cstep": allmem_tc_impl, "ref_comp": COMPILED, "ref_eager": eager_impl, "fla_gdn": fla_fn, "fla_dr": fla_dr}
     passes = [p for p in ("fwd", "fwd+bwd") if p not in skip]
     if "decode" not in skip:  # cheap: every head size, whatever --d says
         for d, H in (heads if args.smoke else HEAD_CONFIGS):
@@ -886,6 +894,9 @@ def main() -> int:
                             why = ("smoke run (CPU)" if args.smoke else "the tensor-core forward is d = h = 64 on sm_90"
                                    if impl == "allmem_tc_fused" else "token parts split the d = 128 chain only")
                             rec.data["results"].append({**base, "skipped": why})
+                            continue
+                        if impl == "allmem_cstep" and pass_ == "fwd":
+                            rec.data["results"].append({**base, "skipped": "its forward is allmem_tc's"})
                             continue
                         if impl == "ref_eager" and pass_ == "fwd+bwd":
                             fits, why = eager_train_fits(B, L, H, d, C, dev)

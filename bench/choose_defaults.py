@@ -32,6 +32,8 @@ CANDIDATES = [
     ("ALLMEM_TTT_FWD=composite (composite forward)", "allmem_cfwd", "allmem_tc", ("tests-defaults",), (128,)),
     ("ALLMEM_TTT_COMPOSITE_MM=16 (16-bit composite matmuls)", "allmem_c16", "allmem_cfwd", ("tests-defaults",),
      (64, 128)),
+    ("ALLMEM_TTT_COMPOSITE_STEP=tc (the composite backward's chunk step on the tensor cores; with fused steps and "
+     "16-bit operands)", "allmem_cstep", "allmem_tc", ("tests-defaults",), (128,)),
     ("ALLMEM_TTT_TC_CHAIN_PARTS=2 (the d = 128 chain in 8 x 2 CTAs, a cluster of 16)", "allmem_tcp2", "allmem_tc",
      ("tests-ttt-tc-new-parts",), (128,)),
     # Off sm_90 these replace the SIMT forward, timed here on sm_90 against the cluster form (the SIMT row,

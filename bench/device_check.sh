@@ -430,14 +430,29 @@ for dt in (torch.bfloat16, torch.float16):
     # The composite backward (ALLMEM_TTT_BWD=composite, its fused steps ttt_composite_kernels.cu)
     # on the same varlen/pending case (d = h = 64). Then the composite forward too
     # (ALLMEM_TTT_FWD=composite). Neither depends on the chain switches: in the sanitize-ttt-tc stages only.
+    # And the backward's chunk step on the tensor cores (ALLMEM_TTT_COMPOSITE_STEP=tc,
+    # ttt_bwd_step_tc.cuh: each sequence of this case is its own group), both orders, d = 64 and 128.
     os.environ["ALLMEM_TTT_COMPOSITE_KERNELS"] = "1"  # its fused steps (opt-in until GPU-tested)
-    for fwd in ("", "composite") if os.environ.get("ALLMEM_TTT_TC_SPLIT") != "1" else ():
+    for fwd, step in (("", ""), ("composite", ""), ("", "tc")) if os.environ.get("ALLMEM_TTT_TC_SPLIT") != "1" else ():
         os.environ["ALLMEM_TTT_BWD"], os.environ["ALLMEM_TTT_FWD"] = "composite", fwd
-        q.grad = None
-        o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
-                                     cu_seqlens=cu)
-        (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
-    for name in ("ALLMEM_TTT_BWD", "ALLMEM_TTT_FWD", "ALLMEM_TTT_COMPOSITE_KERNELS"):
+        os.environ["ALLMEM_TTT_COMPOSITE_STEP"] = step
+        for lact in (False, True) if step else (False,):
+            q.grad = None
+            o, s = allmem_ops.ttt_memory(q, k, v, eta, mu, *w, C, initial_state=state, output_final_state=True,
+                                         cu_seqlens=cu, lact_order=lact, residual=not lact)
+            (o.float().sum() + s.w_gate.sum() + s.pending_k.sum()).backward()
+        if step:
+            w3 = [(torch.randn(H, 128, 128, device=dev) / 11.3).requires_grad_() for _ in range(3)]
+            q3, k3, v3 = (torch.nn.functional.normalize(torch.randn(T, H, 128, device=dev), dim=-1).to(dt)
+                          .requires_grad_() for _ in range(3))
+            st3 = TTTState.initial(*[x.detach() for x in w3], 3, C, torch.float32)
+            st3.pending_len = torch.tensor([0, 7, 39], device=dev)
+            for lact in (False, True):
+                o3, s3 = allmem_ops.ttt_memory(q3, k3, v3, eta, mu, *w3, C, initial_state=st3,
+                                               output_final_state=True, cu_seqlens=cu, lact_order=lact,
+                                               residual=not lact)
+                (o3.float().sum() + s3.w_gate.sum()).backward()
+    for name in ("ALLMEM_TTT_BWD", "ALLMEM_TTT_FWD", "ALLMEM_TTT_COMPOSITE_KERNELS", "ALLMEM_TTT_COMPOSITE_STEP"):
         os.environ.pop(name, None)
 if dev == "cuda":
     torch.cuda.synchronize()

@@ -127,11 +127,14 @@ def case_ttt_bwd128() -> dict:
 
     out = {}
     # The default there (the composite backward; its fused steps opt-in until GPU-tested), with the
-    # fused steps, and with them and 16-bit matmul operands.
+    # fused steps, with them and 16-bit matmul operands, and with the chunk step on the tensor cores
+    # too (ALLMEM_TTT_COMPOSITE_STEP=tc: one launch per chunk instead of the step's dozen).
     for name, env in (("composite_aten", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": None}),
                       ("composite", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "1"}),
                       ("composite_mm16", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
-                                          "ALLMEM_TTT_COMPOSITE_MM": "16"})):
+                                          "ALLMEM_TTT_COMPOSITE_MM": "16"}),
+                      ("composite_step", {"ALLMEM_TTT_BWD": None, "ALLMEM_TTT_COMPOSITE_KERNELS": "1",
+                                          "ALLMEM_TTT_COMPOSITE_MM": "16", "ALLMEM_TTT_COMPOSITE_STEP": "tc"})):
         with env_vars(env):
             out[name] = profile(step, reps=2)
     return out

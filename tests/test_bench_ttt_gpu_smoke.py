@@ -35,6 +35,10 @@ def test_bench_ttt_gpu_smoke(tmp_path):
     for impl in ("allmem", "ref_comp", "ref_eager", "allmem_comp", "allmem_cfwd", "allmem_c16"):
         rows = [r for r in data["results"] if r["impl"] == impl]
         assert len(rows) == cases and all(r["ms"] > 0 and r["x_floor"] > 0 for r in rows), rows
+    # The composite backward with its tensor-core step: fwd+bwd rows only (on the CPU its step's
+    # switch has no effect: the ATen steps with 16-bit operands).
+    rows = [r for r in data["results"] if r["impl"] == "allmem_cstep"]
+    assert len(rows) == cases and all(("ms" in r) == (r["pass_"] == "fwd+bwd") for r in rows), rows
     # FLA is never timed on the CPU: recorded as skipped, with the reason.
     fla = [r for r in data["results"] if r["impl"] == "fla_gdn"]
     assert len(fla) == cases and all("skipped" in r for r in fla)
@@ -45,7 +49,7 @@ def test_bench_ttt_gpu_smoke(tmp_path):
         assert len(tc) == cases and all("skipped" in r for r in tc), impl
     names = ["forward vs ref_comp", "forward x floor", "fwd+bwd vs ref_comp"]
     ours = ("allmem", "allmem_tc", "allmem_tc_fused", "allmem_tc_split", "allmem_tc16", "allmem_tcw8", "allmem_tcwg", "allmem_tc_units", "allmem_tcgx",
-            "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16")
+            "allmem_tcgt", "allmem_tcp2", "allmem_tcgp4", "allmem_comp", "allmem_cfwd", "allmem_c16", "allmem_cstep")
     assert [t["target"] for t in data["targets"]] == [f"{i} {n}" for i in ours for n in names]
     # The decode step: the three contenders, both buffer fills, every batch of the smoke run, with floors.
     dec = data["decode"]

@@ -215,6 +215,54 @@ def test_cuda_matches_float64(composite, monkeypatch, d, dtype, lact_order, layo
         assert torch.equal(a, b), (name, "default backward")
 
 
+# The tensor-core step (ALLMEM_TTT_COMPOSITE_STEP=tc) on layouts whose groups are not ragged (one
+# group of two sequences, chunks of two tiles; varlen with pending state, each sequence its own
+# group) and on a ragged group, which keeps the ATen steps.
+STEP_LAYOUTS = {"dense": (2, 300, 128, None, None), "pending": (None, None, 64, *GPU_LAYOUTS["pending"]),
+                "ragged": (None, None, 64, *GPU_LAYOUTS["ragged"])}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_OP, reason="needs a CUDA device and a CUDA build of allmem_ops")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype, lact_order", [(torch.bfloat16, False), (torch.float16, True)])
+@pytest.mark.parametrize("layout", list(STEP_LAYOUTS))
+def test_cuda_step_tc(composite, monkeypatch, d, dtype, lact_order, layout):
+    """The composite backward with its per-chunk update backward on the tensor cores
+    (ttt_bwd_step_tc.cuh, opt-in until this passes on an sm_90 GPU) against the float64 CPU
+    backward: every gradient within the tensor-core kernels' 4 u; bitwise deterministic; a different
+    computation from the ATen steps where a group is not ragged, the ATen steps themselves (bitwise)
+    where it is; and with 16-bit operands in the rest of the walk too (ALLMEM_TTT_COMPOSITE_MM=16,
+    the benchmark's row) within the same bound."""
+    from test_ttt_tc_gpu import _bwd, _bwd_case
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the step's kernel is sm_90a code")
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_KERNELS", "1")
+    B, L, C, lens, plens = STEP_LAYOUTS[layout]
+    case = (B, L, 2, C, lens, plens, lact_order, not lact_order, dtype)
+    dev, outs, grads, want, (C, lact, res, _) = _bwd_case(case, d=d)
+    aten = _bwd(dev, outs, grads, C, lact, res)
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_STEP", "tc")
+    got = _bwd(dev, outs, grads, C, lact, res)
+    again = _bwd(dev, outs, grads, C, lact, res)
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    errs = {}
+    for name, a, w, a2 in zip(NAMES, got, want, again):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, a2), (name, "not deterministic")
+        errs[name] = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+    print({k: f"{v:.2e}" for k, v in errs.items()}, f"u = {u:.1e}")
+    assert all(e < 4 * u for e in errs.values()), errs
+    same = all(torch.equal(a, b) for a, b in zip(got, aten))
+    assert same == (layout == "ragged"), "the step runs where a group is not ragged, and only there"
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_MM", "16")
+    low = _bwd(dev, outs, grads, C, lact, res)
+    for name, a, w in zip(NAMES, low, want):
+        err = ((a.cpu().double() - w).norm() / w.norm().clamp_min(1e-30)).item()
+        assert err < 4 * u, (name, err, "step with 16-bit operands elsewhere")
+
+
 # ---- The composite forward (ALLMEM_TTT_FWD=composite) ----
 FWD_NAMES = ("o", "fast", "pending", "pending_len", "checkpoints")
 

@@ -24,9 +24,10 @@ pytestmark = [
 # token-split forward also for clusters of 8 and 16 x 4 and 8 warps x mma.sync and wgmma, the
 # backward for clusters of 8 and 16, the units chain with and without clusters, with 8 CTAs per job
 # and at d = 128 16 unit groups or 8 x 2 token parts (and 8 x 4 without clusters); the token-split
-# forward and the backward also without clusters)
+# forward and the backward also without clusters; the composite backward's tensor-core step for d = 64 and
+# 128)
 TC_KERNELS = {"ttt_fwd_tc_kernel": 18, "ttt_bwd_tc_kernel": 6, "ttt_read_tc_kernel": 4, "ttt_read_bwd_tc_kernel": 2,
-              "ttt_chain_tc_kernel": 18, "ttt_read_wg_kernel": 2}
+              "ttt_chain_tc_kernel": 18, "ttt_read_wg_kernel": 2, "ttt_bwd_step_tc_kernel": 4}
 
 
 def _is_gx(name: str) -> bool:
@@ -91,7 +92,7 @@ def test_tc_kernels_use_tensor_cores_and_cluster_memory(kernel):
             continue
         # 4 warps x per tile: read 96, update 192 mma.sync; the loops are partly unrolled (the units
         # chain's products are n8 blocks in rolled k-loops: fewer static instructions).
-        least = 16 if kernel == "ttt_chain_tc_kernel" else 64
+        least = 16 if kernel in ("ttt_chain_tc_kernel", "ttt_bwd_step_tc_kernel") else 64
         assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= least, f"{name}: too few HMMA.16816.F32"
         assert re.search(r"\bLDSM\.16\.M88\.4\b", body), name
         if kernel != "ttt_read_tc_kernel":  # the read's operands are all row-major: no transposed loads
@@ -174,5 +175,6 @@ def test_sm80_code_of_the_tensor_core_kernels():
     for name, body in reads.items():
         assert len(re.findall(r"\bHMMA\.16816\.F32", body)) >= 16 and not re.search(r"\b(LDL|STL)\b", body), name
     for name, body in funcs.items():
-        if any(k in name for k in ("ttt_fwd_tc_kernel", "ttt_chain_tc_kernel", "ttt_bwd_tc_kernel")) and not _is_gx(name):
+        if any(k in name for k in ("ttt_fwd_tc_kernel", "ttt_chain_tc_kernel", "ttt_bwd_tc_kernel",
+                                   "ttt_bwd_step_tc_kernel")) and not _is_gx(name):
             assert "BPT.TRAP" in body and not re.search(r"\bHMMA\b", body), name

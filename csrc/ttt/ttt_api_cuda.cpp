@@ -266,7 +266,7 @@ int sixteen_or_eight(int64_t jobs, int key, const char* what, Fit fit16, bool sp
 // summation order (mu's mean, the gradient partials).
 // wgmma: the forward's wgmma form (its occupancy is its own: less shared memory).
 int tc_cluster(const Layout& lay, InDType dt, int warps, bool backward, bool wgmma = false) {
-  return sixteen_or_eight(lay.N * lay.H, backward ? 0 : warps + (wgmma ? 16 : 0),
+  return sixteen_or_eight(lay.N * lay.H, (backward ? 0 : warps + (wgmma ? 16 : 0)) + 32 * static_cast<int>(dt),
                           backward ? "tensor-core TTT backward (a cluster of 16)"
                                    : "tensor-core TTT forward (a cluster of 16)",
                           [&] { return backward ? ttt_bwd_tc_active_clusters(dt, 16)
@@ -536,6 +536,9 @@ ttt_memory_bwd_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& g
   }
   auto wg = w_gate.contiguous(), wu = w_up.contiguous(), wd = w_down.contiguous();
   auto pend_in = pending.contiguous(), ckpt = checkpoints.contiguous();
+  // The tensor-core kernels read the checkpoints as 16-byte vectors: a caller's view off a 16-byte
+  // boundary is copied (the forward's own checkpoints are fresh allocations).
+  if (reinterpret_cast<uintptr_t>(ckpt.data_ptr()) % 16 != 0) ckpt = ckpt.clone();
   auto d_fast = grad_fast.has_value() ? grad_fast->contiguous().clone() : at::zeros(fast_shape, f32);
   auto gpend = grad_pending.has_value() ? grad_pending->contiguous() : at::zeros_like(pend_in);
   auto d_pend = at::zeros_like(pend_in);
@@ -838,6 +841,86 @@ void composite_momentum_cuda(const at::Tensor& dsum, const at::Tensor& m, const 
                          live.has_value() ? live->data_ptr<bool>() : nullptr, dm.data_ptr<float>(),
                          dmu_rows.data_ptr<float>(), batch, n, batch > 0 ? dmu_rows.numel() / batch : 0};
   cuda::launch_momentum(p, at::cuda::getCurrentCUDAStream());
+}
+
+bool composite_step_tc_applies(const at::Tensor& q, int64_t d, int64_t h) {
+  const char* env = std::getenv("ALLMEM_TTT_COMPOSITE_STEP");
+  if (env == nullptr || std::strcmp(env, "tc") != 0) return false;
+  if (!q.is_cuda() || (q.scalar_type() != at::kBFloat16 && q.scalar_type() != at::kHalf)) return false;
+  if (d != h || (d != 64 && d != 128)) return false;
+  const c10::cuda::CUDAGuard guard(q.device());
+  return at::cuda::getCurrentDeviceProperties()->major == 9;  // the kernel's code is sm_90a's
+}
+
+void composite_step_tc_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu,
+                            const at::Tensor& w, const std::optional<at::Tensor>& m_next, const at::Tensor& targets,
+                            at::Tensor& dw, at::Tensor& dm, const std::optional<at::Tensor>& dw_read,
+                            at::Tensor& d_targets, at::Tensor& dmu, at::Tensor& f1, at::Tensor& f2, at::Tensor& wk,
+                            at::Tensor& wv, at::Tensor& deta_part, bool lact_order) {
+  const auto dt = k.scalar_type();
+  ALLMEM_CHECK(k.is_cuda() && (dt == at::kBFloat16 || dt == at::kHalf) && k.dim() == 3 && k.is_contiguous(),
+               "composite step: k must be a contiguous bf16/fp16 CUDA tensor [chains, C, d]");
+  const int64_t G = k.size(0), C = k.size(1), d = k.size(2), hd = d * d;
+  ALLMEM_CHECK(d == 64 || d == 128, "composite step: d = h must be 64 or 128, got ", d);
+  auto same16 = [&](const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape) {
+    ALLMEM_CHECK(t.is_cuda() && t.scalar_type() == dt && t.is_contiguous() && t.sizes() == at::IntArrayRef(shape),
+                 "composite step: ", name, " must be a contiguous ", dt, " CUDA tensor of size ",
+                 at::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes());
+  };
+  auto f32 = [&](const at::Tensor& t, const char* name, int64_t numel) {
+    check_f32_cuda(t, name);
+    ALLMEM_CHECK(t.numel() == numel, "composite step: ", name, " must have ", numel, " elements, got ", t.numel());
+  };
+  same16(v, "v", {G, C, d});
+  same16(f1, "f1", {G, C, 4 * d});
+  same16(f2, "f2", {G, C, 2 * d});
+  same16(wk, "wk", {G, 4 * d, d});
+  same16(wv, "wv", {G, d, 2 * d});
+  f32(eta, "eta", G * C * 3);
+  f32(mu, "mu", G);
+  f32(targets, "targets", G * 3 * d);
+  f32(dw, "dw", G * 3 * hd);
+  f32(dm, "dm", G * 3 * hd);
+  f32(d_targets, "d_targets", G * 3 * d);
+  f32(dmu, "dmu", G * C);
+  f32(deta_part, "deta_part", G * 8 * C * 3);
+  if (dw_read.has_value()) f32(*dw_read, "dw_read", G * 3 * hd);
+  check_f32_cuda(w, "w", false);
+  ALLMEM_CHECK(w.dim() == 3 && w.size(0) == G && w.size(1) == 6 && w.size(2) == hd && w.stride(2) == 1 &&
+                   w.stride(1) == hd,
+               "composite step: w must be [chains, 6, d*d] with contiguous rows");
+  if (lact_order) {
+    ALLMEM_CHECK(m_next.has_value(), "composite step: LaCT order needs m_next");
+    check_f32_cuda(*m_next, "m_next", false);
+    ALLMEM_CHECK(m_next->dim() == 3 && m_next->size(0) == G && m_next->size(1) == 3 && m_next->size(2) == hd &&
+                     m_next->stride(2) == 1 && m_next->stride(1) == hd && (G <= 1 || m_next->stride(0) == w.stride(0)),
+                 "composite step: m_next must be [chains, 3, d*d] with contiguous rows and w's batch stride");
+  }
+  ALLMEM_CHECK(G <= INT_MAX / 8, "composite step: too many chains (", G, ")");
+  const c10::cuda::CUDAGuard guard(k.device());
+  cuda::BwdStepParams p{k.data_ptr(),
+                        v.data_ptr(),
+                        dt == at::kBFloat16 ? cuda::InDType::kBFloat16 : cuda::InDType::kFloat16,
+                        eta.data_ptr<float>(),
+                        mu.data_ptr<float>(),
+                        w.data_ptr<float>(),
+                        lact_order ? m_next->data_ptr<float>() : nullptr,
+                        w.stride(0),
+                        targets.data_ptr<float>(),
+                        dw.data_ptr<float>(),
+                        dm.data_ptr<float>(),
+                        dw_read.has_value() ? dw_read->data_ptr<float>() : nullptr,
+                        d_targets.data_ptr<float>(),
+                        dmu.data_ptr<float>(),
+                        f1.data_ptr(),
+                        f2.data_ptr(),
+                        wk.data_ptr(),
+                        wv.data_ptr(),
+                        deta_part.data_ptr<float>(),
+                        G,
+                        C,
+                        lact_order};
+  cuda::launch_bwd_step_tc(p, static_cast<int>(d), at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace allmem::ttt

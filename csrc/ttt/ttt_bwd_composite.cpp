@@ -614,6 +614,48 @@ void decode_chunk_update_(at::Tensor& fast, at::Tensor& pending, const at::Tenso
   pending.masked_fill_(where_b, 0.0);
 }
 
+#ifdef ALLMEM_WITH_CUDA
+// The tensor-core step's side of one block of a group's walk (not ragged): the 16-bit k, v of the
+// block's completed chunks, buffers for the step's outputs, one launch per chunk (chunk), then dk,
+// dv of every completed chunk as two batched products and deta as the sum of the 8 CTAs' parts
+// (finish).
+struct StepBlock {
+  int64_t GH, C, d, nc;
+  bool lact;
+  at::Tensor K, V, E, Mn, F1, F2, WK, WV, DP;
+  StepBlock(const Group& g, const at::Tensor& ckpt, const std::array<at::Tensor, 4>& in, int64_t c0, int64_t n_complete,
+            int64_t d_, bool lact_order, at::ScalarType dt)
+      : GH(g.GH), C(g.C), d(d_), nc(n_complete), lact(lact_order) {
+    K = in[0].narrow(0, 0, nc).to(dt).contiguous();
+    V = in[1].narrow(0, 0, nc).to(dt).contiguous();
+    E = in[2].narrow(0, 0, nc).contiguous();
+    if (lact) {  // M after each chunk's update: the next segment's checkpoint
+      Mn = ckpt.index_select(0, g.slots_of(c0 + 1, c0 + 1 + nc)).view({nc, GH, kFastRows, d * d});
+    }
+    const auto o16 = K.options(), o32 = E.options();
+    F1 = at::empty({nc, GH, C, 4 * d}, o16);
+    F2 = at::empty({nc, GH, C, 2 * d}, o16);
+    WK = at::empty({nc, GH, 4 * d, d}, o16);
+    WV = at::empty({nc, GH, d, 2 * d}, o16);
+    DP = at::empty({nc, GH, 8, C, 3}, o32);
+  }
+  void chunk(int64_t j, const at::Tensor& w, const at::Tensor& mu_j, const at::Tensor& tgt, const at::Tensor& dwr,
+             at::Tensor& dW, at::Tensor& dM, at::Tensor& d_tg, const at::Tensor& dmu_rows) {
+    auto f1 = F1[j], f2 = F2[j], wk = WK[j], wv = WV[j], dp = DP[j], dmu = dmu_rows.view({GH, C});
+    composite_step_tc_cuda(K[j], V[j], E[j], mu_j.reshape({GH}).contiguous(), w,
+                           lact ? std::optional<at::Tensor>(Mn[j].narrow(1, kMomentumRow, 3)) : std::nullopt, tgt, dW,
+                           dM, dwr, d_tg, dmu, f1, f2, wk, wv, dp, lact);
+  }
+  void finish(at::Tensor& dKb, at::Tensor& dVb, at::Tensor& dEb, const Mm& mm) {
+    auto dk = dKb.narrow(0, 0, nc).view({nc * GH, C, d}), dv = dVb.narrow(0, 0, nc).view({nc * GH, C, d});
+    mm.bmm_out(dk, F1.view({nc * GH, C, 4 * d}), WK.view({nc * GH, 4 * d, d}));
+    mm.bmm_out(dv, F2.view({nc * GH, C, 2 * d}), WV.view({nc * GH, d, 2 * d}).transpose(1, 2));
+    auto de = dEb.narrow(0, 0, nc);
+    at::sum_out(de, DP, {2});
+  }
+};
+#endif
+
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
                                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
@@ -649,6 +691,17 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   auto d_targets = at::zeros({H, 2 * h + d}, opts);
   const auto tgt_h = at::cat({io.tg, io.tu, io.td}, 1);  // [H, 2h + d]
   const Mm mm = Mm::for_inputs(q);
+  // The tensor-core step (ttt_bwd_step_tc.cuh: one launch per completed chunk for the whole group
+  // instead of the ATen sequence; opt-in, ALLMEM_TTT_COMPOSITE_STEP=tc) for groups that are not
+  // ragged. It takes 16-bit k, v and Wx, D, the factors as 16-bit operands (the tensor-core
+  // kernels' precision), and leaves dk, dv to two batched products per block of chunks.
+  bool step_tc = false;
+  Mm mm16;  // the products of the step's outputs: 16-bit operands, float32 results
+#ifdef ALLMEM_WITH_CUDA
+  step_tc = composite_step_tc_applies(q, d, h);
+  mm16.low = true;
+  mm16.dt = q.scalar_type();
+#endif
 
   for (const auto& ns : groups_of(lay)) {
     const Group g(lay, ns, q.device());
@@ -663,7 +716,10 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
     auto d_tg = at::zeros({GH, 2 * h + d}, opts);
 
     const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
-    const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize;
+    const bool use_step = step_tc && !g.ragged;
+    // The step's buffers per chunk: the 16-bit factors and stacked weights, the rate partials.
+    const int64_t step_bytes = use_step ? GH * ((C * 6 * h + 6 * hd) * 2 + 8 * C * 3 * 4) : 0;
+    const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize + step_bytes;
     const int64_t nb_max = max_block_chunks(per_chunk);
     for (int64_t c1 = nseg; c1 > 0;) {
       const int64_t c0 = std::max<int64_t>(0, c1 - nb_max), nb = c1 - c0, R = nb * GH;
@@ -711,7 +767,21 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         const auto ckv = ckb.view({nb, GH, kFastRows, hd});
         const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
 
+#ifdef ALLMEM_WITH_CUDA
+        std::optional<StepBlock> sb;
+        if (use_step && n_complete > 0) sb.emplace(g, ckpt, in, c0, n_complete, d, lact_order, mm16.dt);
+#endif
         for (int64_t j = nb - 1; j >= 0; --j) {
+#ifdef ALLMEM_WITH_CUDA
+          if (sb.has_value()) {
+            if (j < n_complete) {  // the chunk's step adds the read's gradient of its segment to dW
+              sb->chunk(j, ckv[j], mu_chunk[j], tgt, dWr[j], dW, dM, d_tg, dMUb[j]);
+            } else {
+              dW.add_(dWr[j]);
+            }
+            continue;
+          }
+#endif
           if (j < n_complete) {  // backward of the update of chunk c0 + j
             const auto W = ckv[j].narrow(1, 0, 3), M = ckv[j].narrow(1, kMomentumRow, 3);
             const auto mu_j = mu_chunk[j].view({GH, 1, 1});
@@ -737,6 +807,9 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
           }
           dW.add_(dWr[j]);  // the read of segment c0 + j saw the weights at its start
         }
+#ifdef ALLMEM_WITH_CUDA
+        if (sb.has_value()) sb->finish(dKb, dVb, dEb, mm16);
+#endif
       }
       if (g.ragged) {  // each sequence's trailing chunk only lands in the state
         const auto trail = g.chain_mask(c0, c1, true);

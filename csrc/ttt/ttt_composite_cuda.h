@@ -26,4 +26,20 @@ void composite_prep_cuda(const at::Tensor& w, const std::optional<at::Tensor>& t
 void composite_momentum_cuda(const at::Tensor& dsum, const at::Tensor& m, const at::Tensor& mu,
                              const std::optional<at::Tensor>& live, at::Tensor& dm, at::Tensor& dmu_rows);
 
+// The tensor-core step of the composite backward (ttt_bwd_step_tc.cuh): one completed chunk's update
+// backward for G chains. Whether it runs for inputs like q with these sizes: ALLMEM_TTT_COMPOSITE_STEP=tc
+// (read at every call; opt-in until its GPU tests have passed), a CUDA q of bf16/fp16, d = h in
+// {64, 128}, an sm_90 device.
+bool composite_step_tc_applies(const at::Tensor& q, int64_t d, int64_t h);
+// BwdStepParams (ttt_cuda.h) over tensors, chain-major: k, v [G, C, d] in q's 16-bit dtype; eta
+// [G, C, 3], mu [G], targets [G, 3d], dw, dm, dw_read [G, 3, d*d], d_targets [G, 3d], dmu [G, C],
+// deta_part [G, 8, C, 3] float32; w [G, 6, d*d] ((W, M) at the chunk start) and m_next [G, 3, d*d]
+// (LaCT order: M after the update) with contiguous rows and w's batch stride; f1 [G, C, 4d], f2
+// [G, C, 2d], wk [G, 4d, d], wv [G, d, 2d] in k's dtype. All contiguous but w and m_next.
+void composite_step_tc_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta, const at::Tensor& mu,
+                            const at::Tensor& w, const std::optional<at::Tensor>& m_next, const at::Tensor& targets,
+                            at::Tensor& dw, at::Tensor& dm, const std::optional<at::Tensor>& dw_read,
+                            at::Tensor& d_targets, at::Tensor& dmu, at::Tensor& f1, at::Tensor& f2, at::Tensor& wk,
+                            at::Tensor& wv, at::Tensor& deta_part, bool lact_order);
+
 }  // namespace allmem::ttt

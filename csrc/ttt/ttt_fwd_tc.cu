@@ -5,6 +5,9 @@
 // without clusters and the mma.sync read run on sm_80+. The hidden-unit chain: ttt_chain_tc.cu.
 #include <c10/cuda/CUDAException.h>
 
+#include <map>
+#include <mutex>
+
 #include "ttt/ttt_cuda.h"
 #include "ttt/ttt_tc_launch.h"
 #include "ttt/ttt_fwd_tc.cuh"
@@ -111,13 +114,22 @@ int64_t ttt_fwd_tc_gx_jobs(InDType dt) {
   return dt == InDType::kBFloat16 ? fwd_gx_jobs<__nv_bfloat16>() : fwd_gx_jobs<__half>();
 }
 
+// Asked once per device (the symbol copy is synchronous: every call would wait for the device's
+// queued work, review).
 bool ttt_fwd_wg_available() {
+  static std::mutex mu;
+  static std::map<int, bool> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
   int built = 0;
-  if (cudaMemcpyFromSymbol(&built, kTttSm90aBuilt, sizeof(int)) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return built == 1;
+  bool ok = cudaMemcpyFromSymbol(&built, kTttSm90aBuilt, sizeof(int)) == cudaSuccess;
+  if (!ok) (void)cudaGetLastError();
+  ok = ok && built == 1;
+  cache.emplace(dev, ok);
+  return ok;
 }
 
 void launch_ttt_fwd_tc(const FwdParams& p, cudaStream_t stream, int cluster, int warps, bool wgmma) {
