@@ -59,6 +59,50 @@ GROUP_CASES = [
 ]
 
 
+def _count_steps(fn):
+    """fn()'s result and how many chunk steps (allmem::composite_step) it ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "allmem::composite_step")
+
+
+@pytest.mark.parametrize("case", CASES + GROUP_CASES)
+@pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
+@pytest.mark.parametrize("block", [None, "1"])
+def test_chunk_step_walk_matches_aten_steps(case, lact_order, residual, block, monkeypatch):
+    """ALLMEM_TTT_COMPOSITE_STEP=tc on the CPU: the walk around the tensor-core chunk step (StepBlock in
+    ttt_bwd_composite.cpp: the blocks' k, v, LaCT order's next checkpoints, one step per completed
+    chunk adding the read's gradient of its segment, the trailing chunk's read added between, dk and
+    dv as batched products of the step's factors and stacked weights, the rate partials summed) run
+    with the kernel's CPU stand-in (its outputs by the ATen steps), against the composite's own
+    steps in float64: every gradient equal to rounding, in blocks of every chunk and of one. The step
+    runs once per completed chunk of a group that is not ragged (ragged groups keep the ATen steps:
+    every case with a completed chunk here has a group that is not)."""
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    if block is not None:
+        monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_BLOCK", block)
+    args = _fwd_bwd_args(case, lact_order, residual)
+    want = torch.ops.allmem.ttt_memory_bwd(*args)
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_STEP", "tc")
+    got, steps = _count_steps(lambda: torch.ops.allmem.ttt_memory_bwd(*args))
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    B, L, H, d, h, C, lens, plens = case
+    if lens is None and plens is None:  # one group: a step per completed chunk of the batch
+        assert steps == L // C, steps
+    lens = lens if lens is not None else [L] * B
+    plens = plens if plens is not None else [0] * len(lens)
+    assert (steps > 0) == any((p + n) // C > 0 for n, p in zip(lens, plens)), steps
+
+
+def test_chunk_step_switch_errors(monkeypatch):
+    monkeypatch.setenv("ALLMEM_TTT_BWD", "composite")
+    monkeypatch.setenv("ALLMEM_TTT_COMPOSITE_STEP", "kernel")
+    args = _fwd_bwd_args(CASES[2], False, True)
+    with pytest.raises(RuntimeError, match="ALLMEM_TTT_COMPOSITE_STEP: expected tc or 0, got 'kernel'"):
+        torch.ops.allmem.ttt_memory_bwd(*args)
+
+
 @pytest.mark.parametrize("case", CASES + GROUP_CASES)
 @pytest.mark.parametrize("lact_order,residual", [(False, True), (True, False)])
 def test_matches_cpu_backward_float64(case, lact_order, residual, monkeypatch):

@@ -17,6 +17,7 @@
 #include <array>
 #include <cstdlib>
 #include <map>
+#include <optional>
 #include <utility>
 #include <cstring>
 #include <vector>
@@ -307,25 +308,40 @@ at::Tensor chunk_update3(const at::Tensor& state, const at::Tensor& mu_j, const 
   return next;
 }
 
-// Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D) and the
-// weights stacked by prep3 ([Wx_g; Wx_u; Dg; Du] and [Wx_d | Dd]): writes dk, dv, deta of the
-// chunk's rows, returns dL/dWx [B, 3, h*d] of that path. Two products for every per-token product,
-// one fused step for the per-token terms, then dk, dv and the three weight gradients: 6 matmuls.
-at::Tensor update_grad3_backward(const Stacked& st, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
-                                 at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d, int64_t h, const Mm& mm) {
-  const int64_t B = st.wk.size(0);
-  const auto wk = mm.lo(st.wk);  // [B, 4h, d]: Wg; Wu; Dg; Du
-  const auto wv = mm.lo(st.wv);  // [B, d, 2h]: Wd | Dd
-  const auto p1 = mm.bmm(k, wk.transpose(1, 2));                            // a, b, pg, pu
-  const auto p2 = mm.bmm(v, wv);                                            // e, ps
+// The per-token terms of the update gradient's backward for the weights stacked by prep3, as the
+// matmuls take them (wk = [Wx_g; Wx_u; Dg; Du], wv = [Wx_d | Dd]): f1 [B, n, 4h], f2 [B, n, 2h]
+// (update_terms), deta written.
+std::pair<at::Tensor, at::Tensor> update_factors(const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& eta, at::Tensor deta,
+                                                 int64_t h, const Mm& mm) {
+  const auto p1 = mm.bmm(k, wk.transpose(1, 2));  // a, b, pg, pu
+  const auto p2 = mm.bmm(v, wv);                  // e, ps
   auto f1 = at::empty_like(p1), f2 = at::empty_like(p2);
   update_terms(p1, p2, eta, f1, f2, deta, h);
-  const auto f1l = mm.lo(f1), f2l = mm.lo(f2);
-  mm.bmm_out(dk, f1l, wk);
-  mm.bmm_out(dv, f2l, wv.transpose(1, 2));
+  return {f1, f2};
+}
+
+// dL/dWx [B, 3, h*d] from the factors (as the matmuls take them): da^T K, db^T K, V^T de.
+at::Tensor factor_weight_grads(const at::Tensor& f1l, const at::Tensor& f2l, const at::Tensor& k, const at::Tensor& v,
+                               int64_t d, int64_t h, const Mm& mm) {
+  const int64_t B = f1l.size(0);
   const auto dgu = mm.bmm(f1l.narrow(-1, 0, 2 * h).transpose(1, 2), k);  // [B, 2h, d]
   const auto dd = mm.bmm(v.transpose(1, 2), f2l.narrow(-1, 0, h));       // [B, d, h]
   return at::cat({dgu.view({B, 2, h * d}), dd.view({B, 1, h * d})}, 1);
+}
+
+// Backward of the update gradient G(Wx) of one chunk, given D = dL/dM_new (dL/dG = -D) and the
+// weights stacked by prep3: writes dk, dv, deta of the chunk's rows, returns dL/dWx [B, 3, h*d] of
+// that path. Two products for every per-token product, one fused step for the per-token terms,
+// then dk, dv and the three weight gradients: 6 matmuls.
+at::Tensor update_grad3_backward(const Stacked& st, const at::Tensor& k, const at::Tensor& v, const at::Tensor& eta,
+                                 at::Tensor dk, at::Tensor dv, at::Tensor deta, int64_t d, int64_t h, const Mm& mm) {
+  const auto wk = mm.lo(st.wk), wv = mm.lo(st.wv);
+  const auto [f1, f2] = update_factors(wk, wv, k, v, eta, deta, h, mm);
+  const auto f1l = mm.lo(f1), f2l = mm.lo(f2);
+  mm.bmm_out(dk, f1l, wk);
+  mm.bmm_out(dv, f2l, wv.transpose(1, 2));
+  return factor_weight_grads(f1l, f2l, k, v, d, h, mm);
 }
 
 // Sequences with the same pending length share their chunk boundaries: a group of them runs as one
@@ -614,47 +630,102 @@ void decode_chunk_update_(at::Tensor& fast, at::Tensor& pending, const at::Tenso
   pending.masked_fill_(where_b, 0.0);
 }
 
+// The composite backward's chunk step (ALLMEM_TTT_COMPOSITE_STEP=tc, read at every call): on CUDA
+// the tensor-core kernel where it applies (ttt_bwd_step_tc.cuh, composite_step_tc_applies: bf16/fp16,
+// d = h in {64, 128}, sm_90); on the CPU the same outputs by the ATen steps (step_aten), so that the
+// walk around the kernel (StepBlock) is tested against the composite's own steps without a GPU.
+enum class StepMode { kOff, kKernel, kAten };
+StepMode step_mode(const at::Tensor& q, int64_t d, int64_t h) {
+  const char* env = std::getenv("ALLMEM_TTT_COMPOSITE_STEP");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return StepMode::kOff;
+  ALLMEM_CHECK(std::strcmp(env, "tc") == 0, "ALLMEM_TTT_COMPOSITE_STEP: expected tc or 0, got '", env, "'");
+  if (q.is_cpu()) return StepMode::kAten;
 #ifdef ALLMEM_WITH_CUDA
-// The tensor-core step's side of one block of a group's walk (not ragged): the 16-bit k, v of the
-// block's completed chunks, buffers for the step's outputs, one launch per chunk (chunk), then dk,
-// dv of every completed chunk as two batched products and deta as the sum of the 8 CTAs' parts
+  if (composite_step_tc_applies(q, d, h)) return StepMode::kKernel;
+#else
+  (void)d;
+  (void)h;
+#endif
+  return StepMode::kOff;
+}
+
+// The kernel's outputs for one chunk by the ATen steps (its CPU stand-in): dW, dM in place (dM may
+// be rebound), d_tg added to, dmu [GH, C], the factors f1, f2, the stacked weights wk, wv, and
+// the rate gradients in part 0 of dp [GH, 8, C, 3] (the other parts zero).
+void step_aten(const at::Tensor& K, const at::Tensor& V, const at::Tensor& E, const at::Tensor& mu, const at::Tensor& w,
+               const at::Tensor& mn, const at::Tensor& tgt, at::Tensor& dW, at::Tensor& dM, const at::Tensor& dwr,
+               at::Tensor& d_tg, const at::Tensor& dmu, at::Tensor& f1, at::Tensor& f2, at::Tensor& wk, at::Tensor& wv,
+               at::Tensor& dp, int64_t d, int64_t h, bool lact, const Mm& mm) {
+  const int64_t GH = w.size(0), C = K.size(1);
+  const auto W = w.narrow(1, 0, 3), M = w.narrow(1, kMomentumRow, 3);
+  at::Tensor dZ;
+  Stacked st;
+  if (lact) {  // Z = W + M_next was normalized; the gradient was taken at W
+    dZ = row_normalize3_backward(W + mn, tgt, dW, d_tg, d, h);
+    st = prep3(W, nullptr, dM, dZ, d, h);
+  } else {
+    st = prep3(W, &tgt, dM, dW, d, h);
+  }
+  dp.zero_();
+  const auto [g1, g2] = update_factors(mm.lo(st.wk), mm.lo(st.wv), K, V, E, dp.select(1, 0), h, mm);
+  f1.copy_(g1);
+  f2.copy_(g2);
+  wk.copy_(st.wk);
+  wv.copy_(st.wv);
+  const auto dWx = factor_weight_grads(mm.lo(g1), mm.lo(g2), K, V, d, h, mm);
+  const auto dW_new = lact ? dZ + dWx : row_normalize3_backward(W, tgt, dWx, d_tg, d, h, dW);
+  momentum3(st.D, M, mu.view({GH, 1, 1}), at::Tensor(), dM, dmu.view({GH, C, 1}));
+  at::add_out(dW, dW_new, dwr);
+}
+
+// The chunk step's side of one block of a group's walk (not ragged): k, v of the block's completed
+// chunks (16-bit for the kernel), buffers for the step's outputs, one step per chunk (chunk), then
+// dk, dv of every completed chunk as two batched products and deta as the sum of the 8 CTAs' parts
 // (finish).
 struct StepBlock {
-  int64_t GH, C, d, nc;
-  bool lact;
+  int64_t GH, C, d, h, nc;
+  bool lact, kernel;
   at::Tensor K, V, E, Mn, F1, F2, WK, WV, DP;
   StepBlock(const Group& g, const at::Tensor& ckpt, const std::array<at::Tensor, 4>& in, int64_t c0, int64_t n_complete,
-            int64_t d_, bool lact_order, at::ScalarType dt)
-      : GH(g.GH), C(g.C), d(d_), nc(n_complete), lact(lact_order) {
+            int64_t d_, int64_t h_, bool lact_order, bool use_kernel, at::ScalarType dt)
+      : GH(g.GH), C(g.C), d(d_), h(h_), nc(n_complete), lact(lact_order), kernel(use_kernel) {
     K = in[0].narrow(0, 0, nc).to(dt).contiguous();
     V = in[1].narrow(0, 0, nc).to(dt).contiguous();
     E = in[2].narrow(0, 0, nc).contiguous();
     if (lact) {  // M after each chunk's update: the next segment's checkpoint
-      Mn = ckpt.index_select(0, g.slots_of(c0 + 1, c0 + 1 + nc)).view({nc, GH, kFastRows, d * d});
+      Mn = ckpt.index_select(0, g.slots_of(c0 + 1, c0 + 1 + nc)).view({nc, GH, kFastRows, h * d});
     }
     const auto o16 = K.options(), o32 = E.options();
-    F1 = at::empty({nc, GH, C, 4 * d}, o16);
-    F2 = at::empty({nc, GH, C, 2 * d}, o16);
-    WK = at::empty({nc, GH, 4 * d, d}, o16);
-    WV = at::empty({nc, GH, d, 2 * d}, o16);
+    F1 = at::empty({nc, GH, C, 4 * h}, o16);
+    F2 = at::empty({nc, GH, C, 2 * h}, o16);
+    WK = at::empty({nc, GH, 4 * h, d}, o16);
+    WV = at::empty({nc, GH, d, 2 * h}, o16);
     DP = at::empty({nc, GH, 8, C, 3}, o32);
   }
   void chunk(int64_t j, const at::Tensor& w, const at::Tensor& mu_j, const at::Tensor& tgt, const at::Tensor& dwr,
-             at::Tensor& dW, at::Tensor& dM, at::Tensor& d_tg, const at::Tensor& dmu_rows) {
-    auto f1 = F1[j], f2 = F2[j], wk = WK[j], wv = WV[j], dp = DP[j], dmu = dmu_rows.view({GH, C});
-    composite_step_tc_cuda(K[j], V[j], E[j], mu_j.reshape({GH}).contiguous(), w,
-                           lact ? std::optional<at::Tensor>(Mn[j].narrow(1, kMomentumRow, 3)) : std::nullopt, tgt, dW,
-                           dM, dwr, d_tg, dmu, f1, f2, wk, wv, dp, lact);
+             at::Tensor& dW, at::Tensor& dM, at::Tensor& d_tg, const at::Tensor& dmu_rows, const Mm& mm) {
+    RECORD_FUNCTION("allmem::composite_step", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
+    auto f1 = F1[j], f2 = F2[j], wk = WK[j], wv = WV[j], dp = DP[j];
+    const auto dmu = dmu_rows.view({GH, C}), mu = mu_j.reshape({GH}).contiguous();
+    const auto mn = lact ? Mn[j].narrow(1, kMomentumRow, 3) : at::Tensor();
+    if (!kernel) {
+      step_aten(K[j], V[j], E[j], mu, w, mn, tgt, dW, dM, dwr, d_tg, dmu, f1, f2, wk, wv, dp, d, h, lact, mm);
+      return;
+    }
+#ifdef ALLMEM_WITH_CUDA
+    auto dmu_out = dmu;
+    composite_step_tc_cuda(K[j], V[j], E[j], mu, w, lact ? std::optional<at::Tensor>(mn) : std::nullopt, tgt, dW, dM,
+                           dwr, d_tg, dmu_out, f1, f2, wk, wv, dp, lact);
+#endif
   }
   void finish(at::Tensor& dKb, at::Tensor& dVb, at::Tensor& dEb, const Mm& mm) {
     auto dk = dKb.narrow(0, 0, nc).view({nc * GH, C, d}), dv = dVb.narrow(0, 0, nc).view({nc * GH, C, d});
-    mm.bmm_out(dk, F1.view({nc * GH, C, 4 * d}), WK.view({nc * GH, 4 * d, d}));
-    mm.bmm_out(dv, F2.view({nc * GH, C, 2 * d}), WV.view({nc * GH, d, 2 * d}).transpose(1, 2));
+    mm.bmm_out(dk, F1.view({nc * GH, C, 4 * h}), WK.view({nc * GH, 4 * h, d}));
+    mm.bmm_out(dv, F2.view({nc * GH, C, 2 * h}), WV.view({nc * GH, d, 2 * h}).transpose(1, 2));
     auto de = dEb.narrow(0, 0, nc);
     at::sum_out(de, DP, {2});
   }
 };
-#endif
 
 BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_fast,
                                     const std::optional<at::Tensor>& grad_pending, const at::Tensor& q,
@@ -695,13 +766,12 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
   // instead of the ATen sequence; opt-in, ALLMEM_TTT_COMPOSITE_STEP=tc) for groups that are not
   // ragged. It takes 16-bit k, v and Wx, D, the factors as 16-bit operands (the tensor-core
   // kernels' precision), and leaves dk, dv to two batched products per block of chunks.
-  bool step_tc = false;
-  Mm mm16;  // the products of the step's outputs: 16-bit operands, float32 results
-#ifdef ALLMEM_WITH_CUDA
-  step_tc = composite_step_tc_applies(q, d, h);
+  const StepMode step = step_mode(q, d, h);
+  Mm mm16;  // the kernel's outputs in the products: 16-bit operands, float32 results
   mm16.low = true;
   mm16.dt = q.scalar_type();
-#endif
+  const Mm& mm_step = step == StepMode::kKernel ? mm16 : mm;
+  const at::ScalarType step_dt = step == StepMode::kKernel ? q.scalar_type() : acc;
 
   for (const auto& ns : groups_of(lay)) {
     const Group g(lay, ns, q.device());
@@ -716,9 +786,11 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
     auto d_tg = at::zeros({GH, 2 * h + d}, opts);
 
     const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
-    const bool use_step = step_tc && !g.ragged;
-    // The step's buffers per chunk: the 16-bit factors and stacked weights, the rate partials.
-    const int64_t step_bytes = use_step ? GH * ((C * 6 * h + 6 * hd) * 2 + 8 * C * 3 * 4) : 0;
+    const bool use_step = step != StepMode::kOff && !g.ragged;
+    // The step's buffers per chunk: its k, v, the factors and stacked weights, the rate partials.
+    const int64_t step_bytes =
+        use_step ? GH * ((C * (6 * h + 2 * d) + 6 * hd) * static_cast<int64_t>(c10::elementSize(step_dt)) + 8 * C * 3 * esize)
+                 : 0;
     const int64_t per_chunk = GH * (C * (7 * d + 6 * h + 12) + 6 * hd) * esize + step_bytes;
     const int64_t nb_max = max_block_chunks(per_chunk);
     for (int64_t c1 = nseg; c1 > 0;) {
@@ -767,21 +839,19 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
         const auto ckv = ckb.view({nb, GH, kFastRows, hd});
         const auto upd = g.ragged ? g.chain_mask(c0, c1, false) : at::Tensor();  // chains whose chunk completes
 
-#ifdef ALLMEM_WITH_CUDA
         std::optional<StepBlock> sb;
-        if (use_step && n_complete > 0) sb.emplace(g, ckpt, in, c0, n_complete, d, lact_order, mm16.dt);
-#endif
+        if (use_step && n_complete > 0) {
+          sb.emplace(g, ckpt, in, c0, n_complete, d, h, lact_order, step == StepMode::kKernel, step_dt);
+        }
         for (int64_t j = nb - 1; j >= 0; --j) {
-#ifdef ALLMEM_WITH_CUDA
           if (sb.has_value()) {
             if (j < n_complete) {  // the chunk's step adds the read's gradient of its segment to dW
-              sb->chunk(j, ckv[j], mu_chunk[j], tgt, dWr[j], dW, dM, d_tg, dMUb[j]);
+              sb->chunk(j, ckv[j], mu_chunk[j], tgt, dWr[j], dW, dM, d_tg, dMUb[j], mm_step);
             } else {
               dW.add_(dWr[j]);
             }
             continue;
           }
-#endif
           if (j < n_complete) {  // backward of the update of chunk c0 + j
             const auto W = ckv[j].narrow(1, 0, 3), M = ckv[j].narrow(1, kMomentumRow, 3);
             const auto mu_j = mu_chunk[j].view({GH, 1, 1});
@@ -807,9 +877,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
           }
           dW.add_(dWr[j]);  // the read of segment c0 + j saw the weights at its start
         }
-#ifdef ALLMEM_WITH_CUDA
-        if (sb.has_value()) sb->finish(dKb, dVb, dEb, mm16);
-#endif
+        if (sb.has_value()) sb->finish(dKb, dVb, dEb, mm_step);
       }
       if (g.ragged) {  // each sequence's trailing chunk only lands in the state
         const auto trail = g.chain_mask(c0, c1, true);
