@@ -897,6 +897,15 @@ void composite_step_tc_cuda(const at::Tensor& k, const at::Tensor& v, const at::
                  "composite step: m_next must be [chains, 3, d*d] with contiguous rows and w's batch stride");
   }
   ALLMEM_CHECK(G <= INT_MAX / 8, "composite step: too many chains (", G, ")");
+  // k, v rows go by 16-byte cp.async, the factors by 4-byte pairs.
+  ALLMEM_CHECK(reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(f1.data_ptr()) % 4 == 0 && reinterpret_cast<uintptr_t>(f2.data_ptr()) % 4 == 0,
+               "composite step: k, v must start on a 16-byte boundary, f1, f2 on a 4-byte one");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&v, &eta, &mu, &w, &targets, &dw, &dm, &d_targets,
+                                                                      &dmu, &f1, &f2, &wk, &wv, &deta_part}) {
+    ALLMEM_CHECK(t->device() == k.device(), "composite step: every tensor must be on k's device ", k.device(),
+                 ", got ", t->device());
+  }
   const c10::cuda::CUDAGuard guard(k.device());
   cuda::BwdStepParams p{k.data_ptr(),
                         v.data_ptr(),

@@ -646,6 +646,8 @@ StepMode step_mode(const at::Tensor& q, int64_t d, int64_t h) {
   (void)d;
   (void)h;
 #endif
+  TORCH_WARN_ONCE("allmem: ALLMEM_TTT_COMPOSITE_STEP=tc needs CUDA bfloat16/float16 inputs with d = h in {64, 128} "
+                  "on an sm_90 GPU; the composite backward's ATen steps run instead");
   return StepMode::kOff;
 }
 
@@ -685,15 +687,19 @@ void step_aten(const at::Tensor& K, const at::Tensor& V, const at::Tensor& E, co
 struct StepBlock {
   int64_t GH, C, d, h, nc;
   bool lact, kernel;
-  at::Tensor K, V, E, Mn, F1, F2, WK, WV, DP;
-  StepBlock(const Group& g, const at::Tensor& ckpt, const std::array<at::Tensor, 4>& in, int64_t c0, int64_t n_complete,
-            int64_t d_, int64_t h_, bool lact_order, bool use_kernel, at::ScalarType dt)
-      : GH(g.GH), C(g.C), d(d_), h(h_), nc(n_complete), lact(lact_order), kernel(use_kernel) {
+  at::Tensor K, V, E, ckv, ck_after, F1, F2, WK, WV, DP;
+  // ckv_: the block's checkpoints [nb, GH, 6, h*d] (chunk j's state at its start).
+  StepBlock(const Group& g, const at::Tensor& ckpt, const at::Tensor& ckv_, const std::array<at::Tensor, 4>& in,
+            int64_t c0, int64_t n_complete, int64_t d_, int64_t h_, bool lact_order, bool use_kernel, at::ScalarType dt)
+      : GH(g.GH), C(g.C), d(d_), h(h_), nc(n_complete), lact(lact_order), kernel(use_kernel), ckv(ckv_) {
     K = in[0].narrow(0, 0, nc).to(dt).contiguous();
     V = in[1].narrow(0, 0, nc).to(dt).contiguous();
     E = in[2].narrow(0, 0, nc).contiguous();
-    if (lact) {  // M after each chunk's update: the next segment's checkpoint
-      Mn = ckpt.index_select(0, g.slots_of(c0 + 1, c0 + 1 + nc)).view({nc, GH, kFastRows, h * d});
+    // LaCT order needs the M after each chunk's update: the next segment's checkpoint, in the block
+    // but for the last completed chunk of a block without the trailing one (its successor starts
+    // the next block in the walk's order: one slot more).
+    if (lact && nc == ckv.size(0)) {
+      ck_after = ckpt.index_select(0, g.slots_of(c0 + nc, c0 + nc + 1)).view({GH, kFastRows, h * d});
     }
     const auto o16 = K.options(), o32 = E.options();
     F1 = at::empty({nc, GH, C, 4 * h}, o16);
@@ -707,7 +713,7 @@ struct StepBlock {
     RECORD_FUNCTION("allmem::composite_step", std::vector<c10::IValue>());  // one launch on CUDA (bench: launch counts)
     auto f1 = F1[j], f2 = F2[j], wk = WK[j], wv = WV[j], dp = DP[j];
     const auto dmu = dmu_rows.view({GH, C}), mu = mu_j.reshape({GH}).contiguous();
-    const auto mn = lact ? Mn[j].narrow(1, kMomentumRow, 3) : at::Tensor();
+    const auto mn = lact ? (j + 1 < ckv.size(0) ? ckv[j + 1] : ck_after).narrow(1, kMomentumRow, 3) : at::Tensor();
     if (!kernel) {
       step_aten(K[j], V[j], E[j], mu, w, mn, tgt, dW, dM, dwr, d_tg, dmu, f1, f2, wk, wv, dp, d, h, lact, mm);
       return;
@@ -841,7 +847,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
 
         std::optional<StepBlock> sb;
         if (use_step && n_complete > 0) {
-          sb.emplace(g, ckpt, in, c0, n_complete, d, h, lact_order, step == StepMode::kKernel, step_dt);
+          sb.emplace(g, ckpt, ckv, in, c0, n_complete, d, h, lact_order, step == StepMode::kKernel, step_dt);
         }
         for (int64_t j = nb - 1; j >= 0; --j) {
           if (sb.has_value()) {

@@ -313,20 +313,17 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int k = 2 * half + q;
-          const float x = pa[nb][k], y = pb[nb][k], z = pe[nb][k];
-          const float sg = tc_sigmoid(x), om = 1.f - sg;
-          const float silu = x * sg, d1 = sg * (1.f + x * om), d2 = sg * om * (2.f + x * (1.f - 2.f * sg));
-          const float s = silu * y, xu = z * silu, xg = z * y * d1;
-          const float rd = ps[nb][k] * ed, ru = pu[nb][k] * eu, rg = pg[nb][k] * eg;
-          sum_g[half] += pg[nb][k] * xg;
-          sum_u[half] += pu[nb][k] * xu;
-          sum_d[half] += ps[nb][k] * s;
-          f[0][q] = rd * y * d1 + ru * z * d1 + rg * z * y * d2;  // da
-          f[1][q] = rd * silu + rg * z * d1;                      // db
-          f[2][q] = eg * xg;                                      // eta_g x_g
-          f[3][q] = eu * xu;                                      // eta_u x_u
-          f[4][q] = ru * silu + rg * y * d1;                      // de
-          f[5][q] = ed * s;                                       // eta_d s
+          const UpdateTerms t6 =
+              update_terms_tc(pa[nb][k], pb[nb][k], pe[nb][k], pg[nb][k], pu[nb][k], ps[nb][k], eg, eu, ed);
+          sum_g[half] += t6.tg;
+          sum_u[half] += t6.tu;
+          sum_d[half] += t6.td;
+          f[0][q] = t6.da;
+          f[1][q] = t6.db;
+          f[2][q] = t6.fg;  // eta_g x_g
+          f[3][q] = t6.fu;  // eta_u x_u
+          f[4][q] = t6.de;
+          f[5][q] = t6.fs;  // eta_d s
         }
         store_pair(sX + t * kLdU + u, f[0][0], f[0][1]);
         store_pair(sX + kTile * kLdU + t * kLdU + u, f[1][0], f[1][1]);
@@ -359,47 +356,14 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
       }
     }
     __syncthreads();
-    // dWx_g[U]^T += K^T da, dWx_u[U]^T += K^T db, dWx_d[:, U] += V^T de; warp w: rows c in
-    // [w D/4, (w + 1) D/4), kMB blocks of 16 (the forward chain's gradient products).
-#pragma unroll
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      uint32_t bx[3][kNB][2];
-#pragma unroll
-      for (int m = 0; m < 3; ++m)
-#pragma unroll
-        for (int nb = 0; nb < kNB; ++nb)
-          ldsm_x2_t(bx[m][nb], sX + m * kTile * kLdU + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLdU + nb * 8);
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
-        const int m0 = warp * (D / 4) + mb * 16;
-        uint32_t aK[4], aV[4];
-        const int q4 = lane / 8, i8 = lane % 8;
-        ldsm_x4_t(aK, sK + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
-        ldsm_x4_t(aV, sV + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
-#pragma unroll
-        for (int nb = 0; nb < kNB; ++nb) {
-          mma<T>(acc[0][mb][nb], aK, bx[0][nb][0], bx[0][nb][1]);
-          mma<T>(acc[1][mb][nb], aK, bx[1][nb][0], bx[1][nb][1]);
-          mma<T>(acc[2][mb][nb], aV, bx[2][nb][0], bx[2][nb][1]);
-        }
-      }
-    }
+    // dWx_g[U]^T += K^T da, dWx_u[U]^T += K^T db, dWx_d[:, U] += V^T de (the forward chain's
+    // gradient products).
+    units_grad_products<T, D, kU>(acc, sK, sV, sX, warp, lane);
     __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
   }
 
   // 3. dWx to shared memory: matrix m, [D][kU] (c, unit).
-#pragma unroll
-  for (int m = 0; m < 3; ++m)
-#pragma unroll
-    for (int mb = 0; mb < kMB; ++mb)
-#pragma unroll
-      for (int nb = 0; nb < kNB; ++nb)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int c = warp * (D / 4) + mb * 16 + g + 8 * half, u = nb * 8 + c2;
-          sG[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
-          sG[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
-        }
+  store_units_grads<D, kU>(sG, acc, warp, lane);
   __syncthreads();
   // dWx of owned element e (sG holds gate/up transposed).
   auto gx = [&](int e) {

@@ -521,21 +521,16 @@ __device__ __forceinline__ void bwd_tc_body(const BwdParams& p) {
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
               const int k = 2 * half + q;
-              const float x = ga[k], y = gb[k], z = ge[k];
-              const float sg = tc_sigmoid(x), om = 1.f - sg;
-              const float silu = x * sg, d1 = sg * (1.f + x * om), d2 = sg * om * (2.f + x * (1.f - 2.f * sg));
-              const float s = silu * y, xu = z * silu, xg = z * y * d1;
-              const float ps = -gs[k], pu = -gu[k], pg = -gg[k];
-              const float rd = ps * ed, ru = pu * eu, rg = pg * eg;
-              sum_g[half] += pg * xg;
-              sum_u[half] += pu * xu;
-              sum_d[half] += ps * s;
-              f[0][q] = -(rd * y * d1 + ru * z * d1 + rg * z * y * d2);  // da
-              f[1][q] = -(rd * silu + rg * z * d1);                      // db
-              f[2][q] = -(ru * silu + rg * y * d1);                      // de
-              f[3][q] = s * ed;                                          // eta_d s
-              f[4][q] = xu * eu;                                         // eta_u x_u
-              f[5][q] = xg * eg;                                         // eta_g x_g
+              const UpdateTerms u = update_terms_tc(ga[k], gb[k], ge[k], -gg[k], -gu[k], -gs[k], eg, eu, ed);
+              sum_g[half] += u.tg;
+              sum_u[half] += u.tu;
+              sum_d[half] += u.td;
+              f[0][q] = -u.da;
+              f[1][q] = -u.db;
+              f[2][q] = -u.de;
+              f[3][q] = u.fs;  // eta_d s
+              f[4][q] = u.fu;  // eta_u x_u
+              f[5][q] = u.fg;  // eta_g x_g
             }
 #pragma unroll
             for (int m = 0; m < 6; ++m) store_pair(sF + m * kTE + t * kLd + c, f[m][0], f[m][1]);

@@ -109,6 +109,60 @@ __device__ __forceinline__ void mma_n8_w_ld(float (&acc)[4], const uint32_t (&a)
   mma<T>(acc, a, b[0], b[1]);
 }
 
+// The weight-gradient products of a chain split by hidden units, over one 64-token tile:
+// acc[0] += K^T X0, acc[1] += K^T X1, acc[2] += V^T X2, each [D][kU] (row c of K's / V's columns,
+// owned unit); K, V the tile's 16-bit rows [64][D + 8], X the three 16-bit factor tiles
+// [3][64][kU + 8]. Warp w (of 4): rows c in [w D/4, (w + 1) D/4), D/64 blocks of 16. Per k-step the
+// factor fragments of every n8 block are loaded once for all row blocks (each accumulator still sums
+// its k-steps in order).
+template <typename T, int D, int kU>
+__device__ __forceinline__ void units_grad_products(float (&acc)[3][D / 64][kU / 8][4], const T* sK, const T* sV,
+                                                    const T* sX, int warp, int lane) {
+  constexpr int kTile = 64, kLd = D + 8, kLdU = kU + 8, kMB = D / 64, kNB = kU / 8;
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+    uint32_t bx[3][kNB][2];
+#pragma unroll
+    for (int m = 0; m < 3; ++m)
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb)
+        ldsm_x2_t(bx[m][nb], sX + m * kTile * kLdU + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLdU + nb * 8);
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+      const int m0 = warp * (D / 4) + mb * 16;
+      uint32_t aK[4], aV[4];
+      const int q4 = lane / 8, i8 = lane % 8;
+      ldsm_x4_t(aK, sK + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
+      ldsm_x4_t(aV, sV + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
+#pragma unroll
+      for (int nb = 0; nb < kNB; ++nb) {
+        mma<T>(acc[0][mb][nb], aK, bx[0][nb][0], bx[0][nb][1]);
+        mma<T>(acc[1][mb][nb], aK, bx[1][nb][0], bx[1][nb][1]);
+        mma<T>(acc[2][mb][nb], aV, bx[2][nb][0], bx[2][nb][1]);
+      }
+    }
+  }
+}
+
+// units_grad_products' accumulators to dst: matrix m at dst + m D kU, [D][kU] (c, unit).
+template <int D, int kU>
+__device__ __forceinline__ void store_units_grads(float* dst, const float (&acc)[3][D / 64][kU / 8][4], int warp,
+                                                  int lane) {
+  const int g = lane / 4, c2 = 2 * (lane % 4);
+#pragma unroll
+  for (int m = 0; m < 3; ++m)
+#pragma unroll
+    for (int mb = 0; mb < D / 64; ++mb)
+#pragma unroll
+      for (int nb = 0; nb < kU / 8; ++nb)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int c = warp * (D / 4) + mb * 16 + g + 8 * half, u = nb * 8 + c2;
+          dst[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
+          dst[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
+        }
+}
+
 template <typename T, int D, bool kGx = false, int P = 8, int S = 1>
 __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P, S>::kThreads, 1) ttt_chain_tc_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -365,48 +419,13 @@ __global__ void __launch_bounds__(ChainTcTraits<D, kGx, P, S>::kThreads, 1) ttt_
         }
       }
       __syncthreads();
-      // -GgT[c, U] += K^T Xg, -GuT[c, U] += K^T Xu, -Gd[c, U] += V^T Sd; warp w: rows c in
-      // [w D/4, (w + 1) D/4), kMB blocks of 16. Per k-step the factor fragments of every n8 block
-      // are loaded once for all kMB row blocks (each accumulator still sums its k-steps in order).
-#pragma unroll
-      for (int kk = 0; kk < kTile / 16; ++kk) {
-        uint32_t bx[3][kNB][2];
-#pragma unroll
-        for (int m = 0; m < 3; ++m)
-#pragma unroll
-          for (int nb = 0; nb < kNB; ++nb)
-            ldsm_x2_t(bx[m][nb], sX + m * kTile * kLdU + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLdU + nb * 8);
-#pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) {
-          const int m0 = warp * (D / 4) + mb * 16;
-          uint32_t aK[4], aV[4];
-          const int q4 = lane / 8, i8 = lane % 8;
-          ldsm_x4_t(aK, sK + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
-          ldsm_x4_t(aV, sV + (kk * 16 + i8 + (q4 / 2) * 8) * kLd + m0 + (q4 % 2) * 8);
-#pragma unroll
-          for (int nb = 0; nb < kNB; ++nb) {
-            mma<T>(acc[0][mb][nb], aK, bx[0][nb][0], bx[0][nb][1]);
-            mma<T>(acc[1][mb][nb], aK, bx[1][nb][0], bx[1][nb][1]);
-            mma<T>(acc[2][mb][nb], aV, bx[2][nb][0], bx[2][nb][1]);
-          }
-        }
-      }
+      // -GgT[c, U] += K^T Xg, -GuT[c, U] += K^T Xu, -Gd[c, U] += V^T Sd.
+      units_grad_products<T, D, kU>(acc, sK, sV, sX, warp, lane);
       __syncthreads();  // sK, sV, sX, sEta are reused by the next tile
     }
     // -G to shared memory (kGx with S > 1: to this CTA's block of xchg): matrix m, [D][kU] (c, unit).
     float* const gpart = kGx && S > 1 ? xpart(rank) : sG;
-#pragma unroll
-    for (int m = 0; m < 3; ++m)
-#pragma unroll
-      for (int mb = 0; mb < kMB; ++mb)
-#pragma unroll
-        for (int nb = 0; nb < kNB; ++nb)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int c = warp * (D / 4) + mb * 16 + g + 8 * half, u = nb * 8 + c2;
-            gpart[m * D * kU + c * kU + u] = acc[m][mb][nb][2 * half];
-            gpart[m * D * kU + c * kU + u + 1] = acc[m][mb][nb][2 * half + 1];
-          }
+    store_units_grads<D, kU>(gpart, acc, warp, lane);
     if (tid == 0) {
       sRed[0] = mu_part;
       if constexpr (kGx && S > 1) gpart[kOE] = mu_part;

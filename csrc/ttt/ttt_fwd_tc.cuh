@@ -159,6 +159,31 @@ struct JobCtas {
 
 __device__ __forceinline__ float tc_sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 
+// The per-token terms of the update gradient's backward at one (token, hidden unit), as the
+// composite's update_terms (ttt_bwd_composite.cpp) writes them: from a, b, e (x, y, z), the
+// products with D = dL/dM_new (pg = k . Dg, pu = k . Du, ps = v . Dd) and the token's rates, the
+// factors da, db, de of the weight and token gradients, the rate-weighted eta_g x_g, eta_u x_u,
+// eta_d s, and the unit's terms of the three rate gradients.
+struct UpdateTerms {
+  float da, db, de, fg, fu, fs, tg, tu, td;
+};
+__device__ __forceinline__ UpdateTerms update_terms_tc(float x, float y, float z, float pg, float pu, float ps, float eg,
+                                                       float eu, float ed) {
+  const float sg = tc_sigmoid(x), om = 1.f - sg;
+  const float silu = x * sg, d1 = sg * (1.f + x * om), d2 = sg * om * (2.f + x * (1.f - 2.f * sg));
+  const float s = silu * y, xu = z * silu, xg = z * y * d1;
+  const float rd = ps * ed, ru = pu * eu, rg = pg * eg;
+  return {rd * y * d1 + ru * z * d1 + rg * z * y * d2,
+          rd * silu + rg * z * d1,
+          ru * silu + rg * y * d1,
+          xg * eg,
+          xu * eu,
+          s * ed,
+          pg * xg,
+          pu * xu,
+          ps * s};
+}
+
 // A fragments of the 16 rows [row0, row0 + 16) x kK columns of a 16-bit tile (row stride kLd),
 // one per k-step.
 template <typename T, int kLd = FwdTcTraits::kLd, int kK = 64>
