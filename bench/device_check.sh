@@ -49,7 +49,7 @@
 # tests (tests-ttt-tc the tensor-core forms run on a GPU before; tests-ttt-tc-new-{shapes,wgmma,gx,parts}
 # the others, each group in its own process: clusters of 16, 8 warps; the wgmma chain and read; the
 # kernels without clusters, forward and backward; tests-defaults: nothing set, with the composite and
-# decode tests), then the sanitizers, those of kernels never run on a GPU first: the tensor-core TTT
+# decode tests, the composite's tensor-core chunk step among them), then the sanitizers, those of kernels never run on a GPU first: the tensor-core TTT
 # kernels (their case runs every new forward shape), the split-mode chains (without clusters first,
 # sanitize-ttt-split-{global,tokens-global}-*), then the portable SWA kernels (passed in run e) and
 # the SIMT TTT kernels last (their racecheck has never finished: it timed out at 60 s in run a; one
