@@ -497,9 +497,11 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
 
-def bwd_step_case(G, C, D, lact, dtype, seed, read_grad=True):
+def bwd_step_case(G, C, D, lact, dtype, seed, read_grad=True, zero_rows=False):
     """Random inputs of one completed chunk's update backward for G chains (d = h = D), the float64
-    gradients by autograd through reference.ttt.chunk_update, and the emulated kernel's buffers."""
+    gradients by autograd through reference.ttt.chunk_update, and the emulated kernel's buffers.
+    zero_rows: a gate row and a down row of every chain's W are zero (the normalization's guarded
+    0 / 0)."""
     from allmem_ops.reference.ttt import chunk_update
 
     g = torch.Generator().manual_seed(seed)
@@ -512,6 +514,9 @@ def bwd_step_case(G, C, D, lact, dtype, seed, read_grad=True):
     eta = (torch.rand(G, C, 3, generator=g, dtype=torch.float64) * 0.5).float()
     mu = torch.rand(G, generator=g, dtype=torch.float64).float()
     W = [rnd(G, D, D, scale=D**-0.5).float() for _ in range(3)]
+    if zero_rows:
+        W[0][:, 3] = 0.0
+        W[2][:, D - 5] = 0.0
     M = [rnd(G, D, D, scale=0.1).float() for _ in range(3)]
     tg = [(1 + rnd(G, D).abs()).float() for _ in range(3)]
     dWup = [rnd(G, D, D, scale=0.1).float() for _ in range(3)]
@@ -571,13 +576,15 @@ def emulated_bwd_step(lib, buf, G, C, D, lact, dtype):
     return got
 
 
-# (chains, C, D, lact_order, dtype): a chunk of one tile, of 2 tiles and a partial third (rows past
-# the chunk end must add nothing), both orders, both 16-bit types, both head sizes.
+# (chains, C, D, lact_order, dtype, zero rows): a chunk of one tile, of 2 tiles and a partial third
+# (rows past the chunk end must add nothing), both orders, both 16-bit types, both head sizes; W
+# with zero rows (a gate row, a down row: the normalization and its backward at rho = 0).
 STEP_CASES = [
-    (2, 64, 64, False, torch.bfloat16),
-    (3, 150, 64, True, torch.float16),
-    (2, 150, 128, False, torch.bfloat16),
-    (1, 96, 128, True, torch.bfloat16),
+    (2, 64, 64, False, torch.bfloat16, False),
+    (3, 150, 64, True, torch.float16, False),
+    (2, 150, 128, False, torch.bfloat16, False),
+    (1, 96, 128, True, torch.bfloat16, False),
+    (2, 80, 64, False, torch.float16, True),
 ]
 
 
@@ -589,8 +596,8 @@ def test_bwd_step_matches_float64_autograd(emu_tc, case):
     the targets' added to what was there, dk, dv and the rates' from the kernel's factors, mu's in
     every row) within a few units of the input dtype's rounding, as the tensor-core backward's
     16-bit operands give; every output element written (the buffers start as NaN)."""
-    G, C, D, lact, dtype = case
-    buf, want = bwd_step_case(G, C, D, lact, dtype, seed=7 + C + D)
+    G, C, D, lact, dtype, zero_rows = case
+    buf, want = bwd_step_case(G, C, D, lact, dtype, seed=7 + C + D, zero_rows=zero_rows)
     got = emulated_bwd_step(emu_tc, buf, G, C, D, lact, dtype)
     u = UNIT_ROUNDOFF[dtype]
     for name in ("f1", "f2", "wk", "wv"):

@@ -688,13 +688,15 @@ struct StepBlock {
   int64_t GH, C, d, h, nc;
   bool lact, kernel;
   at::Tensor K, V, E, ckv, ck_after, F1, F2, WK, WV, DP;
-  // ckv_: the block's checkpoints [nb, GH, 6, h*d] (chunk j's state at its start).
-  StepBlock(const Group& g, const at::Tensor& ckpt, const at::Tensor& ckv_, const std::array<at::Tensor, 4>& in,
-            int64_t c0, int64_t n_complete, int64_t d_, int64_t h_, bool lact_order, bool use_kernel, at::ScalarType dt)
+  // ckv_: the block's checkpoints [nb, GH, 6, h*d] (chunk j's state at its start); Kb, Vb, Eb the
+  // block's k, v (as the walk's matmuls take them: no copy where that is dt already), rates.
+  StepBlock(const Group& g, const at::Tensor& ckpt, const at::Tensor& ckv_, const at::Tensor& Kb, const at::Tensor& Vb,
+            const at::Tensor& Eb, int64_t c0, int64_t n_complete, int64_t d_, int64_t h_, bool lact_order,
+            bool use_kernel, at::ScalarType dt)
       : GH(g.GH), C(g.C), d(d_), h(h_), nc(n_complete), lact(lact_order), kernel(use_kernel), ckv(ckv_) {
-    K = in[0].narrow(0, 0, nc).to(dt).contiguous();
-    V = in[1].narrow(0, 0, nc).to(dt).contiguous();
-    E = in[2].narrow(0, 0, nc).contiguous();
+    K = Kb.narrow(0, 0, nc).to(dt).contiguous();
+    V = Vb.narrow(0, 0, nc).to(dt).contiguous();
+    E = Eb.narrow(0, 0, nc).contiguous();
     // LaCT order needs the M after each chunk's update: the next segment's checkpoint, in the block
     // but for the last completed chunk of a block without the trailing one (its successor starts
     // the next block in the walk's order: one slot more).
@@ -847,7 +849,7 @@ BwdOutputs ttt_memory_bwd_composite(const at::Tensor& grad_o, const std::optiona
 
         std::optional<StepBlock> sb;
         if (use_step && n_complete > 0) {
-          sb.emplace(g, ckpt, ckv, in, c0, n_complete, d, h, lact_order, step == StepMode::kKernel, step_dt);
+          sb.emplace(g, ckpt, ckv, Kb, Vb, Eb, c0, n_complete, d, h, lact_order, step == StepMode::kKernel, step_dt);
         }
         for (int64_t j = nb - 1; j >= 0; --j) {
           if (sb.has_value()) {
