@@ -65,7 +65,8 @@ struct BwdStepTraits {
   static constexpr int kOffTarget = kOffG + kOwnElems * 4;          // [kRows] row-norm targets
   static constexpr int kOffScale = kOffTarget + kRows * 4;          // [kRows] target / (||x|| + eps)
   static constexpr int kOffCoef = kOffScale + kRows * 4;            // [kRows] LaCT: dZ's second coefficient
-  static constexpr int kOffX1 = kOffCoef + kRows * 4;               // [2][D] partials: sum of squares, <dW, Z>
+  static constexpr int kOffRho = kOffCoef + kRows * 4;              // [kRows] ||x|| of the rows
+  static constexpr int kOffX1 = kOffRho + kRows * 4;               // [2][D] partials: sum of squares, <dW, Z>
   static constexpr int kOffX2 = kOffX1 + 2 * D * 4;                 // [D + 4] partials: <g, W> of down rows, <D, M>
   static constexpr int kOffRed = kOffX2 + (D + 4) * 4;              // [8]
   static constexpr int kSmemBytes = kOffRed + 8 * 4;
@@ -102,6 +103,7 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
   float* sTarget = reinterpret_cast<float*>(smem + Tr::kOffTarget);
   float* sScale = reinterpret_cast<float*>(smem + Tr::kOffScale);
   float* sCoef = reinterpret_cast<float*>(smem + Tr::kOffCoef);
+  float* sRho = reinterpret_cast<float*>(smem + Tr::kOffRho);
   float* sX1 = reinterpret_cast<float*>(smem + Tr::kOffX1);
   float* sX2 = reinterpret_cast<float*>(smem + Tr::kOffX2);
   float* sRed = reinterpret_cast<float*>(smem + Tr::kOffRed);
@@ -174,11 +176,12 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
       gw += __shfl_xor_sync(0xffffffffu, gw, off);
     }
     if (lane == 0) {
-      const float rho = sqrtf(ss), denom = rho + kTcNormEps;
-      sScale[r] = sTarget[r] / denom;
+      const RowNormBwd nb = row_norm_bwd_tc(sTarget[r], sqrtf(ss), gw);
+      sRho[r] = sqrtf(ss);
+      sScale[r] = nb.scale;
       if (lact) {
-        sCoef[r] = -sTarget[r] * gw / (denom * denom * (rho > 0.f ? rho : 1.f));
-        dTg[target_index(r)] += gw / denom;
+        sCoef[r] = nb.coef;
+        dTg[target_index(r)] += nb.dtarget;
       }
     }
   }
@@ -202,11 +205,12 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
       gw += x1[D + c];
     }
     const int r = 2 * kU + c;
-    const float rho = sqrtf(ss), denom = rho + kTcNormEps;
-    sScale[r] = sTarget[r] / denom;
+    const RowNormBwd nb = row_norm_bwd_tc(sTarget[r], sqrtf(ss), gw);
+    sRho[r] = sqrtf(ss);
+    sScale[r] = nb.scale;
     if (lact) {
-      sCoef[r] = -sTarget[r] * gw / (denom * denom * (rho > 0.f ? rho : 1.f));
-      if (rank == 0) dTg[2 * D + c] += gw / denom;
+      sCoef[r] = nb.coef;
+      if (rank == 0) dTg[2 * D + c] += nb.dtarget;
     }
   }
   __syncthreads();
@@ -394,21 +398,12 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
       }
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) gw += __shfl_xor_sync(0xffffffffu, gw, off);
-      // scale = target / (rho + eps) from step 1, so rho + eps = target / scale: recompute rho.
-      float ss = 0.f;
-      for (int c = lane; c < D; c += 32) {
-        const float w = W[full_off(r * D + c)];
-        ss += w * w;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-      const float rho = sqrtf(ss), denom = rho + kTcNormEps;
-      const float coef = -sTarget[r] * gw / (denom * denom * (rho > 0.f ? rho : 1.f)), scale = sTarget[r] / denom;
-      if (lane == 0) dTg[target_index(r)] += gw / denom;
+      const RowNormBwd nb = row_norm_bwd_tc(sTarget[r], sRho[r], gw);  // W's norm from step 1
+      if (lane == 0) dTg[target_index(r)] += nb.dtarget;
       for (int c = lane; c < D; c += 32) {
         const int e = r * D + c;
         const int64_t off = full_off(e);
-        finish(e, (gx(e) + dW[off]) * scale + W[off] * coef);
+        finish(e, (gx(e) + dW[off]) * nb.scale + W[off] * nb.coef);
       }
     }
     for (int c = tid; c < D; c += kT) {  // down rows: partial <g, W> over the owned columns
@@ -425,17 +420,14 @@ __global__ void __launch_bounds__(BwdStepTraits<D>::kThreads, 1) ttt_bwd_step_tc
   cluster_sync();
   if (!lact) {
     for (int c = tid; c < D; c += kT) {
-      float gw = 0.f, ss = 0.f;
+      float gw = 0.f;
       for (int peer = 0; peer < kP; ++peer) gw += cluster_peer(sX2, peer)[c];
-      for (int peer = 0; peer < kP; ++peer) ss += cluster_peer(sX1, peer)[c];  // W's down-row norms (step 1)
-      const int r = 2 * kU + c;
-      const float rho = sqrtf(ss), denom = rho + kTcNormEps;
-      const float coef = -sTarget[r] * gw / (denom * denom * (rho > 0.f ? rho : 1.f)), scale = sTarget[r] / denom;
-      if (rank == 0) dTg[2 * D + c] += gw / denom;
+      const RowNormBwd nb = row_norm_bwd_tc(sTarget[2 * kU + c], sRho[2 * kU + c], gw);  // W's norm from step 1
+      if (rank == 0) dTg[2 * D + c] += nb.dtarget;
       for (int i = 0; i < kU; ++i) {
         const int e = 2 * kU * D + c * kU + i;
         const int64_t off = full_off(e);
-        finish(e, (gx(e) + dW[off]) * scale + W[off] * coef);
+        finish(e, (gx(e) + dW[off]) * nb.scale + W[off] * nb.coef);
       }
     }
   }

@@ -323,11 +323,9 @@ __device__ __forceinline__ void bwd_tc_body(const BwdParams& p) {
         ss += __shfl_xor_sync(0xffffffffu, ss, off);
         gw += __shfl_xor_sync(0xffffffffu, gw, off);
       }
-      const float rho = sqrtf(ss), denom = rho + kTcNormEps;
-      if (lane == 0) sDTarget[r] += gw / denom;
-      const float rho_safe = rho > 0.f ? rho : 1.f;
-      const float coef = -sTarget[r] * gw / (denom * denom * rho_safe), scale = sTarget[r] / denom;
-      for (int c = lane; c < kD; c += 32) gr[r * kD + c] = gr[r * kD + c] * scale + w[r * kD + c] * coef;
+      const RowNormBwd nb = row_norm_bwd_tc(sTarget[r], sqrtf(ss), gw);
+      if (lane == 0) sDTarget[r] += nb.dtarget;
+      for (int c = lane; c < kD; c += 32) gr[r * kD + c] = gr[r * kD + c] * nb.scale + w[r * kD + c] * nb.coef;
     }
   };
 

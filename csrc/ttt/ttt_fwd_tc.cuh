@@ -159,6 +159,17 @@ struct JobCtas {
 
 __device__ __forceinline__ float tc_sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 
+// The row normalization's backward (ttt_chunk.h row_normalize_backward) for a row of norm rho,
+// target `target` and <g, w> = gw: the gradient wrt w is g * scale + w * coef, the target's gw / (rho
+// + eps). A zero row has gw = 0; rho is guarded only against 0 / 0.
+struct RowNormBwd {
+  float scale, coef, dtarget;
+};
+__device__ __forceinline__ RowNormBwd row_norm_bwd_tc(float target, float rho, float gw) {
+  const float denom = rho + kTcNormEps;
+  return {target / denom, -target * gw / (denom * denom * (rho > 0.f ? rho : 1.f)), gw / denom};
+}
+
 // The per-token terms of the update gradient's backward at one (token, hidden unit), as the
 // composite's update_terms (ttt_bwd_composite.cpp) writes them: from a, b, e (x, y, z), the
 // products with D = dL/dM_new (pg = k . Dg, pu = k . Du, ps = v . Dd) and the token's rates, the
